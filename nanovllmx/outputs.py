@@ -1,0 +1,28 @@
+"""What the engine hands back to callers: a finished request, or a streamed delta."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RequestOutput:
+    """A finished request (offline `generate`)."""
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None  # "stop" | "length" | "abort" | None while running
+    num_cached_tokens: int = 0  # prompt tokens served from the radix cache
+
+
+@dataclass
+class StreamDelta:
+    """One increment of a streamed request: the new tokens and the text they complete."""
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finished: bool = False
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_output_tokens: int = 0  # total so far
