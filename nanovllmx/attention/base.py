@@ -1,0 +1,47 @@
+"""The attention backend interface and the forward context the Attention layers read."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+from nanovllmx.attention.metadata import AttentionMetadata, KVPool
+
+
+class AttentionBackend:
+    """Plans a batch once (`prepare`), then serves every layer's attention (`forward`)."""
+
+    def __init__(self, kv_pool: KVPool, num_heads: int, num_kv_heads: int, head_dim: int):
+        self.kv = kv_pool
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.meta: AttentionMetadata | None = None
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        self.meta = meta
+
+    def store_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        slots = self.meta.out_slots
+        self.kv.k[layer][slots] = k
+        self.kv.v[layer][slots] = v
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        raise NotImplementedError
+
+
+_BACKEND: AttentionBackend | None = None
+
+
+def get_attention_backend() -> AttentionBackend:
+    assert _BACKEND is not None, "attention called outside a forward context"
+    return _BACKEND
+
+
+@contextmanager
+def forward_context(backend: AttentionBackend) -> Iterator[None]:
+    global _BACKEND
+    prev, _BACKEND = _BACKEND, backend
+    try:
+        yield
+    finally:
+        _BACKEND = prev

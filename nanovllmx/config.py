@@ -1,0 +1,74 @@
+"""Engine configuration: every `LLM(...)` argument, resolved once (device, dtype, context)."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    device: str = "auto"  # "auto" | "cuda" | "cpu"
+    dtype: str = "auto"  # "auto" | "bfloat16" | "float16" | "float32"
+    gpu_memory_utilization: float = 0.9
+    max_bs: int = 256  # most requests running at once
+    context_len: int | None = None  # longest prompt + output; default: the model's max positions
+    enforce_eager: bool = False  # no CUDA graphs
+    max_num_batched_tokens: int = 8192  # per-step token budget (chunked prefill size)
+    num_kv_slots: int | None = None  # KV pool size in tokens; default: from memory
+    attention_backend: str = "auto"  # "auto" | "torch" | "flashinfer"
+    enable_prefix_caching: bool = True
+    tp_size: int = 1
+    pp_size: int = 1
+    seed: int = 0
+    hf_config: object = field(default=None, repr=False)
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not os.path.isdir(self.model):
+            raise FileNotFoundError(f"model folder not found: {self.model!r}")
+        if not os.path.exists(os.path.join(self.model, "config.json")):
+            raise FileNotFoundError(f"{self.model!r} has no config.json; expected a Hugging Face checkpoint folder")
+        if not 0.05 <= self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in [0.05, 1], got {self.gpu_memory_utilization}")
+        for name in ("max_bs", "max_num_batched_tokens", "tp_size", "pp_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.device == "auto":
+            import torch
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device not in ("cuda", "cpu"):
+            raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {self.device!r}")
+        from transformers import AutoConfig
+        self.hf_config = AutoConfig.from_pretrained(self.model)
+        if self.dtype == "auto":
+            self.dtype = "float32" if self.device == "cpu" else "bfloat16"
+        if self.dtype not in ("bfloat16", "float16", "float32"):
+            raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
+        max_pos = self.hf_config.max_position_embeddings
+        if self.context_len is None:
+            self.context_len = max_pos
+        if not 1 < self.context_len <= max_pos:
+            raise ValueError(f"context_len must be in [2, {max_pos}] for this model, got {self.context_len}")
+        if self.attention_backend == "auto":
+            self.attention_backend = "flashinfer" if self.device == "cuda" else "torch"
+        if self.device == "cpu":
+            self.enforce_eager = True
+        self.eos_token_ids = self._eos_ids()
+
+    def _eos_ids(self) -> list[int]:
+        ids: list[int] = []
+        for src in (os.path.join(self.model, "generation_config.json"), os.path.join(self.model, "config.json")):
+            if os.path.exists(src):
+                with open(src) as f:
+                    e = json.load(f).get("eos_token_id")
+                for i in ([e] if isinstance(e, int) else (e or [])):
+                    if i not in ids:
+                        ids.append(i)
+        return ids
+
+    @property
+    def torch_dtype(self):
+        import torch
+        return getattr(torch, self.dtype)

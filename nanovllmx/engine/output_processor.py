@@ -1,0 +1,85 @@
+"""Client-side request state: collects each request's tokens, detokenizes incrementally, applies
+stop strings, and hands results to whoever waits (a blocking `generate` or an async stream)."""
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+
+from nanovllmx.engine.detokenizer import IncrementalDetokenizer
+from nanovllmx.outputs import RequestOutput, StreamDelta
+from nanovllmx.sampling_params import SamplingParams
+from nanovllmx.scheduler.request import EngineOutput
+
+
+class EngineRequestError(RuntimeError):
+    """The engine failed this request (an error inside a step, or a refused request)."""
+
+
+@dataclass
+class RequestState:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    detok: IncrementalDetokenizer | None  # None: decode once at the end (offline, no stop strings)
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+    num_cached_tokens: int = 0
+    # delivery: an asyncio queue of StreamDelta (streaming) or an event (blocking generate)
+    queue: asyncio.Queue | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.states: dict[str, RequestState] = {}
+        self.lock = threading.Lock()
+
+    def add(self, state: RequestState) -> None:
+        with self.lock:
+            self.states[state.request_id] = state
+
+    def pop(self, request_id: str) -> RequestState | None:
+        with self.lock:
+            return self.states.pop(request_id, None)
+
+    def process(self, outs: list[EngineOutput]) -> list[str]:
+        """Apply one step's outputs. Returns request ids the engine must abort (hit a stop string)."""
+        to_abort: list[str] = []
+        for o in outs:
+            st = self.states.get(o.request_id)
+            if st is None:  # aborted by the client already
+                continue
+            st.num_cached_tokens = o.num_cached_tokens
+            st.token_ids.extend(o.new_token_ids)
+            finish = o.finish_reason
+            text = ""
+            if st.detok is not None:
+                text = st.detok.add(o.new_token_ids)
+                if st.detok.stopped and finish is None:
+                    finish = "stop"
+                    to_abort.append(o.request_id)
+                if finish is not None:
+                    text += st.detok.flush()
+            if finish is not None:
+                st.finish_reason, st.error = finish, o.error
+                self.pop(o.request_id)
+            if st.queue is not None:
+                d = StreamDelta(o.request_id, list(o.new_token_ids), text, finish is not None, finish,
+                                len(st.prompt_token_ids), st.num_cached_tokens, len(st.token_ids))
+                if o.error:
+                    d = (d, o.error)  # the stream raises it
+                st.loop.call_soon_threadsafe(st.queue.put_nowait, d)
+            elif finish is not None:
+                st.done.set()
+        return to_abort
+
+    def result(self, st: RequestState) -> RequestOutput:
+        if st.error:
+            raise EngineRequestError(f"request {st.request_id} failed: {st.error}")
+        text = st.detok.text if st.detok is not None else self.tokenizer.decode(st.token_ids, skip_special_tokens=True)
+        return RequestOutput(st.request_id, st.prompt_token_ids, st.token_ids, text, st.finish_reason,
+                             st.num_cached_tokens)

@@ -1,0 +1,195 @@
+"""The client API: `LLM` tokenizes, submits requests to an engine core (in this process, or in a
+Ray scheduler actor), and hands back finished outputs (`generate`) or deltas (`stream`)."""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import uuid
+from typing import AsyncIterator, Sequence
+
+from nanovllmx.config import EngineConfig
+from nanovllmx.engine.detokenizer import IncrementalDetokenizer
+from nanovllmx.engine.output_processor import EngineRequestError, OutputProcessor, RequestState
+from nanovllmx.outputs import RequestOutput, StreamDelta
+from nanovllmx.sampling_params import SamplingParams
+from nanovllmx.scheduler.request import EngineOutput, EngineRequest
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | list[int]
+
+
+class LLM:
+    def __init__(self, model: str, device: str = "auto", dtype: str = "auto", gpu_memory_utilization: float = 0.9,
+                 max_bs: int = 256, context_len: int | None = None, enforce_eager: bool = False,
+                 tp_size: int = 1, pp_size: int = 1, executor: str = "auto", **kwargs):
+        from transformers import AutoTokenizer
+        self.config = EngineConfig(model=model, device=device, dtype=dtype,
+                                   gpu_memory_utilization=gpu_memory_utilization, max_bs=max_bs,
+                                   context_len=context_len, enforce_eager=enforce_eager, tp_size=tp_size,
+                                   pp_size=pp_size, **kwargs)
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.processor = OutputProcessor(self.tokenizer)
+        self._outq: queue.Queue = queue.Queue()
+        self._ids = itertools.count()
+        if executor == "auto":
+            executor = "ray" if tp_size * pp_size > 1 else "local"
+        if executor == "local":
+            from nanovllmx.engine.core import EngineCore
+            from nanovllmx.engine.executor import LocalExecutor
+            self.core = EngineCore(self.config, LocalExecutor(self.config), self._outq.put)
+        elif executor == "ray":
+            from nanovllmx.distributed.ray_engine import RayEngineClient
+            self.core = RayEngineClient(self.config, self._outq.put)
+        else:
+            raise ValueError(f"executor must be 'auto', 'local' or 'ray', got {executor!r}")
+        self._closed = False
+        self._out_thread = threading.Thread(target=self._output_loop, name="nanovllmx-output", daemon=True)
+        self._out_thread.start()
+
+    # ---------------------------------------------------------------- helpers
+    def _output_loop(self) -> None:
+        while True:
+            outs = self._outq.get()
+            if outs is None:
+                return
+            try:  # merge whatever else is queued: one pass per burst
+                while True:
+                    more = self._outq.get_nowait()
+                    if more is None:
+                        self._outq.put(None)
+                        break
+                    outs = outs + more
+            except queue.Empty:
+                pass
+            for rid in self.processor.process(outs):
+                self.core.abort(rid)
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return list(prompt)
+        raise TypeError("a prompt is a string or a list of token ids")
+
+    def _submit(self, prompt: Prompt, params: SamplingParams, request_id: str | None, streaming: bool,
+                loop: asyncio.AbstractEventLoop | None = None) -> RequestState:
+        if self._closed:
+            raise RuntimeError("this LLM has been shut down")
+        if not isinstance(params, SamplingParams):
+            raise TypeError("sampling params must be a SamplingParams")
+        params.validate()
+        ids = self.encode(prompt)
+        rid = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+        if rid in self.processor.states:
+            raise ValueError(f"request id {rid!r} is already in use")
+        er = EngineRequest(rid, ids, params)
+        self.core.check_request(er)
+        detok = IncrementalDetokenizer(self.tokenizer, params.stop) if (streaming or params.stop) else None
+        st = RequestState(rid, ids, params, detok)
+        if streaming:
+            st.queue, st.loop = asyncio.Queue(), loop
+        self.processor.add(st)
+        try:
+            self.core.add_request(er)
+        except Exception:
+            self.processor.pop(rid)
+            raise
+        return st
+
+    # ---------------------------------------------------------------- public API
+    def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool | None = None) -> list[RequestOutput]:
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
+        for p in params:  # fail before anything is submitted
+            p.validate()
+        token_prompts = [self.encode(p) for p in prompts]
+        states = []
+        try:
+            for p, sp in zip(token_prompts, params):
+                states.append(self._submit(p, sp, None, streaming=False))
+        except Exception:
+            for st in states:
+                self.abort(st.request_id)
+            raise
+        show = use_tqdm if use_tqdm is not None else len(prompts) >= 64
+        bar = None
+        if show:
+            from tqdm import tqdm
+            bar = tqdm(total=len(states), desc="Generating", unit="req", dynamic_ncols=True)
+        try:
+            for st in states:
+                st.done.wait()
+                if bar is not None:
+                    bar.update(1)
+        except KeyboardInterrupt:
+            for st in states:
+                self.abort(st.request_id)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [self.processor.result(st) for st in states]
+
+    async def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+                     request_id: str | None = None) -> AsyncIterator[StreamDelta]:
+        """Yield deltas as tokens are sampled. Cancelling the consumer aborts the request."""
+        st = self._submit(prompt, sampling_params or SamplingParams(), request_id, True, asyncio.get_running_loop())
+        finished = False
+        try:
+            while True:
+                d = await st.queue.get()
+                if isinstance(d, tuple):
+                    finished = True
+                    raise EngineRequestError(f"request {st.request_id} failed: {d[1]}")
+                finished = d.finished
+                yield d
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(st.request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now; its KV slots are freed within one engine step."""
+        st = self.processor.pop(request_id)
+        self.core.abort(request_id)
+        if st is not None and st.queue is None:
+            st.finish_reason = "abort"
+            st.done.set()
+
+    def stats(self) -> dict:
+        return self.core.stats()
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.core.shutdown()
+        self._outq.put(None)
+        self._out_thread.join(timeout=10)
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def __del__(self):
+        try:
+            self.shutdown()
+        except Exception:
+            pass
+
+
+__all__ = ["LLM", "EngineRequestError"]

@@ -1,0 +1,48 @@
+"""The narrow boundary between the scheduler and the workers: one plain, picklable message per
+step in (`ScheduledBatch`), sampled token ids out. Arrays are numpy so building and shipping a
+batch costs no per-request Python work on the worker side."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class SamplingArrays:
+    temperature: np.ndarray  # float32 [B]
+    top_p: np.ndarray  # float32 [B]
+    top_k: np.ndarray  # int32 [B], 0 = off
+    min_p: np.ndarray  # float32 [B]
+    seeds: np.ndarray  # int64 [B], -1 = unseeded
+    output_lens: np.ndarray  # int32 [B] tokens generated so far (seeded sampling is keyed by it)
+    needs_filter: bool  # any top_p < 1, top_k > 0 or min_p > 0 in the batch
+    all_greedy: bool
+
+
+@dataclass
+class ScheduledBatch:
+    step: int
+    req_indices: np.ndarray  # int32 [B] row of each request in the worker's req_to_token table
+    start_pos: np.ndarray  # int32 [B] tokens already in the KV cache
+    q_lens: np.ndarray  # int32 [B] new tokens this step
+    input_ids: np.ndarray  # int32 [T], T = q_lens.sum()
+    out_slots: np.ndarray  # int32 [T] slot of each new token
+    # extra req_to_token writes: prefix slots a request took from the radix cache
+    table_rows: np.ndarray  # int32 [W]
+    table_cols: np.ndarray  # int32 [W]
+    table_slots: np.ndarray  # int32 [W]
+    sample_rows: np.ndarray  # int32 [S] which requests of the batch sample a token this step
+    sampling: SamplingArrays  # for the sampled rows only
+
+    @property
+    def num_reqs(self) -> int:
+        return len(self.q_lens)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def is_decode(self) -> bool:
+        return len(self.input_ids) == len(self.q_lens)

@@ -1,0 +1,264 @@
+"""FCFS continuous batching over a radix-cached, token-slot KV pool. Pure Python + numpy.
+
+Each step: running requests first (one token each in decode, the next chunk if still prefilling),
+then waiting requests in arrival order while the token budget, free slots and `max_bs` allow.
+When decode runs out of slots the newest running request is preempted: its KV goes to the radix
+tree (evictable) and it is recomputed later, mostly from cache if it survived eviction.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from nanovllmx.scheduler.allocator import SlotAllocator
+from nanovllmx.scheduler.messages import SamplingArrays, ScheduledBatch
+from nanovllmx.scheduler.radix_cache import RadixCache
+from nanovllmx.scheduler.request import EngineOutput, EngineRequest, Request, Status
+
+_I32 = np.int32
+
+
+@dataclass
+class SchedulerStats:
+    num_running: int
+    num_waiting: int
+    num_preempted_total: int
+    num_slots: int
+    free_slots: int
+    cached_slots: int  # held by the radix tree only (evictable)
+    prompt_tokens_total: int
+    cached_prompt_tokens_total: int
+
+
+class Scheduler:
+    def __init__(self, num_slots: int, max_bs: int, context_len: int, max_num_batched_tokens: int,
+                 eos_ids: list[int], enable_prefix_caching: bool = True):
+        self.allocator = SlotAllocator(num_slots)
+        self.tree = RadixCache(self.allocator, enabled=enable_prefix_caching)
+        self.num_slots, self.max_bs, self.context_len = num_slots, max_bs, context_len
+        self.budget = max_num_batched_tokens
+        self.eos_ids = list(eos_ids)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        # scheduler-side mirror of the workers' req_to_token table: slots of each running request
+        self.table = np.zeros((max_bs, context_len), dtype=_I32)
+        self.free_rows = list(range(max_bs - 1, -1, -1))
+        self.step_id = 0
+        self.num_preempted_total = 0
+        self.prompt_tokens_total = 0
+        self.cached_prompt_tokens_total = 0
+        # per-step scratch: the requests of the batch in flight, in batch order
+        self._batch_reqs: list[Request] = []
+        self._pending: list[EngineOutput] = []  # outputs produced outside a step (aborts)
+
+    # ------------------------------------------------------------------ requests in / out
+    def add_request(self, er: EngineRequest) -> None:
+        n = len(er.prompt_token_ids)
+        if n == 0:
+            raise ValueError("prompt is empty")
+        if n >= self.context_len:
+            raise ValueError(f"prompt has {n} tokens; this engine's context is {self.context_len} tokens "
+                             f"(prompt plus at least one generated token)")
+        if er.request_id in self.requests:
+            raise ValueError(f"request id {er.request_id!r} is already in use")
+        req = Request(er, self.eos_ids)
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def abort(self, request_id: str) -> bool:
+        req = self.requests.get(request_id)
+        if req is None or req.status == Status.FINISHED:
+            return False
+        if req.status == Status.WAITING:
+            self.waiting.remove(req)
+        else:
+            self.running.remove(req)
+            self._release(req)
+        self._finish(req, "abort")
+        self._pending.append(EngineOutput(req.request_id, [], "abort", req.num_prompt, req.num_cached))
+        return True
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self._pending)
+
+    def take_pending_outputs(self) -> list[EngineOutput]:
+        out, self._pending = self._pending, []
+        return out
+
+    # ------------------------------------------------------------------ slots
+    def _alloc(self, n: int) -> np.ndarray | None:
+        short = n - self.allocator.num_free
+        if short > 0:
+            self.tree.evict(short)
+        return self.allocator.alloc(n)
+
+    def _release(self, req: Request) -> None:
+        """Give a running request's KV to the radix tree (finished, aborted or preempted)."""
+        n = req.num_computed
+        self.tree.cache_request(req.tokens[:n], self.table[req.req_idx, :n], req.prefix_len, req.last_node, True)
+        self.free_rows.append(req.req_idx)
+        req.req_idx, req.last_node, req.prefix_len, req.num_computed = None, None, 0, 0
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self._release(req)
+        req.status = Status.WAITING
+        req.num_preemptions += 1
+        self.num_preempted_total += 1
+        self.waiting.appendleft(req)
+
+    def _finish(self, req: Request, reason: str) -> None:
+        req.status = Status.FINISHED
+        req.finish_reason = reason
+        del self.requests[req.request_id]
+
+    # ------------------------------------------------------------------ one step
+    def schedule(self) -> ScheduledBatch | None:
+        self.step_id += 1
+        budget = self.budget
+        plan: list[tuple[Request, int]] = []
+        # 1) running requests, oldest first
+        for req in self.running:
+            if budget <= 0:
+                break
+            n = min(len(req.tokens) - req.num_computed, budget)
+            plan.append((req, n))
+            budget -= n
+        need = sum(n for _, n in plan)
+        slots = self._alloc(need)
+        preempted = False
+        while slots is None:  # out of KV: preempt the newest running request and retry
+            victim = self.running[-1]
+            plan = [(r, n) for r, n in plan if r is not victim]
+            self._preempt(victim)
+            preempted = True
+            need = sum(n for _, n in plan)
+            budget = self.budget - need
+            slots = self._alloc(need)
+        parts = [slots]
+        admitted: list[tuple[Request, np.ndarray]] = []
+        # 2) waiting requests in arrival order (none in a step that had to preempt)
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_bs:
+            req = self.waiting[0]
+            # the last token is always recomputed: it produces the logits to sample from
+            prefix_slots, node = self.tree.match_prefix(req.tokens[:-1])
+            p = len(prefix_slots)
+            n = min(len(req.tokens) - p, budget)
+            # keep one slot per running request free for its next decode step
+            room = self.allocator.num_free + self.tree.evictable_size - len(self.running)
+            if n > room:
+                break
+            self.tree.inc_ref(node)  # lock the prefix before evicting for our own slots
+            new = self._alloc(n)
+            if new is None:
+                self.tree.dec_ref(node)
+                break
+            self.waiting.popleft()
+            req.req_idx = self.free_rows.pop()
+            req.prefix_len = req.num_computed = p
+            req.last_node = node
+            if req.first_scheduled_time is None:
+                req.num_cached = p
+                req.first_scheduled_time = time.time()
+                self.prompt_tokens_total += req.num_prompt
+                self.cached_prompt_tokens_total += p
+            self.table[req.req_idx, :p] = prefix_slots
+            req.status = Status.RUNNING
+            self.running.append(req)
+            plan.append((req, n))
+            parts.append(new)
+            if p:
+                admitted.append((req, prefix_slots))
+            budget -= n
+        if not plan:
+            return None
+        return self._build(plan, np.concatenate(parts) if len(parts) > 1 else slots, admitted)
+
+    def _build(self, plan: list[tuple[Request, int]], slots: np.ndarray,
+               admitted: list[tuple[Request, np.ndarray]]) -> ScheduledBatch:
+        B = len(plan)
+        reqs = [r for r, _ in plan]
+        q_lens = np.fromiter((n for _, n in plan), _I32, B)
+        req_idx = np.fromiter((r.req_idx for r in reqs), _I32, B)
+        start = np.fromiter((r.num_computed for r in reqs), _I32, B)
+        T = int(q_lens.sum())
+        if T == B:  # pure decode: one token each, the last one known
+            input_ids = np.fromiter((r.tokens[-1] for r in reqs), _I32, B)
+            self.table[req_idx, start] = slots
+        else:
+            input_ids = np.fromiter(
+                (t for r, n in plan for t in r.tokens[r.num_computed:r.num_computed + n]), _I32, T)
+            cu = np.zeros(B + 1, _I32)
+            np.cumsum(q_lens, out=cu[1:])
+            cols = np.repeat(start - cu[:-1], q_lens) + np.arange(T, dtype=_I32)
+            self.table[np.repeat(req_idx, q_lens), cols] = slots
+        # prefix slots that newly admitted requests took from the radix tree must reach the workers' tables
+        tr = [np.full(len(ps), r.req_idx, _I32) for r, ps in admitted]
+        tc = [np.arange(len(ps), dtype=_I32) for _, ps in admitted]
+        ts = [ps for _, ps in admitted]
+        # advance bookkeeping now, so the next schedule sees this step's tokens as computed
+        end = start + q_lens
+        sample_mask = np.fromiter((e == len(r.tokens) for r, e in zip(reqs, end.tolist())), bool, B)
+        for r, e in zip(reqs, end.tolist()):
+            r.num_computed = e
+        sample_rows = np.nonzero(sample_mask)[0].astype(_I32)
+        self._batch_reqs = [reqs[i] for i in sample_rows.tolist()]
+        return ScheduledBatch(
+            step=self.step_id, req_indices=req_idx, start_pos=start, q_lens=q_lens, input_ids=input_ids,
+            out_slots=slots, table_rows=np.concatenate(tr) if tr else np.zeros(0, _I32),
+            table_cols=np.concatenate(tc) if tc else np.zeros(0, _I32),
+            table_slots=np.concatenate(ts) if ts else np.zeros(0, _I32),
+            sample_rows=sample_rows, sampling=self._sampling(self._batch_reqs))
+
+    @staticmethod
+    def _sampling(reqs: list[Request]) -> SamplingArrays:
+        S = len(reqs)
+        ps = [r.params for r in reqs]
+        temperature = np.fromiter((p.temperature for p in ps), np.float32, S)
+        top_p = np.fromiter((p.top_p for p in ps), np.float32, S)
+        top_k = np.fromiter((max(p.top_k, 0) for p in ps), _I32, S)
+        min_p = np.fromiter((p.min_p for p in ps), np.float32, S)
+        seeds = np.fromiter((-1 if p.seed is None else p.seed for p in ps), np.int64, S)
+        out_lens = np.fromiter((r.num_output for r in reqs), _I32, S)
+        return SamplingArrays(
+            temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seeds=seeds, output_lens=out_lens,
+            needs_filter=bool((top_p < 1).any() or (top_k > 0).any() or (min_p > 0).any()),
+            all_greedy=bool((temperature == 0).all()))
+
+    def update(self, sampled: np.ndarray) -> list[EngineOutput]:
+        """Apply the sampled tokens of the last scheduled batch; returns this step's outputs."""
+        outputs = self.take_pending_outputs()
+        ctx = self.context_len
+        finished: list[Request] = []
+        for req, tok in zip(self._batch_reqs, sampled.tolist()):
+            if req.status != Status.RUNNING:  # aborted while the step ran
+                continue
+            req.tokens.append(tok)
+            reason = None
+            if tok in req.stop_ids:
+                reason = "stop"
+            elif req.num_output >= req.params.max_tokens or len(req.tokens) >= ctx:
+                reason = "length"
+            if reason is not None:
+                req.finish_reason = reason
+                finished.append(req)
+            outputs.append(EngineOutput(req.request_id, [tok], reason, req.num_prompt, req.num_cached))
+        for req in finished:
+            self.running.remove(req)
+            self._release(req)
+            self._finish(req, req.finish_reason)
+        self._batch_reqs = []
+        return outputs
+
+    # ------------------------------------------------------------------ introspection
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=len(self.running), num_waiting=len(self.waiting),
+            num_preempted_total=self.num_preempted_total, num_slots=self.num_slots,
+            free_slots=self.allocator.num_free, cached_slots=self.tree.evictable_size,
+            prompt_tokens_total=self.prompt_tokens_total,
+            cached_prompt_tokens_total=self.cached_prompt_tokens_total)

@@ -1,0 +1,89 @@
+"""Turns a ScheduledBatch into device tensors, runs the model (eagerly or through a captured CUDA
+graph), and samples. Knows nothing of requests beyond the arrays in the batch."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from nanovllmx.attention.base import AttentionBackend, forward_context
+from nanovllmx.attention.metadata import AttentionMetadata, KVPool
+from nanovllmx.config import EngineConfig
+from nanovllmx.distributed.parallel_state import get_parallel_info
+from nanovllmx.models.qwen3 import Qwen3ForCausalLM
+from nanovllmx.scheduler.messages import ScheduledBatch
+from nanovllmx.worker.sampler import Sampler
+
+
+def make_backend(name: str, kv: KVPool, model: Qwen3ForCausalLM, cfg: EngineConfig) -> AttentionBackend:
+    layer0 = next(iter(model.layers.values())).self_attn
+    args = (kv, layer0.num_heads, layer0.num_kv_heads, layer0.head_dim)
+    if name == "torch":
+        from nanovllmx.attention.torch_backend import TorchBackend
+        return TorchBackend(*args)
+    if name == "flashinfer":
+        from nanovllmx.attention.flashinfer_backend import FlashInferBackend
+        return FlashInferBackend(*args, max_bs=cfg.max_bs, context_len=cfg.context_len)
+    raise ValueError(f"unknown attention backend {name!r}")
+
+
+class ModelRunner:
+    def __init__(self, cfg: EngineConfig, model: Qwen3ForCausalLM, kv: KVPool, device: torch.device):
+        self.cfg, self.model, self.kv, self.device = cfg, model, kv, device
+        # +1 row: padded CUDA-graph entries point at a dummy request row
+        self.req_to_token = torch.zeros((cfg.max_bs + 1, cfg.context_len), dtype=torch.int32, device=device)
+        self.backend = make_backend(cfg.attention_backend, kv, model, cfg)
+        self.sampler = Sampler(device)
+        self.graphs = None
+        if not cfg.enforce_eager and device.type == "cuda":
+            from nanovllmx.worker.cuda_graph import DecodeGraphs
+            self.graphs = DecodeGraphs(self)
+
+    def _to_dev(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a).to(self.device, non_blocking=True)
+
+    def prepare(self, b: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        q_lens = b.q_lens
+        cu = np.zeros(len(q_lens) + 1, dtype=np.int32)
+        np.cumsum(q_lens, out=cu[1:])
+        if b.is_decode:
+            positions = b.start_pos
+            rows = b.req_indices
+        else:
+            positions = (np.repeat(b.start_pos - cu[:-1], q_lens) + np.arange(b.num_tokens, dtype=np.int32)).astype(np.int32)
+            rows = np.repeat(b.req_indices, q_lens)
+        if len(b.table_rows):
+            rows = np.concatenate([b.table_rows, rows])
+            cols = np.concatenate([b.table_cols, positions])
+            slots = np.concatenate([b.table_slots, b.out_slots])
+        else:
+            cols, slots = positions, b.out_slots
+        out_slots = self._to_dev(b.out_slots)
+        self.req_to_token[self._to_dev(rows).long(), self._to_dev(cols).long()] = self._to_dev(slots)
+        kv_lens = (b.start_pos + q_lens).astype(np.int32)
+        meta = AttentionMetadata(
+            q_lens_np=q_lens, kv_lens_np=kv_lens, req_indices_np=b.req_indices,
+            req_indices=self._to_dev(b.req_indices), kv_lens=self._to_dev(kv_lens), cu_q_lens=self._to_dev(cu),
+            out_slots=out_slots, req_to_token=self.req_to_token, is_decode=b.is_decode)
+        return self._to_dev(b.input_ids), self._to_dev(positions), meta
+
+    @torch.inference_mode()
+    def execute(self, b: ScheduledBatch, hidden=None, residual=None):
+        """Run one step. First stage embeds input ids; later stages take (hidden, residual).
+        Returns sampled token ids (np.int32 [S]) on the last stage, else (hidden, residual)."""
+        ids, positions, meta = self.prepare(b)
+        if self.graphs is not None and b.is_decode and self.graphs.can_run(b.num_reqs) and get_parallel_info().pp_size == 1:
+            logits = self.graphs.run(ids, positions, meta, b)
+        else:
+            self.backend.prepare(meta)
+            with forward_context(self.backend):
+                out = self.model(ids, positions, hidden, residual)
+            if not self.model.is_last:
+                return out
+            if len(b.sample_rows) == 0:
+                return np.zeros(0, dtype=np.int32)
+            last_tok = self._to_dev((np.cumsum(b.q_lens) - 1)[b.sample_rows]).long()
+            logits = self.model.compute_logits(out[last_tok])
+        if len(b.sample_rows) == 0:
+            return np.zeros(0, dtype=np.int32)
+        tokens = self.sampler(logits, b.sampling)
+        return tokens.to(torch.int32).cpu().numpy()

@@ -1,0 +1,98 @@
+"""One worker per GPU shard (or one CPU process): owns the model slice, its KV pool and the model
+runner. Driven by plain method calls, so a Ray actor can wrap it unchanged."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from nanovllmx.attention.metadata import KVPool
+from nanovllmx.config import EngineConfig
+from nanovllmx.distributed.parallel_state import destroy_parallel, get_parallel_info, init_parallel
+from nanovllmx.models.loader import load_weights
+from nanovllmx.models.qwen3 import Qwen3ForCausalLM
+from nanovllmx.scheduler.messages import ScheduledBatch
+from nanovllmx.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+class Worker:
+    def __init__(self, cfg: EngineConfig, rank: int = 0, init_method: str | None = None, local_device: int = 0):
+        self.cfg, self.rank = cfg, rank
+        if cfg.device == "cuda":
+            torch.cuda.set_device(local_device)
+            self.device = torch.device("cuda", local_device)
+        else:
+            self.device = torch.device("cpu")
+        world = cfg.tp_size * cfg.pp_size
+        if world > 1:
+            backend = "nccl" if cfg.device == "cuda" else "gloo"
+            init_parallel(cfg.tp_size, cfg.pp_size, rank, backend, init_method)
+        self.info = get_parallel_info()
+        torch.manual_seed(cfg.seed)
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(cfg.torch_dtype)
+        try:
+            with torch.device(self.device):
+                self.model = Qwen3ForCausalLM(cfg.hf_config)
+        finally:
+            torch.set_default_dtype(prev)
+        load_weights(self.model, cfg.model, progress=(rank == 0 and cfg.device == "cuda"))
+        self.model.eval()
+        self.runner: ModelRunner | None = None
+
+    # ---- KV pool sizing: every worker proposes, the scheduler takes the minimum ----
+    def _layer_shape(self) -> tuple[int, int, int]:
+        attn = next(iter(self.model.layers.values())).self_attn
+        return self.model.num_local_layers, attn.num_kv_heads, attn.head_dim
+
+    def available_kv_slots(self) -> int:
+        if self.cfg.num_kv_slots is not None:
+            return self.cfg.num_kv_slots
+        n_layers, kvh, hd = self._layer_shape()
+        per_slot = KVPool.bytes_per_slot(n_layers, kvh, hd, self.cfg.torch_dtype)
+        if self.device.type == "cpu":
+            # CPU: enough for a few full contexts, bounded so tests stay small
+            return max(4 * self.cfg.context_len, 4096)
+        free, total = torch.cuda.mem_get_info(self.device)
+        used = total - free
+        # activations of the largest prefill chunk, plus logits, with headroom for the allocator
+        cfg = self.cfg.hf_config
+        act = self.cfg.max_num_batched_tokens * (cfg.hidden_size * 8 + cfg.intermediate_size * 6) * 2 \
+            + self.cfg.max_bs * cfg.vocab_size * 4 * 4 + (1 << 30)
+        budget = total * self.cfg.gpu_memory_utilization - used - act
+        n = int(budget // per_slot)
+        if n < self.cfg.context_len:
+            raise RuntimeError(
+                f"not enough GPU memory for the KV cache: room for {max(n, 0)} tokens, a full context needs "
+                f"{self.cfg.context_len}; raise gpu_memory_utilization or lower context_len")
+        return n
+
+    def init_kv_cache(self, num_slots: int) -> None:
+        n_layers, kvh, hd = self._layer_shape()
+        self.kv = KVPool(n_layers, num_slots, kvh, hd, self.cfg.torch_dtype, self.device)
+        self.runner = ModelRunner(self.cfg, self.model, self.kv, self.device)
+        logger.info("rank %d: KV pool of %d token slots (%d layers, %d KV heads)", self.rank, num_slots, n_layers, kvh)
+
+    # ---- one step ----
+    def execute(self, batch: ScheduledBatch) -> np.ndarray | None:
+        info = self.info
+        hidden = residual = None
+        if not info.is_first_stage:
+            h = self.cfg.hf_config.hidden_size
+            hidden = torch.empty((batch.num_tokens, h), dtype=self.cfg.torch_dtype, device=self.device)
+            residual = torch.empty_like(hidden)
+            dist.recv(hidden, src=info.prev_rank)
+            dist.recv(residual, src=info.prev_rank)
+        out = self.runner.execute(batch, hidden, residual)
+        if not info.is_last_stage:
+            dist.send(out[0].contiguous(), dst=info.next_rank)
+            dist.send(out[1].contiguous(), dst=info.next_rank)
+            return None
+        return out
+
+    def shutdown(self) -> None:
+        destroy_parallel()
