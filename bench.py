@@ -1,0 +1,104 @@
+"""Throughput benchmark on the standard workload (as in nano-vllm / Nano-vLLM-X): 256 requests,
+prompt and output lengths uniform in 100..1024 (random.seed(0): 133,966 output tokens),
+temperature 0.6, ignore_eos, all submitted at once.
+
+  python bench.py --model /path/to/qwen3-0.6b                 # offline, through LLM.generate
+  python bench.py --model M --bw                              # also measure copy bandwidth + roofline bound
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from random import randint, seed
+
+
+def standard_workload(num_seqs: int = 256, max_in: int = 1024, max_out: int = 1024):
+    """Same draw order as the seed's bench.py and ../shared/roofline.py."""
+    from nanovllmx import SamplingParams
+    seed(0)
+    prompts = [[randint(0, 10000) for _ in range(randint(100, max_in))] for _ in range(num_seqs)]
+    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=randint(100, max_out)) for _ in range(num_seqs)]
+    return prompts, params
+
+
+def copy_bandwidth() -> float:
+    """Device memory bandwidth (bytes read + written per second) of a large copy."""
+    import torch
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    iters = 20
+    t = time.perf_counter()
+    for _ in range(iters):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    bw = 2 * n * iters / (time.perf_counter() - t)
+    del a, b
+    torch.cuda.empty_cache()
+    return bw
+
+
+def roofline_bound(bw: float, path: str | None) -> float | None:
+    """Tokens/s bound from the shared roofline script (output tokens / lower-bound seconds)."""
+    import re
+    import subprocess
+    for p in [path, os.path.join(os.path.dirname(__file__), "..", "shared", "roofline.py"), ".device/roofline.py"]:
+        if p and os.path.exists(p):
+            out = subprocess.run([sys.executable, p, "--bw", str(bw)], capture_output=True, text=True).stdout
+            m = re.search(r"= (\d+) output tok/s", out)
+            return float(m.group(1)) if m else None
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--num-seqs", type=int, default=256)
+    ap.add_argument("--max-bs", type=int, default=256)
+    ap.add_argument("--tp-size", type=int, default=1)
+    ap.add_argument("--pp-size", type=int, default=1)
+    ap.add_argument("--executor", default="auto")
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--context-len", type=int, default=4096)
+    ap.add_argument("--bw", action="store_true", help="measure copy bandwidth and print the roofline bound")
+    ap.add_argument("--roofline", default=None, help="path to roofline.py (default: ../shared/roofline.py)")
+    ap.add_argument("--json", default=None, help="append the result as a JSON line to this file")
+    a = ap.parse_args()
+
+    from nanovllmx import LLM, SamplingParams
+    bw = copy_bandwidth() if a.bw else None
+    llm = LLM(a.model, max_bs=a.max_bs, tp_size=a.tp_size, pp_size=a.pp_size, executor=a.executor,
+              enforce_eager=a.enforce_eager, attention_backend=a.attention_backend, context_len=a.context_len,
+              gpu_memory_utilization=a.gpu_memory_utilization)
+    prompts, params = standard_workload(a.num_seqs)
+    llm.generate(["Benchmark: "], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    dt = time.perf_counter() - t
+    total = sum(len(o.token_ids) for o in outs)
+    assert total == sum(p.max_tokens for p in params), "every request must produce max_tokens tokens"
+    res = {"tokens": total, "seconds": round(dt, 3), "tok_per_s": round(total / dt, 1), "max_bs": a.max_bs,
+           "tp": a.tp_size, "pp": a.pp_size, "eager": a.enforce_eager}
+    stats = llm.stats()
+    res.update({k: stats[k] for k in ("num_preempted_total", "num_slots") if k in stats})
+    if bw:
+        bound = roofline_bound(bw, a.roofline)
+        res.update({"copy_bw_TBps": round(bw / 1e12, 3), "bound_tok_per_s": bound,
+                    "pct_of_bound": round(100 * total / dt / bound, 1) if bound else None})
+    print(json.dumps(res))
+    if a.json:
+        with open(a.json, "a") as f:
+            f.write(json.dumps(res) + "\n")
+    llm.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""FlashInfer attention over the token-slot pool (paged KV with page size 1).
+
+One plan per forward serves every layer: the prefill wrapper for batches with any multi-token
+request (prefill chunks mixed with decodes), the decode wrapper (tensor cores) for pure decode.
+The per-request page lists are gathered from the req_to_token table on the GPU by a Triton
+kernel; only the small indptr arrays come from the host, where the batch already is."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from nanovllmx.attention.base import AttentionBackend
+from nanovllmx.attention.metadata import AttentionMetadata, KVPool
+
+_WORKSPACE_BYTES = 256 << 20
+
+
+@triton.jit
+def _gather_kv_indices(req_to_token, req_indices, kv_indptr, out, stride, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    row = tl.load(req_indices + pid).to(tl.int64)
+    start = tl.load(kv_indptr + pid)
+    n = tl.load(kv_indptr + pid + 1) - start
+    for off in range(0, n, BLOCK):
+        idx = off + tl.arange(0, BLOCK)
+        m = idx < n
+        tl.store(out + start + idx, tl.load(req_to_token + row * stride + idx, mask=m), mask=m)
+
+
+class FlashInferBackend(AttentionBackend):
+    def __init__(self, kv: KVPool, num_heads: int, num_kv_heads: int, head_dim: int, max_bs: int, context_len: int):
+        super().__init__(kv, num_heads, num_kv_heads, head_dim)
+        import flashinfer
+        self.fi = flashinfer
+        dev = kv.k[0].device
+        self.dtype = kv.k[0].dtype
+        self.workspace = torch.zeros(_WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
+        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
+        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", use_tensor_cores=True)
+        # a context may repeat shared prefix slots, so size by requests x context, not by pool size
+        self.max_kv = (max_bs + 1) * context_len
+        self.kv_indices = torch.empty(self.max_kv, dtype=torch.int32, device=dev)
+        self.ones = torch.ones(max_bs + 1, dtype=torch.int32)
+        self.caches = [(k.unsqueeze(1), v.unsqueeze(1)) for k, v in zip(kv.k, kv.v)]  # [S, page=1, Hkv, D]
+        self.active = self.prefill
+        self.device = dev
+
+    def _indices(self, meta: AttentionMetadata, kv_lens_np: np.ndarray, req_indices: torch.Tensor,
+                 out: torch.Tensor) -> torch.Tensor:
+        B = len(kv_lens_np)
+        indptr = np.zeros(B + 1, dtype=np.int32)
+        np.cumsum(kv_lens_np, out=indptr[1:])
+        indptr_host = torch.from_numpy(indptr)
+        _gather_kv_indices[(B,)](meta.req_to_token, req_indices, indptr_host.to(self.device, non_blocking=True), out,
+                                 meta.req_to_token.stride(0), BLOCK=512)
+        return indptr_host
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        self.meta = meta
+        B = meta.num_reqs
+        indptr = self._indices(meta, meta.kv_lens_np, meta.req_indices, self.kv_indices)
+        total = int(indptr[-1])
+        if meta.is_decode:
+            self.decode.plan(indptr, self.kv_indices[:total], self.ones[:B], self.num_heads, self.num_kv_heads,
+                             self.head_dim, 1, q_data_type=self.dtype, kv_data_type=self.dtype)
+            self.active = self.decode
+        else:
+            qo = np.zeros(B + 1, dtype=np.int32)
+            np.cumsum(meta.q_lens_np, out=qo[1:])
+            self.prefill.plan(torch.from_numpy(qo), indptr, self.kv_indices[:total], self.ones[:B], self.num_heads,
+                              self.num_kv_heads, self.head_dim, 1, causal=True, q_data_type=self.dtype,
+                              kv_data_type=self.dtype)
+            self.active = self.prefill
+
+    # ---- CUDA graphs: one decode wrapper per captured batch size, sharing one indices buffer ----
+    def make_graph_wrapper(self, bs: int, shared_indices: torch.Tensor):
+        return self.fi.BatchDecodeWithPagedKVCacheWrapper(
+            self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
+            paged_kv_indptr_buffer=torch.zeros(bs + 1, dtype=torch.int32, device=self.device),
+            paged_kv_indices_buffer=shared_indices,
+            paged_kv_last_page_len_buffer=torch.ones(bs, dtype=torch.int32, device=self.device))
+
+    def plan_graph(self, wrapper, meta: AttentionMetadata) -> None:
+        """Plan a captured wrapper for (padded) decode metadata and make it the active one."""
+        self.meta = meta
+        B = meta.num_reqs
+        indptr = self._indices(meta, meta.kv_lens_np, meta.req_indices, self.kv_indices)
+        total = int(indptr[-1])
+        wrapper.plan(indptr, self.kv_indices[:total], self.ones[:B], self.num_heads, self.num_kv_heads,
+                     self.head_dim, 1, q_data_type=self.dtype, kv_data_type=self.dtype)
+        self.active = wrapper
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        self.store_kv(layer, k, v)
+        return self.active.run(q, self.caches[layer])
