@@ -349,6 +349,9 @@ def make_model(
     out.mkdir(parents=True, exist_ok=True)
     config = build_config(preset, dtype, **config_overrides)
     model = _random_model(config, seed, device or _default_device(), _DTYPES[dtype])
+    # Loaders glob *.safetensors, so shards left by an earlier, differently shaped run must go.
+    for stale in [*out.glob("*.safetensors"), *out.glob("*.safetensors.index.json")]:
+        stale.unlink()
     model.save_pretrained(out, max_shard_size="5GB")
     del model
 
@@ -365,6 +368,11 @@ def make_model(
     _write_json(cfg_path, cfg)
 
     write_tokenizer(out)
+    # save_pretrained leaves the weight files owner-only (0600); give them normal umask permissions
+    # so a checkpoint in a shared cache is readable by other users.
+    mask = _umask()
+    for f in out.glob("*.safetensors*"):
+        f.chmod(0o666 & ~mask)
     return out
 
 
@@ -381,6 +389,12 @@ A Qwen3-architecture checkpoint made by `nanovllmx.utils.make_model` (preset "ti
 outputs decode properly, but the generated text is noise. It exists to exercise the serving
 engine (loading, batching, scheduling, sampling) without downloading a real model.
 """
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _cache_root() -> Path:
@@ -404,6 +418,7 @@ def demo_model_path(name: str = DEMO_MODEL_NAME) -> Path:
         # Always on CPU: cuda draws differ, and the demo should be the same model on every machine.
         make_model(tmp, preset="tiny", seed=0, dtype="float32", device="cpu")
         (tmp / "README.md").write_text(_DEMO_README.format(name=name), encoding="utf-8")
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700
         try:
             os.rename(tmp, final)
         except OSError:

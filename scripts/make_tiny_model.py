@@ -1,0 +1,56 @@
+#!/usr/bin/env python
+"""Write a random-weight Qwen3 checkpoint with the real Qwen3 tokenizer.
+
+Examples:
+    python scripts/make_tiny_model.py /tmp/tiny
+    python scripts/make_tiny_model.py /tmp/qwen3-8b --preset qwen3-8b --dtype bfloat16 --device cuda
+    python scripts/make_tiny_model.py /tmp/wide --layers 2 --hidden 256 --heads 8 --kv-heads 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+# Run from a checkout without installing the package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from nanovllmx.utils.make_model import PRESETS, make_model  # noqa: E402
+
+# CLI flag -> Qwen3Config field
+_OVERRIDES = {
+    "layers": "num_hidden_layers",
+    "hidden": "hidden_size",
+    "intermediate": "intermediate_size",
+    "heads": "num_attention_heads",
+    "kv_heads": "num_key_value_heads",
+    "head_dim": "head_dim",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out_dir", type=Path)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    ap.add_argument("--layers", type=int)
+    ap.add_argument("--hidden", type=int)
+    ap.add_argument("--intermediate", type=int)
+    ap.add_argument("--heads", type=int)
+    ap.add_argument("--kv-heads", type=int)
+    ap.add_argument("--head-dim", type=int)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    args = ap.parse_args(argv)
+
+    overrides = {field: getattr(args, flag) for flag, field in _OVERRIDES.items() if getattr(args, flag) is not None}
+    t0 = time.perf_counter()
+    out = make_model(args.out_dir, preset=args.preset, seed=args.seed, dtype=args.dtype, device=args.device, **overrides)
+    print(f"wrote {args.preset} ({args.dtype}, seed {args.seed}) to {out} in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
