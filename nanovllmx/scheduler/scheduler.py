@@ -36,6 +36,9 @@ class SchedulerStats:
 class Scheduler:
     def __init__(self, num_slots: int, max_bs: int, context_len: int, max_num_batched_tokens: int,
                  eos_ids: list[int], enable_prefix_caching: bool = True):
+        if num_slots < context_len:  # else a long request preempts itself forever
+            raise ValueError(f"the KV pool ({num_slots} token slots) must hold at least one full context "
+                             f"({context_len} tokens): raise num_kv_slots or lower context_len")
         self.allocator = SlotAllocator(num_slots)
         self.tree = RadixCache(self.allocator, enabled=enable_prefix_caching)
         self.num_slots, self.max_bs, self.context_len = num_slots, max_bs, context_len
@@ -186,8 +189,8 @@ class Scheduler:
         req_idx = np.fromiter((r.req_idx for r in reqs), _I32, B)
         start = np.fromiter((r.num_computed for r in reqs), _I32, B)
         T = int(q_lens.sum())
-        if T == B:  # pure decode: one token each, the last one known
-            input_ids = np.fromiter((r.tokens[-1] for r in reqs), _I32, B)
+        if T == B:  # one token each: decodes, or 1-token prefill chunks (token at num_computed, not the last)
+            input_ids = np.fromiter((r.tokens[r.num_computed] for r in reqs), _I32, B)
             self.table[req_idx, start] = slots
         else:
             input_ids = np.fromiter(
