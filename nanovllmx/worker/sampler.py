@@ -7,6 +7,9 @@ import torch
 from nanovllmx.scheduler.messages import SamplingArrays
 
 
+_GREEDY_EPS = 1e-5
+
+
 class Sampler:
     def __init__(self, device: torch.device):
         self.device = device
@@ -17,7 +20,8 @@ class Sampler:
             return logits.argmax(dim=-1)
         dev = logits.device
         temp = torch.from_numpy(sa.temperature).to(dev, non_blocking=True)
-        greedy_rows = temp == 0
+        # below 1e-5 (as vLLM) a temperature is greedy: tiny ones overflow logits / temp to inf -> NaN
+        greedy_rows = temp < _GREEDY_EPS
         logits = logits / torch.where(greedy_rows, 1.0, temp).unsqueeze(1)
         if sa.needs_filter:
             logits = self._filter(logits, sa)
@@ -49,7 +53,8 @@ class Sampler:
             drop = rank >= k
             sp = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
             # keep the smallest prefix whose mass reaches top_p (the top token always stays)
-            drop |= (sp.cumsum(dim=-1) - sp) >= top_p.unsqueeze(1)
+            # rows with top_p == 1 skip this: a float32 cumsum reaches 1.0 before the tail ends
+            drop |= ((sp.cumsum(dim=-1) - sp) >= top_p.unsqueeze(1)) & (top_p < 1).unsqueeze(1)
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
         return logits
