@@ -164,9 +164,18 @@ class LLM:
         """Stop a request now; its KV slots are freed within one engine step."""
         st = self.processor.pop(request_id)
         self.core.abort(request_id)
-        if st is not None and st.queue is None:
-            st.finish_reason = "abort"
+        if st is None:
+            return
+        st.finish_reason = "abort"
+        if st.queue is None:
             st.done.set()
+        else:  # end the stream with a final delta, or its consumer waits forever
+            d = StreamDelta(request_id, [], "", True, "abort", len(st.prompt_token_ids), st.num_cached_tokens,
+                            len(st.token_ids))
+            try:
+                st.loop.call_soon_threadsafe(st.queue.put_nowait, d)
+            except RuntimeError:  # the stream's event loop is closed: nobody is waiting
+                pass
 
     def stats(self) -> dict:
         return self.core.stats()
