@@ -1,0 +1,142 @@
+"""Incremental detokenization with the real Qwen3 tokenizer: streamed text equals a full decode
+(multi-byte characters split across byte-level tokens included), and stop strings cut the text
+without ever streaming part of a stop string."""
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from nanovllmx.engine.detokenizer import IncrementalDetokenizer
+
+TEXTS = [
+    "Hello, world! The quick brown fox jumps over the lazy dog.",
+    "Hello 🦙 world 🤖🎉 and a family 👩‍👩‍👧 emoji 𓀀🜁",
+    "日本語のテキスト、龘靐齉。中文字符测试：你好，世界！한국어 텍스트",
+    "naïve café — “quotes” «guillemets» ∑∫√ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ẞ",
+    "code:\n\tdef f(x):\n\t\treturn x ** 2  # 平方\n",
+]
+
+
+def run(tok, ids, stop=None, chunk=1, flush=True):
+    """Feed ids `chunk` at a time (an int, or a list of chunk sizes); returns (deltas, detok)."""
+    d = IncrementalDetokenizer(tok, stop)
+    deltas = []
+    sizes = chunk if isinstance(chunk, list) else None
+    i = k = 0
+    while i < len(ids) and not d.stopped:
+        n = sizes[k % len(sizes)] if sizes else chunk
+        deltas.append(d.add(ids[i:i + n]))
+        i, k = i + n, k + 1
+    if flush:
+        deltas.append(d.flush())
+    return deltas, d
+
+
+def test_texts_really_split_characters_across_tokens(tokenizer):
+    """Guard for the tests below: some tokens of these texts are partial UTF-8 sequences."""
+    n_partial = sum("\ufffd" in tokenizer.decode([i]) for t in TEXTS for i in tokenizer.encode(t))
+    assert n_partial >= 10
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, [1, 4, 2, 7]])
+@pytest.mark.parametrize("text", TEXTS)
+def test_incremental_equals_full_decode(tokenizer, text, chunk):
+    ids = tokenizer.encode(text)
+    deltas, d = run(tokenizer, ids, chunk=chunk)
+    assert "".join(deltas) == tokenizer.decode(ids) == text == d.text
+    assert not any("\ufffd" in x for x in deltas), "a partial character was streamed"
+
+
+def test_partial_character_is_held_back(tokenizer):
+    ids = tokenizer.encode("a𓀀")  # 'a' + three byte-level tokens for one 4-byte character
+    assert len(ids) == 4 and all("\ufffd" in tokenizer.decode(ids[1:k]) for k in (2, 3))
+    d = IncrementalDetokenizer(tokenizer)
+    out = [d.add([i]) for i in ids]
+    assert out[0] == "a"
+    assert out[1:-1] == [""] * (len(ids) - 2)
+    assert out[-1] == "𓀀" and d.flush() == ""
+
+
+def test_special_tokens_skipped(tokenizer):
+    ids = tokenizer.encode("<|im_start|>assistant\nHi 🦙<|im_end|>")
+    deltas, d = run(tokenizer, ids)
+    assert "".join(deltas) == "assistant\nHi 🦙" == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_random_ids_including_raw_bytes(tokenizer):
+    """Arbitrary model output (invalid UTF-8 included) streams to exactly the full decode."""
+    rng = random.Random(0)
+    for _ in range(60):
+        ids = [rng.randrange(256) if rng.random() < 0.6 else rng.randrange(151669) for _ in range(24)]
+        deltas, _ = run(tokenizer, ids, chunk=rng.choice([1, 2, 5]))
+        assert "".join(deltas) == tokenizer.decode(ids, skip_special_tokens=True), ids
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(st.characters(codec="utf-8"), min_size=1, max_size=40),
+       chunks=st.lists(st.integers(1, 4), min_size=1, max_size=4))
+def test_incremental_property(tokenizer, text, chunks):
+    ids = tokenizer.encode(text)
+    deltas, _ = run(tokenizer, ids, chunk=chunks)
+    assert "".join(deltas) == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+# ------------------------------------------------------------------ stop strings
+@pytest.mark.parametrize("text,stop,want", [
+    ("Hello world, stop here please", ["stop"], "Hello world, "),
+    ("Hello world, stop here please", ["lo wor"], "Hel"),  # spans tokens
+    ("Hello world, stop here please", ["please", "world"], "Hello "),  # earliest occurrence wins
+    ("Hello world, stop here please", ["Hello"], ""),
+    ("Hello world, stop here please", ["e"], "H"),
+    ("日本語のテキスト、龘靐齉。", ["テキ"], "日本語の"),
+    ("emoji 🦙🤖 end", ["🤖"], "emoji 🦙"),
+    ("abc\n\nUser: hi", ["\n\nUser:"], "abc"),
+])
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_stop_strings_cut_and_never_stream_partially(tokenizer, text, stop, want, chunk):
+    ids = tokenizer.encode(text)
+    deltas, d = run(tokenizer, ids, stop=stop, chunk=chunk)
+    assert d.stopped
+    assert d.text == want
+    # what was streamed is exactly the text before the stop string: nothing streamed had to be taken back
+    assert "".join(deltas) == want
+
+
+def test_stop_string_absent_releases_everything_on_flush(tokenizer):
+    text = "Hello world, this never contains the marker"
+    ids = tokenizer.encode(text)
+    deltas, d = run(tokenizer, ids, stop=["###END"], flush=False)
+    streamed = "".join(deltas)
+    assert not d.stopped
+    # only the last len(stop) - 1 characters are held back while the request runs
+    assert streamed == text[:len(streamed)] and len(streamed) >= len(text) - 5
+    assert streamed + d.flush() == text
+
+
+def test_stop_held_prefix_released_when_it_turns_out_not_to_be_a_stop(tokenizer):
+    d = IncrementalDetokenizer(tokenizer, ["STOP!"])
+    got = d.add(tokenizer.encode("text ST"))
+    assert "ST" not in got  # could still become "STOP!"
+    got += d.add(tokenizer.encode("OP? more words"))
+    got += d.flush()
+    assert got == "text STOP? more words" and not d.stopped
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=2, max_size=40),
+       data=st.data())
+def test_stop_property(tokenizer, text, data):
+    ids = tokenizer.encode(text)
+    full = tokenizer.decode(ids, skip_special_tokens=True)
+    assume(len(full) >= 2)
+    i = data.draw(st.integers(0, len(full) - 1))
+    j = data.draw(st.integers(i + 1, min(len(full), i + 6)))
+    stop = full[i:j]
+    chunks = data.draw(st.lists(st.integers(1, 3), min_size=1, max_size=3))
+    deltas, d = run(tokenizer, ids, stop=[stop], chunk=chunks)
+    want = full[:full.find(stop)]
+    assert d.stopped and d.text == want
+    assert "".join(deltas) == want
