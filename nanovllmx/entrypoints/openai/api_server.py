@@ -1,0 +1,127 @@
+"""Start the OpenAI-compatible server (the Ray Serve app of `nanovllmx.serve`) and serve until interrupted.
+
+    python -m nanovllmx.entrypoints.openai.api_server --model Qwen/Qwen3-0.6B --port 8000
+    python -m nanovllmx.entrypoints.openai.api_server --model nanovllmx-demo   # offline CPU demo
+
+It starts (or, with --address, joins) a Ray instance, starts Serve's HTTP proxy on --host/--port,
+and deploys the same application as `serve run serve_configs/*.yaml`. Ctrl-C or SIGTERM shut
+Serve down. Flags that vLLM users know are accepted as aliases (--tensor-parallel-size,
+--max-model-len, --max-num-seqs, ...).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+
+from nanovllmx.utils.make_model import DEMO_MODEL_NAME
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m nanovllmx.entrypoints.openai.api_server",
+                                description="Nano-vLLM-X OpenAI-compatible server on Ray Serve")
+    p.add_argument("--model", required=True,
+                   help=f"local checkpoint folder, Hugging Face Hub id, or {DEMO_MODEL_NAME!r} (random weights)")
+    p.add_argument("--served-model-name", nargs="+", default=None,
+                   help="name(s) clients use as `model` (default: the folder / repo name)")
+    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--tp-size", "--tensor-parallel-size", dest="tp_size", type=int, default=1)
+    p.add_argument("--pp-size", "--pipeline-parallel-size", dest="pp_size", type=int, default=1)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--max-bs", "--max-num-seqs", dest="max_bs", type=int, default=256)
+    p.add_argument("--context-len", "--max-model-len", dest="context_len", type=int, default=None)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--num-kv-slots", type=int, default=None)
+    p.add_argument("--attention-backend", default=None)
+    p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--executor", default=None, choices=["auto", "local", "ray"])
+    p.add_argument("--generation-config", default="auto", choices=["auto", "none"],
+                   help="'auto': sampling defaults from the checkpoint's generation_config.json")
+    p.add_argument("--num-replicas", type=int, default=1, help="engines behind the route (one per replica)")
+    p.add_argument("--max-ongoing-requests", type=int, default=None, help="per replica")
+    p.add_argument("--address", default=None, help="Ray cluster to join, e.g. 'auto' (default: start a new local instance)")
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+def app_args(ns: argparse.Namespace) -> dict:
+    """The `args` of the Serve config this command line stands for."""
+    args = {"model": ns.model, "tp_size": ns.tp_size, "pp_size": ns.pp_size,
+            "gpu_memory_utilization": ns.gpu_memory_utilization, "max_bs": ns.max_bs,
+            "context_len": ns.context_len, "enforce_eager": ns.enforce_eager, "device": ns.device,
+            "dtype": ns.dtype, "generation_config": ns.generation_config, "num_replicas": ns.num_replicas}
+    if ns.served_model_name:
+        args["served_model_name"] = ns.served_model_name if len(ns.served_model_name) > 1 else ns.served_model_name[0]
+    for k in ("revision", "max_num_batched_tokens", "num_kv_slots", "attention_backend", "enable_prefix_caching",
+              "seed", "executor", "max_ongoing_requests"):
+        v = getattr(ns, k)
+        if v is not None:
+            args[k] = v
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = parse_args(argv)
+    logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("nanovllmx.api_server")
+
+    from nanovllmx.serve.model_resolver import ModelResolutionError, resolve_model
+    try:  # fail fast with a clear message (and download once, here, with progress bars)
+        folder = resolve_model(ns.model, ns.revision)
+    except ModelResolutionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    log.info("model %s -> %s", ns.model, folder)
+
+    import ray
+    from ray import serve
+
+    from nanovllmx.serve import build_app
+
+    def _terminate(signum, frame):  # SIGTERM: the same orderly shutdown as Ctrl-C
+        raise KeyboardInterrupt
+
+    started_ray = not ray.is_initialized() and ns.address is None
+    ray.init(address=ns.address or "local", namespace="serve", ignore_reinit_error=True)
+    # after ray.init, which installs a crash-report handler for SIGTERM that ends the process with SIGABRT
+    signal.signal(signal.SIGTERM, _terminate)
+    serve_started = False
+    try:
+        try:  # after ray.init: the builder looks at the cluster's GPUs
+            app = build_app(app_args(ns))
+        except (ValueError, TypeError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        serve.start(http_options={"host": ns.host, "port": ns.port})
+        serve_started = True
+        try:
+            serve.run(app, name="nanovllmx", route_prefix="/", blocking=False)
+        except RuntimeError as e:  # a replica failed to start: Serve's message carries its traceback
+            print(f"error: deploying the app failed: {e}", file=sys.stderr)
+            return 1
+        host = "127.0.0.1" if ns.host in ("0.0.0.0", "::") else ns.host
+        print(f"Nano-vLLM-X is serving {ns.model} at http://{host}:{ns.port}/v1 (Ctrl-C to stop)", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        log.info("shutting down")
+    finally:
+        try:
+            if serve_started:
+                serve.shutdown()
+        finally:
+            if started_ray:
+                ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

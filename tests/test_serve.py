@@ -1,0 +1,556 @@
+"""The Ray Serve OpenAI app, end to end on CPU: the real app (`serve.run(build_app(...))`) on the demo
+checkpoint, driven with the official `openai` client and raw HTTP (httpx).
+
+One app per module (starting Ray + Serve + a replica takes ~15 s); the tests share it.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import importlib
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from nanovllmx.utils.make_model import DEMO_MODEL_NAME, demo_model_path
+
+pytestmark = pytest.mark.timeout(300)
+
+ROOT = Path(__file__).resolve().parent.parent
+CONTEXT_LEN = 512
+ALIAS = "demo-alias"
+LONG_PROMPT = " ".join(f"Sentence number {i} of a long shared prefix about llamas." for i in range(30))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, url: str):
+        self.url = url
+        self.http = httpx.Client(base_url=url, timeout=120)
+        self.client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def stats(self) -> dict:
+        r = self.http.get("/v1/engine/stats")
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def wait_idle(self, timeout: float = 30.0) -> dict:
+        """Poll until no request runs or waits and every KV slot is free or only held by the radix cache."""
+        deadline = time.monotonic() + timeout
+        while True:
+            s = self.stats()
+            if (s["num_running"] == 0 and s["num_waiting"] == 0
+                    and s["free_slots"] + s["cached_slots"] == s["num_slots"]):
+                return s
+            assert time.monotonic() < deadline, f"engine not idle after {timeout}s: {s}"
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def server():
+    import ray
+    from ray import serve
+
+    from nanovllmx.serve import build_app
+
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        # address="local": a fresh instance, never a cluster that another process happens to run
+        ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="serve")
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = build_app({"model": DEMO_MODEL_NAME, "served_model_name": [DEMO_MODEL_NAME, ALIAS],
+                     "context_len": CONTEXT_LEN, "max_bs": 16, "device": "cpu"})
+    serve.run(app, name="test-serve", route_prefix="/")
+    srv = Server(f"http://127.0.0.1:{port}")
+    try:
+        yield srv
+    finally:
+        srv.http.close()
+        serve.shutdown()
+        if started_ray:
+            ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(demo_model_path())
+
+
+def chat_prompt_ids(tok, messages) -> list[int]:
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tok.encode(text, add_special_tokens=False)
+
+
+# ============================================================================================ basics
+def test_models_health_version(server):
+    models = server.client.models.list()
+    ids = [m.id for m in models.data]
+    assert ids == [DEMO_MODEL_NAME, ALIAS]
+    card = models.data[0].model_dump()
+    assert card["random_weights"] is True
+    assert "noise" in card["description"] and "noise" in card["owned_by"]
+    assert card["max_model_len"] == CONTEXT_LEN
+    assert server.http.get(f"/v1/models/{ALIAS}").json()["id"] == ALIAS
+    r = server.http.get("/health")
+    assert r.status_code == 200
+    import nanovllmx
+    assert server.http.get("/version").json() == {"version": nanovllmx.__version__}
+    assert server.http.get("/openapi.json").status_code == 200
+
+
+def test_chat_non_streaming_usage_and_text(server, tok):
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour 🎨."}]
+    r = server.client.chat.completions.create(model=DEMO_MODEL_NAME, messages=messages, max_tokens=12,
+                                              temperature=0, extra_body={"ignore_eos": True,
+                                                                         "return_token_ids": True})
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model == DEMO_MODEL_NAME
+    c = r.choices[0]
+    assert c.message.role == "assistant" and c.finish_reason == "length"
+    prompt_ids = chat_prompt_ids(tok, messages)
+    assert r.prompt_token_ids == prompt_ids
+    assert r.usage.prompt_tokens == len(prompt_ids)
+    assert r.usage.completion_tokens == 12 == len(c.token_ids)
+    assert r.usage.total_tokens == len(prompt_ids) + 12
+    assert r.usage.prompt_tokens_details.cached_tokens >= 0
+    # incremental detokenization (multi-byte characters included) equals a full decode
+    assert c.message.content == tok.decode(c.token_ids, skip_special_tokens=True)
+
+
+def test_chat_streaming_matches_non_streaming(server):
+    messages = [{"role": "user", "content": "Count to three."}]
+    kw = dict(model=ALIAS, messages=messages, max_completion_tokens=10, temperature=0,
+              extra_body={"ignore_eos": True})
+    full = server.client.chat.completions.create(**kw)
+    chunks = list(server.client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(ch.model == ALIAS and ch.id == chunks[0].id and ch.object == "chat.completion.chunk" for ch in chunks)
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == full.choices[0].message.content
+    finishes = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert finishes == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert all(ch.usage is None for ch in chunks[:-1])
+    assert chunks[-1].usage.completion_tokens == 10 == full.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
+
+
+def test_completions_text_and_token_ids(server, tok):
+    prompt = "The capital of France is"
+    ids = tok.encode(prompt)
+    a = server.client.completions.create(model=DEMO_MODEL_NAME, prompt=prompt, max_tokens=8, temperature=0,
+                                         extra_body={"ignore_eos": True, "return_token_ids": True})
+    assert a.object == "text_completion" and a.id.startswith("cmpl-")
+    assert a.usage.prompt_tokens == len(ids) and a.usage.completion_tokens == 8
+    assert a.choices[0].prompt_token_ids == ids and len(a.choices[0].token_ids) == 8
+    assert a.choices[0].text == tok.decode(a.choices[0].token_ids, skip_special_tokens=True)
+    for p in (ids, [ids], [prompt]):  # token ids, a batch of one, a list of one string
+        b = server.client.completions.create(model=DEMO_MODEL_NAME, prompt=p, max_tokens=8, temperature=0,
+                                             extra_body={"ignore_eos": True})
+        assert b.choices[0].text == a.choices[0].text
+        assert b.usage.prompt_tokens == len(ids)
+
+
+def test_completions_streaming_raw_sse(server):
+    body = {"model": DEMO_MODEL_NAME, "prompt": "Once upon a time", "max_tokens": 6, "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    with server.http.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    objs = [json.loads(e[6:]) for e in events[:-1]]
+    assert objs[-1]["choices"] == [] and objs[-1]["usage"]["completion_tokens"] == 6
+    text_chunks = objs[:-1]
+    assert all(o["object"] == "text_completion" and o["usage"] is None for o in text_chunks)
+    assert [o["choices"][0]["finish_reason"] for o in text_chunks][-1] == "length"
+    streamed = "".join(o["choices"][0]["text"] for o in text_chunks)
+    full = server.http.post("/v1/completions", json={**body, "stream": False}).json()
+    assert streamed == full["choices"][0]["text"]
+
+
+def test_stop_string_seed_and_stop_token_ids(server):
+    base = dict(model=DEMO_MODEL_NAME, prompt="Hello", max_tokens=16, temperature=0,
+                extra_body={"ignore_eos": True, "return_token_ids": True})
+    ref = server.client.completions.create(**base).choices[0]
+    text = ref.text
+    assert len(text) > 4
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    cut = server.client.completions.create(**base, stop=[stop]).choices[0]
+    assert cut.finish_reason == "stop" and cut.text == text[:text.find(stop)]
+    # a stop token id ends generation at that token (the token itself is not shown)
+    sid = ref.token_ids[3]
+    st = server.client.completions.create(**{**base, "extra_body": {"ignore_eos": False, "return_token_ids": True,
+                                                                    "stop_token_ids": [sid]}}).choices[0]
+    assert st.finish_reason == "stop" and st.token_ids[-1] == sid and len(st.token_ids) == ref.token_ids.index(sid) + 1
+    # seeded sampling is reproducible
+    s1 = server.client.completions.create(model=DEMO_MODEL_NAME, prompt="Hi", max_tokens=8, temperature=1.0,
+                                          seed=1234, top_p=0.9, extra_body={"top_k": 50, "min_p": 0.01})
+    s2 = server.client.completions.create(model=DEMO_MODEL_NAME, prompt="Hi", max_tokens=8, temperature=1.0,
+                                          seed=1234, top_p=0.9, extra_body={"top_k": 50, "min_p": 0.01})
+    assert s1.choices[0].text == s2.choices[0].text
+
+
+def test_cached_tokens_on_repeated_prefix(server, tok):
+    n = len(tok.encode(LONG_PROMPT))
+    assert 200 < n < CONTEXT_LEN - 16
+    first = server.client.completions.create(model=DEMO_MODEL_NAME, prompt=LONG_PROMPT, max_tokens=2)
+    second = server.client.completions.create(model=DEMO_MODEL_NAME, prompt=LONG_PROMPT + " And one more.",
+                                              max_tokens=2)
+    assert first.usage.prompt_tokens == n
+    assert second.usage.prompt_tokens_details.cached_tokens >= n // 2
+    assert second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
+    # chat: the same long system prompt twice
+    msgs = [{"role": "system", "content": LONG_PROMPT}, {"role": "user", "content": "hi"}]
+    server.client.chat.completions.create(model=DEMO_MODEL_NAME, messages=msgs, max_tokens=2)
+    again = server.client.chat.completions.create(model=DEMO_MODEL_NAME, messages=msgs, max_tokens=2)
+    assert again.usage.prompt_tokens_details.cached_tokens >= n
+
+
+def test_chat_template_options_and_tools(server, tok):
+    msgs = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"}]
+    plain = server.client.chat.completions.create(model=DEMO_MODEL_NAME, messages=msgs, max_tokens=2)
+    assert plain.usage.prompt_tokens == len(chat_prompt_ids(tok, [{**msgs[0], "role": "system"}, msgs[1]]))
+    # template variables (Qwen3: enable_thinking=False pre-fills an empty think block)
+    no_think = server.client.chat.completions.create(model=DEMO_MODEL_NAME, messages=msgs, max_tokens=2,
+                                                     extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert no_think.usage.prompt_tokens > plain.usage.prompt_tokens
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                               "parameters": {"type": "object",
+                                                              "properties": {"city": {"type": "string"}}}}}]
+    with_tools = server.client.chat.completions.create(model=DEMO_MODEL_NAME, messages=msgs, max_tokens=2,
+                                                       tools=tools)
+    assert with_tools.usage.prompt_tokens > plain.usage.prompt_tokens + 20
+    # content given as a list of text parts
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Weather"}, {"type": "text", "text": "in Paris?"}]}]
+    r = server.client.chat.completions.create(model=DEMO_MODEL_NAME, messages=parts, max_tokens=2)
+    assert r.usage.prompt_tokens == len(chat_prompt_ids(tok, [{"role": "user", "content": "Weather\nin Paris?"}]))
+
+
+def test_tokens_stream_before_the_end(server):
+    """Each token is sent when it is sampled: the first text arrives long before the last."""
+    body = {"model": DEMO_MODEL_NAME, "prompt": "Stream me", "max_tokens": 96, "ignore_eos": True, "stream": True}
+    stamps = []
+    t0 = time.monotonic()
+    with server.http.stream("POST", "/v1/completions", json=body) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                stamps.append(time.monotonic() - t0)
+    assert len(stamps) >= 48  # about one event per token (a few tokens only complete a character later)
+    assert stamps[0] < 0.25 * stamps[-1], (stamps[0], stamps[-1])
+    # events are spread over the generation, not bunched at its end
+    assert stamps[len(stamps) // 2] < 0.75 * stamps[-1], stamps
+
+
+def test_concurrent_requests(server):
+    def one(i: int) -> int:
+        if i % 2:
+            r = server.client.completions.create(model=DEMO_MODEL_NAME, prompt=f"Request {i}:", max_tokens=16,
+                                                 extra_body={"ignore_eos": True})
+            return r.usage.completion_tokens
+        chunks = list(server.client.chat.completions.create(
+            model=DEMO_MODEL_NAME, messages=[{"role": "user", "content": f"Request {i}"}], max_tokens=16,
+            stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+        return chunks[-1].usage.completion_tokens
+
+    t0 = time.monotonic()
+    with cf.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(8)))
+    assert results == [16] * 8, results
+    assert time.monotonic() - t0 < 120
+    server.wait_idle()
+
+
+# ============================================================================================ errors
+def _err(r: httpx.Response, status: int, param=..., code=...) -> dict:
+    assert r.status_code == status, (r.status_code, r.text)
+    body = r.json()
+    assert set(body) == {"error"}, body
+    e = body["error"]
+    assert set(e) == {"message", "type", "param", "code"}, e
+    assert isinstance(e["message"], str) and e["message"]
+    assert isinstance(e["type"], str) and e["type"]
+    if param is not ...:
+        assert e["param"] == param, e
+    if code is not ...:
+        assert e["code"] == code, e
+    return e
+
+
+CHAT = {"model": DEMO_MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+CMPL = {"model": DEMO_MODEL_NAME, "prompt": "hi", "max_tokens": 4}
+TOO_LONG = "word " * 600
+
+BAD_REQUESTS = [
+    # (path, body, param, code)
+    ("/v1/chat/completions", {**CHAT, "temperature": -1}, "temperature", "invalid_value"),
+    ("/v1/chat/completions", {**CHAT, "temperature": "hot"}, "temperature", "invalid_value"),
+    ("/v1/chat/completions", {**CHAT, "top_p": 0}, "top_p", "invalid_value"),
+    ("/v1/chat/completions", {**CHAT, "top_p": 1.5}, "top_p", "invalid_value"),
+    ("/v1/chat/completions", {**CHAT, "top_k": -5}, "top_k", "invalid_value"),
+    ("/v1/chat/completions", {**CHAT, "min_p": 2}, "min_p", "invalid_value"),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": 0}, "max_tokens", "invalid_value"),
+    ("/v1/chat/completions", {**CHAT, "max_completion_tokens": -3}, "max_completion_tokens", "invalid_value"),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": 1.5}, "max_tokens", "invalid_value"),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": 10 ** 9}, "max_tokens", "context_length_exceeded"),
+    ("/v1/chat/completions", {**CHAT, "stop": [""]}, "stop", "invalid_value"),
+    ("/v1/chat/completions", {**CHAT, "stop": 5}, "stop", "invalid_value"),
+    ("/v1/chat/completions", {**CHAT, "stop_token_ids": [-1]}, "stop_token_ids", "invalid_value"),
+    ("/v1/chat/completions", {**CHAT, "seed": 2 ** 70}, "seed", "invalid_value"),
+    ("/v1/chat/completions", {**CHAT, "ignore_eos": "yes"}, "ignore_eos", "invalid_value"),
+    ("/v1/chat/completions", {**CHAT, "n": 2}, "n", "unsupported_parameter"),
+    ("/v1/chat/completions", {**CHAT, "logprobs": True}, "logprobs", "unsupported_parameter"),
+    ("/v1/chat/completions", {**CHAT, "presence_penalty": 0.5}, "presence_penalty", "unsupported_parameter"),
+    ("/v1/chat/completions", {**CHAT, "messages": []}, "messages", "invalid_value"),
+    ("/v1/chat/completions", {k: v for k, v in CHAT.items() if k != "messages"}, "messages",
+     "missing_required_parameter"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "wizard", "content": "hi"}]}, "messages", "invalid_value"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, "messages", "unsupported_content"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": TOO_LONG}]}, "messages",
+     "context_length_exceeded"),
+    ("/v1/completions", {**CMPL, "prompt": TOO_LONG}, "prompt", "context_length_exceeded"),
+    ("/v1/completions", {**CMPL, "prompt": ""}, "prompt", "empty_prompt"),
+    ("/v1/completions", {**CMPL, "prompt": []}, "prompt", "empty_prompt"),
+    ("/v1/completions", {**CMPL, "prompt": [10 ** 7]}, "prompt", "invalid_value"),
+    ("/v1/completions", {**CMPL, "prompt": [1, "a"]}, "prompt", "invalid_value"),
+    ("/v1/completions", {**CMPL, "prompt": ["a", "b"]}, "prompt", "unsupported_parameter"),
+    ("/v1/completions", {**CMPL, "logprobs": 1}, "logprobs", "unsupported_parameter"),
+    ("/v1/completions", {**CMPL, "n": 3, "stream": True}, "n", "unsupported_parameter"),
+    ("/v1/completions", {**CMPL, "max_tokens": CONTEXT_LEN}, "max_tokens", "context_length_exceeded"),
+    ("/v1/completions", {**CMPL, "temperature": -0.5, "stream": True}, "temperature", "invalid_value"),
+]
+
+
+@pytest.mark.parametrize("path,body,param,code", BAD_REQUESTS,
+                         ids=[f"{i}-{p.split('/')[-1]}-{param}" for i, (p, _, param, _c) in enumerate(BAD_REQUESTS)])
+def test_bad_request_400(server, path, body, param, code):
+    _err(server.http.post(path, json=body), 400, param, code)
+
+
+def test_malformed_and_odd_bodies(server):
+    for raw in (b"{not json", b'{"model": "x", ', b"", b"\xff\xfe\x00garbage"):
+        _err(server.http.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"}), 400)
+    _err(server.http.post("/v1/completions", content=b"[1, 2]", headers={"content-type": "application/json"}), 400)
+    # curl -d without a JSON content type still works
+    r = server.http.post("/v1/completions", content=json.dumps(CMPL).encode(),
+                         headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200, r.text
+
+
+def test_unknown_model_404_and_routes(server):
+    e = _err(server.http.post("/v1/chat/completions", json={**CHAT, "model": "gpt-4"}), 404, "model", "model_not_found")
+    assert "gpt-4" in e["message"]
+    _err(server.http.post("/v1/completions", json={**CMPL, "model": "nope", "stream": True}), 404, "model")
+    _err(server.http.get("/v1/models/nope"), 404, "model")
+    _err(server.http.get("/v1/nothing-here"), 404)
+    _err(server.http.get("/v1/completions"), 405)
+    # through the official client: typed exceptions
+    with pytest.raises(openai.NotFoundError):
+        server.client.chat.completions.create(model="gpt-4", messages=CHAT["messages"])
+    with pytest.raises(openai.BadRequestError) as ei:
+        server.client.chat.completions.create(model=DEMO_MODEL_NAME, messages=CHAT["messages"], n=2)
+    assert ei.value.status_code == 400 and ei.value.param == "n"
+
+
+# ============================================================================================ aborts
+def _abort_case(server, make_request) -> None:
+    before = server.wait_idle()["num_aborted_requests"]
+    make_request()
+    t0 = time.monotonic()
+    s = server.wait_idle(timeout=20)
+    assert s["num_aborted_requests"] == before + 1, s
+    # ~480 tokens take far longer than this on CPU: the request was stopped, not run to its end
+    assert time.monotonic() - t0 < 8, s
+
+
+def test_aborted_stream_releases_slots(server):
+    body = {"model": DEMO_MODEL_NAME, "prompt": "Tell me a long story.", "max_tokens": 480, "ignore_eos": True,
+            "stream": True}
+
+    def streamed_then_closed():
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            with c.stream("POST", "/v1/completions", json=body) as r:
+                assert r.status_code == 200
+                got = 0
+                for line in r.iter_lines():
+                    got += line.startswith("data: ")
+                    if got >= 3:
+                        break
+            # leaving the blocks closes the connection mid-stream
+    _abort_case(server, streamed_then_closed)
+
+    chat = {"model": DEMO_MODEL_NAME, "messages": [{"role": "user", "content": "Go on forever."}],
+            "max_tokens": 480, "ignore_eos": True, "stream": True}
+
+    def chat_streamed_then_closed():
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            with c.stream("POST", "/v1/chat/completions", json=chat) as r:
+                assert r.status_code == 200
+                next(r.iter_lines())
+    _abort_case(server, chat_streamed_then_closed)
+
+
+def test_aborted_non_streaming_request_releases_slots(server):
+    body = {"model": DEMO_MODEL_NAME, "prompt": "Write an essay.", "max_tokens": 480, "ignore_eos": True}
+
+    def timed_out():
+        with httpx.Client(base_url=server.url, timeout=httpx.Timeout(60, read=1.5)) as c:
+            with pytest.raises(httpx.ReadTimeout):
+                c.post("/v1/completions", json=body)
+    _abort_case(server, timed_out)
+
+
+def test_still_serving_after_aborts(server):
+    r = server.client.chat.completions.create(model=DEMO_MODEL_NAME, messages=CHAT["messages"], max_tokens=5,
+                                              extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 5
+    assert server.http.get("/health").status_code == 200
+    server.wait_idle()
+
+
+# ============================================================================================ configs / builder
+def _configs():
+    return sorted((ROOT / "serve_configs").glob("*.yaml"))
+
+
+def test_serve_configs_parse_and_build():
+    from ray.serve.deployment import Application
+    from ray.serve.schema import ServeDeploySchema
+
+    names = [p.name for p in _configs()]
+    assert {"demo.yaml", "qwen3.yaml"} <= set(names)
+    assert any(n not in ("demo.yaml", "qwen3.yaml") for n in names), "a multi-GPU example"
+    for path in _configs():
+        cfg = yaml.safe_load(path.read_text())
+        schema = ServeDeploySchema.model_validate(cfg)
+        for app_cfg in schema.applications:
+            module, attr = app_cfg.import_path.split(":")
+            builder = getattr(importlib.import_module(module), attr)
+            app = builder(dict(app_cfg.args))
+            assert isinstance(app, Application), path
+    demo = yaml.safe_load((ROOT / "serve_configs" / "demo.yaml").read_text())["applications"][0]
+    assert demo["import_path"] == "nanovllmx.serve:build_app" and demo["args"]["model"] == DEMO_MODEL_NAME
+    qwen = yaml.safe_load((ROOT / "serve_configs" / "qwen3.yaml").read_text())["applications"][0]["args"]
+    assert qwen["model"] == "Qwen/Qwen3-0.6B" and qwen["tp_size"] * qwen["pp_size"] == 1
+
+
+def test_build_app_options():
+    from nanovllmx.serve import ModelResolutionError, build_app
+
+    def dep(args):
+        return build_app(args)._bound_deployment
+
+    d = dep({"model": DEMO_MODEL_NAME, "device": "cuda", "num_replicas": 3, "context_len": "512"})
+    assert d.num_replicas == 3
+    assert d.ray_actor_options["num_gpus"] == 1  # the engine runs in the replica
+    assert d.init_args[2]["context_len"] == 512  # `serve run ... context_len=512` strings get their types
+    d = dep({"model": DEMO_MODEL_NAME, "device": "cuda", "tp_size": 2})
+    assert d.ray_actor_options["num_gpus"] == 0  # the engine starts its own GPU actors
+    d = dep({"model": DEMO_MODEL_NAME, "device": "cpu", "ray_actor_options": {"num_cpus": 2},
+             "autoscaling_config": {"min_replicas": 1, "max_replicas": 2}, "max_ongoing_requests": 7})
+    assert d.ray_actor_options == {"num_cpus": 2, "num_gpus": 0}
+    assert d._deployment_config.autoscaling_config.max_replicas == 2
+    assert d._deployment_config.autoscaling_config.target_ongoing_requests == 128
+    assert d.max_ongoing_requests == 7
+    assert dep({"model": DEMO_MODEL_NAME, "device": "cpu"}).init_args[1] == [DEMO_MODEL_NAME]
+    with pytest.raises(ValueError, match="unknown argument"):
+        build_app({"model": DEMO_MODEL_NAME, "max_batch_size": 3})
+    with pytest.raises(ValueError, match="model"):
+        build_app({"tp_size": 1})
+    with pytest.raises(ModelResolutionError, match="no such folder"):
+        build_app({"model": "/definitely/not/here"})
+
+
+def test_model_resolver(tmp_path, monkeypatch):
+    from nanovllmx.serve import model_resolver as mr
+
+    assert mr.kind_of("Qwen/Qwen3-0.6B") == "hub" and mr.default_served_name("Qwen/Qwen3-0.6B") == "Qwen/Qwen3-0.6B"
+    assert mr.kind_of(DEMO_MODEL_NAME) == "demo"
+    assert mr.resolve_model(DEMO_MODEL_NAME) == str(demo_model_path())
+    assert mr.default_served_name(str(tmp_path / "my-model") + "/") == "my-model"
+    with pytest.raises(mr.ModelResolutionError, match="config.json"):
+        mr.resolve_model(str(tmp_path))
+    # offline (or unknown repo): a clear error, quickly, not a hang or a traceback from deep inside
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hc
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    with pytest.raises(mr.ModelResolutionError, match="nanovllmx-test/no-such-model"):
+        mr.resolve_model("nanovllmx-test/no-such-model")
+
+
+def test_engine_problem_reports_a_dead_engine():
+    from nanovllmx import LLM
+    from nanovllmx.serve.app import engine_problem
+
+    llm = LLM(str(demo_model_path()), context_len=256, device="cpu")
+    try:
+        assert engine_problem(llm) is None
+    finally:
+        llm.shutdown()
+    assert "shut down" in engine_problem(llm)
+
+
+def test_api_server_entrypoint(tmp_path):
+    """`python -m nanovllmx.entrypoints.openai.api_server` serves until SIGTERM, then exits cleanly."""
+    port = _free_port()
+    log = open(tmp_path / "api_server.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "nanovllmx.entrypoints.openai.api_server", "--model",
+                             DEMO_MODEL_NAME, "--host", "127.0.0.1", "--port", str(port), "--context-len", "256",
+                             "--max-bs", "4", "--device", "cpu"], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 150
+        while True:
+            assert proc.poll() is None, (tmp_path / "api_server.log").read_text()[-3000:]
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "api_server did not come up"
+            time.sleep(0.5)
+        r = httpx.post(url + "/v1/completions", json={"model": DEMO_MODEL_NAME, "prompt": "Hi", "max_tokens": 3,
+                                                       "ignore_eos": True}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        log.close()
+    assert rc == 0, (tmp_path / "api_server.log").read_text()[-3000:]
+
+
+def test_api_server_args():
+    from nanovllmx.entrypoints.openai import api_server
+    from nanovllmx.serve import build_app
+
+    ns = api_server.parse_args(["--model", DEMO_MODEL_NAME, "--tp-size", "1", "--pp-size", "1", "--host", "127.0.0.1",
+                                "--port", "8123", "--gpu-memory-utilization", "0.5", "--max-bs", "8",
+                                "--context-len", "256", "--enforce-eager"])
+    args = api_server.app_args(ns)
+    assert args["max_bs"] == 8 and args["context_len"] == 256 and args["enforce_eager"] is True
+    assert args["gpu_memory_utilization"] == 0.5 and (ns.host, ns.port) == ("127.0.0.1", 8123)
+    build_app({**args, "device": "cpu"})
+    vllm_style = api_server.parse_args(["--model", "m", "--tensor-parallel-size", "2", "--max-model-len", "64",
+                                        "--max-num-seqs", "4", "--served-model-name", "a", "b"])
+    a = api_server.app_args(vllm_style)
+    assert (a["tp_size"], a["context_len"], a["max_bs"], a["served_model_name"]) == (2, 64, 4, ["a", "b"])
