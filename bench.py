@@ -70,6 +70,9 @@ def main() -> None:
     ap.add_argument("--context-len", type=int, default=4096)
     ap.add_argument("--bw", action="store_true", help="measure copy bandwidth and print the roofline bound")
     ap.add_argument("--roofline", default=None, help="path to roofline.py (default: ../shared/roofline.py)")
+    ap.add_argument("--decode-tensor-cores", type=int, default=None, choices=[0, 1])
+    ap.add_argument("--torch-profile", default=None, help="write a torch.profiler kernel table of the run here")
+    ap.add_argument("--profile", action="store_true", help="print the per-step time breakdown")
     ap.add_argument("--json", default=None, help="append the result as a JSON line to this file")
     a = ap.parse_args()
 
@@ -77,12 +80,22 @@ def main() -> None:
     bw = copy_bandwidth() if a.bw else None
     llm = LLM(a.model, max_bs=a.max_bs, tp_size=a.tp_size, pp_size=a.pp_size, executor=a.executor,
               enforce_eager=a.enforce_eager, attention_backend=a.attention_backend, context_len=a.context_len,
-              gpu_memory_utilization=a.gpu_memory_utilization)
+              gpu_memory_utilization=a.gpu_memory_utilization,
+              decode_tensor_cores=None if a.decode_tensor_cores is None else bool(a.decode_tensor_cores))
     prompts, params = standard_workload(a.num_seqs)
     llm.generate(["Benchmark: "], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
+    prof = None
+    if a.torch_profile:
+        import torch
+        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+        prof.__enter__()
     t = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     dt = time.perf_counter() - t
+    if prof is not None:
+        prof.__exit__(None, None, None)
+        with open(a.torch_profile, "w") as f:
+            f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
     total = sum(len(o.token_ids) for o in outs)
     assert total == sum(p.max_tokens for p in params), "every request must produce max_tokens tokens"
     res = {"tokens": total, "seconds": round(dt, 3), "tok_per_s": round(total / dt, 1), "max_bs": a.max_bs,
@@ -93,6 +106,10 @@ def main() -> None:
         bound = roofline_bound(bw, a.roofline)
         res.update({"copy_bw_TBps": round(bw / 1e12, 3), "bound_tok_per_s": bound,
                     "pct_of_bound": round(100 * total / dt / bound, 1) if bound else None})
+    if a.profile:
+        res["step_ms"] = stats.get("step_ms")
+        res["worker_step_ms"] = stats.get("worker_step_ms")
+        res["num_steps"] = stats.get("num_steps")
     print(json.dumps(res))
     if a.json:
         with open(a.json, "a") as f:

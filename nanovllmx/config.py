@@ -19,9 +19,21 @@ class EngineConfig:
     num_kv_slots: int | None = None  # KV pool size in tokens; default: from memory
     attention_backend: str = "auto"  # "auto" | "torch" | "flashinfer"
     enable_prefix_caching: bool = True
+    decode_tensor_cores: bool | None = None  # FlashInfer decode kernel; None: by GQA group size
     tp_size: int = 1
     pp_size: int = 1
     seed: int = 0
+    # ---- Ray (executor="ray", the default when tp_size * pp_size > 1); see docs/distributed.md ----
+    ray_address: str | None = None  # cluster to join; None: $RAY_ADDRESS if set, else start a local Ray
+    ray_init_kwargs: dict | None = None  # extra ray.init() arguments when we start Ray (e.g. num_cpus)
+    placement_strategy: str = "PACK"  # between PP stages: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+    placement_timeout_s: float = 60.0  # raise if the grid cannot be placed by then
+    accelerator_type: str | None = None  # e.g. "H100": every shard on that accelerator type
+    ray_num_cpus_per_worker: float | None = None  # None: 0.25 on CPU, 0 on CUDA (1 GPU per shard)
+    ray_worker_resources: dict | list | None = None  # extra Ray resources per shard; a list: one dict per stage
+    ray_step_mode: str = "socket"  # how each step reaches the workers: "socket" (fast) | "ray" (a call per worker)
+    pp_microbatches: int | None = None  # most pipeline micro-batches per step; None: pp_size
+    pp_microbatch_min_tokens: int = 256  # split a step only if each micro-batch gets this many tokens
     hf_config: object = field(default=None, repr=False)
     eos_token_ids: list[int] = field(default_factory=list)
 

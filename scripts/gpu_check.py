@@ -23,10 +23,11 @@ def main() -> None:
                      ("flashinfer-eager", dict(attention_backend="flashinfer", enforce_eager=True)),
                      ("flashinfer-graphs", dict(attention_backend="flashinfer", enforce_eager=False))]:
         llm = LLM(a.model, context_len=2048, max_bs=64, **kw)
-        outs = llm.generate(prompts[:12], sp)  # cold
-        outs += llm.generate(prompts[12:], sp)  # shared prefix: radix hits
+        outs = llm.generate(prompts[:13], sp)  # cold (one of them carries the shared prefix)
+        outs += llm.generate(prompts[13:], sp)  # shared prefix: radix hits
         results[name] = outs
         llm.shutdown()
+        del llm
     ref = results["torch-eager"]
     print(f"{'backend':20s} {'exact':>6s} {'tok-match':>9s} {'first-div(min)':>14s} {'cached':>7s}")
     ok = True

@@ -30,15 +30,18 @@ def _gather_kv_indices(req_to_token, req_indices, kv_indptr, out, stride, BLOCK:
 
 
 class FlashInferBackend(AttentionBackend):
-    def __init__(self, kv: KVPool, num_heads: int, num_kv_heads: int, head_dim: int, max_bs: int, context_len: int):
+    def __init__(self, kv: KVPool, num_heads: int, num_kv_heads: int, head_dim: int, max_bs: int, context_len: int,
+                 decode_tensor_cores: bool | None = None):
         super().__init__(kv, num_heads, num_kv_heads, head_dim)
+        # tensor-core decode pays off for large GQA groups; Qwen3-0.6B has groups of 2
+        self.tc = (num_heads // num_kv_heads >= 4) if decode_tensor_cores is None else decode_tensor_cores
         import flashinfer
         self.fi = flashinfer
         dev = kv.k[0].device
         self.dtype = kv.k[0].dtype
         self.workspace = torch.zeros(_WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
-        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", use_tensor_cores=True)
+        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", use_tensor_cores=self.tc)
         # a context may repeat shared prefix slots, so size by requests x context, not by pool size
         self.max_kv = (max_bs + 1) * context_len
         self.kv_indices = torch.empty(self.max_kv, dtype=torch.int32, device=dev)
@@ -77,7 +80,7 @@ class FlashInferBackend(AttentionBackend):
     # ---- CUDA graphs: one decode wrapper per captured batch size, sharing one indices buffer ----
     def make_graph_wrapper(self, bs: int, shared_indices: torch.Tensor):
         return self.fi.BatchDecodeWithPagedKVCacheWrapper(
-            self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
+            self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=self.tc,
             paged_kv_indptr_buffer=torch.zeros(bs + 1, dtype=torch.int32, device=self.device),
             paged_kv_indices_buffer=shared_indices,
             paged_kv_last_page_len_buffer=torch.ones(bs, dtype=torch.int32, device=self.device))

@@ -16,6 +16,7 @@ from nanovllmx.config import EngineConfig
 from nanovllmx.engine.executor import Executor
 from nanovllmx.scheduler.request import EngineOutput, EngineRequest
 from nanovllmx.scheduler.scheduler import Scheduler
+from nanovllmx.utils.timing import PhaseTimer
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ class EngineCore:
         self._inbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="nanovllmx-engine", daemon=True)
-        self.step_times: list[float] = []
+        self.timer = PhaseTimer()  # schedule / execute / update, per step
         self._thread.start()
 
     # ---- thread-safe client API ----
@@ -82,11 +83,18 @@ class EngineCore:
                 return
 
     def step(self) -> list[EngineOutput]:
+        tm = self.timer
+        tm.start()
         batch = self.scheduler.schedule()
         if batch is None:
             return self.scheduler.take_pending_outputs()
+        tm.steps += 1
+        tm.lap("schedule")
         tokens = self.executor.execute(batch)
-        return self.scheduler.update(tokens)
+        tm.lap("execute")
+        outs = self.scheduler.update(tokens)
+        tm.lap("update")
+        return outs
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -94,14 +102,13 @@ class EngineCore:
             if not self.scheduler.has_work():
                 continue
             try:
-                t0 = time.perf_counter()
                 outs = self.step()
-                self.step_times.append(time.perf_counter() - t0)
             except Exception as e:  # never die silently: fail what is in flight, keep serving
                 logger.error("engine step failed; failing in-flight requests:\n%s", traceback.format_exc())
                 outs = self._fail_all(f"engine error: {type(e).__name__}: {e}")
             if outs:
                 self.sink(outs)
+                self.timer.lap("output_sink")
 
     def _fail_all(self, msg: str) -> list[EngineOutput]:
         s = self.scheduler
@@ -114,4 +121,10 @@ class EngineCore:
 
     def stats(self) -> dict:
         from dataclasses import asdict
-        return asdict(self.scheduler.stats())
+        d = asdict(self.scheduler.stats())
+        d["step_ms"] = self.timer.summary()
+        d["num_steps"] = self.timer.steps
+        worker_timer = getattr(getattr(getattr(self.executor, "worker", None), "runner", None), "timer", None)
+        if worker_timer is not None:
+            d["worker_step_ms"] = worker_timer.summary()
+        return d

@@ -11,6 +11,7 @@ from nanovllmx.config import EngineConfig
 from nanovllmx.distributed.parallel_state import get_parallel_info
 from nanovllmx.models.qwen3 import Qwen3ForCausalLM
 from nanovllmx.scheduler.messages import ScheduledBatch
+from nanovllmx.utils.timing import PhaseTimer
 from nanovllmx.worker.sampler import Sampler
 
 
@@ -22,7 +23,8 @@ def make_backend(name: str, kv: KVPool, model: Qwen3ForCausalLM, cfg: EngineConf
         return TorchBackend(*args)
     if name == "flashinfer":
         from nanovllmx.attention.flashinfer_backend import FlashInferBackend
-        return FlashInferBackend(*args, max_bs=cfg.max_bs, context_len=cfg.context_len)
+        return FlashInferBackend(*args, max_bs=cfg.max_bs, context_len=cfg.context_len,
+                                decode_tensor_cores=cfg.decode_tensor_cores)
     raise ValueError(f"unknown attention backend {name!r}")
 
 
@@ -33,6 +35,7 @@ class ModelRunner:
         self.req_to_token = torch.zeros((cfg.max_bs + 1, cfg.context_len), dtype=torch.int32, device=device)
         self.backend = make_backend(cfg.attention_backend, kv, model, cfg)
         self.sampler = Sampler(device)
+        self.timer = PhaseTimer()  # prepare / forward (launch) / sample+wait, per step
         self.graphs = None
         if not cfg.enforce_eager and device.type == "cuda":
             from nanovllmx.worker.cuda_graph import DecodeGraphs
@@ -70,7 +73,11 @@ class ModelRunner:
     def execute(self, b: ScheduledBatch, hidden=None, residual=None):
         """Run one step. First stage embeds input ids; later stages take (hidden, residual).
         Returns sampled token ids (np.int32 [S]) on the last stage, else (hidden, residual)."""
+        tm = self.timer
+        tm.steps += 1
+        tm.start()
         ids, positions, meta = self.prepare(b)
+        tm.lap("prepare")
         if self.graphs is not None and b.is_decode and self.graphs.can_run(b.num_reqs) and get_parallel_info().pp_size == 1:
             logits = self.graphs.run(ids, positions, meta, b)
         else:
@@ -83,7 +90,9 @@ class ModelRunner:
                 return np.zeros(0, dtype=np.int32)
             last_tok = self._to_dev((np.cumsum(b.q_lens) - 1)[b.sample_rows]).long()
             logits = self.model.compute_logits(out[last_tok])
+        tm.lap("forward_launch")
         if len(b.sample_rows) == 0:
             return np.zeros(0, dtype=np.int32)
-        tokens = self.sampler(logits, b.sampling)
-        return tokens.to(torch.int32).cpu().numpy()
+        tokens = self.sampler(logits, b.sampling).to(torch.int32).cpu().numpy()
+        tm.lap("sample_and_wait")
+        return tokens

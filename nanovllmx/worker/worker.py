@@ -95,4 +95,13 @@ class Worker:
         return out
 
     def shutdown(self) -> None:
+        """Release the model, KV pool and graphs (so another engine fits in this process) and leave
+        the process group."""
+        import gc
+        self.runner = None
+        self.kv = None
+        self.model = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
         destroy_parallel()
