@@ -28,6 +28,17 @@ def main() -> None:
         results[name] = outs
         llm.shutdown()
         del llm
+    # transformers' own implementation (bf16, one request at a time) as a third opinion
+    import torch
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16).cuda().eval()
+    from nanovllmx.outputs import RequestOutput
+    hf_outs = []
+    for p in prompts:
+        g = hf.generate(torch.tensor([p], device="cuda"), max_new_tokens=a.max_tokens, do_sample=False,
+                        eos_token_id=None, pad_token_id=0)
+        hf_outs.append(RequestOutput("hf", p, g[0, len(p):].tolist(), "", "length"))
+    results["transformers"] = hf_outs
     ref = results["torch-eager"]
     print(f"{'backend':20s} {'exact':>6s} {'tok-match':>9s} {'first-div(min)':>14s} {'cached':>7s}")
     ok = True

@@ -19,6 +19,12 @@ class RMSNorm(nn.Module):
         return (x.to(dtype) * self.weight) if dtype != torch.float32 else x * self.weight
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if x.is_cuda:
+            from nanovllmx.kernels.fused import rmsnorm
+            return rmsnorm(x, self.weight, self.eps, residual)
+        return self.forward_native(x, residual)
+
+    def forward_native(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if residual is None:
             return self._norm(x)
         x = x + residual

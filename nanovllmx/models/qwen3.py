@@ -32,9 +32,15 @@ class Qwen3Attention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = self.q_norm(q.view(-1, self.num_heads, self.head_dim))
-        k = self.k_norm(k.view(-1, self.num_kv_heads, self.head_dim))
-        q, k = self.rotary_emb(positions, q, k)
+        if x.is_cuda:  # per-head RMSNorm + RoPE in one kernel each for q and k
+            from nanovllmx.kernels.fused import head_norm_rope
+            cs = self.rotary_emb.cos_sin
+            q = head_norm_rope(q, self.num_heads, self.head_dim, self.q_norm.weight, self.q_norm.eps, cs, positions)
+            k = head_norm_rope(k, self.num_kv_heads, self.head_dim, self.k_norm.weight, self.k_norm.eps, cs, positions)
+        else:
+            q = self.q_norm(q.view(-1, self.num_heads, self.head_dim))
+            k = self.k_norm(k.view(-1, self.num_kv_heads, self.head_dim))
+            q, k = self.rotary_emb(positions, q, k)
         o = self.attn(q, k, v.view(-1, self.num_kv_heads, self.head_dim))
         return self.o_proj(o)
 

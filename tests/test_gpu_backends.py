@@ -1,0 +1,101 @@
+"""GPU only (skipped elsewhere): the FlashInfer backend, eager and through a CUDA-graph decode
+wrapper, computes the same attention as the torch reference backend on a mixed batch (prefill
+chunks with cached prefixes plus decodes) and on a pure decode batch; fused kernels match torch."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+H, HKV, D, SLOTS, CTX, MAX_BS = 16, 8, 128, 8192, 2048, 8
+
+
+def _setup(prefix_lens, q_lens, seed=0):
+    from nanovllmx.attention.metadata import AttentionMetadata, KVPool
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    pool = KVPool(1, SLOTS, HKV, D, torch.bfloat16, torch.device("cuda"))
+    pool.k[0].copy_(torch.randn(pool.k[0].shape, generator=g))
+    pool.v[0].copy_(torch.randn(pool.v[0].shape, generator=g))
+    table = torch.zeros((MAX_BS + 1, CTX), dtype=torch.int32, device="cuda")
+    perm = torch.randperm(SLOTS, generator=g)[: sum(prefix_lens) + sum(q_lens)] + 1
+    out_slots, off = [], 0
+    for r, (p, q) in enumerate(zip(prefix_lens, q_lens)):
+        table[r, : p + q] = perm[off: off + p + q].to(torch.int32).cuda()
+        out_slots.append(perm[off + p: off + p + q])
+        off += p + q
+    q_np, kv_np = np.array(q_lens, np.int32), np.array(prefix_lens, np.int32) + np.array(q_lens, np.int32)
+    cu = np.concatenate([[0], np.cumsum(q_np)]).astype(np.int32)
+    meta = AttentionMetadata(
+        q_lens_np=q_np, kv_lens_np=kv_np, req_indices_np=np.arange(len(q_lens), dtype=np.int32),
+        req_indices=torch.arange(len(q_lens), dtype=torch.int32, device="cuda"),
+        kv_lens=torch.from_numpy(kv_np).cuda(), cu_q_lens=torch.from_numpy(cu).cuda(),
+        out_slots=torch.cat(out_slots).to(torch.int32).cuda(), req_to_token=table,
+        is_decode=bool((q_np == 1).all()))
+    T = int(q_np.sum())
+    q = torch.randn(T, H, D, generator=g).to("cuda", torch.bfloat16)
+    k = torch.randn(T, HKV, D, generator=g).to("cuda", torch.bfloat16)
+    v = torch.randn(T, HKV, D, generator=g).to("cuda", torch.bfloat16)
+    return pool, meta, q, k, v
+
+
+def _run(backend_cls, prefix_lens, q_lens, graph=False, **kw):
+    pool, meta, q, k, v = _setup(prefix_lens, q_lens)
+    be = backend_cls(pool, H, HKV, D, **kw)
+    if graph:
+        shared = torch.zeros(be.max_kv, dtype=torch.int32, device="cuda")
+        be.plan_graph(be.make_graph_wrapper(len(q_lens), shared), meta)
+    else:
+        be.prepare(meta)
+    return be.forward(0, q, k, v, D ** -0.5).float()
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("tc", [False, True])
+@pytest.mark.parametrize("prefix_lens,q_lens", [
+    ([0, 37, 100, 5], [50, 13, 1, 1]),  # prefill chunks with cached prefixes, mixed with decodes
+    ([1, 700, 63, 1500, 3, 99, 256, 12], [1] * 8),  # pure decode
+])
+def test_flashinfer_matches_torch(prefix_lens, q_lens, tc):
+    from nanovllmx.attention.flashinfer_backend import FlashInferBackend
+    from nanovllmx.attention.torch_backend import TorchBackend
+    ref = _run(TorchBackend, prefix_lens, q_lens)
+    out = _run(FlashInferBackend, prefix_lens, q_lens, max_bs=MAX_BS, context_len=CTX, decode_tensor_cores=tc)
+    assert _rel(out, ref) < 2e-2
+    if all(n == 1 for n in q_lens):
+        out_g = _run(FlashInferBackend, prefix_lens, q_lens, graph=True, max_bs=MAX_BS, context_len=CTX,
+                     decode_tensor_cores=tc)
+        assert _rel(out_g, ref) < 2e-2
+
+
+def test_fused_kernels_match_torch():
+    from nanovllmx.layers.norm import RMSNorm
+    from nanovllmx.layers.rotary import RotaryEmbedding
+    torch.manual_seed(0)
+    x = torch.randn(300, 1024, device="cuda", dtype=torch.bfloat16) * 3
+    res = torch.randn_like(x)
+    norm = RMSNorm(1024).cuda().to(torch.bfloat16)
+    norm.weight.data.normal_()
+    y_fast, r_fast = norm(x, res)
+    y_ref, r_ref = norm.forward_native(x, res)
+    assert _rel(r_fast.float(), r_ref.float()) < 1e-2 and _rel(y_fast.float(), y_ref.float()) < 2e-2
+    assert _rel(norm(x).float(), norm.forward_native(x).float()) < 2e-2
+    from nanovllmx.kernels.fused import head_norm_rope, silu_and_mul
+    from nanovllmx.layers.activation import SiluAndMul
+    qkv = torch.randn(300, (16 + 2 * 8) * 128, device="cuda", dtype=torch.bfloat16)
+    hn = RMSNorm(128).cuda().to(torch.bfloat16)
+    hn.weight.data.normal_()
+    rope = RotaryEmbedding(128, 4096, 1e6).cuda()
+    pos = torch.randint(0, 4096, (300,), device="cuda")
+    q_slice, k_slice = qkv[:, :2048], qkv[:, 2048:3072]
+    qr, kr = rope.forward_native(pos, hn.forward_native(q_slice.reshape(300, 16, 128)),
+                                 hn.forward_native(k_slice.reshape(300, 8, 128)))
+    qf = head_norm_rope(q_slice, 16, 128, hn.weight, hn.eps, rope.cos_sin, pos)
+    kf = head_norm_rope(k_slice, 8, 128, hn.weight, hn.eps, rope.cos_sin, pos)
+    assert _rel(qf.float(), qr.float()) < 2e-2 and _rel(kf.float(), kr.float()) < 2e-2
+    gu = torch.randn(300, 2 * 3072, device="cuda", dtype=torch.bfloat16)
+    assert _rel(silu_and_mul(gu).float(), SiluAndMul().forward_native(gu).float()) < 2e-2
