@@ -10,6 +10,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--with-ray", action="store_true", help="also the Ray engine (scheduler + worker actors)")
+    ap.add_argument("--no-hf", action="store_true", help="skip transformers' reference")
     a = ap.parse_args()
     from nanovllmx import LLM, SamplingParams
     from random import randint, seed
@@ -21,7 +23,8 @@ def main() -> None:
     results = {}
     for name, kw in [("torch-eager", dict(attention_backend="torch", enforce_eager=True)),
                      ("flashinfer-eager", dict(attention_backend="flashinfer", enforce_eager=True)),
-                     ("flashinfer-graphs", dict(attention_backend="flashinfer", enforce_eager=False))]:
+                     ("flashinfer-graphs", dict(attention_backend="flashinfer", enforce_eager=False))] + \
+            ([("ray-flashinfer-graphs", dict(attention_backend="flashinfer", executor="ray"))] if a.with_ray else []):
         llm = LLM(a.model, context_len=2048, max_bs=64, **kw)
         outs = llm.generate(prompts[:13], sp)  # cold (one of them carries the shared prefix)
         outs += llm.generate(prompts[13:], sp)  # shared prefix: radix hits
@@ -31,14 +34,15 @@ def main() -> None:
     # transformers' own implementation (bf16, one request at a time) as a third opinion
     import torch
     from transformers import AutoModelForCausalLM
-    hf = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16).cuda().eval()
-    from nanovllmx.outputs import RequestOutput
     hf_outs = []
-    for p in prompts:
+    hf = None if a.no_hf else AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16).cuda().eval()
+    from nanovllmx.outputs import RequestOutput
+    for p in (prompts if hf is not None else []):
         g = hf.generate(torch.tensor([p], device="cuda"), max_new_tokens=a.max_tokens, do_sample=False,
                         eos_token_id=None, pad_token_id=0)
         hf_outs.append(RequestOutput("hf", p, g[0, len(p):].tolist(), "", "length"))
-    results["transformers"] = hf_outs
+    if hf_outs:
+        results["transformers"] = hf_outs
     ref = results["torch-eager"]
     print(f"{'backend':20s} {'exact':>6s} {'tok-match':>9s} {'first-div(min)':>14s} {'cached':>7s}")
     ok = True
