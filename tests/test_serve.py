@@ -473,6 +473,8 @@ def test_build_app_options():
         build_app({"model": DEMO_MODEL_NAME, "max_batch_size": 3})
     with pytest.raises(ValueError, match="model"):
         build_app({"tp_size": 1})
+    with pytest.raises(ValueError, match="log_level"):
+        build_app({"model": DEMO_MODEL_NAME, "log_level": "chatty"})
     with pytest.raises(ModelResolutionError, match="no such folder"):
         build_app({"model": "/definitely/not/here"})
 

@@ -47,15 +47,16 @@ class APIError(Exception):
     """An error with OpenAI's JSON shape: {"error": {"message", "type", "param", "code"}}."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers  # e.g. Retry-After on a 503
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = "invalid_value") -> APIError:
@@ -91,6 +92,27 @@ class _JSONBodies:
 
 
 app.add_middleware(_JSONBodies)
+
+
+def _openapi() -> dict:
+    """FastAPI's schema, minus the 422 responses it documents by default: invalid requests get 400."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for ops in schema.get("paths", {}).values():
+            for op in ops.values():
+                if isinstance(op, dict) and "422" in op.get("responses", {}):
+                    op["responses"].pop("422")
+                    op["responses"].setdefault("400", {"description": "invalid request",
+                                                       "content": {"application/json": {"schema": {
+                                                           "$ref": "#/components/schemas/ErrorResponse"}}}})
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+app.openapi = _openapi
 
 
 @app.exception_handler(APIError)
@@ -155,6 +177,18 @@ def _generation_defaults(folder: str) -> dict[str, Any]:
             and not isinstance(gc.get(k), bool)}
 
 
+def _setup_logging(level: str) -> None:
+    """The replica's `nanovllmx` loggers write to its stderr (Ray shows it with the replica's name)."""
+    root = logging.getLogger("nanovllmx")
+    if not any(getattr(h, "_nanovllmx", False) for h in root.handlers):
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(name)s: %(message)s"))
+        h._nanovllmx = True
+        root.addHandler(h)
+        root.propagate = False
+    root.setLevel(str(level).upper())
+
+
 def engine_problem(llm) -> str | None:
     """Why this LLM cannot serve, or None. (The LLM API has no health call yet: probe its parts.)"""
     if getattr(llm, "_closed", False):
@@ -203,10 +237,13 @@ class EngineStream:
     within one engine step.
     """
 
-    def __init__(self, server: "LLMServer", agen, first: asyncio.Future, request_id: str):
-        self.server, self.agen, self.request_id = server, agen, request_id
+    def __init__(self, server: "LLMServer", agen, first: asyncio.Future, request_id: str, num_prompt: int):
+        self.server, self.agen, self.request_id, self.num_prompt = server, agen, request_id, num_prompt
         self._first: asyncio.Future | None = first
         self.finished = False
+        self.t_arrival = time.perf_counter()
+        self.t_first_token: float | None = None
+        self.last: StreamDelta | None = None
 
     def __aiter__(self) -> "EngineStream":
         return self
@@ -226,13 +263,19 @@ class EngineStream:
         except (ValueError, TypeError) as e:  # a refusal that surfaced late: the request never ran
             self.finished = True
             raise bad_request(str(e), _param_of(str(e)) or "prompt") from e
-        except EngineRequestError:  # the engine failed it: nothing left to abort
+        except EngineRequestError as e:  # the engine failed it: nothing left to abort
             self.finished = True
+            self._report("error", str(e))
             raise
         except BaseException:  # cancelled (client gone) or anything else: stop it in the engine
             self.close()
             raise
-        self.finished = d.finished
+        if self.t_first_token is None and d.token_ids:
+            self.t_first_token = time.perf_counter()
+        self.last = d
+        if d.finished:
+            self.finished = True
+            self._report(d.finish_reason)
         return d
 
     def close(self) -> None:
@@ -246,6 +289,15 @@ class EngineStream:
         if first is not None and not first.done():
             with suppress(RuntimeError):  # loop closed
                 first.get_loop().call_soon_threadsafe(first.cancel)
+        self._report("abort", "client disconnected")
+
+    def _report(self, outcome: str | None, detail: str = "") -> None:
+        """One log line per request when it ends."""
+        d, now = self.last, time.perf_counter()
+        ttft = f"{self.t_first_token - self.t_arrival:.3f}s" if self.t_first_token is not None else "-"
+        logger.info("request %s %s: prompt=%d cached=%d generated=%d ttft=%s total=%.3fs%s", self.request_id,
+                    outcome, self.num_prompt, d.num_cached_tokens if d else 0, d.num_output_tokens if d else 0,
+                    ttft, now - self.t_arrival, f" ({detail})" if detail else "")
 
     async def aclose(self) -> None:
         self.close()
@@ -262,8 +314,9 @@ class LLMServer:
     """One replica = one engine. Constructed by Serve from `build_app`'s arguments."""
 
     def __init__(self, model: str, served_model_names: list[str], engine_kwargs: dict[str, Any],
-                 generation_config: str = "auto", revision: str | None = None):
+                 generation_config: str = "auto", revision: str | None = None, log_level: str = "INFO"):
         from nanovllmx import LLM
+        _setup_logging(log_level)
         self.model = model
         self.served_model_names = list(served_model_names)
         self.accepted_names = set(self.served_model_names) | {model}
@@ -528,7 +581,7 @@ class LLMServer:
                 raise APIError(503, f"the engine cannot take requests: {e}", "server_error", None,
                                "engine_unavailable") from e
             raise e
-        return EngineStream(self, agen, first, rid)
+        return EngineStream(self, agen, first, rid, len(prompt_ids))
 
     async def _collect(self, stream: EngineStream, raw_request: Request) -> tuple[str, list[int], StreamDelta]:
         """Run a non-streaming request to its end; abort it in the engine if the client disconnects
@@ -560,7 +613,6 @@ class LLMServer:
                 gone = True
                 work.cancel()
                 stream.close()
-                logger.info("request %s: client disconnected, aborted", stream.request_id)
         if gone:
             raise APIError(499, "client disconnected", "invalid_request_error", None, "client_disconnected")
         try:
@@ -641,7 +693,7 @@ class LLMServer:
 
 # =============================================================================================== the builder
 # Keys of `args` that configure the app itself rather than the engine or the Serve deployment.
-APP_KEYS = ("model", "served_model_name", "generation_config", "revision")
+APP_KEYS = ("model", "served_model_name", "generation_config", "revision", "log_level")
 # Serve deployment options that may be given in `args` (applied with Deployment.options).
 DEPLOYMENT_KEYS = tuple(p for p in inspect.signature(serve.Deployment.options).parameters
                         if not p.startswith("_") and p not in ("self", "func_or_class", "name", "version",
@@ -707,6 +759,9 @@ def build_app(args: dict) -> serve.Application:
     if generation_config not in ("auto", "none"):
         raise ValueError(f"generation_config must be 'auto' or 'none', got {generation_config!r}")
     revision = args.pop("revision", None)
+    log_level = str(args.pop("log_level", "INFO")).upper()
+    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError(f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {log_level!r}")
 
     engine_names = engine_arg_names()
     deploy_opts = {k: _coerce(args.pop(k), "Any") for k in DEPLOYMENT_KEYS if k in args}
@@ -738,4 +793,5 @@ def build_app(args: dict) -> serve.Application:
         # Serve's default target (2 per replica) suits one-request-at-a-time models, not a batching engine
         deploy_opts["autoscaling_config"] = {**auto, "target_ongoing_requests": max(1, max_bs // 2)}
 
-    return LLMServer.options(**deploy_opts).bind(model, served_names, engine_kwargs, generation_config, revision)
+    return LLMServer.options(**deploy_opts).bind(model, served_names, engine_kwargs, generation_config, revision,
+                                                 log_level)

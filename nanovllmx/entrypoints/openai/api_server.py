@@ -57,7 +57,8 @@ def app_args(ns: argparse.Namespace) -> dict:
     args = {"model": ns.model, "tp_size": ns.tp_size, "pp_size": ns.pp_size,
             "gpu_memory_utilization": ns.gpu_memory_utilization, "max_bs": ns.max_bs,
             "context_len": ns.context_len, "enforce_eager": ns.enforce_eager, "device": ns.device,
-            "dtype": ns.dtype, "generation_config": ns.generation_config, "num_replicas": ns.num_replicas}
+            "dtype": ns.dtype, "generation_config": ns.generation_config, "num_replicas": ns.num_replicas,
+            "log_level": ns.log_level.upper()}
     if ns.served_model_name:
         args["served_model_name"] = ns.served_model_name if len(ns.served_model_name) > 1 else ns.served_model_name[0]
     for k in ("revision", "max_num_batched_tokens", "num_kv_slots", "attention_backend", "enable_prefix_caching",
