@@ -56,6 +56,91 @@ def roofline_bound(bw: float, path: str | None) -> float | None:
     return None
 
 
+def _pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q / 100 * len(xs)))]
+
+
+async def _http_run(base: str, model: str, prompts, params, concurrency: int | None, rate: float | None,
+                    timeout: float = 3600.0) -> dict:
+    """Send the workload to /v1/completions (streaming) and time every request."""
+    import asyncio
+    import random
+
+    import httpx
+
+    sem = asyncio.Semaphore(concurrency or len(prompts))
+    ttft, itl, e2e, out_tokens, errors = [], [], [], [], []
+    limits = httpx.Limits(max_connections=len(prompts) + 8, max_keepalive_connections=len(prompts) + 8)
+    async with httpx.AsyncClient(base_url=base, timeout=timeout, limits=limits) as client:
+        async def one(p, sp):
+            body = {"model": model, "prompt": p, "max_tokens": sp.max_tokens, "temperature": sp.temperature,
+                    "ignore_eos": sp.ignore_eos, "stream": True, "stream_options": {"include_usage": True}}
+            async with sem:
+                t0 = time.perf_counter()
+                last, n = None, 0
+                async with client.stream("POST", "/v1/completions", json=body) as r:
+                    if r.status_code != 200:
+                        errors.append(f"{r.status_code}: {(await r.aread())[:200]!r}")
+                        return
+                    async for line in r.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        ev = json.loads(line[6:])
+                        now = time.perf_counter()
+                        if ev.get("usage"):
+                            n = ev["usage"]["completion_tokens"]
+                        if ev.get("choices"):
+                            if last is None:
+                                ttft.append(now - t0)
+                            else:
+                                itl.append(now - last)
+                            last = now
+                e2e.append(time.perf_counter() - t0)
+                out_tokens.append(n)
+
+        tasks = []
+        for p, sp in zip(prompts, params):
+            tasks.append(asyncio.create_task(one(p, sp)))
+            if rate:
+                await asyncio.sleep(random.expovariate(rate))
+        await asyncio.gather(*tasks)
+    ms = lambda xs: {f"p{q}": round(1e3 * _pct(xs, q), 1) for q in (50, 90, 99)}
+    return {"ttft_ms": ms(ttft), "itl_ms": ms(itl), "e2e_s": {k: v / 1e3 for k, v in ms(e2e).items()},
+            "completion_tokens": sum(out_tokens), "errors": len(errors), "first_error": errors[0] if errors else None}
+
+
+def http_bench(a) -> dict:
+    """Through the Serve app: start it here (--start-server) or use one running at --url."""
+    import asyncio
+
+    import httpx
+    server = None
+    if a.start_server:
+        from ray import serve
+
+        from nanovllmx.serve import build_app
+        args = {"model": a.model, "max_bs": a.max_bs, "context_len": a.context_len, "tp_size": a.tp_size,
+                "pp_size": a.pp_size, "enforce_eager": a.enforce_eager,
+                "gpu_memory_utilization": a.gpu_memory_utilization}
+        serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+        server = serve.run(build_app(args), name="bench", route_prefix="/")
+    model = httpx.get(a.url + "/v1/models", timeout=60).json()["data"][0]["id"]
+    prompts, params = standard_workload(a.num_seqs)
+    asyncio.run(_http_run(a.url, model, [[1, 2, 3]], [params[0].__class__(max_tokens=8)], None, None))  # warm-up
+    t = time.perf_counter()
+    res = asyncio.run(_http_run(a.url, model, prompts, params, a.concurrency, a.request_rate))
+    dt = time.perf_counter() - t
+    res.update({"mode": "http", "seconds": round(dt, 3), "tok_per_s": round(res["completion_tokens"] / dt, 1),
+                "request_rate": a.request_rate, "concurrency": a.concurrency})
+    if server is not None:
+        from ray import serve
+        serve.shutdown()
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -74,7 +159,20 @@ def main() -> None:
     ap.add_argument("--torch-profile", default=None, help="write a torch.profiler kernel table of the run here")
     ap.add_argument("--profile", action="store_true", help="print the per-step time breakdown")
     ap.add_argument("--json", default=None, help="append the result as a JSON line to this file")
+    ap.add_argument("--http", action="store_true", help="send the workload through the OpenAI HTTP API")
+    ap.add_argument("--url", default="http://127.0.0.1:8000")
+    ap.add_argument("--start-server", action="store_true", help="with --http: serve.run the app for --model here")
+    ap.add_argument("--request-rate", type=float, default=None, help="with --http: Poisson arrivals per second")
+    ap.add_argument("--concurrency", type=int, default=None, help="with --http: most requests in flight")
     a = ap.parse_args()
+
+    if a.http:
+        res = http_bench(a)
+        print(json.dumps(res))
+        if a.json:
+            with open(a.json, "a") as f:
+                f.write(json.dumps(res) + "\n")
+        return
 
     from nanovllmx import LLM, SamplingParams
     bw = copy_bandwidth() if a.bw else None

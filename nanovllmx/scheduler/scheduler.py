@@ -223,9 +223,10 @@ class Scheduler:
         ps = [r.params for r in reqs]
         temperature = np.fromiter((p.temperature for p in ps), np.float32, S)
         top_p = np.fromiter((p.top_p for p in ps), np.float32, S)
-        top_k = np.fromiter((max(p.top_k, 0) for p in ps), _I32, S)
+        top_k = np.fromiter((min(max(p.top_k, 0), 2 ** 31 - 1) for p in ps), _I32, S)  # >= vocab: no-op
         min_p = np.fromiter((p.min_p for p in ps), np.float32, S)
-        seeds = np.fromiter((-1 if p.seed is None else p.seed for p in ps), np.int64, S)
+        # any Python int is a valid seed: fold it into int64's non-negative range (-1 marks unseeded)
+        seeds = np.fromiter((-1 if p.seed is None else p.seed % (2 ** 63) for p in ps), np.int64, S)
         out_lens = np.fromiter((r.num_output for r in reqs), _I32, S)
         return SamplingArrays(
             temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seeds=seeds, output_lens=out_lens,

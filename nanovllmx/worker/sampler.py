@@ -55,6 +55,7 @@ class Sampler:
             # keep the smallest prefix whose mass reaches top_p (the top token always stays)
             # rows with top_p == 1 skip this: a float32 cumsum reaches 1.0 before the tail ends
             drop |= ((sp.cumsum(dim=-1) - sp) >= top_p.unsqueeze(1)) & (top_p < 1).unsqueeze(1)
+            drop[:, 0] = False  # the most likely token always survives (top_p may round to 0 in float32)
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
         return logits
