@@ -19,6 +19,7 @@ class EngineConfig:
     num_kv_slots: int | None = None  # KV pool size in tokens; default: from memory
     attention_backend: str = "auto"  # "auto" | "torch" | "flashinfer"
     enable_prefix_caching: bool = True
+    overlap_scheduling: bool = True  # schedule step N+1 while step N runs on the GPU
     decode_tensor_cores: bool | None = None  # FlashInfer decode kernel; None: by GQA group size
     tp_size: int = 1
     pp_size: int = 1

@@ -152,6 +152,8 @@ class LLM:
                 if isinstance(d, tuple):
                     finished = True
                     raise EngineRequestError(f"request {st.request_id} failed: {d[1]}")
+                if st.finish_reason == "abort" and not d.finished:
+                    continue  # aborted: drop what was queued before the abort, go to its final delta
                 finished = d.finished
                 yield d
                 if finished:

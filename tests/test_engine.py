@@ -212,13 +212,13 @@ def test_seeded_sampling_reproducible_across_batches(llm):
 def test_chunked_prefill_matches_hf(tiny_model_dir, hf_ref, budget):
     engine = LLM(str(tiny_model_dir), context_len=CONTEXT_LEN, max_num_batched_tokens=budget)
     steps = []
-    execute = engine.core.executor.execute
+    execute = engine.core.executor.execute_async
 
     def recording(batch):
         steps.append((batch.num_tokens, batch.q_lens.copy()))
         return execute(batch)
 
-    engine.core.executor.execute = recording
+    engine.core.executor.execute_async = recording
     try:
         # short requests first: they decode while the 300-token prompt is prefilled chunk by chunk
         prompts = [random_prompt(n, seed=500 + n) for n in (4, 6, 9)] + [random_prompt(300, seed=599)]

@@ -23,6 +23,16 @@ logger = logging.getLogger(__name__)
 OutputSink = Callable[[list[EngineOutput]], None]
 
 
+class _Ready:
+    """A result that is already here (executors without an async launch)."""
+
+    def __init__(self, tokens):
+        self.tokens = tokens
+
+    def result(self):
+        return self.tokens
+
+
 class EngineCore:
     def __init__(self, cfg: EngineConfig, executor: Executor, sink: OutputSink):
         self.cfg, self.executor, self.sink = cfg, executor, sink
@@ -33,7 +43,9 @@ class EngineCore:
         self._inbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="nanovllmx-engine", daemon=True)
-        self.timer = PhaseTimer()  # schedule / execute / update, per step
+        self.timer = PhaseTimer()  # schedule / launch / wait_and_update, per step
+        self.overlap = bool(getattr(executor, "supports_overlap", False)) and cfg.overlap_scheduling
+        self._inflight = None  # the launched step whose tokens are not applied yet
         self._thread.start()
 
     # ---- thread-safe client API ----
@@ -83,18 +95,35 @@ class EngineCore:
                 return
 
     def step(self) -> list[EngineOutput]:
+        """Schedule and launch one step; return the outputs of the step before it (overlap: the
+        CPU schedules step N+1 while the GPU runs step N) or of this one (no overlap)."""
         tm = self.timer
         tm.start()
-        batch = self.scheduler.schedule()
-        if batch is None:
-            return self.scheduler.take_pending_outputs()
-        tm.steps += 1
-        tm.lap("schedule")
-        tokens = self.executor.execute(batch)
-        tm.lap("execute")
-        outs = self.scheduler.update(tokens)
-        tm.lap("update")
-        return outs
+        s = self.scheduler
+        batch = s.schedule()
+        handle = None
+        if batch is not None:
+            tm.steps += 1
+            tm.lap("schedule")
+            handle = self._launch(batch)
+            tm.lap("launch")
+        outs: list[EngineOutput] = []
+        if self._inflight is not None:
+            outs = s.update(self._inflight.result())
+            tm.lap("wait_and_update")
+        self._inflight = None
+        if handle is not None:
+            if self.overlap:
+                self._inflight = handle
+            else:
+                outs += s.update(handle.result())
+                tm.lap("wait_and_update")
+        return outs + s.take_pending_outputs()
+
+    def _launch(self, batch):
+        if hasattr(self.executor, "execute_async"):
+            return self.executor.execute_async(batch)
+        return _Ready(self.executor.execute(batch))
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -105,6 +134,7 @@ class EngineCore:
                 outs = self.step()
             except Exception as e:  # never die silently: fail what is in flight, keep serving
                 logger.error("engine step failed; failing in-flight requests:\n%s", traceback.format_exc())
+                self._inflight = None
                 outs = self._fail_all(f"engine error: {type(e).__name__}: {e}")
             if outs:
                 self.sink(outs)
@@ -117,6 +147,7 @@ class EngineCore:
             s.abort(req.request_id)
             outs.append(EngineOutput(req.request_id, [], "error", req.num_prompt, req.num_cached, msg))
         s.take_pending_outputs()
+        s.drop_inflight()
         return outs
 
     def stats(self) -> dict:

@@ -11,6 +11,10 @@ from nanovllmx.scheduler.messages import ScheduledBatch
 
 
 class Executor(Protocol):
+    # True if the workers resolve the scheduler's -1 placeholders (the previous step's samples)
+    # on their own, so the engine may schedule step N+1 before step N's tokens come back
+    supports_overlap: bool
+
     def available_kv_slots(self) -> int: ...
     def init_kv_cache(self, num_slots: int) -> None: ...
     def execute(self, batch: ScheduledBatch) -> np.ndarray: ...
@@ -19,6 +23,8 @@ class Executor(Protocol):
 
 class LocalExecutor:
     """tp_size = pp_size = 1, the worker in this process."""
+
+    supports_overlap = True
 
     def __init__(self, cfg: EngineConfig):
         from nanovllmx.worker.worker import Worker  # torch/model imports stay off the scheduler-only path
@@ -34,6 +40,9 @@ class LocalExecutor:
 
     def execute(self, batch: ScheduledBatch) -> np.ndarray:
         return self.worker.execute(batch)
+
+    def execute_async(self, batch: ScheduledBatch):
+        return self.worker.execute_async(batch)
 
     def shutdown(self) -> None:
         self.worker.shutdown()

@@ -34,6 +34,9 @@ class ScheduledBatch:
     table_slots: np.ndarray  # int32 [W]
     sample_rows: np.ndarray  # int32 [S] which requests of the batch sample a token this step
     sampling: SamplingArrays  # for the sampled rows only
+    # input_ids holds -1 where the token is the one the previous (in-flight) step samples for
+    # that request; the worker takes it from its device-side buffer of last sampled tokens
+    has_placeholders: bool = False
 
     @property
     def num_reqs(self) -> int:

@@ -37,7 +37,7 @@ class EngineOutput:
 class Request:
     __slots__ = ("request_id", "tokens", "num_prompt", "params", "arrival_time", "status", "num_computed",
                  "num_cached", "prefix_len", "last_node", "req_idx", "finish_reason", "num_preemptions",
-                 "stop_ids", "first_scheduled_time")
+                 "stop_ids", "first_scheduled_time", "pending")
 
     def __init__(self, er: EngineRequest, eos_ids: list[int]):
         self.request_id = er.request_id
@@ -54,6 +54,9 @@ class Request:
         self.finish_reason: str | None = None
         self.num_preemptions = 0
         self.first_scheduled_time: float | None = None
+        # tokens sampled by steps still in flight (overlap scheduling): their ids are not known
+        # here yet; the worker feeds them to the next step from its own device buffer
+        self.pending = 0
         ids = set(er.params.stop_token_ids)
         if not er.params.ignore_eos:
             ids.update(eos_ids)

@@ -55,7 +55,7 @@ class Scheduler:
         self.prompt_tokens_total = 0
         self.cached_prompt_tokens_total = 0
         # per-step scratch: the requests of the batch in flight, in batch order
-        self._batch_reqs: list[Request] = []
+        self._inflight: deque[list[Request]] = deque()  # sampled requests of each batch not yet updated
         self._pending: list[EngineOutput] = []  # outputs produced outside a step (aborts)
 
     # ------------------------------------------------------------------ requests in / out
@@ -86,7 +86,11 @@ class Scheduler:
         return True
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self._pending)
+        return bool(self.waiting or self.running or self._pending or self._inflight)
+
+    def drop_inflight(self) -> None:
+        """Forget steps whose results will never come (the engine failed a step)."""
+        self._inflight.clear()
 
     def take_pending_outputs(self) -> list[EngineOutput]:
         out, self._pending = self._pending, []
@@ -100,9 +104,13 @@ class Scheduler:
         return self.allocator.alloc(n)
 
     def _release(self, req: Request) -> None:
-        """Give a running request's KV to the radix tree (finished, aborted or preempted)."""
-        n = req.num_computed
-        self.tree.cache_request(req.tokens[:n], self.table[req.req_idx, :n], req.prefix_len, req.last_node, True)
+        """Give a running request's KV to the radix tree (finished, aborted or preempted). KV of
+        positions whose token is still in flight (unknown here) is freed, not cached."""
+        slots = self.table[req.req_idx, :req.num_computed]
+        n = min(req.num_computed, len(req.tokens))
+        self.tree.cache_request(req.tokens[:n], slots[:n], req.prefix_len, req.last_node, True)
+        if req.num_computed > n:
+            self.allocator.free(slots[n:])
         self.free_rows.append(req.req_idx)
         req.req_idx, req.last_node, req.prefix_len, req.num_computed = None, None, 0, 0
 
@@ -128,7 +136,11 @@ class Scheduler:
         for req in self.running:
             if budget <= 0:
                 break
-            n = min(len(req.tokens) - req.num_computed, budget)
+            total = len(req.tokens) + req.pending
+            # its last token is already being sampled: nothing more to compute
+            if req.pending and (req.num_output + req.pending >= req.params.max_tokens or total >= self.context_len):
+                continue
+            n = min(total - req.num_computed, budget)
             plan.append((req, n))
             budget -= n
         need = sum(n for _, n in plan)
@@ -147,6 +159,8 @@ class Scheduler:
         # 2) waiting requests in arrival order (none in a step that had to preempt)
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_bs:
             req = self.waiting[0]
+            if req.pending:  # preempted while a step sampling for it is in flight: wait for it
+                break
             # the last token is always recomputed: it produces the logits to sample from
             prefix_slots, node = self.tree.match_prefix(req.tokens[:-1])
             p = len(prefix_slots)
@@ -190,11 +204,12 @@ class Scheduler:
         start = np.fromiter((r.num_computed for r in reqs), _I32, B)
         T = int(q_lens.sum())
         if T == B:  # one token each: decodes, or 1-token prefill chunks (token at num_computed, not the last)
-            input_ids = np.fromiter((r.tokens[r.num_computed] for r in reqs), _I32, B)
+            input_ids = np.fromiter((r.tokens[r.num_computed] if r.num_computed < len(r.tokens) else -1
+                                     for r in reqs), _I32, B)
             self.table[req_idx, start] = slots
         else:
             input_ids = np.fromiter(
-                (t for r, n in plan for t in r.tokens[r.num_computed:r.num_computed + n]), _I32, T)
+                (t for r, n in plan for t in self._inputs(r, n)), _I32, T)
             cu = np.zeros(B + 1, _I32)
             np.cumsum(q_lens, out=cu[1:])
             cols = np.repeat(start - cu[:-1], q_lens) + np.arange(T, dtype=_I32)
@@ -205,17 +220,28 @@ class Scheduler:
         ts = [ps for _, ps in admitted]
         # advance bookkeeping now, so the next schedule sees this step's tokens as computed
         end = start + q_lens
-        sample_mask = np.fromiter((e == len(r.tokens) for r, e in zip(reqs, end.tolist())), bool, B)
+        sample_mask = np.fromiter((e == len(r.tokens) + r.pending for r, e in zip(reqs, end.tolist())), bool, B)
         for r, e in zip(reqs, end.tolist()):
             r.num_computed = e
         sample_rows = np.nonzero(sample_mask)[0].astype(_I32)
-        self._batch_reqs = [reqs[i] for i in sample_rows.tolist()]
+        sampled = [reqs[i] for i in sample_rows.tolist()]
+        sampling = self._sampling(sampled)  # before pending moves: seeded draws are keyed by output index
+        for r in sampled:
+            r.pending += 1
+        self._inflight.append(sampled)
         return ScheduledBatch(
             step=self.step_id, req_indices=req_idx, start_pos=start, q_lens=q_lens, input_ids=input_ids,
             out_slots=slots, table_rows=np.concatenate(tr) if tr else np.zeros(0, _I32),
             table_cols=np.concatenate(tc) if tc else np.zeros(0, _I32),
             table_slots=np.concatenate(ts) if ts else np.zeros(0, _I32),
-            sample_rows=sample_rows, sampling=self._sampling(self._batch_reqs))
+            sample_rows=sample_rows, sampling=sampling, has_placeholders=bool((input_ids < 0).any()))
+
+    @staticmethod
+    def _inputs(r: Request, n: int) -> list[int]:
+        """Token ids at positions num_computed .. +n; -1 for the one still being sampled."""
+        c = r.num_computed
+        known = r.tokens[c:c + n]
+        return known if len(known) == n else known + [-1] * (n - len(known))
 
     @staticmethod
     def _sampling(reqs: list[Request]) -> SamplingArrays:
@@ -227,20 +253,21 @@ class Scheduler:
         min_p = np.fromiter((p.min_p for p in ps), np.float32, S)
         # any Python int is a valid seed: fold it into int64's non-negative range (-1 marks unseeded)
         seeds = np.fromiter((-1 if p.seed is None else p.seed % (2 ** 63) for p in ps), np.int64, S)
-        out_lens = np.fromiter((r.num_output for r in reqs), _I32, S)
+        out_lens = np.fromiter((r.num_output + r.pending for r in reqs), _I32, S)
         return SamplingArrays(
             temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seeds=seeds, output_lens=out_lens,
             needs_filter=bool((top_p < 1).any() or (top_k > 0).any() or (min_p > 0).any()),
             all_greedy=bool((temperature == 0).all()))
 
     def update(self, sampled: np.ndarray) -> list[EngineOutput]:
-        """Apply the sampled tokens of the last scheduled batch; returns this step's outputs."""
+        """Apply the sampled tokens of the oldest batch in flight; returns this step's outputs."""
         outputs = self.take_pending_outputs()
         ctx = self.context_len
         finished: list[Request] = []
-        for req, tok in zip(self._batch_reqs, sampled.tolist()):
-            if req.status != Status.RUNNING:  # aborted while the step ran
+        for req, tok in zip(self._inflight.popleft(), sampled.tolist()):
+            if req.status == Status.FINISHED:  # aborted, or stopped by an earlier token, while in flight
                 continue
+            req.pending -= 1
             req.tokens.append(tok)
             reason = None
             if tok in req.stop_ids:
@@ -252,10 +279,12 @@ class Scheduler:
                 finished.append(req)
             outputs.append(EngineOutput(req.request_id, [tok], reason, req.num_prompt, req.num_cached))
         for req in finished:
-            self.running.remove(req)
-            self._release(req)
+            if req.status == Status.RUNNING:
+                self.running.remove(req)
+                self._release(req)
+            else:  # preempted while its last token was in flight
+                self.waiting.remove(req)
             self._finish(req, req.finish_reason)
-        self._batch_reqs = []
         return outputs
 
     # ------------------------------------------------------------------ introspection

@@ -15,6 +15,19 @@ from nanovllmx.utils.timing import PhaseTimer
 from nanovllmx.worker.sampler import Sampler
 
 
+class SampledTokens:
+    """Sampled ids of one step, copied to the host without blocking; `result()` waits for them.
+    Lets the engine schedule the next step while this one runs on the GPU."""
+
+    def __init__(self, host: torch.Tensor, event: "torch.cuda.Event | None"):
+        self.host, self.event = host, event
+
+    def result(self) -> np.ndarray:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.numpy().copy()
+
+
 def make_backend(name: str, kv: KVPool, model: Qwen3ForCausalLM, cfg: EngineConfig) -> AttentionBackend:
     layer0 = next(iter(model.layers.values())).self_attn
     args = (kv, layer0.num_heads, layer0.num_kv_heads, layer0.head_dim)
@@ -35,6 +48,12 @@ class ModelRunner:
         self.req_to_token = torch.zeros((cfg.max_bs + 1, cfg.context_len), dtype=torch.int32, device=device)
         self.backend = make_backend(cfg.attention_backend, kv, model, cfg)
         self.sampler = Sampler(device)
+        # last token sampled for each req_to_token row: the input of the next decode step when the
+        # scheduler runs a step ahead (its -1 placeholders)
+        self.next_tokens = torch.zeros(cfg.max_bs + 1, dtype=torch.int32, device=device)
+        pin = device.type == "cuda"
+        self._host_bufs = [torch.empty(cfg.max_bs, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
+        self._flip = 0
         self.timer = PhaseTimer()  # prepare / forward (launch) / sample+wait, per step
         self.graphs = None
         if not cfg.enforce_eager and device.type == "cuda":
@@ -67,12 +86,16 @@ class ModelRunner:
             q_lens_np=q_lens, kv_lens_np=kv_lens, req_indices_np=b.req_indices,
             req_indices=self._to_dev(b.req_indices), kv_lens=self._to_dev(kv_lens), cu_q_lens=self._to_dev(cu),
             out_slots=out_slots, req_to_token=self.req_to_token, is_decode=b.is_decode)
-        return self._to_dev(b.input_ids), self._to_dev(positions), meta
+        ids = self._to_dev(b.input_ids)
+        if b.has_placeholders:
+            tok_rows = b.req_indices if b.is_decode else np.repeat(b.req_indices, q_lens)
+            ids = torch.where(ids < 0, self.next_tokens[self._to_dev(tok_rows).long()], ids)
+        return ids, self._to_dev(positions), meta
 
     @torch.inference_mode()
     def execute(self, b: ScheduledBatch, hidden=None, residual=None):
         """Run one step. First stage embeds input ids; later stages take (hidden, residual).
-        Returns sampled token ids (np.int32 [S]) on the last stage, else (hidden, residual)."""
+        Returns SampledTokens on the last stage, else (hidden, residual)."""
         tm = self.timer
         tm.steps += 1
         tm.start()
@@ -87,12 +110,20 @@ class ModelRunner:
             if not self.model.is_last:
                 return out
             if len(b.sample_rows) == 0:
-                return np.zeros(0, dtype=np.int32)
+                return SampledTokens(torch.zeros(0, dtype=torch.int32), None)
             last_tok = self._to_dev((np.cumsum(b.q_lens) - 1)[b.sample_rows]).long()
             logits = self.model.compute_logits(out[last_tok])
         tm.lap("forward_launch")
         if len(b.sample_rows) == 0:
-            return np.zeros(0, dtype=np.int32)
-        tokens = self.sampler(logits, b.sampling).to(torch.int32).cpu().numpy()
-        tm.lap("sample_and_wait")
-        return tokens
+            return SampledTokens(torch.zeros(0, dtype=torch.int32), None)
+        tokens = self.sampler(logits, b.sampling).to(torch.int32)
+        self.next_tokens[self._to_dev(b.req_indices[b.sample_rows]).long()] = tokens
+        host = self._host_bufs[self._flip][:len(tokens)]
+        self._flip ^= 1
+        host.copy_(tokens, non_blocking=True)
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        tm.lap("sample_launch")
+        return SampledTokens(host, event)

@@ -79,6 +79,12 @@ class Worker:
 
     # ---- one step ----
     def execute(self, batch: ScheduledBatch) -> np.ndarray | None:
+        """Run a step and wait for it: sampled ids on the last stage, None elsewhere."""
+        out = self.execute_async(batch)
+        return None if out is None else out.result()
+
+    def execute_async(self, batch: ScheduledBatch):
+        """Launch a step; on the last stage returns a SampledTokens handle (result() waits)."""
         info = self.info
         hidden = residual = None
         if not info.is_first_stage:
