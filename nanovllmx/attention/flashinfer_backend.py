@@ -49,6 +49,9 @@ class FlashInferBackend(AttentionBackend):
         self.caches = [(k.unsqueeze(1), v.unsqueeze(1)) for k, v in zip(kv.k, kv.v)]  # [S, page=1, Hkv, D]
         self.active = self.prefill
         self.device = dev
+        # plan() stages its metadata in pinned host buffers and copies them asynchronously; with
+        # overlap scheduling the next plan must not overwrite them before the GPU has read them
+        self._planned = torch.cuda.Event()
 
     def _indices(self, meta: AttentionMetadata, kv_lens_np: np.ndarray, req_indices: torch.Tensor,
                  out: torch.Tensor) -> torch.Tensor:
@@ -61,6 +64,7 @@ class FlashInferBackend(AttentionBackend):
         return indptr_host
 
     def prepare(self, meta: AttentionMetadata) -> None:
+        self._planned.synchronize()
         self.meta = meta
         B = meta.num_reqs
         indptr = self._indices(meta, meta.kv_lens_np, meta.req_indices, self.kv_indices)
@@ -76,6 +80,7 @@ class FlashInferBackend(AttentionBackend):
                               self.num_kv_heads, self.head_dim, 1, causal=True, q_data_type=self.dtype,
                               kv_data_type=self.dtype)
             self.active = self.prefill
+        self._planned.record()
 
     # ---- CUDA graphs: one decode wrapper per captured batch size, sharing one indices buffer ----
     def make_graph_wrapper(self, bs: int, shared_indices: torch.Tensor):
@@ -87,12 +92,14 @@ class FlashInferBackend(AttentionBackend):
 
     def plan_graph(self, wrapper, meta: AttentionMetadata) -> None:
         """Plan a captured wrapper for (padded) decode metadata and make it the active one."""
+        self._planned.synchronize()
         self.meta = meta
         B = meta.num_reqs
         indptr = self._indices(meta, meta.kv_lens_np, meta.req_indices, self.kv_indices)
         total = int(indptr[-1])
         wrapper.plan(indptr, self.kv_indices[:total], self.ones[:B], self.num_heads, self.num_kv_heads,
                      self.head_dim, 1, q_data_type=self.dtype, kv_data_type=self.dtype)
+        self._planned.record()
         self.active = wrapper
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
