@@ -155,6 +155,7 @@ def main() -> None:
     ap.add_argument("--context-len", type=int, default=4096)
     ap.add_argument("--bw", action="store_true", help="measure copy bandwidth and print the roofline bound")
     ap.add_argument("--roofline", default=None, help="path to roofline.py (default: ../shared/roofline.py)")
+    ap.add_argument("--no-overlap", action="store_true", help="schedule each step only after the previous one")
     ap.add_argument("--decode-tensor-cores", type=int, default=None, choices=[0, 1])
     ap.add_argument("--torch-profile", default=None, help="write a torch.profiler kernel table of the run here")
     ap.add_argument("--profile", action="store_true", help="print the per-step time breakdown")
@@ -179,7 +180,8 @@ def main() -> None:
     llm = LLM(a.model, max_bs=a.max_bs, tp_size=a.tp_size, pp_size=a.pp_size, executor=a.executor,
               enforce_eager=a.enforce_eager, attention_backend=a.attention_backend, context_len=a.context_len,
               gpu_memory_utilization=a.gpu_memory_utilization,
-              decode_tensor_cores=None if a.decode_tensor_cores is None else bool(a.decode_tensor_cores))
+              decode_tensor_cores=None if a.decode_tensor_cores is None else bool(a.decode_tensor_cores),
+              overlap_scheduling=not a.no_overlap)
     prompts, params = standard_workload(a.num_seqs)
     llm.generate(["Benchmark: "], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
     prof = None
@@ -197,7 +199,7 @@ def main() -> None:
     total = sum(len(o.token_ids) for o in outs)
     assert total == sum(p.max_tokens for p in params), "every request must produce max_tokens tokens"
     res = {"tokens": total, "seconds": round(dt, 3), "tok_per_s": round(total / dt, 1), "max_bs": a.max_bs,
-           "tp": a.tp_size, "pp": a.pp_size, "eager": a.enforce_eager}
+           "tp": a.tp_size, "pp": a.pp_size, "eager": a.enforce_eager, "overlap": not a.no_overlap}
     stats = llm.stats()
     res.update({k: stats[k] for k in ("num_preempted_total", "num_slots") if k in stats})
     if bw:
