@@ -1,0 +1,63 @@
+"""Splitting one step's ScheduledBatch into pipeline micro-batches.
+
+With pp_size stages, a step sent as one batch keeps one stage busy at a time. Split into m
+micro-batches (contiguous groups of requests with about the same number of tokens), stage 0 runs
+micro-batch k+1 while stage 1 runs micro-batch k, so a step costs about (m + pp - 1) / m stage
+times instead of pp. Each micro-batch is a complete ScheduledBatch of its own; the sampled ids of
+the micro-batches, concatenated in order, are the ids of the whole batch (sample rows keep their
+order because the groups are contiguous).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from nanovllmx.scheduler.messages import SamplingArrays, ScheduledBatch
+
+
+def _sampling_subset(sa: SamplingArrays, mask: np.ndarray) -> SamplingArrays:
+    temperature, top_p, top_k, min_p = sa.temperature[mask], sa.top_p[mask], sa.top_k[mask], sa.min_p[mask]
+    return SamplingArrays(
+        temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seeds=sa.seeds[mask],
+        output_lens=sa.output_lens[mask],
+        needs_filter=bool(sa.needs_filter and ((top_p < 1).any() or (top_k > 0).any() or (min_p > 0).any())),
+        # a subset of an all-greedy batch is all greedy; otherwise keep the sampler's general path
+        all_greedy=sa.all_greedy)
+
+
+def split_points(q_lens: np.ndarray, m: int) -> list[int]:
+    """Row boundaries [0, ..., B] of up to m contiguous, non-empty groups of about equal tokens."""
+    B = len(q_lens)
+    m = max(1, min(m, B))
+    cu = np.cumsum(q_lens)
+    total = int(cu[-1])
+    bounds = [0]
+    for k in range(1, m):
+        # first row index whose cumulative token count reaches k/m of the total
+        r = int(np.searchsorted(cu, total * k / m, side="left")) + 1
+        r = min(max(r, bounds[-1] + 1), B - (m - k))
+        bounds.append(r)
+    bounds.append(B)
+    return bounds
+
+
+def split_batch(b: ScheduledBatch, m: int) -> list[ScheduledBatch]:
+    if m <= 1 or b.num_reqs < 2:
+        return [b]
+    bounds = split_points(b.q_lens, m)
+    cu = np.zeros(b.num_reqs + 1, dtype=np.int64)
+    np.cumsum(b.q_lens, out=cu[1:])
+    out = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        t0, t1 = int(cu[lo]), int(cu[hi])
+        rows = b.req_indices[lo:hi]
+        tmask = np.isin(b.table_rows, rows) if len(b.table_rows) else np.zeros(0, dtype=bool)
+        smask = (b.sample_rows >= lo) & (b.sample_rows < hi)
+        ids = b.input_ids[t0:t1]
+        out.append(ScheduledBatch(
+            step=b.step, req_indices=rows, start_pos=b.start_pos[lo:hi], q_lens=b.q_lens[lo:hi],
+            input_ids=ids, out_slots=b.out_slots[t0:t1],
+            table_rows=b.table_rows[tmask], table_cols=b.table_cols[tmask], table_slots=b.table_slots[tmask],
+            sample_rows=(b.sample_rows[smask] - lo).astype(b.sample_rows.dtype),
+            sampling=_sampling_subset(b.sampling, smask),
+            has_placeholders=bool(b.has_placeholders and (ids < 0).any())))
+    return out

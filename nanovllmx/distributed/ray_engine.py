@@ -1,0 +1,260 @@
+"""The engine on Ray: a scheduler actor that owns an EngineCore (scheduler, radix cache, continuous
+batch) driving one worker actor per TP x PP shard, and `RayEngineClient`, the caller-side object
+the LLM uses in place of an in-process EngineCore (same methods: check_request, add_request, abort,
+stats, shutdown; outputs delivered through the sink callback).
+
+    caller process                    scheduler actor (bundle 0's node)      worker actors
+    RayEngineClient  --submit(seq)--> EngineCore thread --socket: batch--> loop thread x (tp*pp)
+      poll thread   <--get_outputs--  outputs buffer    <--socket: ids---  (last stage, tp_rank 0)
+
+Requests and aborts are fire-and-forget Ray calls carrying a sequence number (the actor applies
+them in order even if Ray delivers them out of order); outputs come back by long polling.
+See docs/distributed.md.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from typing import Callable
+
+import ray
+
+from nanovllmx.config import EngineConfig
+from nanovllmx.engine.core import EngineCore
+from nanovllmx.scheduler.request import EngineOutput, EngineRequest
+
+logger = logging.getLogger(__name__)
+
+OutputSink = Callable[[list[EngineOutput]], None]
+
+
+class _ActorEngineCore(EngineCore):
+    """EngineCore that tells the executor when it waited for work, so idle time is not counted as
+    control-plane time."""
+
+    def _drain(self, block: bool) -> None:
+        if block:
+            self.executor.mark_idle()
+        super()._drain(block)
+
+
+class SchedulerActor:
+    """Owns the EngineCore. Methods in the default concurrency group run one at a time in
+    submission order; `get_outputs` has its own group so a long poll never blocks a submit."""
+
+    def __init__(self, cfg: EngineConfig):
+        self.cfg = cfg
+        self.core: EngineCore | None = None
+        self._cond = threading.Condition()
+        self._outputs: list[EngineOutput] = []
+        self._closed = False
+        self._next_seq = 0
+        self._early: dict[int, tuple[str, object]] = {}
+
+    def start(self, workers: list) -> int:
+        from nanovllmx.distributed.ray_executor import RayExecutor
+        executor = RayExecutor(self.cfg, workers, mode=self.cfg.ray_step_mode)
+        self.core = _ActorEngineCore(self.cfg, executor, self._sink)
+        executor.overlap = bool(getattr(self.core, "overlap", False))
+        return self.core.scheduler.num_slots
+
+    def _sink(self, outs: list[EngineOutput]) -> None:
+        with self._cond:
+            self._outputs.extend(outs)
+            self._cond.notify_all()
+
+    # ---- requests in ----
+    def submit(self, seq: int, kind: str, arg) -> None:
+        """Apply request `seq` once all earlier ones are applied."""
+        self._early[seq] = (kind, arg)
+        while self._next_seq in self._early:
+            kind, arg = self._early.pop(self._next_seq)
+            self._next_seq += 1
+            if kind == "add":
+                try:
+                    self.core.add_request(arg)
+                except ValueError as e:  # the client checked already; report instead of raising
+                    self._sink([EngineOutput(arg.request_id, [], "error", len(arg.prompt_token_ids), 0, str(e))])
+            elif kind == "abort":
+                self.core.abort(arg)
+
+    # ---- outputs out ----
+    @ray.method(concurrency_group="poll")
+    def get_outputs(self, timeout: float) -> list[EngineOutput] | None:
+        """Outputs since the last call, waiting up to `timeout` s for some; None once shut down."""
+        with self._cond:
+            if not self._outputs and not self._closed:
+                self._cond.wait(timeout)
+            if self._closed and not self._outputs:
+                return None
+            outs, self._outputs = self._outputs, []
+            return outs
+
+    def stats(self) -> dict:
+        s = self.core.stats()
+        s.update(self.core.executor.metrics())
+        return s
+
+    def shutdown(self) -> None:
+        try:
+            if self.core is not None:
+                self.core.shutdown()
+        finally:
+            with self._cond:
+                self._closed = True
+                self._cond.notify_all()
+
+    def ping(self) -> bool:
+        return True
+
+
+def _wait_all(refs: list, what: str, timeout: float | None = None) -> list:
+    """ray.get a list, raising as soon as any of them fails (the others may be blocked waiting on
+    the failed one, e.g. in a rendezvous)."""
+    pending = list(refs)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while pending:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        done, pending = ray.wait(pending, num_returns=1, timeout=left)
+        if not done:
+            raise TimeoutError(f"{what}: {len(pending)} of {len(refs)} did not finish within {timeout}s")
+        ray.get(done[0])  # raises the failure
+    return ray.get(refs)
+
+
+class RayEngineClient:
+    """Caller-side stand-in for EngineCore when the engine runs on Ray."""
+
+    POLL_S = 0.5
+
+    def __init__(self, cfg: EngineConfig, sink: OutputSink):
+        from nanovllmx.distributed import placement
+        from nanovllmx.distributed.ray_executor import WorkerActor
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+        self.cfg, self.sink = cfg, sink
+        self.pg = None
+        self.workers: list = []
+        self.scheduler = None
+        self.worker_info: list[dict] = []
+        self._seq = itertools.count()
+        self._inflight: set[str] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._poll_thread: threading.Thread | None = None
+        placement.connect_ray(cfg)
+        try:
+            self.pg = placement.create_placement_group(cfg)
+            tp, world = cfg.tp_size, cfg.tp_size * cfg.pp_size
+            cpus = placement.num_cpus_per_worker(cfg)
+            actor_cls = ray.remote(WorkerActor)
+            for rank in range(world):
+                opts = placement.shard_options(cfg, rank // tp)
+                self.workers.append(actor_cls.options(
+                    **opts, name=None, max_restarts=0,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                        self.pg, placement_group_bundle_index=rank // tp),
+                ).remote(cfg, rank, cpus))
+            # the scheduler sits next to rank 0 (bundle 0), using none of the bundle's resources
+            sched_cls = ray.remote(concurrency_groups={"poll": 2})(SchedulerActor)
+            self.scheduler = sched_cls.options(
+                num_cpus=0, max_concurrency=1, max_restarts=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=0),
+            ).remote(cfg)
+            init_method = None
+            if world > 1:  # the rendezvous address comes from rank 0's own node
+                init_method = ray.get(self.workers[0].rendezvous_address.remote())
+            self.worker_info = _wait_all([w.init_worker.remote(init_method) for w in self.workers],
+                                         "worker initialisation")
+            ray.get(self.scheduler.start.remote(self.workers))
+        except BaseException:
+            self._teardown()
+            raise
+        logger.info("Ray engine up: tp_size=%d pp_size=%d on nodes %s", cfg.tp_size, cfg.pp_size,
+                    sorted({i["node_id"][:12] for i in self.worker_info}))
+        self._poll_thread = threading.Thread(target=self._poll_loop, name="nanovllmx-ray-poll", daemon=True)
+        self._poll_thread.start()
+
+    # ---- EngineCore's client API ----
+    def check_request(self, er: EngineRequest) -> None:
+        EngineCore.check_request(self, er)  # the same checks; they only read self.cfg
+
+    def add_request(self, er: EngineRequest) -> None:
+        if self._closed:
+            raise RuntimeError("the engine has been shut down")
+        self.check_request(er)
+        with self._lock:
+            self._inflight.add(er.request_id)
+            self.scheduler.submit.remote(next(self._seq), "add", er)
+
+    def abort(self, request_id: str) -> None:
+        if self._closed:
+            return
+        with self._lock:
+            self.scheduler.submit.remote(next(self._seq), "abort", request_id)
+
+    def stats(self) -> dict:
+        return ray.get(self.scheduler.stats.remote())
+
+    # ---- outputs ----
+    def _poll_loop(self) -> None:
+        while not self._closed:
+            try:
+                outs = ray.get(self.scheduler.get_outputs.remote(self.POLL_S))
+            except Exception as e:
+                if self._closed:
+                    return
+                logger.error("the scheduler actor failed: %s", e)
+                self._fail_inflight(f"the Ray scheduler actor died: {type(e).__name__}: {e}")
+                return
+            if outs is None:
+                return
+            if outs:
+                with self._lock:
+                    for o in outs:
+                        if o.finish_reason is not None:
+                            self._inflight.discard(o.request_id)
+                self.sink(outs)
+
+    def _fail_inflight(self, msg: str) -> None:
+        with self._lock:
+            rids, self._inflight = list(self._inflight), set()
+        if rids:
+            self.sink([EngineOutput(r, [], "error", 0, 0, msg) for r in rids])
+
+    # ---- teardown ----
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.scheduler is not None:
+            try:
+                ray.get(self.scheduler.shutdown.remote(), timeout=60)
+            except Exception as e:
+                logger.warning("scheduler actor shutdown: %s", e)
+        if self._poll_thread is not None:
+            self._poll_thread.join(timeout=self.POLL_S + 5)
+        self._teardown()
+
+    def _teardown(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+        self._closed = True
+        for a in ([self.scheduler] if self.scheduler is not None else []) + self.workers:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:
+                pass
+        self.scheduler, self.workers = None, []
+        if self.pg is not None:
+            try:
+                remove_placement_group(self.pg)
+            except Exception:
+                pass
+            self.pg = None
+
+    def __del__(self):
+        try:
+            self.shutdown()
+        except Exception:
+            pass

@@ -1,0 +1,246 @@
+"""The engine on Ray (CPU, gloo): TP, PP and TP x PP grids give the local tp=1 engine's greedy tokens,
+with radix-cache hits and preemption; stages placed on different nodes of a multi-node cluster; a
+grid that cannot fit fails fast with a clear error; teardown releases everything.
+
+One Ray cluster (two nodes started by ray.cluster_utils.Cluster, with custom resources node_a and
+node_b standing for two machines) serves the whole module."""
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from nanovllmx import LLM, SamplingParams  # noqa: E402
+from nanovllmx.engine.output_processor import EngineRequestError  # noqa: E402
+
+CTX = 512
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+def _prompt(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(151643) for _ in range(n)]
+
+
+PREFIX = _prompt(48, 1)
+# first call fills the radix cache with PREFIX; the second call's PREFIX requests then hit it
+WARM = [PREFIX + _prompt(5, 2)]
+MIXED = [PREFIX + _prompt(7, 3), "Hello, my name is", _prompt(90, 4), PREFIX + _prompt(20, 5), _prompt(3, 6),
+         "The capital of France is"]
+PREFIXED = [0, 3]  # indices of MIXED that share PREFIX
+# small KV pool: 3 requests of 150 prompt tokens fit, their decodes do not -> preemption
+SMALL_KV = 600
+LONG = [_prompt(150, 10 + i) for i in range(4)]
+LONG_PARAMS = SamplingParams(temperature=0, max_tokens=70, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    from nanovllmx.utils.make_model import make_model
+    return str(make_model(tmp_path_factory.mktemp("tiny-dist"), preset="tiny", seed=0, dtype="float32",
+                          device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+    if ray.is_initialized():
+        ray.shutdown()
+    c = Cluster(initialize_head=True, connect=True,
+                head_node_args=dict(num_cpus=2, resources={"node_a": 1}, include_dashboard=False))
+    c.add_node(num_cpus=2, resources={"node_b": 1})
+    c.wait_for_nodes()
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+def _node_with(resource: str) -> str:
+    return next(n["NodeID"] for n in ray.nodes() if n["Alive"] and resource in n["Resources"])
+
+
+def _run_mixed(llm: LLM) -> tuple[list[list[int]], list[int]]:
+    outs = llm.generate(WARM, GREEDY) + llm.generate(MIXED, GREEDY)
+    return [o.token_ids for o in outs], [o.num_cached_tokens for o in outs]
+
+
+def _run_long(llm: LLM) -> list[list[int]]:
+    return [o.token_ids for o in llm.generate(LONG, LONG_PARAMS)]
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir) -> dict:
+    """The local, single-process engine (tp=1)."""
+    llm = LLM(model_dir, context_len=CTX, executor="local")
+    mixed, cached = _run_mixed(llm)
+    llm.shutdown()
+    llm = LLM(model_dir, context_len=CTX, executor="local", num_kv_slots=SMALL_KV)
+    long = _run_long(llm)
+    preempted = llm.stats()["num_preempted_total"]
+    llm.shutdown()
+    assert all(c > 0 for c in (cached[1 + i] for i in PREFIXED))
+    assert preempted > 0, "the small-KV workload must preempt"
+    return dict(mixed=mixed, long=long)
+
+
+def _check_placement(llm: LLM, tp: int, pp: int) -> None:
+    info = sorted(llm.core.worker_info, key=lambda i: i["rank"])
+    assert [i["rank"] for i in info] == list(range(tp * pp))
+    for i in info:
+        assert (i["pp_rank"], i["tp_rank"]) == divmod(i["rank"], tp)
+    for stage in range(pp):  # TP ranks of a stage share a node
+        assert len({i["node_id"] for i in info if i["pp_rank"] == stage}) == 1
+
+
+def _check_stats(llm: LLM) -> dict:
+    st = llm.stats()
+    assert st["num_running"] == 0 and st["num_waiting"] == 0
+    assert st["num_timed_steps"] > 0
+    for k in ("control_plane_ms_per_step", "worker_busy_ms_per_step", "scheduler_ms_per_step"):
+        assert st[k] is not None and st[k] > 0, (k, st)
+    return st
+
+
+@pytest.mark.parametrize("tp,pp,mode,overlap", [(2, 1, "socket", True), (1, 2, "socket", True),
+                                                (2, 2, "socket", True), (2, 1, "ray", False), (1, 1, "socket", True)],
+                         ids=["tp2", "pp2", "tp2xpp2", "tp2-raysteps-sync", "1x1-on-ray"])
+def test_grid_matches_local(cluster, model_dir, reference, tp, pp, mode, overlap):
+    # pp > 1: every step, decode included, is split into pp micro-batches (and no overlap scheduling)
+    llm = LLM(model_dir, context_len=CTX, tp_size=tp, pp_size=pp, executor="ray", ray_step_mode=mode,
+              pp_microbatch_min_tokens=1, overlap_scheduling=overlap)
+    try:
+        _check_placement(llm, tp, pp)
+        tokens, cached = _run_mixed(llm)
+        assert tokens == reference["mixed"]
+        for i in PREFIXED:
+            assert cached[1 + i] > 0, "expected radix-cache hits on the shared prefix"
+        st = _check_stats(llm)
+        assert st["pp_microbatches"] == pp
+        assert st["overlap"] == (overlap and pp == 1)
+    finally:
+        llm.shutdown()
+
+
+def test_grid_preemption_matches_local(cluster, model_dir, reference):
+    llm = LLM(model_dir, context_len=CTX, tp_size=2, pp_size=2, num_kv_slots=SMALL_KV)
+    try:
+        assert _run_long(llm) == reference["long"]
+        st = _check_stats(llm)
+        assert st["num_preempted_total"] > 0
+        assert st["num_slots"] == SMALL_KV
+    finally:
+        llm.shutdown()
+
+
+def test_stages_on_different_nodes(cluster, model_dir, reference):
+    node_a, node_b = _node_with("node_a"), _node_with("node_b")
+    # stage 0 pinned to node_b (not the head: rank 0's rendezvous address is not the driver's),
+    # stage 1 to node_a; STRICT_SPREAD alone would also split them
+    llm = LLM(model_dir, context_len=CTX, tp_size=2, pp_size=2, placement_strategy="STRICT_SPREAD",
+              ray_worker_resources=[{"node_b": 0.1}, {"node_a": 0.1}])
+    try:
+        _check_placement(llm, 2, 2)
+        nodes = {i["pp_rank"]: i["node_id"] for i in llm.core.worker_info}
+        assert nodes == {0: node_b, 1: node_a}
+        tokens, _ = _run_mixed(llm)
+        assert tokens == reference["mixed"]
+    finally:
+        llm.shutdown()
+
+
+def test_unfit_grid_raises_quickly(cluster, model_dir):
+    from ray.util import placement_group_table
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"(?s)cannot place.*tp_size=8.*no_such_resource"):
+        LLM(model_dir, context_len=CTX, tp_size=8, ray_worker_resources={"no_such_resource": 1},
+            placement_timeout_s=2)
+    assert time.monotonic() - t0 < 30
+    with pytest.raises(RuntimeError, match="cannot place"):  # a bundle of 8 CPUs fits no 2-CPU node
+        LLM(model_dir, context_len=CTX, tp_size=8, ray_num_cpus_per_worker=1, placement_timeout_s=1)
+    assert all(pg["state"] == "REMOVED" for pg in placement_group_table().values())
+
+
+def _released() -> bool:
+    from ray.util import placement_group_table
+    return (all(pg["state"] == "REMOVED" for pg in placement_group_table().values())
+            and ray.available_resources().get("CPU", 0) == ray.cluster_resources().get("CPU"))
+
+
+def test_shutdown_then_second_llm(cluster, model_dir, reference):
+    llm = LLM(model_dir, context_len=CTX, tp_size=2)
+
+    async def first_deltas(n):  # a stream cancelled early aborts its request
+        got = []
+        async for d in llm.stream(_prompt(20, 99), SamplingParams(temperature=0, max_tokens=300, ignore_eos=True)):
+            got.append(d)
+            if len(got) == n:
+                break
+        return got
+    assert len(asyncio.run(first_deltas(3))) == 3
+    deadline = time.monotonic() + 20
+    while llm.stats()["num_running"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert llm.stats()["num_running"] == 0
+
+    # a worker that dies fails the requests instead of hanging them
+    ray.kill(llm.core.workers[1], no_restart=True)
+    with pytest.raises(EngineRequestError):
+        llm.generate(["Hello"], GREEDY)
+    actors = [llm.core.scheduler] + llm.core.workers
+    t0 = time.monotonic()
+    llm.shutdown()
+    assert time.monotonic() - t0 < 60
+    for a in actors:
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(a.node_info.remote() if a is not actors[0] else a.ping.remote(), timeout=30)
+    print(f"shutdown took {time.monotonic() - t0:.1f}s")
+    deadline = time.monotonic() + 60
+    while not _released() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    from ray.util import placement_group_table
+    print(f"released after {time.monotonic() - t0:.1f}s")
+    assert _released(), ({k: (v["state"], v["bundles"]) for k, v in placement_group_table().items()},
+                         ray.available_resources().get("CPU"), ray.cluster_resources().get("CPU"))
+
+    llm2 = LLM(model_dir, context_len=CTX, tp_size=1, pp_size=2, pp_microbatches=1)  # synchronous pipeline
+    try:
+        tokens, _ = _run_mixed(llm2)
+        assert tokens == reference["mixed"]
+    finally:
+        llm2.shutdown()
+
+
+def test_split_batch():
+    import numpy as np
+    from nanovllmx.distributed.microbatch import split_batch, split_points
+    from nanovllmx.scheduler.messages import SamplingArrays, ScheduledBatch
+    q = np.array([100, 1, 1, 30, 1, 60, 1, 1], np.int32)
+    B, T = len(q), int(q.sum())
+    sample_rows = np.array([1, 2, 4, 5, 6, 7], np.int32)  # rows 0 and 3 are mid-prefill chunks
+    S = len(sample_rows)
+    sa = SamplingArrays(np.arange(S, dtype=np.float32), np.ones(S, np.float32), np.zeros(S, np.int32),
+                        np.zeros(S, np.float32), np.arange(S, dtype=np.int64), np.arange(S, dtype=np.int32),
+                        False, False)
+    b = ScheduledBatch(step=7, req_indices=np.arange(10, 10 + B, dtype=np.int32),
+                       start_pos=np.arange(B, dtype=np.int32) * 3, q_lens=q, input_ids=np.arange(T, dtype=np.int32),
+                       out_slots=np.arange(1000, 1000 + T, dtype=np.int32),
+                       table_rows=np.array([13, 13, 15], np.int32), table_cols=np.array([0, 1, 0], np.int32),
+                       table_slots=np.array([5, 6, 7], np.int32), sample_rows=sample_rows, sampling=sa)
+    assert split_points(q, 3) == [0, 1, 4, 8] and split_points(q, 20)[-1] == B
+    for m in (1, 2, 3, 8):
+        parts = split_batch(b, m)
+        assert len(parts) == min(m, B)
+        cat = lambda f: np.concatenate([getattr(p, f) for p in parts])
+        for f in ("req_indices", "start_pos", "q_lens", "input_ids", "out_slots"):
+            assert (cat(f) == getattr(b, f)).all(), f
+        assert sorted(zip(cat("table_rows"), cat("table_slots"))) == [(13, 5), (13, 6), (15, 7)]
+        for p in parts:  # a prefix write travels with its request
+            assert set(p.table_rows.tolist()) <= set(p.req_indices.tolist())
+        offs = np.cumsum([0] + [p.num_reqs for p in parts[:-1]])
+        assert (np.concatenate([p.sample_rows + o for p, o in zip(parts, offs)]) == sample_rows).all()
+        assert (np.concatenate([p.sampling.temperature for p in parts]) == sa.temperature).all()
+        assert all(p.step == 7 for p in parts)
