@@ -24,12 +24,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--mode", default="socket", choices=["socket", "ray"])
     ap.add_argument("--context-len", type=int, default=512)
     ap.add_argument("--microbatches", type=int, default=None, help="pp_microbatches (default: pp_size)")
+    ap.add_argument("--no-overlap", action="store_true", help="overlap_scheduling=False")
     ap.add_argument("--executor", default="ray", choices=["ray", "local"])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--num-cpus", type=int, default=None, help="ray.init(num_cpus=...) if we start Ray")
     a = ap.parse_args(argv)
     from nanovllmx import LLM, SamplingParams
     kw = {"ray_init_kwargs": {"num_cpus": a.num_cpus}} if a.num_cpus else {}
+    kw["overlap_scheduling"] = not a.no_overlap
     t0 = time.perf_counter()
     if a.executor == "ray":
         kw.update(ray_step_mode=a.mode, pp_microbatches=a.microbatches)
@@ -47,7 +49,7 @@ def main(argv=None) -> dict:
     n = sum(len(o.token_ids) for o in outs)
     res = dict(executor=a.executor, device=llm.config.device, tp=a.tp, pp=a.pp, batch=a.batch, mode=a.mode,
                microbatches=st.get("pp_microbatches"), init_s=round(t_init, 2), tok_per_s=round(n / dt, 1),
-               **{k: st.get(k) for k in ("num_timed_steps", "control_plane_ms_per_step", "scheduler_ms_per_step",
+               **{k: st.get(k) for k in ("overlap", "num_timed_steps", "control_plane_ms_per_step", "scheduler_ms_per_step",
                                           "transport_ms_per_step", "worker_busy_ms_per_step", "step_wall_ms",
                                           "control_plane_share")})
     print(json.dumps(res))
