@@ -186,10 +186,13 @@ def test_shutdown_then_second_llm(cluster, model_dir, reference):
         time.sleep(0.1)
     assert llm.stats()["num_running"] == 0
 
-    # a worker that dies fails the requests instead of hanging them
+    # a worker that dies fails the requests instead of hanging them, and health says so
+    llm.core.check_health()
     ray.kill(llm.core.workers[1], no_restart=True)
     with pytest.raises(EngineRequestError):
         llm.generate(["Hello"], GREEDY)
+    with pytest.raises(RuntimeError, match="broken"):
+        llm.core.check_health()
     actors = [llm.core.scheduler] + llm.core.workers
     t0 = time.monotonic()
     llm.shutdown()

@@ -109,6 +109,14 @@ class SchedulerActor:
     def ping(self) -> bool:
         return True
 
+    def health(self) -> str | None:
+        """Why this engine cannot serve, or None."""
+        if self.core is None:
+            return "the engine has not started"
+        if not self.core._thread.is_alive():
+            return "the engine's step loop has stopped"
+        return getattr(self.core.executor, "_broken", None)
+
 
 def _wait_all(refs: list, what: str, timeout: float | None = None) -> list:
     """ray.get a list, raising as soon as any of them fails (the others may be blocked waiting on
@@ -196,6 +204,15 @@ class RayEngineClient:
 
     def stats(self) -> dict:
         return ray.get(self.scheduler.stats.remote())
+
+    def check_health(self, timeout: float = 10.0) -> None:
+        """Raise if the engine cannot serve: shut down, scheduler actor gone or unresponsive, or a
+        worker failed (the grid is then broken for good)."""
+        if self._closed:
+            raise RuntimeError("the engine has been shut down")
+        problem = ray.get(self.scheduler.health.remote(), timeout=timeout)
+        if problem:
+            raise RuntimeError(f"the distributed engine is broken: {problem}")
 
     # ---- outputs ----
     def _poll_loop(self) -> None:
