@@ -19,7 +19,9 @@ class EngineConfig:
     num_kv_slots: int | None = None  # KV pool size in tokens; default: from memory
     attention_backend: str = "auto"  # "auto" | "torch" | "flashinfer"
     enable_prefix_caching: bool = True
-    overlap_scheduling: bool = True  # schedule step N+1 while step N runs on the GPU
+    # schedule step N+1 while step N runs; default on GPU only (on CPU the forward is synchronous,
+    # so it only adds scheduler work competing for the same cores)
+    overlap_scheduling: bool | None = None
     decode_tensor_cores: bool | None = None  # FlashInfer decode kernel; None: by GQA group size
     tp_size: int = 1
     pp_size: int = 1
@@ -68,6 +70,8 @@ class EngineConfig:
             self.attention_backend = "flashinfer" if self.device == "cuda" else "torch"
         if self.device == "cpu":
             self.enforce_eager = True
+        if self.overlap_scheduling is None:
+            self.overlap_scheduling = self.device == "cuda"
         self.eos_token_ids = self._eos_ids()
 
     def _eos_ids(self) -> list[int]:

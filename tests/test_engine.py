@@ -141,7 +141,8 @@ def test_logits_match_hf_batched_chunked_cached_and_decode(worker, hf_ref):
 # ====================================================================== greedy parity through LLM
 @pytest.fixture(scope="module")
 def llm(tiny_model_dir):
-    engine = LLM(str(tiny_model_dir), context_len=CONTEXT_LEN)
+    # overlap scheduling on (the GPU default): the API tests run the engine's more intricate path
+    engine = LLM(str(tiny_model_dir), context_len=CONTEXT_LEN, overlap_scheduling=True)
     yield engine
     engine.shutdown()
 
@@ -208,14 +209,16 @@ def test_seeded_sampling_reproducible_across_batches(llm):
     assert other.token_ids != alone.token_ids
 
 
+@pytest.mark.parametrize("overlap", [False, True])
 @pytest.mark.parametrize("budget", [64, 7])
-def test_chunked_prefill_matches_hf(tiny_model_dir, hf_ref, budget):
-    engine = LLM(str(tiny_model_dir), context_len=CONTEXT_LEN, max_num_batched_tokens=budget)
+def test_chunked_prefill_matches_hf(tiny_model_dir, hf_ref, budget, overlap):
+    engine = LLM(str(tiny_model_dir), context_len=CONTEXT_LEN, max_num_batched_tokens=budget,
+                 overlap_scheduling=overlap)
     steps = []
     execute = engine.core.executor.execute_async
 
     def recording(batch):
-        steps.append((batch.num_tokens, batch.q_lens.copy()))
+        steps.append((batch.num_tokens, batch.q_lens.copy(), batch.has_placeholders))
         return execute(batch)
 
     engine.core.executor.execute_async = recording
@@ -224,19 +227,24 @@ def test_chunked_prefill_matches_hf(tiny_model_dir, hf_ref, budget):
         prompts = [random_prompt(n, seed=500 + n) for n in (4, 6, 9)] + [random_prompt(300, seed=599)]
         outs = engine.generate(prompts, [greedy(40)] * 3 + [greedy(8)])
         check_same(outs, prompts, hf_ref, [40, 40, 40, 8])
-        assert all(n <= budget for n, _ in steps)
+        assert all(n <= budget for n, _, _ in steps)
         # some steps decoded the short requests next to a prefill chunk of the long one
-        assert any((q == 1).any() and (q > 1).any() for _, q in steps)
+        assert any((q == 1).any() and (q > 1).any() for _, q, _ in steps)
+        # with overlap, steps were scheduled before the previous step's tokens were known
+        assert any(ph for _, _, ph in steps) == overlap
         assert len(steps) >= 300 // budget
         assert_no_leak(engine)
     finally:
         engine.shutdown()
 
 
-def test_preempted_requests_match_hf(tiny_model_dir, hf_ref):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_preempted_requests_match_hf(tiny_model_dir, hf_ref, overlap):
     # 256 slots (one full context) for 4 requests of 50 + 60 tokens: decode runs out, requests are
-    # preempted and later recomputed (partly from the radix cache)
-    engine = LLM(str(tiny_model_dir), context_len=256, num_kv_slots=256, max_num_batched_tokens=128)
+    # preempted and later recomputed (partly from the radix cache); with overlap some are preempted
+    # while a token sampled for them is still in flight
+    engine = LLM(str(tiny_model_dir), context_len=256, num_kv_slots=256, max_num_batched_tokens=128,
+                 overlap_scheduling=overlap)
     try:
         prompts = [random_prompt(50, seed=600 + i) for i in range(4)]
         outs = engine.generate(prompts, greedy(60))
