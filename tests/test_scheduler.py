@@ -41,6 +41,7 @@ class FakeWorker:
         self.table = np.zeros((max_bs + 1, context_len), dtype=np.int64)
         self.kv: dict[int, tuple[int, ...]] = {}
         self.lm = lm
+        self.next_tok = np.full(max_bs + 1, -1, dtype=np.int64)  # last token sampled per row
 
     def execute(self, b) -> np.ndarray:
         assert b.input_ids.dtype == np.int32 and b.out_slots.dtype == np.int32
@@ -50,6 +51,13 @@ class FakeWorker:
         assert len(set(b.req_indices.tolist())) == b.num_reqs
         if len(b.table_rows):
             self.table[b.table_rows, b.table_cols] = b.table_slots
+        ids = b.input_ids.astype(np.int64)
+        if b.has_placeholders:  # overlap scheduling: the previous step's sample, kept per row
+            rows = np.repeat(b.req_indices, b.q_lens)
+            ids = np.where(ids < 0, self.next_tok[rows], ids)
+            assert (ids >= 0).all(), "placeholder for a row that has no sampled token"
+        else:
+            assert (ids >= 0).all()
         t = 0
         last: list[tuple[int, ...]] = []
         for r, start, q in zip(b.req_indices.tolist(), b.start_pos.tolist(), b.q_lens.tolist()):
@@ -59,13 +67,15 @@ class FakeWorker:
                 self.table[r, p] = slot
                 prev = self.kv[int(self.table[r, p - 1])] if p else ()
                 assert len(prev) == p
-                self.kv[slot] = prev + (int(b.input_ids[t]),)
+                self.kv[slot] = prev + (int(ids[t]),)
                 t += 1
             ctx = self.kv[int(self.table[r, start + q - 1])]
             for p in range(start + q):  # attention reads every slot of the context
                 assert self.kv.get(int(self.table[r, p])) == ctx[:p + 1], f"row {r}: slot of position {p} is wrong"
             last.append(ctx)
-        return np.array([self.lm(last[i]) for i in b.sample_rows.tolist()], dtype=np.int32)
+        out = np.array([self.lm(last[i]) for i in b.sample_rows.tolist()], dtype=np.int32)
+        self.next_tok[b.req_indices[b.sample_rows]] = out
+        return out
 
 
 def make(num_slots=512, max_bs=8, context_len=128, budget=64, prefix=True, lm=fake_lm):
@@ -109,8 +119,11 @@ def check_idle(s: Scheduler) -> None:
 class Run:
     """Drives a scheduler + fake worker, checking invariants every step."""
 
-    def __init__(self, s: Scheduler, w: FakeWorker):
-        self.s, self.w = s, w
+    def __init__(self, s: Scheduler, w: FakeWorker, overlap: bool = False):
+        """overlap: like the engine's overlap scheduling, step N+1 is scheduled and run before
+        step N's tokens are applied."""
+        self.s, self.w, self.overlap = s, w, overlap
+        self.inflight = None
         self.tokens: dict[str, list[int]] = {}
         self.finish: dict[str, str] = {}
         self.cached: dict[str, int] = {}
@@ -134,6 +147,8 @@ class Run:
     def step(self, between=None):
         """One engine step; `between(batch)` runs after schedule and before update (e.g. an abort)."""
         s = self.s
+        if self.overlap:
+            return self._step_overlap(between)
         b = s.schedule()
         check_slots(s)
         if b is None:
@@ -146,6 +161,25 @@ class Run:
         if between is not None:
             between(b)
         self.collect(s.update(sampled))
+        check_slots(s)
+        return b
+
+    def _step_overlap(self, between):
+        s = self.s
+        b = s.schedule()
+        check_slots(s)
+        sampled = None
+        if b is not None:
+            assert b.num_tokens <= s.budget, "token budget exceeded"
+            self.batches.append(b)
+            sampled = self.w.execute(b)
+        if between is not None and b is not None:
+            between(b)
+        if self.inflight is not None:
+            self.collect(s.update(self.inflight))
+        else:
+            self.collect(s.take_pending_outputs())
+        self.inflight = sampled
         check_slots(s)
         return b
 
@@ -495,11 +529,30 @@ def test_abort_all_frees_everything():
 # ------------------------------------------------------------------ randomized
 @pytest.mark.parametrize("seed", range(6))
 def test_random_workload(seed):
+    _random_workload(seed, overlap=False)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_workload_overlap(seed):
+    """The same workloads with overlap scheduling: tokens identical, no slot leaks, aborts and
+    preemptions while a sampled token is still in flight."""
+    _random_workload(seed, overlap=True)
+
+
+def test_eos_with_overlap_drops_the_step_in_flight():
+    s, w = make(lm=_lm_emitting(EOS, at=3))
+    r = Run(s, w, overlap=True)
+    r.add(er("a", prompt(10, 5), max_tokens=50))
+    r.until_idle()
+    assert r.finish["a"] == "stop" and r.tokens["a"][-1] == EOS and len(r.tokens["a"]) == 3
+
+
+def _random_workload(seed: int, overlap: bool) -> None:
     rng = random.Random(seed)
     ctx = 96
     s, w = make(num_slots=rng.choice([96, 128, 200, 400]), context_len=ctx, budget=rng.choice([1, 7, 16, 64, 200]),
                 max_bs=rng.choice([1, 3, 8]), prefix=rng.random() < 0.8)
-    r = Run(s, w)
+    r = Run(s, w, overlap=overlap)
     shared = prompt(30, 1000 + seed)
     specs: dict[str, tuple[list[int], int]] = {}
     live: list[str] = []
