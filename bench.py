@@ -4,6 +4,9 @@ temperature 0.6, ignore_eos, all submitted at once.
 
   python bench.py --model /path/to/qwen3-0.6b                 # offline, through LLM.generate
   python bench.py --model M --bw                              # also measure copy bandwidth + roofline bound
+  python bench.py --model M --http --start-server --request-rates 1,2,4,8,inf --json r.jsonl --plot r.png
+                                                              # online: the Serve app, a sweep of Poisson rates
+  python bench.py --model M --http --prompts-file chats.jsonl --request-rate 4 --concurrency 64
 """
 from __future__ import annotations
 
@@ -63,57 +66,135 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q / 100 * len(xs)))]
 
 
-async def _http_run(base: str, model: str, prompts, params, concurrency: int | None, rate: float | None,
-                    timeout: float = 3600.0) -> dict:
-    """Send the workload to /v1/completions (streaming) and time every request."""
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def http_requests_standard(model: str, num_seqs: int) -> list[tuple[str, dict]]:
+    """The standard workload as streaming /v1/completions requests (token-id prompts)."""
+    prompts, params = standard_workload(num_seqs)
+    return [("/v1/completions", {"model": model, "prompt": p, "max_tokens": sp.max_tokens,
+                                 "temperature": sp.temperature, "ignore_eos": sp.ignore_eos})
+            for p, sp in zip(prompts, params)]
+
+
+def http_requests_from_file(path: str, model: str, num_seqs: int | None, max_tokens: int, temperature: float,
+                            ignore_eos: bool) -> list[tuple[str, dict]]:
+    """Chat requests from a JSONL file, one `{"messages": [...]}` per line (optional per-line
+    `max_tokens` / `temperature`), sent to /v1/chat/completions. With `num_seqs`, the lines are
+    cycled or cut to that many requests."""
+    rows = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
+                raise SystemExit(f"{path}:{i}: each line must be a JSON object with a 'messages' list")
+            rows.append(row)
+    if not rows:
+        raise SystemExit(f"{path}: no prompts")
+    if num_seqs:
+        rows = [rows[i % len(rows)] for i in range(num_seqs)]
+    out = []
+    for row in rows:
+        body = {"model": model, "messages": row["messages"], "max_tokens": int(row.get("max_tokens", max_tokens)),
+                "temperature": float(row.get("temperature", temperature))}
+        if ignore_eos:
+            body["ignore_eos"] = True
+        out.append(("/v1/chat/completions", body))
+    return out
+
+
+async def _http_run(base: str, requests: list[tuple[str, dict]], concurrency: int | None, rate: float | None,
+                    timeout: float = 3600.0, seed_: int = 0) -> dict:
+    """Send (route, body) requests streaming, with Poisson arrivals at `rate` per second (None: all
+    at once) and at most `concurrency` in flight; time every request. TTFT is the time to the first
+    chunk with text; ITL the gaps between text chunks (one chunk per engine step)."""
     import asyncio
     import random
 
     import httpx
 
-    sem = asyncio.Semaphore(concurrency or len(prompts))
-    ttft, itl, e2e, out_tokens, errors = [], [], [], [], []
-    limits = httpx.Limits(max_connections=len(prompts) + 8, max_keepalive_connections=len(prompts) + 8)
+    rng = random.Random(seed_)
+    sem = asyncio.Semaphore(concurrency or len(requests))
+    ttft, itl, e2e, out_tokens, in_tokens, errors = [], [], [], [], [], []
+    limits = httpx.Limits(max_connections=len(requests) + 8, max_keepalive_connections=len(requests) + 8)
     async with httpx.AsyncClient(base_url=base, timeout=timeout, limits=limits) as client:
-        async def one(p, sp):
-            body = {"model": model, "prompt": p, "max_tokens": sp.max_tokens, "temperature": sp.temperature,
-                    "ignore_eos": sp.ignore_eos, "stream": True, "stream_options": {"include_usage": True}}
+        async def one(route: str, body: dict):
+            body = {**body, "stream": True, "stream_options": {"include_usage": True}}
             async with sem:
                 t0 = time.perf_counter()
-                last, n = None, 0
-                async with client.stream("POST", "/v1/completions", json=body) as r:
-                    if r.status_code != 200:
-                        errors.append(f"{r.status_code}: {(await r.aread())[:200]!r}")
-                        return
-                    async for line in r.aiter_lines():
-                        if not line.startswith("data: ") or line == "data: [DONE]":
-                            continue
-                        ev = json.loads(line[6:])
-                        now = time.perf_counter()
-                        if ev.get("usage"):
-                            n = ev["usage"]["completion_tokens"]
-                        if ev.get("choices"):
+                last, usage = None, None
+                try:
+                    async with client.stream("POST", route, json=body) as r:
+                        if r.status_code != 200:
+                            errors.append(f"{r.status_code}: {(await r.aread())[:200]!r}")
+                            return
+                        async for line in r.aiter_lines():
+                            if not line.startswith("data: ") or line == "data: [DONE]":
+                                continue
+                            ev = json.loads(line[6:])
+                            now = time.perf_counter()
+                            if "error" in ev:
+                                errors.append(f"stream error: {ev['error'].get('message')}")
+                                return
+                            if ev.get("usage"):
+                                usage = ev["usage"]
+                            ch = ev.get("choices") or []
+                            if not ch:
+                                continue
+                            text = ch[0].get("text") if "text" in ch[0] else (ch[0].get("delta") or {}).get("content")
+                            if not text:  # the role chunk, a finish-only chunk
+                                continue
                             if last is None:
                                 ttft.append(now - t0)
                             else:
                                 itl.append(now - last)
                             last = now
+                except httpx.HTTPError as e:
+                    errors.append(f"{type(e).__name__}: {e}")
+                    return
                 e2e.append(time.perf_counter() - t0)
-                out_tokens.append(n)
+                out_tokens.append(usage["completion_tokens"] if usage else 0)
+                in_tokens.append(usage["prompt_tokens"] if usage else 0)
 
         tasks = []
-        for p, sp in zip(prompts, params):
-            tasks.append(asyncio.create_task(one(p, sp)))
-            if rate:
-                await asyncio.sleep(random.expovariate(rate))
+        t_start = time.perf_counter()
+        for route, body in requests:
+            tasks.append(asyncio.create_task(one(route, body)))
+            if rate and rate != float("inf"):
+                await asyncio.sleep(rng.expovariate(rate))
         await asyncio.gather(*tasks)
-    ms = lambda xs: {f"p{q}": round(1e3 * _pct(xs, q), 1) for q in (50, 90, 99)}
-    return {"ttft_ms": ms(ttft), "itl_ms": ms(itl), "e2e_s": {k: v / 1e3 for k, v in ms(e2e).items()},
-            "completion_tokens": sum(out_tokens), "errors": len(errors), "first_error": errors[0] if errors else None}
+        dt = time.perf_counter() - t_start
+    ms = lambda xs: {**{f"p{q}": round(1e3 * _pct(xs, q), 2) for q in (50, 90, 99)}, "mean": round(1e3 * _mean(xs), 2)}
+    return {"ttft_ms": ms(ttft), "itl_ms": ms(itl), "e2e_s": {k: round(v / 1e3, 3) for k, v in ms(e2e).items()},
+            "requests": len(requests), "completed": len(e2e), "seconds": round(dt, 3),
+            "request_throughput": round(len(e2e) / dt, 3), "prompt_tokens": sum(in_tokens),
+            "completion_tokens": sum(out_tokens), "tok_per_s": round(sum(out_tokens) / dt, 1),
+            "total_tok_per_s": round((sum(out_tokens) + sum(in_tokens)) / dt, 1),
+            "errors": len(errors), "first_error": errors[0] if errors else None}
 
 
-def http_bench(a) -> dict:
-    """Through the Serve app: start it here (--start-server) or use one running at --url."""
+def _parse_rates(a) -> list[float | None]:
+    """--request-rates R1,R2,... ('inf': all at once), else --request-rate, else all at once."""
+    if a.request_rates:
+        out = []
+        for x in a.request_rates.split(","):
+            x = x.strip().lower()
+            if x:
+                v = float(x)  # accepts 'inf'
+                if v <= 0:
+                    raise SystemExit(f"--request-rates: rates must be > 0, got {x}")
+                out.append(None if v == float("inf") else v)
+        return out
+    return [a.request_rate]
+
+
+def http_bench(a) -> list[dict]:
+    """Through the Serve app: start it here (--start-server) or use one running at --url. One result
+    per request rate."""
     import asyncio
 
     import httpx
@@ -125,26 +206,82 @@ def http_bench(a) -> dict:
         args = {"model": a.model, "max_bs": a.max_bs, "context_len": a.context_len, "tp_size": a.tp_size,
                 "pp_size": a.pp_size, "enforce_eager": a.enforce_eager,
                 "gpu_memory_utilization": a.gpu_memory_utilization}
-        serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+        serve.start(http_options={"host": "127.0.0.1", "port": int(a.url.rsplit(":", 1)[1].split("/")[0])})
         server = serve.run(build_app(args), name="bench", route_prefix="/")
-    model = httpx.get(a.url + "/v1/models", timeout=60).json()["data"][0]["id"]
-    prompts, params = standard_workload(a.num_seqs)
-    asyncio.run(_http_run(a.url, model, [[1, 2, 3]], [params[0].__class__(max_tokens=8)], None, None))  # warm-up
-    t = time.perf_counter()
-    res = asyncio.run(_http_run(a.url, model, prompts, params, a.concurrency, a.request_rate))
-    dt = time.perf_counter() - t
-    res.update({"mode": "http", "seconds": round(dt, 3), "tok_per_s": round(res["completion_tokens"] / dt, 1),
-                "request_rate": a.request_rate, "concurrency": a.concurrency})
-    if server is not None:
-        from ray import serve
-        serve.shutdown()
-    return res
+    try:
+        model = httpx.get(a.url + "/v1/models", timeout=60).json()["data"][0]["id"]
+        if a.prompts_file:
+            requests = http_requests_from_file(a.prompts_file, model, a.num_seqs, a.max_tokens, a.temperature,
+                                               a.ignore_eos)
+            workload = f"file:{os.path.basename(a.prompts_file)}"
+        else:
+            requests = http_requests_standard(model, a.num_seqs or 256)
+            workload = "standard"
+        warm = [("/v1/completions", {"model": model, "prompt": [1, 2, 3], "max_tokens": 8})]
+        asyncio.run(_http_run(a.url, warm, None, None))
+        results = []
+        for rate in _parse_rates(a):
+            res = asyncio.run(_http_run(a.url, requests, a.concurrency, rate))
+            res.update({"mode": "http", "workload": workload, "request_rate": rate if rate else "inf",
+                        "concurrency": a.concurrency})
+            results.append(res)
+            print(json.dumps(res), flush=True)
+    finally:
+        if server is not None:
+            from ray import serve
+            serve.shutdown()
+    return results
+
+
+def print_table(results: list[dict]) -> None:
+    head = (f"{'rate':>6} {'req/s':>7} {'out tok/s':>9} | {'TTFT ms p50':>11} {'p90':>8} {'p99':>8} | "
+            f"{'ITL ms p50':>10} {'p90':>7} {'p99':>7} | {'e2e s p50':>9} {'p99':>7} | err")
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        t, i, e = r["ttft_ms"], r["itl_ms"], r["e2e_s"]
+        print(f"{str(r['request_rate']):>6} {r['request_throughput']:>7.2f} {r['tok_per_s']:>9.1f} | "
+              f"{t['p50']:>11.1f} {t['p90']:>8.1f} {t['p99']:>8.1f} | {i['p50']:>10.2f} {i['p90']:>7.2f} "
+              f"{i['p99']:>7.2f} | {e['p50']:>9.2f} {e['p99']:>7.2f} | {r['errors']}")
+
+
+def plot_latency(results: list[dict], path: str) -> bool:
+    """TTFT and ITL p50/p99 versus request rate, as a PNG (needs matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"--plot: matplotlib is not installed (pip install matplotlib); {path} not written", file=sys.stderr)
+        return False
+    finite = [r["request_rate"] for r in results if r["request_rate"] != "inf"]
+    inf_x = 2 * max(finite) if finite else 1.0
+    xs = [inf_x if r["request_rate"] == "inf" else r["request_rate"] for r in results]
+    order = sorted(range(len(results)), key=lambda k: xs[k])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, title in ((axes[0], "ttft_ms", "time to first token"), (axes[1], "itl_ms", "inter-token latency")):
+        for q, style in (("p50", "o-"), ("p99", "s--")):
+            ax.plot([xs[k] for k in order], [results[k][key][q] for k in order], style, label=q)
+        ax.set_xlabel("request rate (req/s)")
+        ax.set_ylabel("ms")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        if any(r["request_rate"] == "inf" for r in results):
+            ticks = sorted(set(xs))
+            ax.set_xticks(ticks, ["inf" if x == inf_x else f"{x:g}" for x in ticks])
+    fig.suptitle(f"nanovllmx: latency vs request rate ({results[0].get('workload', '')})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}", file=sys.stderr)
+    return True
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
-    ap.add_argument("--num-seqs", type=int, default=256)
+    ap.add_argument("--num-seqs", type=int, default=None,
+                    help="requests (default 256; with --prompts-file: every line once)")
     ap.add_argument("--max-bs", type=int, default=256)
     ap.add_argument("--tp-size", type=int, default=1)
     ap.add_argument("--pp-size", type=int, default=1)
@@ -159,21 +296,36 @@ def main() -> None:
     ap.add_argument("--decode-tensor-cores", type=int, default=None, choices=[0, 1])
     ap.add_argument("--torch-profile", default=None, help="write a torch.profiler kernel table of the run here")
     ap.add_argument("--profile", action="store_true", help="print the per-step time breakdown")
-    ap.add_argument("--json", default=None, help="append the result as a JSON line to this file")
+    ap.add_argument("--json", default=None, help="append every result (one per request rate) as a JSON line to this file")
     ap.add_argument("--http", action="store_true", help="send the workload through the OpenAI HTTP API")
     ap.add_argument("--url", default="http://127.0.0.1:8000")
     ap.add_argument("--start-server", action="store_true", help="with --http: serve.run the app for --model here")
     ap.add_argument("--request-rate", type=float, default=None, help="with --http: Poisson arrivals per second")
     ap.add_argument("--concurrency", type=int, default=None, help="with --http: most requests in flight")
+    ap.add_argument("--request-rates", default=None,
+                    help="with --http: a sweep, e.g. 1,2,4,8,inf (one run of the workload per rate)")
+    ap.add_argument("--prompts-file", default=None,
+                    help='with --http: JSONL of chat prompts {"messages": [...]} (optional "max_tokens"), '
+                         "sent to /v1/chat/completions instead of the standard workload")
+    ap.add_argument("--max-tokens", type=int, default=256, help="with --prompts-file: default max_tokens")
+    ap.add_argument("--temperature", type=float, default=0.6, help="with --prompts-file: default temperature")
+    ap.add_argument("--ignore-eos", action="store_true", help="with --prompts-file: generate max_tokens tokens")
+    ap.add_argument("--plot", default=None, help="with --http: PNG of TTFT / ITL p50 and p99 vs request rate")
     a = ap.parse_args()
 
     if a.http:
-        res = http_bench(a)
-        print(json.dumps(res))
+        results = http_bench(a)
+        print_table(results)
         if a.json:
             with open(a.json, "a") as f:
-                f.write(json.dumps(res) + "\n")
+                for res in results:
+                    f.write(json.dumps(res) + "\n")
+        if a.plot:
+            plot_latency(results, a.plot)
         return
+    if a.prompts_file or a.request_rates or a.plot:
+        ap.error("--prompts-file, --request-rates and --plot need --http")
+    a.num_seqs = a.num_seqs or 256
 
     from nanovllmx import LLM, SamplingParams
     bw = copy_bandwidth() if a.bw else None
@@ -198,7 +350,7 @@ def main() -> None:
             f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
     total = sum(len(o.token_ids) for o in outs)
     assert total == sum(p.max_tokens for p in params), "every request must produce max_tokens tokens"
-    res = {"tokens": total, "seconds": round(dt, 3), "tok_per_s": round(total / dt, 1), "max_bs": a.max_bs,
+    res = {"executor": a.executor, "tokens": total, "seconds": round(dt, 3), "tok_per_s": round(total / dt, 1), "max_bs": a.max_bs,
            "tp": a.tp_size, "pp": a.pp_size, "eager": a.enforce_eager, "overlap": not a.no_overlap}
     stats = llm.stats()
     res.update({k: stats[k] for k in ("num_preempted_total", "num_slots") if k in stats})

