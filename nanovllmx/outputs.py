@@ -26,3 +26,4 @@ class StreamDelta:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     num_output_tokens: int = 0  # total so far
+    queue_time: float | None = None  # seconds from arrival to first scheduled; known from the first token on

@@ -26,6 +26,7 @@ class RequestState:
     finish_reason: str | None = None
     error: str | None = None
     num_cached_tokens: int = 0
+    queue_time: float | None = None  # arrival to first scheduled (seconds), from the first token on
     # delivery: an asyncio queue of StreamDelta (streaming) or an event (blocking generate)
     queue: asyncio.Queue | None = None
     loop: asyncio.AbstractEventLoop | None = None
@@ -54,6 +55,8 @@ class OutputProcessor:
             if st is None:  # aborted by the client already
                 continue
             st.num_cached_tokens = o.num_cached_tokens
+            if o.queue_time is not None:
+                st.queue_time = o.queue_time
             st.token_ids.extend(o.new_token_ids)
             finish = o.finish_reason
             text = ""
@@ -69,7 +72,7 @@ class OutputProcessor:
                 self.pop(o.request_id)
             if st.queue is not None:
                 d = StreamDelta(o.request_id, list(o.new_token_ids), text, finish is not None, finish,
-                                len(st.prompt_token_ids), st.num_cached_tokens, len(st.token_ids))
+                                len(st.prompt_token_ids), st.num_cached_tokens, len(st.token_ids), st.queue_time)
                 if o.error:
                     d = (d, o.error)  # the stream raises it
                 st.loop.call_soon_threadsafe(st.queue.put_nowait, d)

@@ -32,6 +32,7 @@ class EngineOutput:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None
+    queue_time: float | None = None  # on a request's first token: seconds from arrival to first scheduled
 
 
 class Request:

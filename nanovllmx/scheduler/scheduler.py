@@ -31,6 +31,8 @@ class SchedulerStats:
     cached_slots: int  # held by the radix tree only (evictable)
     prompt_tokens_total: int
     cached_prompt_tokens_total: int
+    generation_tokens_total: int = 0
+    num_preempted: int = 0  # waiting requests that were preempted (to be recomputed)
 
 
 class Scheduler:
@@ -54,6 +56,7 @@ class Scheduler:
         self.num_preempted_total = 0
         self.prompt_tokens_total = 0
         self.cached_prompt_tokens_total = 0
+        self.generation_tokens_total = 0
         # per-step scratch: the requests of the batch in flight, in batch order
         self._inflight: deque[list[Request]] = deque()  # sampled requests of each batch not yet updated
         self._pending: list[EngineOutput] = []  # outputs produced outside a step (aborts)
@@ -269,6 +272,7 @@ class Scheduler:
                 continue
             req.pending -= 1
             req.tokens.append(tok)
+            self.generation_tokens_total += 1
             reason = None
             if tok in req.stop_ids:
                 reason = "stop"
@@ -277,7 +281,10 @@ class Scheduler:
             if reason is not None:
                 req.finish_reason = reason
                 finished.append(req)
-            outputs.append(EngineOutput(req.request_id, [tok], reason, req.num_prompt, req.num_cached))
+            out = EngineOutput(req.request_id, [tok], reason, req.num_prompt, req.num_cached)
+            if req.num_output == 1:  # the first token: report how long the request queued
+                out.queue_time = req.first_scheduled_time - req.arrival_time
+            outputs.append(out)
         for req in finished:
             if req.status == Status.RUNNING:
                 self.running.remove(req)
@@ -294,4 +301,7 @@ class Scheduler:
             num_preempted_total=self.num_preempted_total, num_slots=self.num_slots,
             free_slots=self.allocator.num_free, cached_slots=self.tree.evictable_size,
             prompt_tokens_total=self.prompt_tokens_total,
-            cached_prompt_tokens_total=self.cached_prompt_tokens_total)
+            cached_prompt_tokens_total=self.cached_prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens_total,
+            # list(): one C-level copy, safe while the engine thread mutates the deque
+            num_preempted=sum(1 for r in list(self.waiting) if r.num_preemptions))

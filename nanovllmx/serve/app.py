@@ -18,6 +18,7 @@ import logging
 import os
 import time
 import uuid
+import weakref
 from contextlib import suppress
 from typing import Any, AsyncIterator
 
@@ -29,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import nanovllmx
 from nanovllmx.engine.output_processor import EngineRequestError
+from nanovllmx.metrics import EngineStatsMonitor, HTTPStatusMiddleware, ServeMetrics
 from nanovllmx.outputs import StreamDelta
 from nanovllmx.sampling_params import SamplingParams
 from nanovllmx.serve import model_resolver
@@ -92,6 +94,7 @@ class _JSONBodies:
 
 
 app.add_middleware(_JSONBodies)
+app.add_middleware(HTTPStatusMiddleware)  # nanovllmx_http_requests{status, route}
 
 
 def _openapi() -> dict:
@@ -237,13 +240,16 @@ class EngineStream:
     within one engine step.
     """
 
-    def __init__(self, server: "LLMServer", agen, first: asyncio.Future, request_id: str, num_prompt: int):
+    def __init__(self, server: "LLMServer", agen, first: asyncio.Future, request_id: str, num_prompt: int,
+                 t_arrival: float | None = None):
         self.server, self.agen, self.request_id, self.num_prompt = server, agen, request_id, num_prompt
         self._first: asyncio.Future | None = first
         self.finished = False
-        self.t_arrival = time.perf_counter()
+        self.t_arrival = t_arrival if t_arrival is not None else time.perf_counter()  # submitted to the engine
         self.t_first_token: float | None = None
+        self.t_last_token: float | None = None
         self.last: StreamDelta | None = None
+        self.metrics: ServeMetrics | None = getattr(server, "metrics", None)
 
     def __aiter__(self) -> "EngineStream":
         return self
@@ -270,8 +276,18 @@ class EngineStream:
         except BaseException:  # cancelled (client gone) or anything else: stop it in the engine
             self.close()
             raise
-        if self.t_first_token is None and d.token_ids:
-            self.t_first_token = time.perf_counter()
+        if d.token_ids:
+            now = time.perf_counter()
+            m = self.metrics
+            if self.t_first_token is None:
+                self.t_first_token = now
+                if m is not None:
+                    m.ttft.observe(now - self.t_arrival)
+                    if d.queue_time is not None:
+                        m.queue_time.observe(d.queue_time)
+            elif m is not None:
+                m.itl.observe(now - self.t_last_token)
+            self.t_last_token = now
         self.last = d
         if d.finished:
             self.finished = True
@@ -292,12 +308,16 @@ class EngineStream:
         self._report("abort", "client disconnected")
 
     def _report(self, outcome: str | None, detail: str = "") -> None:
-        """One log line per request when it ends."""
+        """One log line per request when it ends (the only one), and its outcome metrics."""
         d, now = self.last, time.perf_counter()
         ttft = f"{self.t_first_token - self.t_arrival:.3f}s" if self.t_first_token is not None else "-"
-        logger.info("request %s %s: prompt=%d cached=%d generated=%d ttft=%s total=%.3fs%s", self.request_id,
+        queue = f" queue={d.queue_time:.3f}s" if d is not None and d.queue_time is not None else ""
+        logger.info("request %s %s: prompt=%d cached=%d generated=%d ttft=%s total=%.3fs%s%s", self.request_id,
                     outcome, self.num_prompt, d.num_cached_tokens if d else 0, d.num_output_tokens if d else 0,
-                    ttft, now - self.t_arrival, f" ({detail})" if detail else "")
+                    ttft, now - self.t_arrival, queue, f" ({detail})" if detail else "")
+        if self.metrics is not None:
+            with suppress(Exception):
+                self.metrics.request_finished(outcome, now - self.t_arrival)
 
     async def aclose(self) -> None:
         self.close()
@@ -331,6 +351,13 @@ class LLMServer:
         self.created = int(time.time())
         self.num_aborted = 0  # requests stopped early because their client went away
         self._closed = False
+        # metrics (only with Ray up, as in any replica) and the engine stats poller / log line
+        self.metrics = ServeMetrics.create(self.served_model_names[0])
+        HTTPStatusMiddleware.metrics = self.metrics
+        me = weakref.ref(self)  # the poller must not keep the replica alive
+        self._stats_monitor = EngineStatsMonitor(lambda: me().llm.stats() if me() is not None else None, self.metrics,
+                                                 log_interval=float(os.environ.get("NANOVLLMX_STATS_LOG_INTERVAL", 5))
+                                                 ).start()
         logger.info("LLMServer ready: model=%s folder=%s served as %s, context %d, %s slots, loaded in %.1fs",
                     model, self.folder, self.served_model_names, self.context_len,
                     self.llm.stats().get("num_slots"), time.perf_counter() - t0)
@@ -349,6 +376,8 @@ class LLMServer:
         if getattr(self, "_closed", True):
             return
         self._closed = True
+        with suppress(Exception):
+            self._stats_monitor.stop()
         with suppress(Exception):
             self.llm.shutdown()
 
@@ -569,6 +598,7 @@ class LLMServer:
     # ------------------------------------------------------------------------- engine streams
     async def _open(self, prompt_ids: list[int], params: SamplingParams, rid: str) -> "EngineStream":
         """Submit to the engine now; raise APIError(400) for a request it refuses. Returns the deltas."""
+        t_arrival = time.perf_counter()
         agen = self.llm.stream(prompt_ids, params, request_id=rid)
         first = asyncio.ensure_future(agen.__anext__())
         await asyncio.sleep(0)  # runs the submission, which validates synchronously
@@ -581,7 +611,7 @@ class LLMServer:
                 raise APIError(503, f"the engine cannot take requests: {e}", "server_error", None,
                                "engine_unavailable") from e
             raise e
-        return EngineStream(self, agen, first, rid, len(prompt_ids))
+        return EngineStream(self, agen, first, rid, len(prompt_ids), t_arrival)
 
     async def _collect(self, stream: EngineStream, raw_request: Request) -> tuple[str, list[int], StreamDelta]:
         """Run a non-streaming request to its end; abort it in the engine if the client disconnects
@@ -759,7 +789,7 @@ def build_app(args: dict) -> serve.Application:
     if generation_config not in ("auto", "none"):
         raise ValueError(f"generation_config must be 'auto' or 'none', got {generation_config!r}")
     revision = args.pop("revision", None)
-    log_level = str(args.pop("log_level", "INFO")).upper()
+    log_level = str(args.pop("log_level", None) or os.environ.get("NANOVLLMX_LOG_LEVEL") or "INFO").upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ValueError(f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {log_level!r}")
 
@@ -785,6 +815,8 @@ def build_app(args: dict) -> serve.Application:
     actor_opts.setdefault("num_gpus", 1 if (device == "cuda" and not own_workers) else 0)
     actor_opts.setdefault("num_cpus", 1)
     deploy_opts["ray_actor_options"] = actor_opts
+    # one log line per request, ours (EngineStream._report); Serve's access log would be a second one
+    deploy_opts.setdefault("logging_config", {"enable_access_log": False})
     # Serve's default (5 at once) would starve continuous batching: let the engine see the queue.
     max_bs = int(engine_kwargs.get("max_bs", 256))
     deploy_opts.setdefault("max_ongoing_requests", max(64, 2 * max_bs))

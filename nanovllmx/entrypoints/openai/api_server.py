@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import time
@@ -48,7 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-replicas", type=int, default=1, help="engines behind the route (one per replica)")
     p.add_argument("--max-ongoing-requests", type=int, default=None, help="per replica")
     p.add_argument("--address", default=None, help="Ray cluster to join, e.g. 'auto' (default: start a new local instance)")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default=os.environ.get("NANOVLLMX_LOG_LEVEL", "INFO"),
+                   help="DEBUG, INFO (one line per finished request, engine stats while busy), WARNING, ... "
+                        "(default: $NANOVLLMX_LOG_LEVEL or INFO)")
     return p.parse_args(argv)
 
 
