@@ -27,6 +27,7 @@ python bench.py --model $M --bw --roofline .device/roofline.py --profile --json 
 python bench.py --model $M --bw --roofline .device/roofline.py --profile --no-overlap --json $J 2>&1 | tail -1
 python bench.py --model $M --executor ray --profile --json $J 2>&1 | tail -1
 python bench.py --model $M --http --start-server --json $J 2>&1 | tail -1
+python bench.py --model $M --http --start-server --request-rates 4,16,64,inf --json $OUT/sweep.jsonl --plot $OUT/latency.png 2>&1 | tail -8
 python - "$J" <<'PY'
 import json, sys
 print(f"{'mode':28s} {'tok/s':>8s} {'%bound':>7s}")
