@@ -13,6 +13,9 @@ class EngineConfig:
     dtype: str = "auto"  # "auto" | "bfloat16" | "float16" | "float32"
     gpu_memory_utilization: float = 0.9
     max_bs: int = 256  # most requests running at once
+    # most requests waiting for a place in the batch: a client with max_bs + max_waiting_requests
+    # requests outstanding refuses more (EngineOverloadedError; HTTP 503 + Retry-After)
+    max_waiting_requests: int = 4096
     context_len: int | None = None  # longest prompt + output; default: the model's max positions
     enforce_eager: bool = False  # no CUDA graphs
     max_num_batched_tokens: int = 8192  # per-step token budget (chunked prefill size)
@@ -50,6 +53,9 @@ class EngineConfig:
         for name in ("max_bs", "max_num_batched_tokens", "tp_size", "pp_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        mw = self.max_waiting_requests
+        if not isinstance(mw, int) or isinstance(mw, bool) or mw < 0:
+            raise ValueError(f"max_waiting_requests must be an integer >= 0, got {mw!r}")
         if self.device == "auto":
             import torch
             self.device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -7,12 +7,14 @@ import itertools
 import logging
 import queue
 import threading
+import time
 import uuid
 from typing import AsyncIterator, Sequence
 
 from nanovllmx.config import EngineConfig
 from nanovllmx.engine.detokenizer import IncrementalDetokenizer
 from nanovllmx.engine.output_processor import EngineRequestError, OutputProcessor, RequestState
+from nanovllmx.errors import EngineOverloadedError, EngineUnavailableError
 from nanovllmx.outputs import RequestOutput, StreamDelta
 from nanovllmx.sampling_params import SamplingParams
 from nanovllmx.scheduler.request import EngineOutput, EngineRequest
@@ -47,6 +49,10 @@ class LLM:
         else:
             raise ValueError(f"executor must be 'auto', 'local' or 'ray', got {executor!r}")
         self._closed = False
+        # admission: the closed flag and the outstanding count are checked and a request submitted
+        # under one lock, so shutdown() never misses a request that slipped in
+        self._admit = threading.Lock()
+        self.max_outstanding = self.config.max_bs + self.config.max_waiting_requests
         self._out_thread = threading.Thread(target=self._output_loop, name="nanovllmx-output", daemon=True)
         self._out_thread.start()
 
@@ -78,26 +84,35 @@ class LLM:
     def _submit(self, prompt: Prompt, params: SamplingParams, request_id: str | None, streaming: bool,
                 loop: asyncio.AbstractEventLoop | None = None) -> RequestState:
         if self._closed:
-            raise RuntimeError("this LLM has been shut down")
+            raise EngineUnavailableError("this LLM has been shut down (or is shutting down): it takes no new requests")
         if not isinstance(params, SamplingParams):
             raise TypeError("sampling params must be a SamplingParams")
         params.validate()
         ids = self.encode(prompt)
         rid = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
-        if rid in self.processor.states:
-            raise ValueError(f"request id {rid!r} is already in use")
         er = EngineRequest(rid, ids, params)
         self.core.check_request(er)
         detok = IncrementalDetokenizer(self.tokenizer, params.stop) if (streaming or params.stop) else None
         st = RequestState(rid, ids, params, detok)
         if streaming:
             st.queue, st.loop = asyncio.Queue(), loop
-        self.processor.add(st)
-        try:
-            self.core.add_request(er)
-        except Exception:
-            self.processor.pop(rid)
-            raise
+        with self._admit:
+            if self._closed:
+                raise EngineUnavailableError("this LLM has been shut down (or is shutting down): it takes no new "
+                                             "requests")
+            if rid in self.processor.states:
+                raise ValueError(f"request id {rid!r} is already in use")
+            n = len(self.processor.states)
+            if n >= self.max_outstanding:  # refused here, cheaply: nothing reaches the engine
+                raise EngineOverloadedError(
+                    f"the engine is overloaded: {n} requests outstanding (max_bs={self.config.max_bs} running + "
+                    f"max_waiting_requests={self.config.max_waiting_requests} waiting); retry later")
+            self.processor.add(st)
+            try:
+                self.core.add_request(er)
+            except BaseException:
+                self.processor.pop(rid)
+                raise
         return st
 
     # ---------------------------------------------------------------- public API
@@ -114,11 +129,19 @@ class LLM:
         for p in params:  # fail before anything is submitted
             p.validate()
         token_prompts = [self.encode(p) for p in prompts]
-        states = []
+        states: list[RequestState] = []
+        oldest = 0  # states[:oldest] are done
         try:
             for p, sp in zip(token_prompts, params):
+                # a batch larger than the engine's queue is submitted as earlier requests finish
+                while len(self.processor.states) >= self.max_outstanding:
+                    while oldest < len(states) and states[oldest].done.is_set():
+                        oldest += 1
+                    if oldest == len(states):  # full of other callers' requests: _submit refuses
+                        break
+                    states[oldest].done.wait(0.05)
                 states.append(self._submit(p, sp, None, streaming=False))
-        except Exception:
+        except BaseException:
             for st in states:
                 self.abort(st.request_id)
             raise
@@ -180,12 +203,29 @@ class LLM:
                 pass
 
     def stats(self) -> dict:
-        return self.core.stats()
+        d = self.core.stats()
+        d["num_outstanding_requests"] = len(self.processor.states)  # submitted here, no outcome yet
+        return d
 
-    def shutdown(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+    def shutdown(self, timeout: float = 0.0) -> None:
+        """Stop the engine gracefully. New requests raise `EngineUnavailableError` at once; requests
+        in flight may finish for up to `timeout` seconds; those still running then end with
+        finish_reason "abort" (a stream gets its final delta, `generate` returns them). Then the
+        engine stops and releases its workers and KV cache (on Ray: the actors and the placement
+        group). Idempotent."""
+        with self._admit:
+            if self._closed:
+                return
+            self._closed = True
+        deadline = time.monotonic() + max(0.0, float(timeout))
+        while self.processor.states and time.monotonic() < deadline:
+            time.sleep(0.01)
+        left = list(self.processor.states)
+        for rid in left:
+            self.abort(rid)
+        if left:
+            logger.warning("shutdown: %d request(s) still running after %.1fs ended with finish_reason 'abort'",
+                           len(left), timeout)
         self.core.shutdown()
         self._outq.put(None)
         self._out_thread.join(timeout=10)
@@ -203,4 +243,4 @@ class LLM:
             pass
 
 
-__all__ = ["LLM", "EngineRequestError"]
+__all__ = ["LLM", "EngineRequestError", "EngineOverloadedError", "EngineUnavailableError"]

@@ -23,6 +23,7 @@ import ray
 
 from nanovllmx.config import EngineConfig
 from nanovllmx.engine.core import EngineCore
+from nanovllmx.errors import EngineUnavailableError
 from nanovllmx.scheduler.request import EngineOutput, EngineRequest
 
 logger = logging.getLogger(__name__)
@@ -150,6 +151,7 @@ class RayEngineClient:
         self._inflight: set[str] = set()
         self._lock = threading.Lock()
         self._closed = False
+        self._dead: str | None = None  # why the scheduler actor is gone (then nothing may be submitted)
         self._poll_thread: threading.Thread | None = None
         placement.connect_ray(cfg)
         try:
@@ -190,9 +192,11 @@ class RayEngineClient:
 
     def add_request(self, er: EngineRequest) -> None:
         if self._closed:
-            raise RuntimeError("the engine has been shut down")
+            raise EngineUnavailableError("the engine has been shut down")
         self.check_request(er)
         with self._lock:
+            if self._dead:  # a request sent to a dead actor would never get an answer
+                raise EngineUnavailableError(self._dead)
             self._inflight.add(er.request_id)
             self.scheduler.submit.remote(next(self._seq), "add", er)
 
@@ -210,6 +214,8 @@ class RayEngineClient:
         worker failed (the grid is then broken for good)."""
         if self._closed:
             raise RuntimeError("the engine has been shut down")
+        if self._dead:
+            raise RuntimeError(self._dead)
         problem = ray.get(self.scheduler.health.remote(), timeout=timeout)
         if problem:
             raise RuntimeError(f"the distributed engine is broken: {problem}")
@@ -236,6 +242,7 @@ class RayEngineClient:
 
     def _fail_inflight(self, msg: str) -> None:
         with self._lock:
+            self._dead = msg
             rids, self._inflight = list(self._inflight), set()
         if rids:
             self.sink([EngineOutput(r, [], "error", 0, 0, msg) for r in rids])

@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import nanovllmx
 from nanovllmx.engine.output_processor import EngineRequestError
+from nanovllmx.errors import EngineOverloadedError
 from nanovllmx.metrics import EngineStatsMonitor, HTTPStatusMiddleware, ServeMetrics
 from nanovllmx.outputs import StreamDelta
 from nanovllmx.sampling_params import SamplingParams
@@ -41,6 +42,8 @@ from nanovllmx.serve.protocol import (ChatCompletionChoice, ChatCompletionMessag
 logger = logging.getLogger("nanovllmx.serve")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+DEFAULT_MAX_REQUEST_BODY_BYTES = 8 * 1024 * 1024  # build_app's max_request_body_bytes
+RETRY_AFTER_S = 1  # Retry-After of a 503 when the engine's queue is full
 _INT64_MAX = 2 ** 63 - 1
 
 
@@ -50,6 +53,8 @@ class APIError(Exception):
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None, headers: dict[str, str] | None = None):
+        # a message may quote the request's text: keep it encodable (lone surrogates) or rendering fails
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers  # e.g. Retry-After on a 503
@@ -94,6 +99,44 @@ class _JSONBodies:
 
 
 app.add_middleware(_JSONBodies)
+
+
+class _BodyLimit:
+    """Refuses request bodies larger than `max_bytes` with 413 and OpenAI's error JSON: at once when
+    Content-Length says so, else (chunked bodies) as soon as what was read passes the limit."""
+
+    max_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES  # set by the replica (one per process); 0: no limit
+
+    def __init__(self, asgi_app):
+        self.app = asgi_app
+
+    async def __call__(self, scope, receive, send):
+        limit = self.max_bytes
+        if scope["type"] != "http" or not limit:
+            return await self.app(scope, receive, send)
+        where = f"{scope.get('method')} {scope.get('path')}"
+        for k, v in scope.get("headers") or []:
+            if k == b"content-length" and v.isdigit() and int(v) > limit:
+                msg = f"the request body has {int(v)} bytes; this server accepts at most {limit}"
+                logger.info("%s -> 413 %s", where, msg)
+                return await APIError(413, msg, "invalid_request_error", None,
+                                      "request_too_large").response()(scope, receive, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message.get("type") == "http.request":
+                seen += len(message.get("body") or b"")
+                if seen > limit:  # FastAPI re-raises HTTPExceptions from body reading: our handler answers
+                    raise StarletteHTTPException(413, f"the request body has more than {limit} bytes, the most "
+                                                      "this server accepts")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+app.add_middleware(_BodyLimit)
 app.add_middleware(HTTPStatusMiddleware)  # nanovllmx_http_requests{status, route}
 
 
@@ -120,7 +163,7 @@ app.openapi = _openapi
 
 @app.exception_handler(APIError)
 async def _api_error_handler(request: Request, exc: APIError) -> JSONResponse:
-    if exc.status < 500:
+    if exc.status < 500 and exc.code != "client_disconnected":  # a client that left: its request's line says so
         logger.info("%s %s -> %d %s", request.method, request.url.path, exc.status, exc.message)
     return exc.response()
 
@@ -155,7 +198,8 @@ async def _http_error_handler(request: Request, exc: StarletteHTTPException) -> 
     msg = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
     if exc.status_code == 404 and msg == "Not Found":
         msg = f"no route {request.method} {request.url.path}; see GET /openapi.json"
-    return APIError(exc.status_code, msg, typ, None, None).response()
+    logger.info("%s %s -> %d %s", request.method, request.url.path, exc.status_code, msg)
+    return APIError(exc.status_code, msg, typ, None, "request_too_large" if exc.status_code == 413 else None).response()
 
 
 @app.exception_handler(Exception)
@@ -214,6 +258,28 @@ def engine_problem(llm) -> str | None:
     if t is not None and not t.is_alive():
         return "the engine's output loop has stopped"
     return None
+
+
+def _reject_invalid_text(body) -> None:
+    """JSON can escape lone UTF-16 surrogates (`"\\ud800"`): such strings are not Unicode text, no
+    tokenizer takes them and they cannot be encoded back to UTF-8. 400, before anything uses them."""
+    def walk(v, path: str) -> None:
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise bad_request(f"{path or 'body'} is not valid Unicode text: it holds a lone UTF-16 surrogate "
+                                  f"({v[e.start]!r}) at index {e.start}", path.split(".")[0].split("[")[0] or None)
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                walk(k, path)
+                walk(x, f"{path}.{k}" if path else str(k))
+        elif isinstance(v, (list, tuple)):
+            for i, x in enumerate(v):
+                walk(x, f"{path}[{i}]")
+        elif hasattr(v, "model_dump"):
+            walk(v.model_dump(exclude_unset=True), path)
+    walk(body, "")
 
 
 def _sse(obj: dict) -> str:
@@ -334,9 +400,11 @@ class LLMServer:
     """One replica = one engine. Constructed by Serve from `build_app`'s arguments."""
 
     def __init__(self, model: str, served_model_names: list[str], engine_kwargs: dict[str, Any],
-                 generation_config: str = "auto", revision: str | None = None, log_level: str = "INFO"):
+                 generation_config: str = "auto", revision: str | None = None, log_level: str = "INFO",
+                 max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES):
         from nanovllmx import LLM
         _setup_logging(log_level)
+        _BodyLimit.max_bytes = max_request_body_bytes
         self.model = model
         self.served_model_names = list(served_model_names)
         self.accepted_names = set(self.served_model_names) | {model}
@@ -421,6 +489,7 @@ class LLMServer:
     # ------------------------------------------------------------------------- OpenAI routes
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERROR_RESPONSES)
     async def chat_completions(self, body: ChatCompletionRequest, raw_request: Request):
+        _reject_invalid_text(body)
         name = self._served_name(body.model)
         self._check_common(body)
         if body.logprobs or (body.top_logprobs or 0) > 0:
@@ -455,6 +524,7 @@ class LLMServer:
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERROR_RESPONSES)
     async def completions(self, body: CompletionRequest, raw_request: Request):
+        _reject_invalid_text(body)
         name = self._served_name(body.model)
         self._check_common(body)
         if body.logprobs is not None:
@@ -606,6 +676,10 @@ class LLMServer:
             e = first.exception()
             if isinstance(e, (ValueError, TypeError)):
                 raise bad_request(str(e), _param_of(str(e)) or "prompt") from e
+            if isinstance(e, EngineOverloadedError):  # its queue is full: come back later
+                logger.warning("request %s refused: %s", rid, e)
+                raise APIError(503, str(e), "server_error", None, "engine_overloaded",
+                               headers={"Retry-After": str(RETRY_AFTER_S)}) from e
             if isinstance(e, RuntimeError):  # e.g. the engine is shutting down
                 logger.warning("request %s refused by the engine: %s", rid, e)
                 raise APIError(503, f"the engine cannot take requests: {e}", "server_error", None,
@@ -723,7 +797,7 @@ class LLMServer:
 
 # =============================================================================================== the builder
 # Keys of `args` that configure the app itself rather than the engine or the Serve deployment.
-APP_KEYS = ("model", "served_model_name", "generation_config", "revision", "log_level")
+APP_KEYS = ("model", "served_model_name", "generation_config", "revision", "log_level", "max_request_body_bytes")
 # Serve deployment options that may be given in `args` (applied with Deployment.options).
 DEPLOYMENT_KEYS = tuple(p for p in inspect.signature(serve.Deployment.options).parameters
                         if not p.startswith("_") and p not in ("self", "func_or_class", "name", "version",
@@ -793,6 +867,12 @@ def build_app(args: dict) -> serve.Application:
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ValueError(f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {log_level!r}")
 
+    max_body = _coerce(args.pop("max_request_body_bytes", DEFAULT_MAX_REQUEST_BODY_BYTES), "int")
+    if max_body is None:
+        max_body = 0
+    if not isinstance(max_body, int) or isinstance(max_body, bool) or max_body < 0:
+        raise ValueError(f"max_request_body_bytes must be an integer >= 0 (0: no limit), got {max_body!r}")
+
     engine_names = engine_arg_names()
     deploy_opts = {k: _coerce(args.pop(k), "Any") for k in DEPLOYMENT_KEYS if k in args}
     engine_kwargs = {}
@@ -817,13 +897,17 @@ def build_app(args: dict) -> serve.Application:
     deploy_opts["ray_actor_options"] = actor_opts
     # one log line per request, ours (EngineStream._report); Serve's access log would be a second one
     deploy_opts.setdefault("logging_config", {"enable_access_log": False})
-    # Serve's default (5 at once) would starve continuous batching: let the engine see the queue.
+    # Serve's default (5 at once) would starve continuous batching: let the engine see the queue. It
+    # sees all of it (max_bs running + max_waiting_requests waiting), so the engine's own bound applies
+    # (503 + Retry-After, OpenAI's error JSON) rather than an unbounded queue in Serve's router.
+    from nanovllmx.config import EngineConfig
     max_bs = int(engine_kwargs.get("max_bs", 256))
-    deploy_opts.setdefault("max_ongoing_requests", max(64, 2 * max_bs))
+    max_waiting = int(engine_kwargs.get("max_waiting_requests", EngineConfig.max_waiting_requests))
+    deploy_opts.setdefault("max_ongoing_requests", max(64, max_bs + max_waiting + 1))
     auto = deploy_opts.get("autoscaling_config")
     if isinstance(auto, dict) and "target_ongoing_requests" not in auto:
         # Serve's default target (2 per replica) suits one-request-at-a-time models, not a batching engine
         deploy_opts["autoscaling_config"] = {**auto, "target_ongoing_requests": max(1, max_bs // 2)}
 
     return LLMServer.options(**deploy_opts).bind(model, served_names, engine_kwargs, generation_config, revision,
-                                                 log_level)
+                                                 log_level, max_request_body_bytes=max_body)

@@ -4,9 +4,10 @@
     python -m nanovllmx.entrypoints.openai.api_server --model nanovllmx-demo   # offline CPU demo
 
 It starts (or, with --address, joins) a Ray instance, starts Serve's HTTP proxy on --host/--port,
-and deploys the same application as `serve run serve_configs/*.yaml`. Ctrl-C or SIGTERM shut
-Serve down. Flags that vLLM users know are accepted as aliases (--tensor-parallel-size,
---max-model-len, --max-num-seqs, ...).
+and deploys the same application as `serve run serve_configs/*.yaml`. Ctrl-C or SIGTERM drain
+(requests in flight finish, up to --graceful-shutdown-timeout), then shut Serve and Ray down.
+Flags that vLLM users know are accepted as aliases (--tensor-parallel-size, --max-model-len,
+--max-num-seqs, ...).
 """
 from __future__ import annotations
 
@@ -48,6 +49,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="'auto': sampling defaults from the checkpoint's generation_config.json")
     p.add_argument("--num-replicas", type=int, default=1, help="engines behind the route (one per replica)")
     p.add_argument("--max-ongoing-requests", type=int, default=None, help="per replica")
+    p.add_argument("--max-waiting-requests", type=int, default=None,
+                   help="per engine: beyond max_bs running + this many waiting, requests get 503 + Retry-After")
+    p.add_argument("--max-request-body-bytes", type=int, default=None, help="larger bodies get 413 (0: no limit)")
+    p.add_argument("--graceful-shutdown-timeout", dest="graceful_shutdown_timeout_s", type=float, default=None,
+                   help="on Ctrl-C / SIGTERM, seconds that requests in flight may take to finish (Serve's default: 20)")
     p.add_argument("--address", default=None, help="Ray cluster to join, e.g. 'auto' (default: start a new local instance)")
     p.add_argument("--log-level", default=os.environ.get("NANOVLLMX_LOG_LEVEL", "INFO"),
                    help="DEBUG, INFO (one line per finished request, engine stats while busy), WARNING, ... "
@@ -65,7 +71,8 @@ def app_args(ns: argparse.Namespace) -> dict:
     if ns.served_model_name:
         args["served_model_name"] = ns.served_model_name if len(ns.served_model_name) > 1 else ns.served_model_name[0]
     for k in ("revision", "max_num_batched_tokens", "num_kv_slots", "attention_backend", "enable_prefix_caching",
-              "seed", "executor", "max_ongoing_requests"):
+              "seed", "executor", "max_ongoing_requests", "max_waiting_requests", "max_request_body_bytes",
+              "graceful_shutdown_timeout_s"):
         v = getattr(ns, k)
         if v is not None:
             args[k] = v
@@ -120,6 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         try:
             if serve_started:
+                try:  # drain first: Serve stops routing to the replicas, which finish what is in flight
+                    # (up to graceful_shutdown_timeout_s) while the proxy still delivers their responses;
+                    # serve.shutdown() alone would kill the proxy and cut those responses off
+                    serve.delete("nanovllmx")
+                except BaseException as e:  # noqa: BLE001 - a second Ctrl-C / SIGTERM: stop now
+                    log.warning("draining the app was interrupted: %r", e)
                 serve.shutdown()
         finally:
             if started_ray:
