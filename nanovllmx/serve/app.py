@@ -509,7 +509,8 @@ class LLMServer:
         stream = await self._open(prompt_ids, params, rid)
         created = int(time.time())
         if body.stream:
-            return StreamingResponse(self._chat_sse(stream, rid, name, created, body, prompt_ids),
+            events = self._chat_sse(stream, rid, name, created, body, prompt_ids)
+            return StreamingResponse(self._guarded_sse(events, stream),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
         text, token_ids, last = await self._collect(stream, raw_request)
         resp = ChatCompletionResponse(
@@ -550,7 +551,8 @@ class LLMServer:
         stream = await self._open(prompt_ids, params, rid)
         created = int(time.time())
         if body.stream:
-            return StreamingResponse(self._completion_sse(stream, rid, name, created, body, prompt_ids),
+            events = self._completion_sse(stream, rid, name, created, body, prompt_ids)
+            return StreamingResponse(self._guarded_sse(events, stream),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
         text, token_ids, last = await self._collect(stream, raw_request)
         choice = CompletionChoice(text=text, finish_reason=last.finish_reason,
@@ -724,6 +726,21 @@ class LLMServer:
         except EngineRequestError as e:
             raise APIError(500, str(e), "server_error", None, "engine_error") from e
 
+    @staticmethod
+    async def _guarded_sse(events: AsyncIterator[str], stream) -> AsyncIterator[str]:
+        """An SSE body: the events, an OpenAI error event if the engine failed mid-stream, always
+        `data: [DONE]`; closing the stream aborts the request when the client went away."""
+        try:
+            async for e in events:
+                yield e
+        except EngineRequestError as e:
+            yield _sse(APIError(500, str(e), "server_error", None, "engine_error").body())
+        except APIError as e:
+            yield _sse(e.body())
+        finally:
+            stream.close()  # a no-op when finished; aborts when the client went away mid-stream
+        yield "data: [DONE]\n\n"
+
     async def _chat_sse(self, stream, rid: str, name: str, created: int, body: ChatCompletionRequest,
                         prompt_ids: list[int]) -> AsyncIterator[str]:
         opts = body.stream_options
@@ -741,26 +758,18 @@ class LLMServer:
                 c["usage"] = _usage(last, n_prompt) if continuous else None
             return c
 
-        try:
-            head = chunk({"role": "assistant", "content": ""})
-            if body.return_token_ids:  # as vLLM: the prompt's ids on the first chunk
-                head["prompt_token_ids"] = prompt_ids
-            yield _sse(head)
-            async for d in stream:
-                last = d
-                if d.text or d.finished or (body.return_token_ids and d.token_ids):
-                    yield _sse(chunk({"content": d.text} if d.text else {},
-                                     d.finish_reason if d.finished else None, d.token_ids))
-            if include_usage:
-                yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
-                            "choices": [], "usage": _usage(last, n_prompt)})
-        except EngineRequestError as e:
-            yield _sse(APIError(500, str(e), "server_error", None, "engine_error").body())
-        except APIError as e:
-            yield _sse(e.body())
-        finally:
-            stream.close()  # a no-op when finished; aborts when the client went away mid-stream
-        yield "data: [DONE]\n\n"
+        head = chunk({"role": "assistant", "content": ""})
+        if body.return_token_ids:  # as vLLM: the prompt's ids on the first chunk
+            head["prompt_token_ids"] = prompt_ids
+        yield _sse(head)
+        async for d in stream:
+            last = d
+            if d.text or d.finished or (body.return_token_ids and d.token_ids):
+                yield _sse(chunk({"content": d.text} if d.text else {},
+                                 d.finish_reason if d.finished else None, d.token_ids))
+        if include_usage:
+            yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
+                        "choices": [], "usage": _usage(last, n_prompt)})
 
     async def _completion_sse(self, stream, rid: str, name: str, created: int, body: CompletionRequest,
                               prompt_ids: list[int]) -> AsyncIterator[str]:
@@ -768,31 +777,23 @@ class LLMServer:
         include_usage = bool(opts and opts.include_usage)
         continuous = include_usage and bool(opts.continuous_usage_stats)
         n_prompt, last, sent_prompt = len(prompt_ids), None, False
-        try:
-            async for d in stream:
-                last = d
-                if not (d.text or d.finished or (body.return_token_ids and d.token_ids)):
-                    continue
-                choice = {"index": 0, "text": d.text, "logprobs": None,
-                          "finish_reason": d.finish_reason if d.finished else None}
-                if body.return_token_ids:
-                    choice["token_ids"] = d.token_ids
-                    if not sent_prompt:
-                        choice["prompt_token_ids"], sent_prompt = prompt_ids, True
-                c = {"id": rid, "object": "text_completion", "created": created, "model": name, "choices": [choice]}
-                if include_usage:
-                    c["usage"] = _usage(last, n_prompt) if continuous else None
-                yield _sse(c)
+        async for d in stream:
+            last = d
+            if not (d.text or d.finished or (body.return_token_ids and d.token_ids)):
+                continue
+            choice = {"index": 0, "text": d.text, "logprobs": None,
+                      "finish_reason": d.finish_reason if d.finished else None}
+            if body.return_token_ids:
+                choice["token_ids"] = d.token_ids
+                if not sent_prompt:
+                    choice["prompt_token_ids"], sent_prompt = prompt_ids, True
+            c = {"id": rid, "object": "text_completion", "created": created, "model": name, "choices": [choice]}
             if include_usage:
-                yield _sse({"id": rid, "object": "text_completion", "created": created, "model": name,
-                            "choices": [], "usage": _usage(last, n_prompt)})
-        except EngineRequestError as e:
-            yield _sse(APIError(500, str(e), "server_error", None, "engine_error").body())
-        except APIError as e:
-            yield _sse(e.body())
-        finally:
-            stream.close()  # a no-op when finished; aborts when the client went away mid-stream
-        yield "data: [DONE]\n\n"
+                c["usage"] = _usage(last, n_prompt) if continuous else None
+            yield _sse(c)
+        if include_usage:
+            yield _sse({"id": rid, "object": "text_completion", "created": created, "model": name,
+                        "choices": [], "usage": _usage(last, n_prompt)})
 
 
 # =============================================================================================== the builder
