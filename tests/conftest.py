@@ -74,3 +74,21 @@ def random_prompt(n: int, seed: int, vocab: int = 151643) -> list[int]:
     """n ordinary (non-special) token ids drawn from a seeded generator."""
     rng = random.Random(seed)
     return [rng.randrange(vocab) for _ in range(n)]
+
+
+def wait_api_server(url: str, proc, log_path: Path, timeout: float = 150.0) -> None:
+    """Wait until a `python -m nanovllmx.entrypoints.openai.api_server` subprocess answers /health;
+    fail with the tail of its log if it exits or does not come up in time."""
+    import time
+
+    import httpx
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "api_server did not come up"
+        time.sleep(0.5)

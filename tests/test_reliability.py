@@ -34,7 +34,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from conftest import random_prompt
+from conftest import random_prompt, wait_api_server
 
 from nanovllmx import (LLM, EngineOverloadedError, EngineRequestError, EngineUnavailableError, SamplingParams)
 from nanovllmx.utils.make_model import DEMO_MODEL_NAME
@@ -827,16 +827,7 @@ def test_sigterm_drains_in_flight_requests_and_leaves_no_process(tmp_path):
                             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 150
-        while True:
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "api_server did not come up"
-            time.sleep(0.5)
+        wait_api_server(url, proc, log_path)
         procs = _marked(marker)
         assert any("raylet" in c for _, c in procs) and any("ServeReplica" in c for _, c in procs), procs
         print(f"api_server: {len(procs)} processes carry the marker")

@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from conftest import wait_api_server
 import yaml
 
 from nanovllmx.utils.make_model import DEMO_MODEL_NAME, demo_model_path
@@ -517,16 +518,7 @@ def test_api_server_entrypoint(tmp_path):
                              "--max-bs", "4", "--device", "cpu"], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 150
-        while True:
-            assert proc.poll() is None, (tmp_path / "api_server.log").read_text()[-3000:]
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "api_server did not come up"
-            time.sleep(0.5)
+        wait_api_server(url, proc, tmp_path / "api_server.log")
         r = httpx.post(url + "/v1/completions", json={"model": DEMO_MODEL_NAME, "prompt": "Hi", "max_tokens": 3,
                                                        "ignore_eos": True}, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
