@@ -107,6 +107,15 @@ class RadixCache:
         key = _as_tokens(tokens)
         if not self.enabled or len(key) == 0:
             return _EMPTY.copy(), self.root
+        node, _, values = self._walk(key)
+        if not values:
+            return _EMPTY.copy(), node
+        return np.concatenate(values), node
+
+    def _walk(self, key: np.ndarray) -> tuple[TreeNode, int, list[np.ndarray]]:
+        """Follow `key` down the tree as far as it matches, splitting the edge where the match
+        ends inside one (so the returned node covers exactly key[:pos]) and stamping the path.
+        Returns (that node, pos, the matched edges' slot arrays)."""
         now = self._tick()
         node = self.root
         node.last_access = now
@@ -119,8 +128,6 @@ class RadixCache:
             m = _common_prefix_len(child.key, key[pos:])
             partial = m < len(child.key)
             if partial:
-                # Match ends inside this edge: split so the returned node covers
-                # exactly the matched prefix (the caller will lock it).
                 child = self._split(child, m)
             # Stamp after a split: the unmatched lower half was not accessed.
             child.last_access = now
@@ -129,9 +136,7 @@ class RadixCache:
             pos += m
             if partial:
                 break
-        if not values:
-            return _EMPTY.copy(), node
-        return np.concatenate(values), node
+        return node, pos, values
 
     def _split(self, child: TreeNode, m: int) -> TreeNode:
         """Split `child` after m tokens (0 < m < len); returns the new upper node."""
@@ -182,25 +187,9 @@ class RadixCache:
         value = np.asarray(slots, dtype=np.int32).ravel()
         if len(value) != len(key):
             raise ValueError(f"len(slots)={len(value)} != len(tokens)={len(key)}")
-        now = self._tick()
-        node = self.root
-        node.last_access = now
-        pos = 0
+        node, pos, _ = self._walk(key)
         n = len(key)
-        while pos < n:
-            child = node.children.get(int(key[pos]))
-            if child is None:
-                break
-            m = _common_prefix_len(child.key, key[pos:])
-            partial = m < len(child.key)
-            if partial:
-                # Diverges inside this edge: split, the new suffix hangs off the upper part.
-                child = self._split(child, m)
-            child.last_access = now
-            node = child
-            pos += m
-            if partial:
-                break
+        now = node.last_access
         if pos < n:
             # Copy so later writes to the caller's arrays cannot corrupt the tree.
             leaf = TreeNode(key=key[pos:].copy(), value=value[pos:].copy(),
