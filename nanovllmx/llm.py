@@ -17,7 +17,7 @@ from nanovllmx.engine.output_processor import EngineRequestError, OutputProcesso
 from nanovllmx.errors import EngineOverloadedError, EngineUnavailableError
 from nanovllmx.outputs import RequestOutput, StreamDelta
 from nanovllmx.sampling_params import SamplingParams
-from nanovllmx.scheduler.request import EngineOutput, EngineRequest
+from nanovllmx.scheduler.request import EngineRequest
 
 logger = logging.getLogger(__name__)
 

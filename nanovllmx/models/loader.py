@@ -5,7 +5,6 @@ from __future__ import annotations
 import glob
 import os
 
-import torch
 from safetensors import safe_open
 from torch import nn
 

@@ -61,7 +61,7 @@ class DecodeGraphs:
     def can_run(self, bs: int) -> bool:
         return bs <= self.max_bs
 
-    def run(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, batch) -> torch.Tensor:
+    def run(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         bs = meta.num_reqs
         gbs = next(s for s in self.sizes if s >= bs)
         self.ids[:bs].copy_(ids)

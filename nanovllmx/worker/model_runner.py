@@ -102,7 +102,7 @@ class ModelRunner:
         ids, positions, meta = self.prepare(b)
         tm.lap("prepare")
         if self.graphs is not None and b.is_decode and self.graphs.can_run(b.num_reqs) and get_parallel_info().pp_size == 1:
-            logits = self.graphs.run(ids, positions, meta, b)
+            logits = self.graphs.run(ids, positions, meta)  # a decode step samples every row
         else:
             self.backend.prepare(meta)
             with forward_context(self.backend):
@@ -114,8 +114,6 @@ class ModelRunner:
             last_tok = self._to_dev((np.cumsum(b.q_lens) - 1)[b.sample_rows]).long()
             logits = self.model.compute_logits(out[last_tok])
         tm.lap("forward_launch")
-        if len(b.sample_rows) == 0:
-            return SampledTokens(torch.zeros(0, dtype=torch.int32), None)
         tokens = self.sampler(logits, b.sampling).to(torch.int32)
         self.next_tokens[self._to_dev(b.req_indices[b.sample_rows]).long()] = tokens
         host = self._host_bufs[self._flip][:len(tokens)]
