@@ -362,6 +362,9 @@ def main() -> None:
         res["step_ms"] = stats.get("step_ms")
         res["worker_step_ms"] = stats.get("worker_step_ms")
         res["num_steps"] = stats.get("num_steps")
+        # the Ray executor's control-plane measures (see RayExecutor.metrics)
+        res.update({k: stats[k] for k in ("control_plane_ms_per_step", "worker_busy_ms_per_step",
+                                           "control_plane_share", "step_wall_ms") if stats.get(k) is not None})
     print(json.dumps(res))
     if a.json:
         with open(a.json, "a") as f:

@@ -3,6 +3,7 @@ Ray scheduler actor), and hands back finished outputs (`generate`) or deltas (`s
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import queue
@@ -171,12 +172,21 @@ class LLM:
         finished = False
         try:
             while True:
-                d = await st.queue.get()
-                if isinstance(d, tuple):
-                    finished = True
-                    raise EngineRequestError(f"request {st.request_id} failed: {d[1]}")
-                if st.finish_reason == "abort" and not d.finished:
-                    continue  # aborted: drop what was queued before the abort, go to its final delta
+                # a consumer that fell behind takes everything queued as one delta: under load the
+                # stream sends fewer, larger chunks instead of falling further behind
+                items = [await st.queue.get()]
+                while not st.queue.empty():
+                    items.append(st.queue.get_nowait())
+                for it in items:
+                    if isinstance(it, tuple):
+                        finished = True
+                        raise EngineRequestError(f"request {st.request_id} failed: {it[1]}")
+                if st.finish_reason == "abort":  # drop what was queued before the abort, keep its final delta
+                    items = [it for it in items if it.finished][:1]
+                    if not items:
+                        continue
+                d = items[0] if len(items) == 1 else dataclasses.replace(
+                    items[-1], token_ids=[t for it in items for t in it.token_ids], text="".join(it.text for it in items))
                 finished = d.finished
                 yield d
                 if finished:

@@ -6,6 +6,7 @@
 #                     cp ../shared/roofline.py .device/
 # Device call 1 (carry .device/serve.tar.xz .device/bootstrap.sh .device/extra):
 #     source .device/bootstrap.sh; export PYTHONPATH=$PWD/.device/extra:$PYTHONPATH; bash scripts/gpu_session.sh models
+# (the phases: models | core | http | all; "all" may not fit one 10-minute call: run core, then http)
 # Device call 2, at once (carry .device/kernels.tar.xz .device/flashinfer-cache.tar.xz .device/bootstrap.sh
 #     .device/extra .device/roofline.py):
 #     source .device/bootstrap.sh; export PYTHONPATH=$PWD/.device/extra:$PYTHONPATH; bash scripts/gpu_session.sh all
@@ -18,16 +19,20 @@ models() {
   [ -d $S ] || python -c "from nanovllmx.utils.make_model import make_model; make_model('$S', preset='qwen3-0.6b', \
 dtype='bfloat16', device='cuda', initializer_range=0.3, num_hidden_layers=4)" | tail -1
 }
-models
-[ "${1:-all}" = models ] && exit 0
 J=$OUT/bench.jsonl
-python -m pytest -q -p no:cacheprovider tests/test_gpu_backends.py 2>&1 | tail -1
-python scripts/gpu_check.py --model $S --with-ray 2>&1 | grep -v "Loading\|it/s" | tail -7
-python bench.py --model $M --bw --roofline .device/roofline.py --profile --json $J 2>&1 | tail -1
-python bench.py --model $M --bw --roofline .device/roofline.py --profile --no-overlap --json $J 2>&1 | tail -1
-python bench.py --model $M --executor ray --profile --json $J 2>&1 | tail -1
-python bench.py --model $M --http --start-server --json $J 2>&1 | tail -1
-python bench.py --model $M --http --start-server --request-rates 4,16,64,inf --json $OUT/sweep.jsonl --plot $OUT/latency.png 2>&1 | tail -8
+core() {
+python -m pytest -q -p no:cacheprovider tests/test_gpu_backends.py > $OUT/log1.txt 2>&1; grep -v "Loading\|it/s" $OUT/log1.txt | tail -4
+python scripts/gpu_check.py --model $S --with-ray > $OUT/log2.txt 2>&1; grep -v "Loading\|it/s" $OUT/log2.txt | tail -8
+python bench.py --model $M --bw --roofline .device/roofline.py --profile --json $J > $OUT/log3.txt 2>&1; grep -v "Loading\|it/s" $OUT/log3.txt | tail -4
+python bench.py --model $M --bw --roofline .device/roofline.py --profile --no-overlap --json $J > $OUT/log4.txt 2>&1; grep -v "Loading\|it/s" $OUT/log4.txt | tail -4
+python bench.py --model $M --executor ray --profile --json $J > $OUT/log5.txt 2>&1; grep -v "Loading\|it/s" $OUT/log5.txt | tail -4
+python bench.py --model $M --num-seqs 64 --torch-profile $OUT/kernels.txt > $OUT/log6.txt 2>&1; grep -v "Loading\|it/s" $OUT/log6.txt | tail -4
+}
+http() {
+python bench.py --model $M --http --start-server --json $J > $OUT/log7.txt 2>&1; grep -v "Loading\|it/s" $OUT/log7.txt | tail -4
+python bench.py --model $M --http --start-server --request-rates 4,16,64,inf --json $OUT/sweep.jsonl --plot $OUT/latency.png > $OUT/log8.txt 2>&1; grep -v "Loading\|it/s" $OUT/log8.txt | tail -8
+}
+table() {
 python - "$J" <<'PY'
 import json, sys
 print(f"{'mode':28s} {'tok/s':>8s} {'%bound':>7s}")
@@ -36,4 +41,12 @@ for line in open(sys.argv[1]):
     mode = r.get("mode") or ("ray" if r.get("executor") == "ray" else "local") + ("" if r.get("overlap", True) else " no-overlap")
     print(f"{mode:28s} {r['tok_per_s']:>8} {str(r.get('pct_of_bound', '')):>7s}")
 PY
+}
+models
+case "${1:-all}" in
+  models) ;;
+  core) core; table ;;
+  http) http; table ;;
+  all) core; http; table ;;
+esac
 type device_save_cache >/dev/null 2>&1 && device_save_cache

@@ -459,8 +459,13 @@ def test_build_app_options():
 
     d = dep({"model": DEMO_MODEL_NAME, "device": "cuda", "num_replicas": 3, "context_len": "512"})
     assert d.num_replicas == 3
-    assert d.ray_actor_options["num_gpus"] == 1  # the engine runs in the replica
+    # on GPU the engine runs in its own actors, off the replica's GIL (which streams the tokens)
+    assert d.ray_actor_options["num_gpus"] == 0 and d.init_args[2]["executor"] == "ray"
     assert d.init_args[2]["context_len"] == 512  # `serve run ... context_len=512` strings get their types
+    d = dep({"model": DEMO_MODEL_NAME, "device": "cuda", "executor": "local"})
+    assert d.ray_actor_options["num_gpus"] == 1  # asked for: the engine runs in the replica
+    d = dep({"model": DEMO_MODEL_NAME, "device": "cpu"})
+    assert d.ray_actor_options["num_gpus"] == 0 and d.init_args[2]["executor"] == "local"
     d = dep({"model": DEMO_MODEL_NAME, "device": "cuda", "tp_size": 2})
     assert d.ray_actor_options["num_gpus"] == 0  # the engine starts its own GPU actors
     d = dep({"model": DEMO_MODEL_NAME, "device": "cpu", "ray_actor_options": {"num_cpus": 2},

@@ -884,14 +884,18 @@ def build_app(args: dict) -> serve.Application:
         raise ValueError(f"build_app: unknown argument(s) {sorted(args)}. Known: app {list(APP_KEYS)}, "
                          f"engine {sorted(engine_names)}, deployment {sorted(DEPLOYMENT_KEYS)}")
 
-    # GPUs. With tp*pp == 1 and the in-process executor the engine runs inside the replica, which
-    # therefore needs the GPU; with tp*pp > 1 the engine starts its own GPU actors.
-    tp, pp = int(engine_kwargs.get("tp_size", 1)), int(engine_kwargs.get("pp_size", 1))
-    executor = engine_kwargs.get("executor", "auto")
-    own_workers = executor == "ray" or (executor == "auto" and tp * pp > 1)
+    # GPUs. On GPU the engine runs in its own actors (a scheduler actor and one worker actor per
+    # shard), never inside the replica: the replica's Python thread streams every token of every
+    # request, and sharing its GIL with the engine's step loop cost 2/3 of the throughput on an H100
+    # (docs/benchmarks.md). On CPU (the demo, the tests) the in-process engine is cheaper.
     device = engine_kwargs.get("device", "auto")
     if device == "auto":  # decide here: a replica without a GPU of its own would otherwise pick the CPU
         device = engine_kwargs["device"] = "cuda" if _cluster_has_gpus() else "cpu"
+    tp, pp = int(engine_kwargs.get("tp_size", 1)), int(engine_kwargs.get("pp_size", 1))
+    executor = engine_kwargs.get("executor", "auto")
+    if executor == "auto":
+        executor = engine_kwargs["executor"] = "ray" if (device == "cuda" or tp * pp > 1) else "local"
+    own_workers = executor == "ray"
     actor_opts = dict(deploy_opts.get("ray_actor_options") or {})
     actor_opts.setdefault("num_gpus", 1 if (device == "cuda" and not own_workers) else 0)
     actor_opts.setdefault("num_cpus", 1)
