@@ -112,10 +112,24 @@ def arrays(B, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, seed=-1, output_le
         needs_filter=bool((tp < 1).any() or (tk > 0).any() or (mp > 0).any()), all_greedy=bool((t == 0).all()))
 
 
-@pytest.fixture
-def sampler():
+class _OnDevice:
+    """A Sampler on `device` that takes and returns CPU tensors (on CUDA, unfiltered batches take
+    the one-pass Triton kernel, so the same behaviour tests cover both paths)."""
+
+    def __init__(self, device: str):
+        self.s = Sampler(torch.device(device))
+
+    def __call__(self, logits: torch.Tensor, sa: SamplingArrays) -> torch.Tensor:
+        return self.s(logits.to(self.s.device), sa).cpu()
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def sampler(request):
     torch.manual_seed(1234)
-    return Sampler(CPU)
+    return _OnDevice(request.param)
 
 
 def rand_logits(B, V, seed=0, scale=3.0):
@@ -256,8 +270,33 @@ def test_seeded_rows_reproducible_across_batches(sampler):
     assert len(set(seq)) >= 5  # successive steps of one seeded request are not all the same draw
 
 
-def test_unseeded_rows_vary():
-    s = Sampler(CPU)
+def test_seeded_unfiltered_rows_reproducible_across_batches(sampler):
+    """Temperature-only batches (the one-pass kernel on CUDA): a seeded row's draw depends on its
+    seed and step only."""
+    V = 1000
+    target = rand_logits(1, V, seed=7, scale=0.5)[0]
+    others = rand_logits(7, V, seed=8)
+
+    def draw(n_others: int, pos: int, my_seed: int, step: int, **mates) -> int:
+        logits = torch.cat([others[:pos], target[None], others[pos:n_others]])
+        a = arrays(n_others + 1, **mates)
+        a.temperature[pos], a.seeds[pos], a.output_lens[pos] = 0.8, my_seed, step
+        a.all_greedy = False
+        return int(sampler(logits, a)[pos])
+
+    for step in range(6):
+        alone = draw(0, 0, 42, step)
+        assert draw(3, 1, 42, step, temperature=0.0) == alone
+        assert draw(7, 5, 42, step, seed=7) == alone
+        assert draw(4, 0, 42, step, temperature=1.3) == alone
+    seq = [draw(0, 0, 42, s) for s in range(10)]
+    assert sum(a != b for a, b in zip(seq, [draw(0, 0, 43, s) for s in range(10)])) >= 5
+    assert len(set(seq)) >= 5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unseeded_rows_vary(device):
+    s = _OnDevice(device)
     logits = rand_logits(1, 1000, scale=0.1).expand(32, -1).contiguous()
     out = s(logits, arrays(32))
     assert len(set(out.tolist())) > 20

@@ -2,6 +2,7 @@
 with no per-request Python work except for the (rare) seeded rows."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from nanovllmx.scheduler.messages import SamplingArrays
@@ -11,13 +12,18 @@ _GREEDY_EPS = 1e-5
 
 
 class Sampler:
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, fused: bool | None = None):
         self.device = device
+        # one-pass Triton Gumbel-max for unfiltered batches on the GPU (nanovllmx/kernels/sampling.py)
+        self.fused = device.type == "cuda" if fused is None else fused
+        self._rng = np.random.default_rng()
 
     def __call__(self, logits: torch.Tensor, sa: SamplingArrays) -> torch.Tensor:
-        logits = logits.float()
         if sa.all_greedy:
             return logits.argmax(dim=-1)
+        if self.fused and not sa.needs_filter:
+            return self._fused(logits, sa)
+        logits = logits.float()
         dev = logits.device
         temp = torch.from_numpy(sa.temperature).to(dev, non_blocking=True)
         # below 1e-5 (as vLLM) a temperature is greedy: tiny ones overflow logits / temp to inf -> NaN
@@ -35,6 +41,19 @@ class Sampler:
             q[i] = torch.empty(probs.shape[1], device=dev).exponential_(generator=g)
         sampled = (probs / q).argmax(dim=-1)
         return torch.where(greedy_rows, logits.argmax(dim=-1), sampled)
+
+    def _fused(self, logits: torch.Tensor, sa: SamplingArrays) -> torch.Tensor:
+        from nanovllmx.kernels.sampling import gumbel_sample
+        t = sa.temperature
+        inv_t = np.where(t < _GREEDY_EPS, 0.0, 1.0 / np.maximum(t, _GREEDY_EPS)).astype(np.float32)
+        # Philox keys: a seeded row is keyed by (seed, tokens so far), as in the PyTorch path, so
+        # batching never changes its draw; the others by a fresh random key per row and step
+        keyed = (sa.seeds.astype(np.int64) * 1_000_003 + sa.output_lens) % (2 ** 31 - 1)
+        fresh = self._rng.integers(0, 2 ** 31 - 1, size=len(t), dtype=np.int64)
+        seeds = np.where(sa.seeds >= 0, keyed, fresh).astype(np.int32)
+        dev = logits.device
+        return gumbel_sample(logits, torch.from_numpy(inv_t).to(dev, non_blocking=True),
+                             torch.from_numpy(seeds).to(dev, non_blocking=True)).long()
 
     @staticmethod
     def _filter(logits: torch.Tensor, sa: SamplingArrays) -> torch.Tensor:
