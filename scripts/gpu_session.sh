@@ -21,12 +21,13 @@ dtype='bfloat16', device='cuda', initializer_range=0.3, num_hidden_layers=4)" | 
 }
 J=$OUT/bench.jsonl
 core() {
-python -m pytest -q -p no:cacheprovider tests/test_gpu_backends.py > $OUT/log1.txt 2>&1; grep -v "Loading\|it/s" $OUT/log1.txt | tail -4
+python -m pytest -q -p no:cacheprovider tests/test_gpu_backends.py tests/test_sampling.py > $OUT/log1.txt 2>&1; grep -v "Loading\|it/s" $OUT/log1.txt | tail -4
 python scripts/gpu_check.py --model $S --with-ray > $OUT/log2.txt 2>&1; grep -v "Loading\|it/s" $OUT/log2.txt | tail -8
 python bench.py --model $M --bw --roofline .device/roofline.py --profile --json $J > $OUT/log3.txt 2>&1; grep -v "Loading\|it/s" $OUT/log3.txt | tail -4
 python bench.py --model $M --bw --roofline .device/roofline.py --profile --no-overlap --json $J > $OUT/log4.txt 2>&1; grep -v "Loading\|it/s" $OUT/log4.txt | tail -4
 python bench.py --model $M --executor ray --profile --json $J > $OUT/log5.txt 2>&1; grep -v "Loading\|it/s" $OUT/log5.txt | tail -4
 python bench.py --model $M --num-seqs 64 --torch-profile $OUT/kernels.txt > $OUT/log6.txt 2>&1; grep -v "Loading\|it/s" $OUT/log6.txt | tail -4
+python scripts/attn_bench.py > $OUT/log9.txt 2>&1; tail -9 $OUT/log9.txt
 }
 http() {
 python bench.py --model $M --http --start-server --json $J > $OUT/log7.txt 2>&1; grep -v "Loading\|it/s" $OUT/log7.txt | tail -4

@@ -1,0 +1,78 @@
+"""How close FlashInfer's decode kernel gets to the copy bandwidth on the standard workload's shape
+(Qwen3-0.6B: 16 query / 8 KV heads, head_dim 128, bf16, 256 requests), with our page size 1 over a
+scattered token-slot pool, next to page size 16 over contiguous pages (what a paged engine gets).
+KV reads dominate the roofline, so this bounds what the whole engine can reach.
+
+    python scripts/attn_bench.py [--ctx-max 1500]
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+
+def timed(fn, iters: int = 50) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(iters):
+        fn()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / iters * 1e-3
+
+
+def main() -> None:
+    import flashinfer
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bs", type=int, default=256)
+    ap.add_argument("--ctx-min", type=int, default=100)
+    ap.add_argument("--ctx-max", type=int, default=1500)
+    a = ap.parse_args()
+    H, HKV, D, dt, dev = 16, 8, 128, torch.bfloat16, torch.device("cuda")
+    rng = np.random.default_rng(0)
+    lens = rng.integers(a.ctx_min, a.ctx_max + 1, a.bs).astype(np.int32)
+    total = int(lens.sum())
+    kv_bytes = total * HKV * D * 2 * 2
+    q = torch.randn(a.bs, H, D, device=dev, dtype=dt)
+    ws = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
+    x = torch.empty(kv_bytes // 2, dtype=dt, device=dev)
+    copy_s = timed(lambda: x.clone())
+    rows = [("copy (bytes read + written)", copy_s, 2 * kv_bytes)]
+    slots = total + 1024
+    k = torch.randn(slots, 1, HKV, D, device=dev, dtype=dt)
+    v = torch.randn_like(k)
+    for layout in ("scattered", "contiguous"):
+        idx = (rng.permutation(slots)[:total] if layout == "scattered" else np.arange(total)).astype(np.int32)
+        indptr = torch.from_numpy(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32))
+        for tc in (False, True):
+            w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=tc)
+            w.plan(indptr, torch.from_numpy(idx).to(dev), torch.ones(a.bs, dtype=torch.int32), H, HKV, D, 1,
+                   q_data_type=dt, kv_data_type=dt)
+            rows.append((f"page 1, {layout} slots, {'tensor' if tc else 'CUDA'} cores",
+                         timed(lambda: w.run(q, (k, v))), kv_bytes))
+    # page 16, contiguous pages
+    P = 16
+    pages = (lens + P - 1) // P
+    kp = torch.randn(int(pages.sum()) + 8, P, HKV, D, device=dev, dtype=dt)
+    vp = torch.randn_like(kp)
+    last = (lens - (pages - 1) * P).astype(np.int32)
+    for tc in (False, True):
+        w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=tc)
+        w.plan(torch.from_numpy(np.concatenate([[0], np.cumsum(pages)]).astype(np.int32)),
+               torch.arange(int(pages.sum()), dtype=torch.int32, device=dev), torch.from_numpy(last), H, HKV, D, P,
+               q_data_type=dt, kv_data_type=dt)
+        rows.append((f"page 16, contiguous, {'tensor' if tc else 'CUDA'} cores",
+                     timed(lambda: w.run(q, (kp, vp))), kv_bytes))
+    print(f"bs {a.bs}, contexts {a.ctx_min}..{a.ctx_max} ({total} tokens, {kv_bytes / 1e9:.2f} GB of KV per layer-step)")
+    print(f"{'kernel':44s} {'us':>8s} {'TB/s':>6s}")
+    for name, s, nbytes in rows:
+        print(f"{name:44s} {s * 1e6:8.1f} {nbytes / s / 1e12:6.2f}")
+
+
+if __name__ == "__main__":
+    main()
