@@ -99,6 +99,13 @@ def test_fused_kernels_match_torch():
     assert _rel(qf.float(), qr.float()) < 2e-2 and _rel(kf.float(), kr.float()) < 2e-2
     gu = torch.randn(300, 2 * 3072, device="cuda", dtype=torch.bfloat16)
     assert _rel(silu_and_mul(gu).float(), SiluAndMul().forward_native(gu).float()) < 2e-2
+    from nanovllmx.kernels.fused import store_kv
+    kc, vc = torch.zeros(1000, 8, 128, device="cuda", dtype=torch.bfloat16), torch.zeros(1000, 8, 128, device="cuda", dtype=torch.bfloat16)
+    slots = torch.randperm(1000, device="cuda")[:300].to(torch.int32)
+    v_strided = qkv[:, 3072:].view(300, 8, 128)  # a column slice of the fused qkv output, as in the model
+    store_kv(kf, v_strided, kc, vc, slots)
+    assert torch.equal(kc[slots.long()], kf) and torch.equal(vc[slots.long()], v_strided)
+    assert kc.float().abs().sum(-1).sum(-1).count_nonzero() == 300  # nothing else written
 
 
 def test_fused_sampler_full_vocab_bf16():

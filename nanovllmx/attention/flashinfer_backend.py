@@ -102,6 +102,10 @@ class FlashInferBackend(AttentionBackend):
         self._planned.record()
         self.active = wrapper
 
+    def store_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        from nanovllmx.kernels.fused import store_kv
+        store_kv(k, v, self.kv.k[layer], self.kv.v[layer], self.meta.out_slots)
+
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         self.store_kv(layer, k, v)
         return self.active.run(q, self.caches[layer])

@@ -93,3 +93,23 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if T:
         _silu_mul_kernel[(T, triton.cdiv(I, BLOCK))](x.contiguous(), out, I, BLOCK=BLOCK, num_warps=4)
     return out
+
+
+@triton.jit
+def _store_kv_kernel(k_ptr, v_ptr, stride_k, stride_v, slots_ptr, k_cache, v_cache, N: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slots_ptr + t).to(tl.int64)
+    c = tl.arange(0, N)
+    tl.store(k_cache + slot * N + c, tl.load(k_ptr + t * stride_k + c))
+    tl.store(v_cache + slot * N + c, tl.load(v_ptr + t * stride_v + c))
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slots: torch.Tensor) -> None:
+    """k_cache[slots] = k; v_cache[slots] = v in one kernel (PyTorch's index_put takes two).
+    k, v: [T, Hkv, D] with contiguous heads (a row stride of their own is fine); caches [S, Hkv, D]."""
+    T = k.shape[0]
+    N = k.shape[1] * k.shape[2]
+    assert k.stride(1) == v.stride(1) == k.shape[2] and k.stride(2) == v.stride(2) == 1 and k_cache.is_contiguous()
+    if T:
+        _store_kv_kernel[(T,)](k, v, k.stride(0), v.stride(0), slots, k_cache, v_cache, N=N, num_warps=4)
