@@ -30,8 +30,19 @@ python bench.py --model $M --num-seqs 64 --torch-profile $OUT/kernels.txt > $OUT
 python scripts/attn_bench.py > $OUT/log9.txt 2>&1; tail -9 $OUT/log9.txt
 }
 http() {
-python bench.py --model $M --http --start-server --json $J > $OUT/log7.txt 2>&1; grep -v "Loading\|it/s" $OUT/log7.txt | tail -4
-python bench.py --model $M --http --start-server --request-rates 4,16,64,inf --json $OUT/sweep.jsonl --plot $OUT/latency.png > $OUT/log8.txt 2>&1; grep -v "Loading\|it/s" $OUT/log8.txt | tail -8
+# the user's path: `serve run serve_configs/qwen3.yaml` with the local checkpoint in place of the hub id
+sed "s|model: Qwen/Qwen3-0.6B|model: $M|" serve_configs/qwen3.yaml > /tmp/qwen3.yaml
+serve run /tmp/qwen3.yaml > $OUT/serve.txt 2>&1 &
+for i in $(seq 240); do curl -sf localhost:8000/health >/dev/null && break; sleep 1; done
+echo "serve run up after ${i}s"; curl -s localhost:8000/v1/models; echo
+curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \
+  -d '{"model": "qwen3-0.6b", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8}'; echo
+curl -sN localhost:8000/v1/completions -H 'Content-Type: application/json' \
+  -d '{"model": "qwen3-0.6b", "prompt": "Hello", "max_tokens": 3, "stream": true}'; echo
+python bench.py --model $M --http --json $J > $OUT/log7.txt 2>&1; grep -v "Loading\|it/s" $OUT/log7.txt | tail -4
+python bench.py --model $M --http --request-rates 4,16,64,inf --json $OUT/sweep.jsonl --plot $OUT/latency.png > $OUT/log8.txt 2>&1; grep -v "Loading\|it/s" $OUT/log8.txt | tail -8
+curl -s localhost:8000/v1/engine/stats | head -c 900; echo
+serve shutdown -y > /dev/null 2>&1; ray stop --force > /dev/null 2>&1
 }
 table() {
 python - "$J" <<'PY'
