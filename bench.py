@@ -296,6 +296,8 @@ def main() -> None:
     ap.add_argument("--decode-tensor-cores", type=int, default=None, choices=[0, 1])
     ap.add_argument("--torch-profile", default=None, help="write a torch.profiler kernel table of the run here")
     ap.add_argument("--profile", action="store_true", help="print the per-step time breakdown")
+    ap.add_argument("--top-k", type=int, default=0, help="offline: top_k for every request (standard: 0, off)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="offline: top_p for every request (standard: 1, off)")
     ap.add_argument("--json", default=None, help="append every result (one per request rate) as a JSON line to this file")
     ap.add_argument("--http", action="store_true", help="send the workload through the OpenAI HTTP API")
     ap.add_argument("--url", default="http://127.0.0.1:8000")
@@ -335,6 +337,9 @@ def main() -> None:
               decode_tensor_cores=None if a.decode_tensor_cores is None else bool(a.decode_tensor_cores),
               overlap_scheduling=not a.no_overlap)
     prompts, params = standard_workload(a.num_seqs)
+    if a.top_k or a.top_p < 1:  # e.g. Qwen3's generation defaults (top_k 20, top_p 0.95): the filtered sampler
+        for p in params:
+            p.top_k, p.top_p = a.top_k, a.top_p
     llm.generate(["Benchmark: "], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
     prof = None
     if a.torch_profile:
@@ -352,6 +357,8 @@ def main() -> None:
     assert total == sum(p.max_tokens for p in params), "every request must produce max_tokens tokens"
     res = {"executor": a.executor, "tokens": total, "seconds": round(dt, 3), "tok_per_s": round(total / dt, 1), "max_bs": a.max_bs,
            "tp": a.tp_size, "pp": a.pp_size, "eager": a.enforce_eager, "overlap": not a.no_overlap}
+    if a.top_k or a.top_p < 1:
+        res.update(top_k=a.top_k, top_p=a.top_p)
     stats = llm.stats()
     res.update({k: stats[k] for k in ("num_preempted_total", "num_slots") if k in stats})
     if bw:

@@ -25,6 +25,7 @@ python -m pytest -q -p no:cacheprovider tests/test_gpu_backends.py tests/test_sa
 python scripts/gpu_check.py --model $S --with-ray > $OUT/log2.txt 2>&1; grep -v "Loading\|it/s" $OUT/log2.txt | tail -8
 python bench.py --model $M --bw --roofline .device/roofline.py --profile --json $J > $OUT/log3.txt 2>&1; grep -v "Loading\|it/s" $OUT/log3.txt | tail -4
 python bench.py --model $M --bw --roofline .device/roofline.py --profile --no-overlap --json $J > $OUT/log4.txt 2>&1; grep -v "Loading\|it/s" $OUT/log4.txt | tail -4
+python bench.py --model $M --top-k 20 --top-p 0.95 --json $J > $OUT/log10.txt 2>&1; grep -v "Loading\|it/s" $OUT/log10.txt | tail -2
 python bench.py --model $M --executor ray --profile --json $J > $OUT/log5.txt 2>&1; grep -v "Loading\|it/s" $OUT/log5.txt | tail -4
 python bench.py --model $M --num-seqs 64 --torch-profile $OUT/kernels.txt > $OUT/log6.txt 2>&1; grep -v "Loading\|it/s" $OUT/log6.txt | tail -4
 python scripts/attn_bench.py > $OUT/log9.txt 2>&1; tail -9 $OUT/log9.txt
@@ -51,6 +52,7 @@ print(f"{'mode':28s} {'tok/s':>8s} {'%bound':>7s}")
 for line in open(sys.argv[1]):
     r = json.loads(line)
     mode = r.get("mode") or ("ray" if r.get("executor") == "ray" else "local") + ("" if r.get("overlap", True) else " no-overlap")
+    mode += f" top_k={r['top_k']} top_p={r['top_p']}" if "top_k" in r else ""
     print(f"{mode:28s} {r['tok_per_s']:>8} {str(r.get('pct_of_bound', '')):>7s}")
 PY
 }

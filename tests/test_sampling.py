@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from nanovllmx.sampling_params import SamplingParams
 from nanovllmx.scheduler.messages import SamplingArrays
-from nanovllmx.worker.sampler import Sampler
+from nanovllmx.worker.sampler import TOPK_MAX, Sampler
 
 CPU = torch.device("cpu")
 
@@ -300,3 +300,49 @@ def test_unseeded_rows_vary(device):
     logits = rand_logits(1, 1000, scale=0.1).expand(32, -1).contiguous()
     out = s(logits, arrays(32))
     assert len(set(out.tolist())) > 20
+
+
+def test_top_k_path_matches_full_filter_distribution(sampler):
+    """Rows with top_k > 0 sample among their top-k logits only (no full sort); with min-p, top-k
+    and top-p together the draws follow the distribution the full-vocabulary filter defines."""
+    row = torch.tensor([2.0, 1.7, 1.5, 1.2, 1.0, 0.9, 0.5, 0.2, 0.0, -0.3, -1.0, 1.1])
+    kw = dict(temperature=0.7, top_k=6, top_p=0.8, min_p=0.1)
+    want = torch.softmax(Sampler._filter(row[None] / 0.7, arrays(1, **kw))[0], -1).numpy()
+    assert 2 <= (want > 0).sum() < 6  # the case exercises top-p on top of top-k
+    counts = np.bincount(_draws(sampler, row, 40000, **kw), minlength=12)
+    assert _chi2(counts, want) < 30.0, (counts, want * 40000)
+
+
+def test_mixed_batch_rows_keep_their_own_filters(sampler):
+    """One batch, three paths: a plain row keeps its whole support, a top-k row and a top-p-only
+    row (full sort) only theirs."""
+    V = 50
+    row = rand_logits(1, V, seed=2, scale=0.3)[0]
+    n = 3000
+    logits = row.expand(3 * n, -1).contiguous()
+    a = arrays(3 * n, top_k=[0] * n + [5] * n + [0] * n, top_p=[1.0] * n + [1.0] * n + [0.2] * n)
+    out = sampler(logits, a).numpy()
+    assert len(set(out[:n].tolist())) > 40
+    assert set(out[n:2 * n].tolist()) == set(row.topk(5).indices.tolist())
+    p = torch.softmax(row, -1)
+    order = p.argsort(descending=True)
+    keep = order[: int(np.searchsorted(p[order].cumsum(0).numpy(), 0.2) + 1)]
+    assert set(out[2 * n:].tolist()) == set(keep.tolist())
+
+
+def test_seeded_top_k_row_independent_of_batch_mates(sampler):
+    V = 3000
+    target = rand_logits(1, V, seed=9, scale=0.2)[0]
+    others = rand_logits(5, V, seed=10)
+
+    def draw(mates_top_k: list[int], step: int, seed: int = 5) -> int:
+        logits = torch.cat([target[None], others[: len(mates_top_k)]])
+        a = arrays(len(mates_top_k) + 1, top_k=[40] + mates_top_k, top_p=[0.9] + [1.0] * len(mates_top_k))
+        a.seeds[0], a.output_lens[:] = seed, step
+        return int(sampler(logits, a)[0])
+
+    for step in range(5):
+        alone = draw([], step)
+        assert draw([TOPK_MAX, 3], step) == alone  # a larger top-k in the batch
+        assert draw([0, 0], step) == alone  # plain batch-mates
+    assert len({draw([], s) for s in range(10)}) >= 5

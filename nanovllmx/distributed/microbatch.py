@@ -11,17 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nanovllmx.scheduler.messages import SamplingArrays, ScheduledBatch
-
-
-def _sampling_subset(sa: SamplingArrays, mask: np.ndarray) -> SamplingArrays:
-    temperature, top_p, top_k, min_p = sa.temperature[mask], sa.top_p[mask], sa.top_k[mask], sa.min_p[mask]
-    return SamplingArrays(
-        temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seeds=sa.seeds[mask],
-        output_lens=sa.output_lens[mask],
-        needs_filter=bool(sa.needs_filter and ((top_p < 1).any() or (top_k > 0).any() or (min_p > 0).any())),
-        # a subset of an all-greedy batch is all greedy; otherwise keep the sampler's general path
-        all_greedy=sa.all_greedy)
+from nanovllmx.scheduler.messages import ScheduledBatch
 
 
 def split_points(q_lens: np.ndarray, m: int) -> list[int]:
@@ -58,6 +48,6 @@ def split_batch(b: ScheduledBatch, m: int) -> list[ScheduledBatch]:
             input_ids=ids, out_slots=b.out_slots[t0:t1],
             table_rows=b.table_rows[tmask], table_cols=b.table_cols[tmask], table_slots=b.table_slots[tmask],
             sample_rows=(b.sample_rows[smask] - lo).astype(b.sample_rows.dtype),
-            sampling=_sampling_subset(b.sampling, smask),
+            sampling=b.sampling.take(smask),
             has_placeholders=bool(b.has_placeholders and (ids < 0).any())))
     return out

@@ -11,36 +11,93 @@ from nanovllmx.scheduler.messages import SamplingArrays
 _GREEDY_EPS = 1e-5
 
 
+# rows with 0 < top_k <= this sample among their own top-k logits (torch.topk): no full-vocabulary
+# sort, which costs milliseconds per step at 256 rows x 152k (Qwen3's defaults: top_k=20, top_p=0.95)
+TOPK_MAX = 1024
+
+
 class Sampler:
     def __init__(self, device: torch.device, fused: bool | None = None):
         self.device = device
-        # one-pass Triton Gumbel-max for unfiltered batches on the GPU (nanovllmx/kernels/sampling.py)
+        # one-pass Triton Gumbel-max for unfiltered rows on the GPU (nanovllmx/kernels/sampling.py)
         self.fused = device.type == "cuda" if fused is None else fused
         self._rng = np.random.default_rng()
 
     def __call__(self, logits: torch.Tensor, sa: SamplingArrays) -> torch.Tensor:
         if sa.all_greedy:
             return logits.argmax(dim=-1)
-        if self.fused and not sa.needs_filter:
-            return self._fused(logits, sa)
-        logits = logits.float()
-        dev = logits.device
-        temp = torch.from_numpy(sa.temperature).to(dev, non_blocking=True)
+        if not sa.needs_filter:
+            return self._plain(logits, sa)
+        # each row takes the path its own parameters choose, so its batch-mates never change a
+        # seeded row's draw
+        small = (sa.top_k > 0) & (sa.top_k <= TOPK_MAX)
+        plain = ~small & (sa.top_k == 0) & (sa.top_p >= 1) & (sa.min_p <= 0)
+        full = ~small & ~plain
+        out = None
+        for mask, path in ((plain, self._plain), (small, self._top_k), (full, self._full)):
+            if mask.all():
+                return path(logits, sa)
+            if mask.any():
+                rows = torch.from_numpy(np.nonzero(mask)[0]).to(logits.device, non_blocking=True)
+                if out is None:
+                    out = torch.empty(len(mask), dtype=torch.long, device=logits.device)
+                out[rows] = path(logits[rows], sa.take(mask))
+        return out
+
+    def _plain(self, logits: torch.Tensor, sa: SamplingArrays) -> torch.Tensor:
+        """Rows without filters: temperature (or greedy) over the whole vocabulary."""
+        return self._fused(logits, sa) if self.fused else self._full(logits, sa)
+
+    @staticmethod
+    def _temperature(logits: torch.Tensor, sa: SamplingArrays) -> tuple[torch.Tensor, torch.Tensor]:
+        temp = torch.from_numpy(sa.temperature).to(logits.device, non_blocking=True)
         # below 1e-5 (as vLLM) a temperature is greedy: tiny ones overflow logits / temp to inf -> NaN
         greedy_rows = temp < _GREEDY_EPS
-        logits = logits / torch.where(greedy_rows, 1.0, temp).unsqueeze(1)
+        return logits / torch.where(greedy_rows, 1.0, temp).unsqueeze(1), greedy_rows
+
+    @staticmethod
+    def _noise(shape: tuple[int, int], sa: SamplingArrays, dev: torch.device, lengths: np.ndarray | None = None):
+        """Exp(1) noise for the exponential race; a seeded row's is keyed by (seed, tokens so far) so
+        batching never changes it (only its first `lengths[i]` entries are drawn from its key)."""
+        q = torch.empty(shape, device=dev).exponential_()
+        for i in (sa.seeds >= 0).nonzero()[0].tolist():
+            n = shape[1] if lengths is None else int(lengths[i])
+            g = torch.Generator(device=dev)
+            g.manual_seed((int(sa.seeds[i]) * 1_000_003 + int(sa.output_lens[i])) % (2 ** 63))
+            q[i, :n] = torch.empty(n, device=dev).exponential_(generator=g)
+        return q
+
+    def _full(self, logits: torch.Tensor, sa: SamplingArrays) -> torch.Tensor:
+        """PyTorch over the whole vocabulary: any filters (a full sort for top-p without top-k)."""
+        logits, greedy_rows = self._temperature(logits.float(), sa)
         if sa.needs_filter:
             logits = self._filter(logits, sa)
         probs = torch.softmax(logits, dim=-1)
         # exponential race: argmax(p / q), q ~ Exp(1), draws from p without a cumsum-based search
-        q = torch.empty_like(probs).exponential_()
-        seeded = (sa.seeds >= 0).nonzero()[0]
-        for i in seeded.tolist():  # seeded rows only: keyed by (seed, tokens so far) so batching never changes them
-            g = torch.Generator(device=dev)
-            g.manual_seed((int(sa.seeds[i]) * 1_000_003 + int(sa.output_lens[i])) % (2 ** 63))
-            q[i] = torch.empty(probs.shape[1], device=dev).exponential_(generator=g)
-        sampled = (probs / q).argmax(dim=-1)
+        sampled = (probs / self._noise(probs.shape, sa, probs.device)).argmax(dim=-1)
         return torch.where(greedy_rows, logits.argmax(dim=-1), sampled)
+
+    def _top_k(self, logits: torch.Tensor, sa: SamplingArrays) -> torch.Tensor:
+        """Rows with 0 < top_k <= TOPK_MAX: min-p, top-k and top-p applied to the top-k logits only
+        (the same rules as _filter: min-p against the most likely token, top-p over the top-k)."""
+        k = int(sa.top_k.max())
+        vals, idx = logits.topk(k, dim=-1)  # sorted, descending
+        vals, greedy_rows = self._temperature(vals.float(), sa)
+        dev = logits.device
+        top_k = torch.from_numpy(sa.top_k).to(dev, non_blocking=True)
+        drop = torch.arange(k, device=dev).unsqueeze(0) >= top_k.unsqueeze(1)
+        if (sa.min_p > 0).any():  # p < min_p * p_max  <=>  logit - max logit < log(min_p)
+            log_min_p = np.where(sa.min_p > 0, np.log(np.maximum(sa.min_p, 1e-30)), -np.inf).astype(np.float32)
+            drop |= (vals - vals[:, :1]) < torch.from_numpy(log_min_p).to(dev, non_blocking=True).unsqueeze(1)
+        if (sa.top_p < 1).any():
+            top_p = torch.from_numpy(sa.top_p).to(dev, non_blocking=True)
+            sp = torch.softmax(vals.masked_fill(drop, float("-inf")), dim=-1)
+            drop |= ((sp.cumsum(dim=-1) - sp) >= top_p.unsqueeze(1)) & (top_p < 1).unsqueeze(1)
+        drop[:, 0] = False  # the most likely token always survives
+        probs = torch.softmax(vals.masked_fill(drop, float("-inf")), dim=-1)
+        pick = (probs / self._noise(probs.shape, sa, dev, lengths=sa.top_k)).argmax(dim=-1)
+        pick = torch.where(greedy_rows, 0, pick)
+        return idx.gather(1, pick.unsqueeze(1)).squeeze(1)
 
     def _fused(self, logits: torch.Tensor, sa: SamplingArrays) -> torch.Tensor:
         from nanovllmx.kernels.sampling import gumbel_sample
