@@ -7,6 +7,7 @@ node_b standing for two machines) serves the whole module."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import random
 import time
 
@@ -247,3 +248,127 @@ def test_split_batch():
         assert (np.concatenate([p.sample_rows + o for p, o in zip(parts, offs)]) == sample_rows).all()
         assert (np.concatenate([p.sampling.temperature for p in parts]) == sa.temperature).all()
         assert all(p.step == 7 for p in parts)
+
+
+def test_overlap_preemption_and_abort_matches_local(cluster, model_dir, reference):
+    # overlap scheduling (off by default on CPU) on a 1x1 Ray grid: the worker launches step N+1 before
+    # step N's ids are sent; preemption recomputes requests while steps are in flight
+    llm = LLM(model_dir, context_len=CTX, executor="ray", num_kv_slots=SMALL_KV, overlap_scheduling=True)
+    try:
+        assert _run_long(llm) == reference["long"]
+        st = _check_stats(llm)
+        assert st["overlap"] and st["num_preempted_total"] > 0
+
+        async def first_deltas(n):  # leaving the stream early aborts the request mid-flight
+            got = []
+            async for d in llm.stream(_prompt(20, 99), SamplingParams(temperature=0, max_tokens=300, ignore_eos=True)):
+                got.append(d)
+                if len(got) == n:
+                    break
+            return got
+        assert len(asyncio.run(first_deltas(3))) == 3
+        assert [o.token_ids for o in llm.generate(WARM, GREEDY)] == reference["mixed"][:1]
+    finally:
+        llm.shutdown()
+
+
+class _FakeWorker:
+    """Stands in for nanovllmx.worker.Worker in the worker loop: step `s`'s ids are [s], ready once
+    `gates[s]` is set; a step in `fail_launch` raises when launched, one in `fail_result` in result()."""
+
+    def __init__(self):
+        import threading
+        self.launched: list[int] = []
+        self.gates = collections.defaultdict(threading.Event)
+        self.fail_launch: set[int] = set()
+        self.fail_result: set[int] = set()
+
+    def execute_async(self, batch):
+        import numpy as np
+        if batch.step in self.fail_launch:
+            raise RuntimeError(f"launch of step {batch.step} failed")
+        self.launched.append(batch.step)
+        gate, fail = self.gates[batch.step], batch.step in self.fail_result
+
+        class Handle:
+            def result(self):
+                assert gate.wait(30)
+                if fail:
+                    raise RuntimeError(f"step {batch.step} failed on the device")
+                return np.array([batch.step], np.int32)
+        return Handle()
+
+
+def _fake_loop(fake: _FakeWorker):
+    """A WorkerActor step loop (overlap on, the result rank) around `fake`, without Ray."""
+    from types import SimpleNamespace
+    from nanovllmx.distributed import control
+    from nanovllmx.distributed.ray_executor import WorkerActor
+    actor = object.__new__(WorkerActor)
+    actor.cfg, actor.rank, actor.node_ip, actor.worker = SimpleNamespace(device="cpu"), 0, "127.0.0.1", fake
+    actor._loop_error, actor._loop_thread = None, None
+    server = control.ControlServer("127.0.0.1", bind="127.0.0.1")
+    actor.start_loop(server.address, result_rank=0, overlap=True)
+    server.accept(1, timeout=30)
+    step = lambda s: server.broadcast(control.STEP, control.dumps(SimpleNamespace(step=s)))
+    result = lambda: control.unpack_result(server.wait_result(0))
+    return actor, server, step, result
+
+
+def _until(cond, timeout=10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return cond()
+
+
+def test_worker_loop_overlaps_launches():
+    from nanovllmx.distributed import control
+    fake = _FakeWorker()
+    actor, server, step, result = _fake_loop(fake)
+    try:
+        step(0)
+        step(1)
+        assert _until(lambda: fake.launched == [0, 1])  # step 1 launched while step 0 is not ready
+        step(2)  # step 2 would copy its ids into step 0's host buffer: it waits until step 0 is read
+        time.sleep(0.3)
+        assert fake.launched == [0, 1]
+        fake.gates[0].set()
+        s, ids, gap, busy = result()
+        assert (s, ids.tolist(), gap) == (0, [0], -1) and busy > 0
+        assert _until(lambda: fake.launched == [0, 1, 2])
+        fake.gates[1].set()
+        fake.gates[2].set()
+        # no further step comes, yet the results are sent, in order
+        s, ids, gap, busy = result()
+        assert (s, ids.tolist(), gap) == (1, [1], 0) and busy > 0  # launched ahead: no device gap
+        assert result()[0] == 2
+        # a failed launch reports an ERROR frame with the traceback
+        fake.fail_launch.add(3)
+        step(3)
+        with pytest.raises(control.ControlError, match="launch of step 3 failed"):
+            result()
+        actor._loop_thread.join(10)
+        assert not actor._loop_thread.is_alive() and "launch of step 3 failed" in actor._loop_error
+    finally:
+        for g in fake.gates.values():
+            g.set()
+        server.close()
+
+    # a step that fails on the device (in the sender thread) is reported too; STOP then ends the loop
+    fake = _FakeWorker()
+    fake.fail_result.add(1)
+    actor, server, step, result = _fake_loop(fake)
+    try:
+        fake.gates[0].set()
+        fake.gates[1].set()
+        step(0)
+        step(1)
+        assert result()[0] == 0
+        with pytest.raises(control.ControlError, match="step 1 failed on the device"):
+            result()
+        server.broadcast(control.STOP)
+        actor._loop_thread.join(10)
+        assert not actor._loop_thread.is_alive() and "step 1 failed on the device" in actor._loop_error
+    finally:
+        server.close()

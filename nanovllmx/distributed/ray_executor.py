@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import queue
 import socket
 import threading
 import time
@@ -95,17 +96,21 @@ class WorkerActor:
         self.worker.init_kv_cache(num_slots)
 
     # ---- the step loop over the control socket ----
-    def start_loop(self, address: tuple[str, int], result_rank: int) -> None:
+    def start_loop(self, address: tuple[str, int], result_rank: int, overlap: bool = False) -> None:
         conn = control.ControlClient(tuple(address), self.rank)
-        self._loop_thread = threading.Thread(target=self._loop, args=(conn, self.rank == result_rank),
+        self._loop_thread = threading.Thread(target=self._loop, args=(conn, self.rank == result_rank, overlap),
                                              name=f"nanovllmx-worker-{self.rank}", daemon=True)
         self._loop_thread.start()
 
-    def _loop(self, conn: control.ControlClient, sends_result: bool) -> None:
+    def _loop(self, conn: control.ControlClient, sends_result: bool, overlap: bool) -> None:
+        """Read steps from the socket and run them. With `overlap` (pp_size == 1 and the engine sends
+        steps ahead) a step is only launched here; its ids go back from a _ResultSender thread, so
+        this thread reads and launches step N+1 while the device still runs step N."""
         if self.cfg.device == "cuda":
             import torch
             torch.cuda.set_device(0)  # the current device is per thread
-        last_end = None
+        lock = threading.Lock()  # this thread (ERROR) and the sender thread share the socket
+        sender = _ResultSender(self, conn, lock, threaded=overlap) if sends_result else None
         try:
             while True:
                 kind, payload = conn.recv()
@@ -115,24 +120,38 @@ class WorkerActor:
                     raise RuntimeError(f"unexpected control frame {kind}")
                 batch = control.loads(payload)
                 start = time.perf_counter()
-                out = self._execute(batch)
-                end = time.perf_counter()
-                if sends_result:
-                    gap = -1 if last_end is None else int((start - last_end) * 1e9)
-                    step = batch[0].step if isinstance(batch, list) else batch.step
-                    conn.send(control.RESULT, control.pack_result(step, out, gap, int((end - start) * 1e9)))
-                last_end = end
+                if not overlap:  # also every PP grid: micro-batch lists, only the last stage has ids
+                    out = self._execute(batch)
+                    if sender is not None:
+                        sender.put(batch[0].step if isinstance(batch, list) else batch.step, out, start)
+                    continue
+                if sender is not None and not sender.reserve():
+                    return  # the sender thread failed and has reported it
+                handle = self.worker.execute_async(batch)
+                if sender is not None:
+                    sender.put(batch.step, handle, start)
+                # other TP ranks drop their handle: nobody reads their ids, and the TP collectives
+                # keep them in step with the result rank
         except EOFError:
             logger.warning("rank %d: the scheduler closed the control connection; leaving the step loop", self.rank)
         except BaseException:
-            self._loop_error = traceback.format_exc()
-            logger.error("rank %d: step failed:\n%s", self.rank, self._loop_error)
-            try:
-                conn.send(control.ERROR, f"rank {self.rank} on {self.node_ip}:\n{self._loop_error}".encode())
-            except OSError:
-                pass
+            self._report_error(conn, lock)
         finally:
+            if sender is not None:
+                sender.close(timeout=10.0)  # sends what is still in flight
             conn.close()
+
+    def _report_error(self, conn: control.ControlClient, lock: threading.Lock) -> None:
+        """Log the exception being handled and send it as an ERROR frame: the scheduler then fails
+        the engine."""
+        tb = traceback.format_exc()
+        self._loop_error = self._loop_error or tb
+        logger.error("rank %d: step failed:\n%s", self.rank, tb)
+        try:
+            with lock:
+                conn.send(control.ERROR, f"rank {self.rank} on {self.node_ip}:\n{tb}".encode())
+        except OSError:
+            pass
 
     # ---- the step over Ray calls (ray_step_mode="ray") ----
     def _execute(self, batch: ScheduledBatch | list[ScheduledBatch]):
@@ -159,6 +178,82 @@ class WorkerActor:
             self.worker.shutdown()  # destroys the process groups
             self.worker = None
         return self._loop_error
+
+
+# steps launched whose ids have not been read yet, at most: ModelRunner double-buffers the pinned host
+# copy of the sampled ids (_host_bufs), so step N+2's copy lands in step N's buffer
+_HOST_BUFFERS = 2
+
+
+class _ResultSender:
+    """Sends the result rank's RESULT frames in step order: inline (`threaded=False`, the step already
+    waited for its ids) or from its own thread, which waits for each launched step's ids and sends
+    them as soon as they are there, whether or not another step follows.
+
+    Timings (perf_counter): a step *starts* when its frame has been read and unpickled and *is
+    ready* when its ids are on the host (the sender's `result()` returned).
+      gap  = start(N) - ready(N-1), or 0 if step N started before step N-1 was ready (launched
+             ahead: the device had step N queued). The time the device sat idle waiting for the
+             control plane (scheduler, transport, unpickling) -- an upper bound: it excludes the
+             part of step N's launch that runs before its first kernel.
+      busy = ready(N) - max(start(N), ready(N-1)): step N's own time, not its wait behind N-1.
+    gap + busy = ready(N) - ready(N-1), the step period; without overlap start(N) > ready(N-1)
+    always, and they are the worker's end -> start and start -> end times."""
+
+    def __init__(self, actor: WorkerActor, conn: control.ControlClient, lock: threading.Lock, threaded: bool):
+        self.actor, self.conn, self.lock = actor, conn, lock
+        self.last_ready: float | None = None
+        self.failed = False
+        self._thread: threading.Thread | None = None
+        if threaded:
+            self._q: queue.SimpleQueue = queue.SimpleQueue()
+            # Step N+2 may launch only once step N's ids are read. The scheduler already guarantees
+            # it (the engine core sends step N+2 after it has received step N's result, which we
+            # send after reading it); the semaphore makes it hold here whatever the scheduler does,
+            # and never waits while it does.
+            self._slots = threading.Semaphore(_HOST_BUFFERS)
+            self._thread = threading.Thread(target=self._run, name=f"nanovllmx-result-{actor.rank}", daemon=True)
+            self._thread.start()
+
+    def reserve(self) -> bool:
+        """Wait until a step may launch (threaded); False if the sender thread has failed."""
+        self._slots.acquire()
+        return not self.failed
+
+    def put(self, step: int, out, start: float) -> None:
+        """`out`: the ids (inline) or a launched step's handle (threaded, after `reserve()`)."""
+        if self._thread is None:
+            self._send(step, out, start)
+        else:
+            self._q.put((step, out, start))
+
+    def _send(self, step: int, tokens: np.ndarray, start: float) -> None:
+        ready, last = time.perf_counter(), self.last_ready
+        self.last_ready = ready
+        if last is None:  # the first step: no gap to measure
+            gap, last = -1, start
+        else:
+            gap = int(max(0.0, start - last) * 1e9)
+        busy = int((ready - max(start, last)) * 1e9)
+        with self.lock:
+            self.conn.send(control.RESULT, control.pack_result(step, tokens, gap, busy))
+
+    def _run(self) -> None:
+        try:
+            while (item := self._q.get()) is not None:
+                step, handle, start = item
+                tokens = handle.result()  # waits on the step's CUDA event; a copy of the host buffer
+                self._slots.release()  # the buffer is read: step N+2 may launch
+                self._send(step, tokens, start)
+        except BaseException:
+            self.failed = True
+            self.actor._report_error(self.conn, self.lock)
+            self._slots.release(_HOST_BUFFERS)  # wake the loop thread if it waits in reserve()
+
+    def close(self, timeout: float) -> None:
+        if self._thread is not None:
+            self._q.put(None)
+            self._thread.join(timeout)
 
 
 class _Launched:
@@ -201,8 +296,10 @@ class RayExecutor:
         self.server: control.ControlServer | None = None
         self._broken: str | None = None
         # step timings (seconds), over the last `window` steps that followed another step directly
-        self._gap = collections.deque(maxlen=window)  # worker: end of step N -> start of step N+1
-        self._busy = collections.deque(maxlen=window)  # worker: start -> end of its execute
+        # worker (result rank), see _ResultSender: without overlap, end of step N -> start of step N+1 and
+        # start -> end of its execute; with overlap, device idle between steps and step N's own time
+        self._gap = collections.deque(maxlen=window)
+        self._busy = collections.deque(maxlen=window)
         self._sched = collections.deque(maxlen=window)  # scheduler: its own work between two launches
         self._wall = collections.deque(maxlen=window)  # scheduler: launch -> sampled ids back
         self._idle = True
@@ -218,7 +315,9 @@ class RayExecutor:
         ray.get([w.init_kv_cache.remote(num_slots) for w in self.workers])
         if self.mode == "socket":
             self.server = control.ControlServer(ray.util.get_node_ip_address())
-            ray.get([w.start_loop.remote(self.server.address, self.result_rank) for w in self.workers])
+            # the engine core overlaps exactly when the executor supports it and the config asks for it
+            overlap = self.supports_overlap and bool(self.cfg.overlap_scheduling)
+            ray.get([w.start_loop.remote(self.server.address, self.result_rank, overlap) for w in self.workers])
             self.server.accept(len(self.workers), timeout=120)
 
     def mark_idle(self) -> None:
@@ -294,14 +393,16 @@ class RayExecutor:
             overlap=self.overlap,  # steps are sent before the previous one's tokens are back
             pp_microbatches=self.microbatches,
             num_timed_steps=len(self._gap),
-            # the issue's measure: time between a worker finishing step N and starting step N+1
+            # the issue's measure: time between a worker finishing step N and starting step N+1 (with
+            # overlap: between step N's ids being ready and step N+1 starting, 0 when it was launched
+            # ahead -- the device's wait for the control plane; see _ResultSender)
             control_plane_ms_per_step=gap,
             # the scheduler's own work per step (update, request intake, schedule); without overlap it
             # is part of the gap, with overlap it runs while the workers compute
             scheduler_ms_per_step=sched,
             transport_ms_per_step=(None if gap is None or sched is None or self.overlap
                                    else round(max(gap - sched, 0.0), 4)),
-            worker_busy_ms_per_step=busy,
+            worker_busy_ms_per_step=busy,  # gap + busy: the worker's step period
             step_wall_ms=ms(self._wall),
             control_plane_share=None if gap is None or gap + busy == 0 else round(gap / (gap + busy), 4),
         )
