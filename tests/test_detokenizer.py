@@ -140,3 +140,142 @@ def test_stop_property(tokenizer, text, data):
     want = full[:full.find(stop)]
     assert d.stopped and d.text == want
     assert "".join(deltas) == want
+
+
+# ------------------------------------------------------------------ fast path (tokenizers' DecodeStream)
+class DecodeOnly:
+    """A tokenizer with no Rust backend (like a slow tokenizer): forces the decode-based method."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def decode(self, ids, skip_special_tokens=False):
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+class FailingStream:
+    """Stands in for a DecodeStream that raises (e.g. its InvalidPrefix check) from its `after`-th step on."""
+
+    def __init__(self, stream, after=0):
+        self.stream, self.after = stream, after
+
+    def step(self, tok, ids):
+        if self.after == 0:
+            raise Exception("Invalid prefix encountered")
+        self.after -= 1
+        return self.stream.step(tok, ids)
+
+
+def feed(detok, ids, chunks=(1,), flush=True):
+    out, i, k = [], 0, 0
+    while i < len(ids) and not detok.stopped:
+        n = chunks[k % len(chunks)]
+        out.append(detok.add(ids[i:i + n]))
+        i, k = i + n, k + 1
+    if flush:
+        out.append(detok.flush())
+    return out
+
+
+def test_fast_tokenizer_uses_decode_stream(tokenizer, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    assert IncrementalDetokenizer(tokenizer)._stream is not None
+    assert IncrementalDetokenizer(tokenizer.backend_tokenizer)._stream is not None  # a bare tokenizers.Tokenizer
+    assert IncrementalDetokenizer(DecodeOnly(tokenizer))._stream is None
+    # transformers' decode post-processes the text here, DecodeStream would not: the decode method decides
+    cleanup = AutoTokenizer.from_pretrained(tiny_model_dir, clean_up_tokenization_spaces=True)
+    assert IncrementalDetokenizer(cleanup)._stream is None
+    ids = tokenizer.encode(TEXTS[1])
+    assert "".join(feed(IncrementalDetokenizer(tokenizer.backend_tokenizer), ids)) == TEXTS[1]
+
+
+def test_fast_path_streams_exactly_like_the_decode_method(tokenizer):
+    """Same deltas, text and stop as the decode-based method (and the full decode without stop strings) for
+    arbitrary ids: raw bytes, multi-byte characters, special and added tokens (<think>, <tool_call>), ids of
+    the padded embedding that are no token at all, with and without skipping special tokens."""
+    rng = random.Random(1)
+    pools = [range(256), range(151643, 151669), tokenizer.encode("日本語🦙𓀀 é 𝔘 👩‍👩‍👧 � <think>"),
+             range(151669), range(151669, 151936)]
+    for _ in range(300):
+        weights = [rng.random() for _ in pools]
+        ids = [rng.choice(rng.choices(pools, weights)[0]) for _ in range(rng.randrange(1, 32))]
+        skip = rng.random() < 0.7
+        stop = rng.choice([None, None, ["\ufffd"], ["a", "\n"], ["🦙"], ["<think>"]])
+        chunks = rng.choice([(1,), (2,), (1, 3), (4, 1, 2)])
+        fast = IncrementalDetokenizer(tokenizer, stop, skip_special_tokens=skip)
+        slow = IncrementalDetokenizer(DecodeOnly(tokenizer), stop, skip_special_tokens=skip)
+        got, want = feed(fast, ids, chunks), feed(slow, ids, chunks)
+        assert (got, fast.text, fast.stopped) == (want, slow.text, slow.stopped), (ids, skip, stop, chunks)
+        if stop is None:
+            assert "".join(got) == tokenizer.decode(ids, skip_special_tokens=skip), ids
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_added_tokens_kept_special_tokens_skipped(tokenizer, skip):
+    ids = tokenizer.encode("<think>\nhmm 🤔</think>\n\n<tool_call>{}</tool_call>Hi<|im_end|>")
+    want = tokenizer.decode(ids, skip_special_tokens=skip)
+    assert want.startswith("<think>\nhmm 🤔</think>") and want.endswith("<|im_end|>") != skip
+    for chunks in [(1,), (3,)]:
+        assert "".join(feed(IncrementalDetokenizer(tokenizer, skip_special_tokens=skip), ids, chunks)) == want
+
+
+@pytest.mark.parametrize("text,cut", [("a𓀀", 1), ("ok �", 0)])
+def test_flush_releases_a_trailing_partial_or_replacement_character(tokenizer, text, cut):
+    """DecodeStream never emits text ending in U+FFFD (a partial character, or the "�" token itself): flush
+    releases it as the full decode does."""
+    ids = tokenizer.encode(text)
+    ids = ids[:len(ids) - cut]
+    want = tokenizer.decode(ids)
+    assert want.endswith("\ufffd")
+    d = IncrementalDetokenizer(tokenizer)
+    streamed = "".join(d.add([i]) for i in ids)
+    assert not streamed.endswith("\ufffd")
+    assert streamed + d.flush() == want == d.text
+
+
+@pytest.mark.parametrize("after", [0, 1, 5, 9])
+@pytest.mark.parametrize("chunks", [(1,), (3,)])
+def test_decode_stream_error_falls_back_to_the_decode_method(tokenizer, after, chunks):
+    for text in TEXTS:
+        ids = tokenizer.encode(text)
+        d = IncrementalDetokenizer(tokenizer)
+        d._stream = FailingStream(d._stream, after)
+        out = feed(d, ids, chunks)
+        assert out == feed(IncrementalDetokenizer(DecodeOnly(tokenizer)), ids, chunks)  # same deltas, no delay
+        assert "".join(out) == text == d.text and d._stream is None
+
+
+@pytest.mark.parametrize("after", [None, 2, 5])
+def test_one_id_per_step_for_older_tokenizers(tokenizer, monkeypatch, after):
+    """tokenizers before DecodeStream.step took lists: chunks are stepped one id at a time."""
+    import nanovllmx.engine.detokenizer as detok_mod
+
+    monkeypatch.setattr(detok_mod, "_step_takes_lists", lambda: False)
+    for text in TEXTS:
+        ids = tokenizer.encode(text)
+        for chunks in [(2,), (1, 4, 3)]:
+            d = IncrementalDetokenizer(tokenizer)
+            if after is not None:  # DecodeStream fails, in the middle of a chunk or not
+                d._stream = FailingStream(d._stream, after)
+            streamed, i, k = "", 0, 0
+            while i < len(ids):
+                n = chunks[k % len(chunks)]
+                streamed += d.add(ids[i:i + n])
+                i, k = i + n, k + 1
+                so_far = tokenizer.decode(ids[:i])
+                if not so_far.endswith("\ufffd"):  # a whole character ends the chunk: all of it is out
+                    assert streamed == so_far
+            assert (d._stream is None) == (after is not None and after < len(ids))
+            assert streamed + d.flush() == text
+
+
+def test_long_output_with_and_without_stop(tokenizer):
+    text = " ".join(TEXTS) * 30  # > 2000 tokens: the text is kept in pieces and compacted
+    ids = tokenizer.encode(text + "###END and more")
+    d = IncrementalDetokenizer(tokenizer)
+    assert "".join(feed(d, ids)) == text + "###END and more" == d.text
+    d = IncrementalDetokenizer(tokenizer, ["###END", "never"])
+    out = feed(d, ids)
+    assert "".join(out) == text == d.text and d.stopped
+    assert max(len(x) for x in out) <= 10  # streamed as it came, held back by at most 5 characters
