@@ -30,12 +30,16 @@ python bench.py --model $M --executor ray --profile --json $J > $OUT/log5.txt 2>
 python bench.py --model $M --num-seqs 64 --torch-profile $OUT/kernels.txt > $OUT/log6.txt 2>&1; grep -v "Loading\|it/s" $OUT/log6.txt | tail -4
 python scripts/attn_bench.py > $OUT/log9.txt 2>&1; tail -9 $OUT/log9.txt
 }
-http() {
-# the user's path: `serve run serve_configs/qwen3.yaml` with the local checkpoint in place of the hub id
+serve_up() {  # `serve run serve_configs/qwen3.yaml` with the local checkpoint in place of the hub id
 sed "s|model: Qwen/Qwen3-0.6B|model: $M|" serve_configs/qwen3.yaml > /tmp/qwen3.yaml
-serve run /tmp/qwen3.yaml > $OUT/serve.txt 2>&1 &
+serve run /tmp/qwen3.yaml > $OUT/serve$1.txt 2>&1 &
 for i in $(seq 240); do curl -sf localhost:8000/health >/dev/null && break; sleep 1; done
-echo "serve run up after ${i}s"; curl -s localhost:8000/v1/models; echo
+echo "serve run up after ${i}s"
+}
+serve_down() { serve shutdown -y > /dev/null 2>&1; ray stop --force > /dev/null 2>&1; sleep 2; }
+http() {
+serve_up 0
+curl -s localhost:8000/v1/models; echo
 curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \
   -d '{"model": "qwen3-0.6b", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8}'; echo
 curl -sN localhost:8000/v1/completions -H 'Content-Type: application/json' \
@@ -43,7 +47,35 @@ curl -sN localhost:8000/v1/completions -H 'Content-Type: application/json' \
 python bench.py --model $M --http --json $J > $OUT/log7.txt 2>&1; grep -v "Loading\|it/s" $OUT/log7.txt | tail -4
 python bench.py --model $M --http --request-rates 4,16,64,inf --json $OUT/sweep.jsonl --plot $OUT/latency.png > $OUT/log8.txt 2>&1; grep -v "Loading\|it/s" $OUT/log8.txt | tail -8
 curl -s localhost:8000/v1/engine/stats | head -c 900; echo
-serve shutdown -y > /dev/null 2>&1; ray stop --force > /dev/null 2>&1
+serve_down
+}
+profile() {  # where the Serve path spends its CPU: py-spy (.device/extra/bin) on every process of it
+export PATH=$PWD/.device/extra/bin:$PATH
+serve_up 1
+python bench.py --model $M --http --json $J > $OUT/log11.txt 2>&1 &
+B=$!
+sleep 3
+for n in ServeReplica SchedulerActor ProxyActor WorkerActor; do
+  p=$(pgrep -f "ray::$n" | head -1)
+  [ -n "$p" ] && py-spy record -p $p -d 6 -r 100 -f raw --gil --threads --nonblocking -o $OUT/spy_$n.txt > $OUT/spy_$n.log 2>&1 &
+done
+py-spy record -p $B -d 6 -r 100 -f raw --gil --nonblocking -o $OUT/spy_client.txt > $OUT/spy_client.log 2>&1 &
+wait $B; sleep 2
+grep -v "Loading\|it/s" $OUT/log11.txt | tail -1
+for f in $OUT/spy_*.txt; do echo "== $f"; python scripts/flame_top.py $f 30; done > $OUT/spy_summary.txt 2>&1
+grep -A6 "==" $OUT/spy_summary.txt | head -60
+serve_down
+RAY_SERVE_THROUGHPUT_OPTIMIZED=1 serve_up 2
+RAY_SERVE_THROUGHPUT_OPTIMIZED=1 python bench.py --model $M --http --json $J > $OUT/log12.txt 2>&1; grep -v "Loading\|it/s" $OUT/log12.txt | tail -1
+serve_down
+}
+final() {  # the closing numbers in one call: GPU tests, offline bound, Serve HTTP, Ray engine
+python -m pytest -q -p no:cacheprovider tests/test_gpu_backends.py tests/test_sampling.py > $OUT/log1.txt 2>&1; tail -1 $OUT/log1.txt
+python bench.py --model $M --bw --roofline .device/roofline.py --profile --json $J > $OUT/log3.txt 2>&1; tail -1 $OUT/log3.txt
+serve_up 3
+python bench.py --model $M --http --json $J > $OUT/log7.txt 2>&1; tail -1 $OUT/log7.txt | cut -c1-400
+serve_down
+python bench.py --model $M --executor ray --profile --json $J > $OUT/log5.txt 2>&1; tail -1 $OUT/log5.txt
 }
 table() {
 python - "$J" <<'PY'
@@ -61,6 +93,8 @@ case "${1:-all}" in
   models) ;;
   core) core; table ;;
   http) http; table ;;
+  profile) profile; table ;;
+  final) final; table ;;
   all) core; http; table ;;
 esac
 type device_save_cache >/dev/null 2>&1 && device_save_cache
