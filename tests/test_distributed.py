@@ -171,17 +171,20 @@ def _released() -> bool:
             and ray.available_resources().get("CPU", 0) == ray.cluster_resources().get("CPU"))
 
 
+async def _first_deltas(llm: LLM, n: int) -> list:
+    """Read n deltas of a long greedy stream, then leave it (which aborts the request)."""
+    got = []
+    async for d in llm.stream(_prompt(20, 99), SamplingParams(temperature=0, max_tokens=300, ignore_eos=True)):
+        got.append(d)
+        if len(got) == n:
+            break
+    return got
+
+
 def test_shutdown_then_second_llm(cluster, model_dir, reference):
     llm = LLM(model_dir, context_len=CTX, tp_size=2)
 
-    async def first_deltas(n):  # a stream cancelled early aborts its request
-        got = []
-        async for d in llm.stream(_prompt(20, 99), SamplingParams(temperature=0, max_tokens=300, ignore_eos=True)):
-            got.append(d)
-            if len(got) == n:
-                break
-        return got
-    assert len(asyncio.run(first_deltas(3))) == 3
+    assert len(asyncio.run(_first_deltas(llm, 3))) == 3  # a stream cancelled early aborts its request
     deadline = time.monotonic() + 20
     while llm.stats()["num_running"] and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -259,14 +262,7 @@ def test_overlap_preemption_and_abort_matches_local(cluster, model_dir, referenc
         st = _check_stats(llm)
         assert st["overlap"] and st["num_preempted_total"] > 0
 
-        async def first_deltas(n):  # leaving the stream early aborts the request mid-flight
-            got = []
-            async for d in llm.stream(_prompt(20, 99), SamplingParams(temperature=0, max_tokens=300, ignore_eos=True)):
-                got.append(d)
-                if len(got) == n:
-                    break
-            return got
-        assert len(asyncio.run(first_deltas(3))) == 3
+        assert len(asyncio.run(_first_deltas(llm, 3))) == 3  # leaving the stream early aborts it mid-flight
         assert [o.token_ids for o in llm.generate(WARM, GREEDY)] == reference["mixed"][:1]
     finally:
         llm.shutdown()
