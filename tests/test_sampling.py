@@ -346,3 +346,17 @@ def test_seeded_top_k_row_independent_of_batch_mates(sampler):
         assert draw([TOPK_MAX, 3], step) == alone  # a larger top-k in the batch
         assert draw([0, 0], step) == alone  # plain batch-mates
     assert len({draw([], s) for s in range(10)}) >= 5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_identically_seeded_samplers_draw_alike(device):
+    """TP ranks each sample (and feed their own samples to the next step under overlap scheduling):
+    samplers whose torch RNG was seeded alike must draw the same unseeded tokens."""
+    logits = rand_logits(16, 5000, scale=0.2)
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        s = _OnDevice(device)
+        draws.append([s(logits, arrays(16, temperature=0.9)).tolist() for _ in range(3)])
+    assert draws[0] == draws[1]
+    assert draws[0][0] != draws[0][1]  # and successive steps differ

@@ -21,7 +21,6 @@ class Sampler:
         self.device = device
         # one-pass Triton Gumbel-max for unfiltered rows on the GPU (nanovllmx/kernels/sampling.py)
         self.fused = device.type == "cuda" if fused is None else fused
-        self._rng = np.random.default_rng()
 
     def __call__(self, logits: torch.Tensor, sa: SamplingArrays) -> torch.Tensor:
         if sa.all_greedy:
@@ -103,14 +102,18 @@ class Sampler:
         from nanovllmx.kernels.sampling import gumbel_sample
         t = sa.temperature
         inv_t = np.where(t < _GREEDY_EPS, 0.0, 1.0 / np.maximum(t, _GREEDY_EPS)).astype(np.float32)
-        # Philox keys: a seeded row is keyed by (seed, tokens so far), as in the PyTorch path, so
-        # batching never changes its draw; the others by a fresh random key per row and step
-        keyed = (sa.seeds.astype(np.int64) * 1_000_003 + sa.output_lens) % (2 ** 31 - 1)
-        fresh = self._rng.integers(0, 2 ** 31 - 1, size=len(t), dtype=np.int64)
-        seeds = np.where(sa.seeds >= 0, keyed, fresh).astype(np.int32)
+        # Philox keys: the unseeded rows' from torch's device generator, which every worker seeds
+        # alike, so TP ranks draw the same tokens (each resolves the next step's inputs from its own
+        # samples); a seeded row's key is (seed, tokens so far), as in the PyTorch path, so batching
+        # never changes its draw
         dev = logits.device
-        return gumbel_sample(logits, torch.from_numpy(inv_t).to(dev, non_blocking=True),
-                             torch.from_numpy(seeds).to(dev, non_blocking=True)).long()
+        keys = torch.randint(0, 2 ** 31 - 1, (len(t),), dtype=torch.int32, device=dev)
+        seeded = sa.seeds >= 0
+        if seeded.any():
+            keyed = ((sa.seeds.astype(np.int64) * 1_000_003 + sa.output_lens) % (2 ** 31 - 1)).astype(np.int32)
+            keys = torch.where(torch.from_numpy(seeded).to(dev, non_blocking=True),
+                               torch.from_numpy(keyed).to(dev, non_blocking=True), keys)
+        return gumbel_sample(logits, torch.from_numpy(inv_t).to(dev, non_blocking=True), keys).long()
 
     @staticmethod
     def _filter(logits: torch.Tensor, sa: SamplingArrays) -> torch.Tensor:
