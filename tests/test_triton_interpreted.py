@@ -77,6 +77,17 @@ CHECKS = textwrap.dedent('''
     sampling._CHUNK = 4096
     assert sampling.gumbel_sample(row[:1], torch.ones(1), torch.tensor([7], dtype=torch.int32)).item() == keyed[0], \\
         "the draw does not depend on how the row is split"
+    # the Sampler's glue around the kernel (temperatures, per-row keys, seeded rows)
+    from nanovllmx.scheduler.messages import SamplingArrays
+    from nanovllmx.worker.sampler import Sampler
+    s = Sampler(torch.device("cpu"), fused=True)
+    sa = SamplingArrays(temperature=np.array([0.0, 0.8, 0.8, 0.8], np.float32), top_p=np.ones(4, np.float32),
+                        top_k=np.zeros(4, np.int32), min_p=np.zeros(4, np.float32),
+                        seeds=np.array([-1, 5, 5, 6], np.int64), output_lens=np.zeros(4, np.int32),
+                        needs_filter=False, all_greedy=False)
+    x = torch.randn(1, 3000).expand(4, -1).contiguous()
+    out = s(x, sa)
+    assert out[0] == x[0].argmax() and out[1] == out[2], "greedy row; one seed and step, one draw"
     print("ok")
 ''')
 
