@@ -263,23 +263,41 @@ def engine_problem(llm) -> str | None:
 def _reject_invalid_text(body) -> None:
     """JSON can escape lone UTF-16 surrogates (`"\\ud800"`): such strings are not Unicode text, no
     tokenizer takes them and they cannot be encoded back to UTF-8. 400, before anything uses them."""
-    def walk(v, path: str) -> None:
+    def find(v) -> tuple[str, str] | None:
+        """(path, string) of the first invalid string in v, or None. Paths are built only on the
+        way back from a hit: a 700-token prompt is a list of ints checked at C speed."""
         if isinstance(v, str):
             try:
                 v.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise bad_request(f"{path or 'body'} is not valid Unicode text: it holds a lone UTF-16 surrogate "
-                                  f"({v[e.start]!r}) at index {e.start}", path.split(".")[0].split("[")[0] or None)
-        elif isinstance(v, dict):
+                return None
+            except UnicodeEncodeError:
+                return "", v
+        if isinstance(v, dict):
             for k, x in v.items():
-                walk(k, path)
-                walk(x, f"{path}.{k}" if path else str(k))
+                r = find(k)
+                if r is not None:
+                    return "", r[1]
+                r = find(x)
+                if r is not None:
+                    return f".{k}{r[0]}", r[1]
         elif isinstance(v, (list, tuple)):
+            if all(type(x) is int for x in v):
+                return None
             for i, x in enumerate(v):
-                walk(x, f"{path}[{i}]")
+                r = find(x)
+                if r is not None:
+                    return f"[{i}]{r[0]}", r[1]
         elif hasattr(v, "model_dump"):
-            walk(v.model_dump(exclude_unset=True), path)
-    walk(body, "")
+            return find(v.model_dump(exclude_unset=True))
+        return None
+
+    hit = find(body)
+    if hit is None:
+        return
+    path, text = hit[0].lstrip("."), hit[1]
+    e = next(i for i, c in enumerate(text) if 0xD800 <= ord(c) <= 0xDFFF)
+    raise bad_request(f"{path or 'body'} is not valid Unicode text: it holds a lone UTF-16 surrogate "
+                      f"({text[e]!r}) at index {e}", path.split(".")[0].split("[")[0] or None)
 
 
 def _sse(obj: dict) -> str:
