@@ -337,6 +337,30 @@ def test_stream_deltas_concatenate_to_final_text(llm, hf_ref, tokenizer):
     assert [d.num_output_tokens for d in deltas] == sorted(d.num_output_tokens for d in deltas)
 
 
+def test_lagging_stream_gets_merged_deltas(llm, hf_ref, tokenizer):
+    """A consumer that falls behind receives what queued up as one delta (fewer, larger chunks),
+    with nothing lost: ids, text and counts equal an unhurried stream's."""
+    prompt = "Once upon a time 🦙"
+    ids = tokenizer.encode(prompt)
+
+    async def slow():
+        out = []
+        async for d in llm.stream(prompt, greedy(40)):
+            out.append(d)
+            if len(out) == 1:
+                while llm.stats()["num_running"]:  # the whole request finishes while we wait
+                    await asyncio.sleep(0.02)
+                await asyncio.sleep(0.3)  # and its last outputs reach this loop
+        return out
+
+    deltas = asyncio.run(slow())
+    (final,) = llm.generate(prompt, greedy(40))
+    assert len(deltas) == 2  # the first delta, then everything else at once
+    assert [t for d in deltas for t in d.token_ids] == final.token_ids == hf_ref.greedy(ids, 40)
+    assert "".join(d.text for d in deltas) == final.text
+    assert deltas[-1].finished and deltas[-1].finish_reason == "length" and deltas[-1].num_output_tokens == 40
+
+
 def test_concurrent_streams(llm, hf_ref):
     prompts = [random_prompt(n, seed=1000 + n) for n in (3, 40, 90)]
 
