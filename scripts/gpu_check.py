@@ -12,6 +12,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--with-ray", action="store_true", help="also the Ray engine (scheduler + worker actors)")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers' reference")
+    ap.add_argument("--grids", default="", help="also the Ray engine on these TPxPP grids, e.g. 2x1,1x2 (needs the GPUs)")
     a = ap.parse_args()
     from nanovllmx import LLM, SamplingParams
     from random import randint, seed
@@ -24,7 +25,10 @@ def main() -> None:
     for name, kw in [("torch-eager", dict(attention_backend="torch", enforce_eager=True)),
                      ("flashinfer-eager", dict(attention_backend="flashinfer", enforce_eager=True)),
                      ("flashinfer-graphs", dict(attention_backend="flashinfer", enforce_eager=False))] + \
-            ([("ray-flashinfer-graphs", dict(attention_backend="flashinfer", executor="ray"))] if a.with_ray else []):
+            ([("ray-flashinfer-graphs", dict(attention_backend="flashinfer", executor="ray"))] if a.with_ray else []) + \
+            [(f"ray-tp{g.split('x')[0]}-pp{g.split('x')[1]}", dict(attention_backend="flashinfer", executor="ray",
+                                                             tp_size=int(g.split("x")[0]), pp_size=int(g.split("x")[1])))
+             for g in a.grids.split(",") if g]:
         llm = LLM(a.model, context_len=2048, max_bs=64, **kw)
         outs = llm.generate(prompts[:13], sp)  # cold (one of them carries the shared prefix)
         outs += llm.generate(prompts[13:], sp)  # shared prefix: radix hits
@@ -44,7 +48,8 @@ def main() -> None:
     if hf_outs:
         results["transformers"] = hf_outs
     ref = results["torch-eager"]
-    print(f"{'backend':20s} {'exact':>6s} {'tok-match':>9s} {'first-div(min)':>14s} {'cached':>7s}")
+    fi = results["flashinfer-graphs"]  # same kernels: a grid or the Ray path should match it exactly
+    print(f"{'backend':22s} {'exact':>6s} {'tok-match':>9s} {'first-div(min)':>14s} {'cached':>7s} {'exact vs fi-graphs':>18s}")
     ok = True
     for name, outs in results.items():
         exact = sum(o.token_ids == r.token_ids for o, r in zip(outs, ref))
@@ -53,7 +58,9 @@ def main() -> None:
         divs = [next((i for i, (x, y) in enumerate(zip(o.token_ids, r.token_ids)) if x != y), None) for o, r in zip(outs, ref)]
         d = [x for x in divs if x is not None]
         cached = sum(o.num_cached_tokens for o in outs)
-        print(f"{name:20s} {exact:>3d}/{len(ref):<2d} {match / total:9.3f} {str(min(d)) if d else '-':>14s} {cached:>7d}")
+        same_fi = sum(o.token_ids == r.token_ids for o, r in zip(outs, fi))
+        print(f"{name:22s} {exact:>3d}/{len(ref):<2d} {match / total:9.3f} {str(min(d)) if d else '-':>14s} {cached:>7d} "
+              f"{same_fi:>15d}/{len(fi)}")
         ok &= match / total > 0.9
     sys.exit(0 if ok else 1)
 

@@ -6,7 +6,8 @@
 #                     cp ../shared/roofline.py .device/
 # Device call 1 (carry .device/serve.tar.xz .device/bootstrap.sh .device/extra):
 #     source .device/bootstrap.sh; export PYTHONPATH=$PWD/.device/extra:$PYTHONPATH; bash scripts/gpu_session.sh models
-# (the phases: models | core | http | all; "all" may not fit one 10-minute call: run core, then http)
+# (the phases: models | core | http | profile | final | multi | all; "all" may not fit one 10-minute
+#  call: run core, then http. multi: on a machine with 2 (GRIDS=2x1,1x2) or 4 GPUs (GRIDS=2x1,1x2,2x2))
 # Device call 2, at once (carry .device/kernels.tar.xz .device/flashinfer-cache.tar.xz .device/bootstrap.sh
 #     .device/extra .device/roofline.py):
 #     source .device/bootstrap.sh; export PYTHONPATH=$PWD/.device/extra:$PYTHONPATH; bash scripts/gpu_session.sh all
@@ -57,12 +58,12 @@ B=$!
 sleep 3
 for n in ServeReplica SchedulerActor ProxyActor WorkerActor; do
   p=$(pgrep -f "ray::$n" | head -1)
-  [ -n "$p" ] && py-spy record -p $p -d 6 -r 100 -f raw --gil --threads --nonblocking -o $OUT/spy_$n.txt > $OUT/spy_$n.log 2>&1 &
+  [ -n "$p" ] && py-spy record -p $p -d 6 -r 100 -f raw --gil --threads --nonblocking -o /tmp/spy_$n.txt > /tmp/spy_$n.log 2>&1 &
 done
-py-spy record -p $B -d 6 -r 100 -f raw --gil --nonblocking -o $OUT/spy_client.txt > $OUT/spy_client.log 2>&1 &
+py-spy record -p $B -d 6 -r 100 -f raw --gil --nonblocking -o /tmp/spy_client.txt > /tmp/spy_client.log 2>&1 &
 wait $B; sleep 2
 grep -v "Loading\|it/s" $OUT/log11.txt | tail -1
-for f in $OUT/spy_*.txt; do echo "== $f"; python scripts/flame_top.py $f 30; done > $OUT/spy_summary.txt 2>&1
+for f in /tmp/spy_*.txt; do echo "== $f"; python scripts/flame_top.py $f 30; done > $OUT/spy_summary.txt 2>&1  # $OUT returns 8 files at most
 grep -A6 "==" $OUT/spy_summary.txt | head -60
 serve_down
 RAY_SERVE_THROUGHPUT_OPTIMIZED=1 serve_up 2
@@ -77,6 +78,16 @@ python bench.py --model $M --http --json $J > $OUT/log7.txt 2>&1; tail -1 $OUT/l
 serve_down
 python bench.py --model $M --executor ray --profile --json $J > $OUT/log5.txt 2>&1; tail -1 $OUT/log5.txt
 }
+multi() {  # issues #11 / #8, on nvidia-h100-x2 / -x4: tokens per grid, then throughput per grid (0.6B and 8B)
+G=${GRIDS:-2x1,1x2}
+python scripts/gpu_check.py --model $S --no-hf --grids $G > $OUT/log13.txt 2>&1; grep -v "Loading\|it/s" $OUT/log13.txt | tail -8
+M8=/tmp/q8b
+[ -d $M8 ] || python scripts/make_tiny_model.py $M8 --preset qwen3-8b --dtype bfloat16 --device cuda | tail -1
+for m in $M8 $M; do for g in 1x1 ${G//,/ }; do
+  python bench.py --model $m --executor ray --tp-size ${g%x*} --pp-size ${g#*x} --profile --json $J > $OUT/log_${g}.txt 2>&1
+  echo "$m $g: $(tail -1 $OUT/log_${g}.txt | cut -c1-300)"
+done; done
+}
 table() {
 python - "$J" <<'PY'
 import json, sys
@@ -85,6 +96,7 @@ for line in open(sys.argv[1]):
     r = json.loads(line)
     mode = r.get("mode") or ("ray" if r.get("executor") == "ray" else "local") + ("" if r.get("overlap", True) else " no-overlap")
     mode += f" top_k={r['top_k']} top_p={r['top_p']}" if "top_k" in r else ""
+    mode += f" tp{r['tp']} pp{r['pp']}" if r.get("tp", 1) * r.get("pp", 1) > 1 else ""
     print(f"{mode:28s} {r['tok_per_s']:>8} {str(r.get('pct_of_bound', '')):>7s}")
 PY
 }
@@ -95,6 +107,7 @@ case "${1:-all}" in
   http) http; table ;;
   profile) profile; table ;;
   final) final; table ;;
+  multi) multi; table ;;
   all) core; http; table ;;
 esac
 type device_save_cache >/dev/null 2>&1 && device_save_cache
