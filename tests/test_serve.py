@@ -185,6 +185,39 @@ def test_completions_streaming_raw_sse(server):
     assert streamed == full["choices"][0]["text"]
 
 
+def test_n_choices(server):
+    """n > 1: one engine request per choice; with a seed, choice i draws as a single request with
+    seed + i would, so streaming and non-streaming agree; usage counts the prompt once."""
+    kw = dict(model=DEMO_MODEL_NAME, prompt="Once upon a time", max_tokens=6, temperature=1.0, seed=11,
+              extra_body={"ignore_eos": True})
+    full = server.client.completions.create(**kw, n=3)
+    assert [c.index for c in full.choices] == [0, 1, 2]
+    assert full.usage.completion_tokens == 18 and full.usage.prompt_tokens == server.client.completions.create(
+        **kw).usage.prompt_tokens
+    texts = [c.text for c in full.choices]
+    assert len(set(texts)) > 1  # different seeds, different draws
+    assert texts[1] == server.client.completions.create(**{**kw, "seed": 12}).choices[0].text
+    chunks = list(server.client.completions.create(**kw, n=3, stream=True, stream_options={"include_usage": True}))
+    streamed = ["".join(ch.choices[0].text for ch in chunks if ch.choices and ch.choices[0].index == i)
+                for i in range(3)]
+    assert streamed == texts
+    assert sorted({ch.choices[0].index for ch in chunks if ch.choices}) == [0, 1, 2]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 18
+    assert sum(1 for ch in chunks if ch.usage is not None) == 1
+    # chat: one choice per index, each with its role chunk and one finish reason
+    chat = list(server.client.chat.completions.create(
+        model=DEMO_MODEL_NAME, messages=CHAT["messages"], max_completion_tokens=5, n=2, stream=True,
+        extra_body={"ignore_eos": True}))
+    for i in range(2):
+        mine = [ch.choices[0] for ch in chat if ch.choices and ch.choices[0].index == i]
+        assert mine[0].delta.role == "assistant"
+        assert [c.finish_reason for c in mine if c.finish_reason] == ["length"]
+    one = server.client.chat.completions.create(model=DEMO_MODEL_NAME, messages=CHAT["messages"], n=2,
+                                                max_completion_tokens=5, extra_body={"ignore_eos": True})
+    assert [c.index for c in one.choices] == [0, 1] and one.usage.completion_tokens == 10
+    server.wait_idle()  # no choice left running, every slot back
+
+
 def test_stop_string_seed_and_stop_token_ids(server):
     base = dict(model=DEMO_MODEL_NAME, prompt="Hello", max_tokens=16, temperature=0,
                 extra_body={"ignore_eos": True, "return_token_ids": True})
@@ -314,7 +347,7 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {**CHAT, "stop_token_ids": [-1]}, "stop_token_ids", "invalid_value"),
     ("/v1/chat/completions", {**CHAT, "seed": 2 ** 70}, "seed", "invalid_value"),
     ("/v1/chat/completions", {**CHAT, "ignore_eos": "yes"}, "ignore_eos", "invalid_value"),
-    ("/v1/chat/completions", {**CHAT, "n": 2}, "n", "unsupported_parameter"),
+    ("/v1/chat/completions", {**CHAT, "n": 0}, "n", "invalid_value"),
     ("/v1/chat/completions", {**CHAT, "logprobs": True}, "logprobs", "unsupported_parameter"),
     ("/v1/chat/completions", {**CHAT, "presence_penalty": 0.5}, "presence_penalty", "unsupported_parameter"),
     ("/v1/chat/completions", {**CHAT, "messages": []}, "messages", "invalid_value"),
@@ -332,7 +365,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {**CMPL, "prompt": [1, "a"]}, "prompt", "invalid_value"),
     ("/v1/completions", {**CMPL, "prompt": ["a", "b"]}, "prompt", "unsupported_parameter"),
     ("/v1/completions", {**CMPL, "logprobs": 1}, "logprobs", "unsupported_parameter"),
-    ("/v1/completions", {**CMPL, "n": 3, "stream": True}, "n", "unsupported_parameter"),
+    ("/v1/completions", {**CMPL, "n": 65, "stream": True}, "n", "invalid_value"),
     ("/v1/completions", {**CMPL, "max_tokens": CONTEXT_LEN}, "max_tokens", "context_length_exceeded"),
     ("/v1/completions", {**CMPL, "temperature": -0.5, "stream": True}, "temperature", "invalid_value"),
 ]
@@ -365,17 +398,17 @@ def test_unknown_model_404_and_routes(server):
     with pytest.raises(openai.NotFoundError):
         server.client.chat.completions.create(model="gpt-4", messages=CHAT["messages"])
     with pytest.raises(openai.BadRequestError) as ei:
-        server.client.chat.completions.create(model=DEMO_MODEL_NAME, messages=CHAT["messages"], n=2)
+        server.client.chat.completions.create(model=DEMO_MODEL_NAME, messages=CHAT["messages"], n=100)
     assert ei.value.status_code == 400 and ei.value.param == "n"
 
 
 # ============================================================================================ aborts
-def _abort_case(server, make_request) -> None:
+def _abort_case(server, make_request, aborted: int = 1) -> None:
     before = server.wait_idle()["num_aborted_requests"]
     make_request()
     t0 = time.monotonic()
     s = server.wait_idle(timeout=20)
-    assert s["num_aborted_requests"] == before + 1, s
+    assert s["num_aborted_requests"] == before + aborted, s
     # ~480 tokens take far longer than this on CPU: the request was stopped, not run to its end
     assert time.monotonic() - t0 < 8, s
 
@@ -406,6 +439,13 @@ def test_aborted_stream_releases_slots(server):
                 next(r.iter_lines())
     _abort_case(server, chat_streamed_then_closed)
 
+    def three_choices_streamed_then_closed():  # n=3: every choice is aborted
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            with c.stream("POST", "/v1/completions", json={**body, "n": 3}) as r:
+                assert r.status_code == 200
+                next(r.iter_lines())
+    _abort_case(server, three_choices_streamed_then_closed, aborted=3)
+
 
 def test_aborted_non_streaming_request_releases_slots(server):
     body = {"model": DEMO_MODEL_NAME, "prompt": "Write an essay.", "max_tokens": 480, "ignore_eos": True}
@@ -415,6 +455,12 @@ def test_aborted_non_streaming_request_releases_slots(server):
             with pytest.raises(httpx.ReadTimeout):
                 c.post("/v1/completions", json=body)
     _abort_case(server, timed_out)
+
+    def two_choices_timed_out():
+        with httpx.Client(base_url=server.url, timeout=httpx.Timeout(60, read=1.5)) as c:
+            with pytest.raises(httpx.ReadTimeout):
+                c.post("/v1/completions", json={**body, "n": 2})
+    _abort_case(server, two_choices_timed_out, aborted=2)
 
 
 def test_still_serving_after_aborts(server):

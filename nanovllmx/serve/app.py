@@ -44,6 +44,7 @@ logger = logging.getLogger("nanovllmx.serve")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DEFAULT_MAX_REQUEST_BODY_BYTES = 8 * 1024 * 1024  # build_app's max_request_body_bytes
 RETRY_AFTER_S = 1  # Retry-After of a 503 when the engine's queue is full
+MAX_CHOICES = 64  # most `n` per request: each choice is an engine request (they share the prompt's KV)
 _INT64_MAX = 2 ** 63 - 1
 
 
@@ -305,9 +306,15 @@ def _sse(obj: dict) -> str:
 
 
 def _usage(d: StreamDelta | None, n_prompt: int) -> dict:
-    done = d.num_output_tokens if d is not None else 0
-    cached = d.num_cached_tokens if d is not None else 0
-    return Usage.of(n_prompt, done, cached).model_dump()
+    return _usage_of_choices([d], n_prompt).model_dump()
+
+
+def _usage_of_choices(lasts: list[StreamDelta | None], n_prompt: int) -> Usage:
+    """Usage of a response with one choice per last delta: the prompt counts once (as OpenAI's),
+    completion tokens add up; cached tokens are the first choice's."""
+    done = sum(d.num_output_tokens for d in lasts if d is not None)
+    cached = lasts[0].num_cached_tokens if lasts and lasts[0] is not None else 0
+    return Usage.of(n_prompt, done, cached)
 
 
 def _param_of(message: str) -> str | None:
@@ -524,21 +531,26 @@ class LLMServer:
                                        "max_completion_tokens" if body.max_completion_tokens is not None
                                        else "max_tokens", "messages")
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        stream = await self._open(prompt_ids, params, rid)
+        streams = await self._open_choices(prompt_ids, params, rid, body.n or 1)
         created = int(time.time())
         if body.stream:
-            events = self._chat_sse(stream, rid, name, created, body, prompt_ids)
-            return StreamingResponse(self._guarded_sse(events, stream),
+            events = self._merged_sse([self._chat_sse(st, rid, name, created, body, prompt_ids, i)
+                                       for i, st in enumerate(streams)], streams, body, rid, name, created,
+                                      "chat.completion.chunk", len(prompt_ids))
+            return StreamingResponse(self._guarded_sse(events, streams),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
-        text, token_ids, last = await self._collect(stream, raw_request)
+        results = await self._collect(streams, raw_request)
         resp = ChatCompletionResponse(
             id=rid, created=created, model=name,
-            choices=[ChatCompletionChoice(message=ChatCompletionMessage(content=text), finish_reason=last.finish_reason,
-                                          token_ids=token_ids if body.return_token_ids else None)],
-            usage=Usage.of(len(prompt_ids), last.num_output_tokens, last.num_cached_tokens),
+            choices=[ChatCompletionChoice(index=i, message=ChatCompletionMessage(content=text),
+                                          finish_reason=last.finish_reason,
+                                          token_ids=token_ids if body.return_token_ids else None)
+                     for i, (text, token_ids, last) in enumerate(results)],
+            usage=_usage_of_choices([r[2] for r in results], len(prompt_ids)),
             prompt_token_ids=prompt_ids if body.return_token_ids else None).model_dump()
         drop_none(resp, ("prompt_token_ids",))
-        drop_none(resp["choices"][0], ("token_ids",))
+        for c in resp["choices"]:
+            drop_none(c, ("token_ids",))
         return JSONResponse(resp)
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERROR_RESPONSES)
@@ -566,20 +578,23 @@ class LLMServer:
             prompt_ids = list(prompt)
         params = self._sampling_params(body, body.max_tokens, len(prompt_ids), "max_tokens", "prompt")
         rid = f"cmpl-{uuid.uuid4().hex}"
-        stream = await self._open(prompt_ids, params, rid)
+        streams = await self._open_choices(prompt_ids, params, rid, body.n or 1)
         created = int(time.time())
         if body.stream:
-            events = self._completion_sse(stream, rid, name, created, body, prompt_ids)
-            return StreamingResponse(self._guarded_sse(events, stream),
+            events = self._merged_sse([self._completion_sse(st, rid, name, created, body, prompt_ids, i)
+                                       for i, st in enumerate(streams)], streams, body, rid, name, created,
+                                      "text_completion", len(prompt_ids))
+            return StreamingResponse(self._guarded_sse(events, streams),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
-        text, token_ids, last = await self._collect(stream, raw_request)
-        choice = CompletionChoice(text=text, finish_reason=last.finish_reason,
-                                  token_ids=token_ids if body.return_token_ids else None,
-                                  prompt_token_ids=prompt_ids if body.return_token_ids else None)
-        resp = CompletionResponse(id=rid, created=created, model=name, choices=[choice],
-                                  usage=Usage.of(len(prompt_ids), last.num_output_tokens,
-                                                 last.num_cached_tokens)).model_dump()
-        drop_none(resp["choices"][0], ("token_ids", "prompt_token_ids"))
+        results = await self._collect(streams, raw_request)
+        choices = [CompletionChoice(index=i, text=text, finish_reason=last.finish_reason,
+                                    token_ids=token_ids if body.return_token_ids else None,
+                                    prompt_token_ids=prompt_ids if body.return_token_ids else None)
+                   for i, (text, token_ids, last) in enumerate(results)]
+        resp = CompletionResponse(id=rid, created=created, model=name, choices=choices,
+                                  usage=_usage_of_choices([r[2] for r in results], len(prompt_ids))).model_dump()
+        for c in resp["choices"]:
+            drop_none(c, ("token_ids", "prompt_token_ids"))
         return JSONResponse(resp)
 
     # ------------------------------------------------------------------------- request building
@@ -594,9 +609,8 @@ class LLMServer:
 
     @staticmethod
     def _check_common(body) -> None:
-        if body.n is not None and body.n != 1:
-            raise bad_request(f"n={body.n}: only n=1 is supported (send several requests, with different seeds, "
-                              "for several choices)", "n", "unsupported_parameter")
+        if body.n is not None and not 1 <= body.n <= MAX_CHOICES:
+            raise bad_request(f"n must be between 1 and {MAX_CHOICES}, got {body.n}", "n")
         for field, neutral in (("presence_penalty", 0), ("frequency_penalty", 0), ("repetition_penalty", 1)):
             v = getattr(body, field)
             if v is not None and v != neutral:
@@ -707,10 +721,27 @@ class LLMServer:
             raise e
         return EngineStream(self, agen, first, rid, len(prompt_ids), t_arrival)
 
-    async def _collect(self, stream: EngineStream, raw_request: Request) -> tuple[str, list[int], StreamDelta]:
-        """Run a non-streaming request to its end; abort it in the engine if the client disconnects
-        (seen by watching the ASGI receive channel, or by Serve cancelling this handler)."""
-        async def consume():
+    async def _open_choices(self, prompt_ids: list[int], params: SamplingParams, rid: str,
+                            n: int) -> list["EngineStream"]:
+        """One engine request per choice (they share the prompt's KV through the radix cache). With a
+        seed, choice i uses seed + i: reproducible, and the choices differ."""
+        streams: list[EngineStream] = []
+        try:
+            for i in range(n):
+                p = params if (n == 1 or params.seed is None) else dataclasses.replace(params, seed=params.seed + i)
+                streams.append(await self._open(prompt_ids, p, rid if n == 1 else f"{rid}-{i}"))
+        except BaseException:
+            for st in streams:  # all or none
+                st.close()
+            raise
+        return streams
+
+    async def _collect(self, streams: list["EngineStream"], raw_request: Request
+                       ) -> list[tuple[str, list[int], StreamDelta]]:
+        """Run non-streaming requests (a response's choices) to their end; abort them in the engine if
+        the client disconnects (seen by watching the ASGI receive channel, or by Serve cancelling
+        this handler)."""
+        async def consume_one(stream: EngineStream) -> tuple[str, list[int], StreamDelta]:
             texts: list[str] = []
             ids: list[int] = []
             last = None
@@ -719,6 +750,9 @@ class LLMServer:
                 ids.extend(d.token_ids)
                 last = d
             return "".join(texts), ids, last
+
+        async def consume():
+            return await asyncio.gather(*(consume_one(st) for st in streams))
 
         async def disconnected():
             while True:
@@ -736,18 +770,23 @@ class LLMServer:
             if not work.done():
                 gone = True
                 work.cancel()
-                stream.close()
+                for st in streams:
+                    st.close()
         if gone:
             raise APIError(499, "client disconnected", "invalid_request_error", None, "client_disconnected")
         try:
-            return work.result()
-        except EngineRequestError as e:
-            raise APIError(500, str(e), "server_error", None, "engine_error") from e
+            return list(work.result())
+        except BaseException as e:
+            for st in streams:  # the other choices are of no use without the failed one
+                st.close()
+            if isinstance(e, EngineRequestError):
+                raise APIError(500, str(e), "server_error", None, "engine_error") from e
+            raise
 
     @staticmethod
-    async def _guarded_sse(events: AsyncIterator[str], stream) -> AsyncIterator[str]:
+    async def _guarded_sse(events: AsyncIterator[str], streams: list["EngineStream"]) -> AsyncIterator[str]:
         """An SSE body: the events, an OpenAI error event if the engine failed mid-stream, always
-        `data: [DONE]`; closing the stream aborts the request when the client went away."""
+        `data: [DONE]`; closing the body aborts the requests when the client went away."""
         try:
             async for e in events:
                 yield e
@@ -756,18 +795,57 @@ class LLMServer:
         except APIError as e:
             yield _sse(e.body())
         finally:
-            stream.close()  # a no-op when finished; aborts when the client went away mid-stream
+            for st in streams:  # a no-op when finished; aborts when the client went away mid-stream
+                st.close()
         yield "data: [DONE]\n\n"
 
+    @staticmethod
+    async def _merged_sse(choices: list[AsyncIterator[str]], streams: list["EngineStream"], body, rid: str,
+                          name: str, created: int, obj: str, n_prompt: int) -> AsyncIterator[str]:
+        """The events of every choice as they come, then (stream_options.include_usage) one usage
+        chunk for the whole response."""
+        if len(choices) == 1:
+            async for e in choices[0]:
+                yield e
+        else:
+            q: asyncio.Queue = asyncio.Queue()
+
+            async def pump(gen: AsyncIterator[str]) -> None:
+                try:
+                    async for e in gen:
+                        await q.put(e)
+                    await q.put(None)
+                except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+                    await q.put(e)
+
+            tasks = [asyncio.ensure_future(pump(g)) for g in choices]
+            try:
+                left = len(tasks)
+                while left:
+                    e = await q.get()
+                    if e is None:
+                        left -= 1
+                    elif isinstance(e, BaseException):
+                        raise e
+                    else:
+                        yield e
+            finally:
+                for t in tasks:
+                    t.cancel()
+        if body.stream_options and body.stream_options.include_usage:
+            yield _sse({"id": rid, "object": obj, "created": created, "model": name, "choices": [],
+                        "usage": _usage_of_choices([st.last for st in streams], n_prompt).model_dump()})
+
     async def _chat_sse(self, stream, rid: str, name: str, created: int, body: ChatCompletionRequest,
-                        prompt_ids: list[int]) -> AsyncIterator[str]:
+                        prompt_ids: list[int], index: int = 0) -> AsyncIterator[str]:
+        """One choice's chunks (the response's usage chunk comes from _merged_sse)."""
         opts = body.stream_options
         include_usage = bool(opts and opts.include_usage)
         continuous = include_usage and bool(opts.continuous_usage_stats)
         n_prompt, last = len(prompt_ids), None
 
         def chunk(delta: dict, finish: str | None = None, token_ids: list[int] | None = None) -> dict:
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
             if body.return_token_ids and token_ids is not None:
                 choice["token_ids"] = token_ids
             c = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
@@ -785,12 +863,10 @@ class LLMServer:
             if d.text or d.finished or (body.return_token_ids and d.token_ids):
                 yield _sse(chunk({"content": d.text} if d.text else {},
                                  d.finish_reason if d.finished else None, d.token_ids))
-        if include_usage:
-            yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
-                        "choices": [], "usage": _usage(last, n_prompt)})
 
     async def _completion_sse(self, stream, rid: str, name: str, created: int, body: CompletionRequest,
-                              prompt_ids: list[int]) -> AsyncIterator[str]:
+                              prompt_ids: list[int], index: int = 0) -> AsyncIterator[str]:
+        """One choice's chunks (the response's usage chunk comes from _merged_sse)."""
         opts = body.stream_options
         include_usage = bool(opts and opts.include_usage)
         continuous = include_usage and bool(opts.continuous_usage_stats)
@@ -799,7 +875,7 @@ class LLMServer:
             last = d
             if not (d.text or d.finished or (body.return_token_ids and d.token_ids)):
                 continue
-            choice = {"index": 0, "text": d.text, "logprobs": None,
+            choice = {"index": index, "text": d.text, "logprobs": None,
                       "finish_reason": d.finish_reason if d.finished else None}
             if body.return_token_ids:
                 choice["token_ids"] = d.token_ids
@@ -809,9 +885,6 @@ class LLMServer:
             if include_usage:
                 c["usage"] = _usage(last, n_prompt) if continuous else None
             yield _sse(c)
-        if include_usage:
-            yield _sse({"id": rid, "object": "text_completion", "created": created, "model": name,
-                        "choices": [], "usage": _usage(last, n_prompt)})
 
 
 # =============================================================================================== the builder

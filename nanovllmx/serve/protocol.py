@@ -5,7 +5,7 @@ Requests are validated by pydantic (wrong types -> 400 with OpenAI's error JSON)
 HTTP API share one contract. Numbers, booleans and token ids are strict: `"0.5"` is not a float,
 `true` is not a token id.
 
-Fields that are accepted but not supported yet (n > 1, logprobs, penalties, ...) are declared so
+Fields that are accepted but not supported yet (logprobs, penalties, ...) are declared so
 that the app can answer them with a clear 400 rather than silently ignoring them. Unknown fields
 are ignored, as in vLLM.
 """
@@ -59,7 +59,8 @@ class _SamplingFields(_Request):
     seed: Optional[StrictInt] = None
     stream: Optional[StrictBool] = False
     stream_options: Optional[StreamOptions] = None
-    n: Optional[StrictInt] = Field(1, description="only 1 is supported")
+    n: Optional[StrictInt] = Field(1, description="choices to generate for the prompt (1..64); with a seed, "
+                                                   "choice i uses seed + i")
     user: Optional[StrictStr] = None
     # accepted, only their neutral values are supported
     presence_penalty: Optional[Number] = 0.0
