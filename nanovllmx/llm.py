@@ -91,8 +91,7 @@ class LLM:
         params.validate()
         ids = self.encode(prompt)
         rid = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
-        er = EngineRequest(rid, ids, params)
-        self.core.check_request(er)
+        er = EngineRequest(rid, ids, params)  # the core's add_request refuses a bad prompt (ValueError)
         detok = IncrementalDetokenizer(self.tokenizer, params.stop) if (streaming or params.stop) else None
         st = RequestState(rid, ids, params, detok)
         if streaming:

@@ -13,6 +13,7 @@ import triton.language as tl
 
 from nanovllmx.attention.base import AttentionBackend
 from nanovllmx.attention.metadata import AttentionMetadata, KVPool
+from nanovllmx.kernels.fused import store_kv
 
 _WORKSPACE_BYTES = 256 << 20
 
@@ -105,7 +106,6 @@ class FlashInferBackend(AttentionBackend):
         self.active = wrapper
 
     def store_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        from nanovllmx.kernels.fused import store_kv
         store_kv(k, v, self.kv.k[layer], self.kv.v[layer], self.meta.out_slots)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
