@@ -142,20 +142,13 @@ def _post(url: str, path: str, body) -> None:
     _check(r.status_code, r.text, (path, body))
 
 
-def test_raw_chat_bodies_never_5xx(url):
+@pytest.mark.parametrize("path,bodies", [("/v1/chat/completions", _chat), ("/v1/completions", _completion)],
+                         ids=["chat", "completion"])
+def test_raw_bodies_never_5xx(url, path, bodies):
     @FUZZ
-    @given(body=_mostly(_chat))
+    @given(body=_mostly(bodies))
     def run(body):
-        _post(url, "/v1/chat/completions", body)
-
-    run()
-
-
-def test_raw_completion_bodies_never_5xx(url):
-    @FUZZ
-    @given(body=_mostly(_completion))
-    def run(body):
-        _post(url, "/v1/completions", body)
+        _post(url, path, body)
 
     run()
     assert httpx.get(f"{url}/health", timeout=10).status_code == 200
