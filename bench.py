@@ -345,15 +345,21 @@ def main() -> None:
     prof = None
     if a.torch_profile:
         import torch
-        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])  # kernels only
         prof.__enter__()
     t = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     dt = time.perf_counter() - t
     if prof is not None:
         prof.__exit__(None, None, None)
+        from nanovllmx.utils.profiling import format_summary, kernel_summary
+        rows = kernel_summary(prof, 1)
+        busy = sum(r[2] for r in rows) / 1e3
+        summary = (f"whole run: {dt:.2f} s wall, {busy:.2f} s of kernels ({100 * busy / dt:.0f}% busy)\n"
+                   + format_summary(rows).replace("/step", "/run"))
+        print(summary)
         with open(a.torch_profile, "w") as f:
-            f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
+            f.write(summary + "\n\n" + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40))
     total = sum(len(o.token_ids) for o in outs)
     assert total == sum(p.max_tokens for p in params), "every request must produce max_tokens tokens"
     res = {"executor": a.executor, "tokens": total, "seconds": round(dt, 3), "tok_per_s": round(total / dt, 1), "max_bs": a.max_bs,

@@ -26,13 +26,53 @@ def timed(fn, iters: int = 50) -> float:
     return a.elapsed_time(b) / iters * 1e-3
 
 
+def sweep(sizes: list[int], ctx_min: int, ctx_max: int, variants: list[str]) -> None:
+    """The engine's own setting (a CUDA-graph decode wrapper per batch size, page 1 over scattered
+    slots) for each decode kernel variant: 'cuda' (CUDA cores), 'tc' (tensor cores, backend auto),
+    'fa2' / 'fa3' (tensor cores, that backend). Prints TB/s per batch size."""
+    import flashinfer
+    H, HKV, D, dt, dev = 16, 8, 128, torch.bfloat16, torch.device("cuda")
+    rng = np.random.default_rng(0)
+    ws = torch.zeros(256 << 20, dtype=torch.uint8, device=dev)
+    slots = 256 * ctx_max + 1024
+    k = torch.randn(slots, 1, HKV, D, device=dev, dtype=dt)
+    v = torch.randn_like(k)
+    print(f"{'bs':>4s} {'ctx':>5s} " + " ".join(f"{n:>8s}" for n in variants) + "   (TB/s, graph-mode wrappers)")
+    for bs in sizes:
+        lens = rng.integers(ctx_min, ctx_max + 1, bs).astype(np.int32)
+        total = int(lens.sum())
+        idx = torch.from_numpy(rng.permutation(slots)[:total].astype(np.int32)).to(dev)
+        indptr = torch.from_numpy(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32))
+        q = torch.randn(bs, H, D, device=dev, dtype=dt)
+        cells = []
+        for name in variants:
+            kw = {} if name in ("cuda", "tc") else {"backend": name}
+            try:
+                w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                    ws, "NHD", use_cuda_graph=True, use_tensor_cores=name != "cuda",
+                    paged_kv_indptr_buffer=torch.zeros(bs + 1, dtype=torch.int32, device=dev),
+                    paged_kv_indices_buffer=torch.zeros(256 * ctx_max, dtype=torch.int32, device=dev),
+                    paged_kv_last_page_len_buffer=torch.ones(bs, dtype=torch.int32, device=dev), **kw)
+                w.plan(indptr, idx, torch.ones(bs, dtype=torch.int32), H, HKV, D, 1, q_data_type=dt, kv_data_type=dt)
+                s = timed(lambda: w.run(q, (k, v)))
+                cells.append(f"{total * HKV * D * 2 * 2 / s / 1e12:8.2f}")
+            except Exception as e:  # a backend this build or GPU lacks
+                cells.append(f"{'n/a':>8s}")
+                print(f"  {name} at bs {bs}: {type(e).__name__}: {str(e)[:120]}")
+        print(f"{bs:4d} {int(lens.mean()):5d} " + " ".join(cells))
+
+
 def main() -> None:
     import flashinfer
     ap = argparse.ArgumentParser()
     ap.add_argument("--bs", type=int, default=256)
     ap.add_argument("--ctx-min", type=int, default=100)
     ap.add_argument("--ctx-max", type=int, default=1500)
+    ap.add_argument("--sweep", default=None, help="batch sizes, e.g. 8,32,64,128,256: kernel variants by batch size")
+    ap.add_argument("--variants", default="cuda,tc,fa2,fa3")
     a = ap.parse_args()
+    if a.sweep:
+        return sweep([int(x) for x in a.sweep.split(",")], a.ctx_min, a.ctx_max, a.variants.split(","))
     H, HKV, D, dt, dev = 16, 8, 128, torch.bfloat16, torch.device("cuda")
     rng = np.random.default_rng(0)
     lens = rng.integers(a.ctx_min, a.ctx_max + 1, a.bs).astype(np.int32)

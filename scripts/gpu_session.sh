@@ -8,7 +8,7 @@
 #                     its py_spy-*.data/scripts/py-spy into .device/extra/bin/
 # Device call 1 (carry .device/serve.tar.xz .device/bootstrap.sh .device/extra):
 #     source .device/bootstrap.sh; export PYTHONPATH=$PWD/.device/extra:$PYTHONPATH; bash scripts/gpu_session.sh models
-# (the phases: models | core | http | profile | final | multi | all; "all" may not fit one 10-minute
+# (the phases: models | core | http | profile | final | multi | diag | all; "all" may not fit one 10-minute
 #  call: run core, then http. multi: on a machine with 2 (GRIDS=2x1,1x2) or 4 GPUs (GRIDS=2x1,1x2,2x2))
 # Device call 2, at once (carry .device/kernels.tar.xz .device/flashinfer-cache.tar.xz .device/bootstrap.sh
 #     .device/extra .device/roofline.py):
@@ -90,6 +90,19 @@ for m in $M8 $M; do for g in 1x1 ${G//,/ }; do
   echo "$m $g: $(tail -1 $OUT/log_${g}.txt | cut -c1-300)"
 done; done
 }
+diag() {  # #5, 3rd session: where the GPU time goes (whole run and per decode step), HTTP with Serve's direct ingress
+python bench.py --model $M --bw --roofline .device/roofline.py --profile --json $J > $OUT/log3.txt 2>&1; tail -1 $OUT/log3.txt
+python scripts/step_bench.py --model $M --kernels > $OUT/step.txt 2>&1; grep -v "Loading\|it/s" $OUT/step.txt | head -75
+python bench.py --model $M --torch-profile $OUT/kernels.txt > $OUT/log6.txt 2>&1; head -16 $OUT/kernels.txt
+serve_up 0
+python bench.py --model $M --http --json $J > $OUT/log7.txt 2>&1; tail -1 $OUT/log7.txt | cut -c1-300
+serve_down
+export RAY_SERVE_ENABLE_DIRECT_INGRESS=1
+serve_up 4
+python bench.py --model $M --http --url http://127.0.0.1:30000 --json $J > $OUT/log8.txt 2>&1; tail -1 $OUT/log8.txt | cut -c1-300
+serve_down
+unset RAY_SERVE_ENABLE_DIRECT_INGRESS
+}
 table() {
 python - "$J" <<'PY'
 import json, sys
@@ -110,6 +123,7 @@ case "${1:-all}" in
   profile) profile; table ;;
   final) final; table ;;
   multi) multi; table ;;
+  diag) diag; table ;;
   all) core; http; table ;;
 esac
 type device_save_cache >/dev/null 2>&1 && device_save_cache
