@@ -25,7 +25,7 @@ class EngineConfig:
     # schedule step N+1 while step N runs; default on GPU only (on CPU the forward is synchronous,
     # so it only adds scheduler work competing for the same cores)
     overlap_scheduling: bool | None = None
-    decode_tensor_cores: bool | None = None  # FlashInfer decode kernel; None: tensor cores (measured faster)
+    decode_tensor_cores: bool | None = None  # FlashInfer decode kernel; None: by batch size (measured, see the backend)
     tp_size: int = 1
     pp_size: int = 1
     seed: int = 0

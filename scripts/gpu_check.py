@@ -24,14 +24,20 @@ def main() -> None:
     results = {}
     for name, kw in [("torch-eager", dict(attention_backend="torch", enforce_eager=True)),
                      ("flashinfer-eager", dict(attention_backend="flashinfer", enforce_eager=True)),
-                     ("flashinfer-graphs", dict(attention_backend="flashinfer", enforce_eager=False))] + \
+                     ("flashinfer-graphs", dict(attention_backend="flashinfer", enforce_eager=False)),
+                     # near-greedy sampling: in the graph (no filters), then the eager sampler on the
+                     # graph's logits (top_k): both must give flashinfer-graphs' tokens exactly
+                     ("fi-graphs-T1e-3", dict(attention_backend="flashinfer", temperature=1e-3)),
+                     ("fi-graphs-T1e-3-topk5", dict(attention_backend="flashinfer", temperature=1e-3, top_k=5))] + \
             ([("ray-flashinfer-graphs", dict(attention_backend="flashinfer", executor="ray"))] if a.with_ray else []) + \
             [(f"ray-tp{g.split('x')[0]}-pp{g.split('x')[1]}", dict(attention_backend="flashinfer", executor="ray",
                                                              tp_size=int(g.split("x")[0]), pp_size=int(g.split("x")[1])))
              for g in a.grids.split(",") if g]:
+        sampling = {k: kw.pop(k) for k in ("temperature", "top_k") if k in kw}
+        p = SamplingParams(max_tokens=a.max_tokens, ignore_eos=True, **sampling) if sampling else sp
         llm = LLM(a.model, context_len=2048, max_bs=64, **kw)
-        outs = llm.generate(prompts[:13], sp)  # cold (one of them carries the shared prefix)
-        outs += llm.generate(prompts[13:], sp)  # shared prefix: radix hits
+        outs = llm.generate(prompts[:13], p)  # cold (one of them carries the shared prefix)
+        outs += llm.generate(prompts[13:], p)  # shared prefix: radix hits
         results[name] = outs
         llm.shutdown()
         del llm
@@ -62,6 +68,8 @@ def main() -> None:
         print(f"{name:22s} {exact:>3d}/{len(ref):<2d} {match / total:9.3f} {str(min(d)) if d else '-':>14s} {cached:>7d} "
               f"{same_fi:>15d}/{len(fi)}")
         ok &= match / total > 0.9
+        if name.startswith("fi-graphs-"):
+            ok &= same_fi == len(fi)
     sys.exit(0 if ok else 1)
 
 

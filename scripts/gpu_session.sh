@@ -8,7 +8,7 @@
 #                     its py_spy-*.data/scripts/py-spy into .device/extra/bin/
 # Device call 1 (carry .device/serve.tar.xz .device/bootstrap.sh .device/extra):
 #     source .device/bootstrap.sh; export PYTHONPATH=$PWD/.device/extra:$PYTHONPATH; bash scripts/gpu_session.sh models
-# (the phases: models | core | http | profile | final | multi | diag | all; "all" may not fit one 10-minute
+# (the phases: models | core | http | profile | final | multi | diag | check | all; "all" may not fit one 10-minute
 #  call: run core, then http. multi: on a machine with 2 (GRIDS=2x1,1x2) or 4 GPUs (GRIDS=2x1,1x2,2x2))
 # Device call 2, at once (carry .device/kernels.tar.xz .device/flashinfer-cache.tar.xz .device/bootstrap.sh
 #     .device/extra .device/roofline.py):
@@ -103,6 +103,15 @@ python bench.py --model $M --http --url http://127.0.0.1:30000 --json $J > $OUT/
 serve_down
 unset RAY_SERVE_ENABLE_DIRECT_INGRESS
 }
+check() {  # #5: GPU tests, tokens, per-step table and offline throughput; BASE=dir: that tree's bench in the same call
+python -m pytest -q -p no:cacheprovider tests/test_gpu_backends.py tests/test_sampling.py > $OUT/log1.txt 2>&1; tail -2 $OUT/log1.txt
+python scripts/gpu_check.py --model $S --no-hf > $OUT/log2.txt 2>&1; grep -v "Loading\|it/s" $OUT/log2.txt | tail -7
+python scripts/step_bench.py --model $M --sizes 1,8,32,64,128,256 > $OUT/step.txt 2>&1; grep -v "Loading\|it/s\|arn" $OUT/step.txt | tail -8
+[ -n "${BASE:-}" ] && (cd $BASE && PYTHONPATH=$PWD:$PYTHONPATH python bench.py --model $M --bw --roofline ../roofline.py --profile \
+  --json $J > $OUT/log_base.txt 2>&1; tail -1 $OUT/log_base.txt | cut -c1-420)
+python bench.py --model $M --bw --roofline .device/roofline.py --profile --json $J > $OUT/log3.txt 2>&1; tail -1 $OUT/log3.txt | cut -c1-420
+python bench.py --model $M --torch-profile $OUT/kernels.txt > $OUT/log6.txt 2>&1; head -14 $OUT/kernels.txt
+}
 table() {
 python - "$J" <<'PY'
 import json, sys
@@ -124,6 +133,7 @@ case "${1:-all}" in
   final) final; table ;;
   multi) multi; table ;;
   diag) diag; table ;;
+  check) check; table ;;
   all) core; http; table ;;
 esac
 type device_save_cache >/dev/null 2>&1 && device_save_cache

@@ -26,11 +26,9 @@ def _setup(prefix_lens, q_lens, seed=0):
         out_slots.append(perm[off + p: off + p + q])
         off += p + q
     q_np, kv_np = np.array(q_lens, np.int32), np.array(prefix_lens, np.int32) + np.array(q_lens, np.int32)
-    cu = np.concatenate([[0], np.cumsum(q_np)]).astype(np.int32)
     meta = AttentionMetadata(
         q_lens_np=q_np, kv_lens_np=kv_np, req_indices_np=np.arange(len(q_lens), dtype=np.int32),
         req_indices=torch.arange(len(q_lens), dtype=torch.int32, device="cuda"),
-        kv_lens=torch.from_numpy(kv_np).cuda(), cu_q_lens=torch.from_numpy(cu).cuda(),
         out_slots=torch.cat(out_slots).to(torch.int32).cuda(), req_to_token=table,
         is_decode=bool((q_np == 1).all()))
     T = int(q_np.sum())
@@ -44,8 +42,9 @@ def _run(backend_cls, prefix_lens, q_lens, graph=False, **kw):
     pool, meta, q, k, v = _setup(prefix_lens, q_lens)
     be = backend_cls(pool, H, HKV, D, **kw)
     if graph:
-        shared = torch.zeros(be.max_kv, dtype=torch.int32, device="cuda")
-        be.plan_graph(be.make_graph_wrapper(len(q_lens), shared), meta)
+        w = be.make_graph_wrapper(len(q_lens))
+        be.plan_graph(w, meta)
+        be.gather_graph_indices(w, meta)  # inside the graph in the engine
     else:
         be.prepare(meta)
     return be.forward(0, q, k, v, D ** -0.5).float()

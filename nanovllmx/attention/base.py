@@ -28,6 +28,17 @@ class AttentionBackend:
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         raise NotImplementedError
 
+    # ---- decode graphs (worker/cuda_graph.py). A backend that can be captured overrides these;
+    # the defaults let a graph's step be replayed eagerly off the GPU (how CPU tests run it).
+    def make_graph_wrapper(self, bs: int) -> object:
+        return None
+
+    def plan_graph(self, wrapper: object, meta: AttentionMetadata) -> None:
+        self.prepare(meta)
+
+    def gather_graph_indices(self, wrapper: object, meta: AttentionMetadata) -> None:
+        pass
+
 
 _BACKEND: AttentionBackend | None = None
 

@@ -16,6 +16,7 @@ from nanovllmx.attention.metadata import AttentionMetadata, KVPool
 from nanovllmx.kernels.fused import store_kv
 
 _WORKSPACE_BYTES = 256 << 20
+_TC_MIN_BATCH = 128  # decode batches from this size use the tensor-core kernel (see use_tensor_cores)
 
 
 @triton.jit
@@ -34,17 +35,16 @@ class FlashInferBackend(AttentionBackend):
     def __init__(self, kv: KVPool, num_heads: int, num_kv_heads: int, head_dim: int, max_bs: int, context_len: int,
                  decode_tensor_cores: bool | None = None):
         super().__init__(kv, num_heads, num_kv_heads, head_dim)
-        # tensor-core decode: measured on an H100 at the standard workload's shape (GQA groups of 2,
-        # 256 requests, page size 1), 2.82 TB/s against 2.69 for the CUDA-core kernel
-        # (scripts/attn_bench.py, docs/benchmarks.md)
-        self.tc = True if decode_tensor_cores is None else decode_tensor_cores
+        # decode kernel by batch size (None) or forced (True: tensor cores, False: CUDA cores)
+        self.decode_tensor_cores = decode_tensor_cores
         import flashinfer
         self.fi = flashinfer
         dev = kv.k[0].device
         self.dtype = kv.k[0].dtype
         self.workspace = torch.zeros(_WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
-        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", use_tensor_cores=self.tc)
+        self.decodes = {tc: flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", use_tensor_cores=tc)
+                        for tc in (False, True)}
         # a context may repeat shared prefix slots, so size by requests x context, not by pool size
         self.max_kv = (max_bs + 1) * context_len
         self.kv_indices = torch.empty(self.max_kv, dtype=torch.int32, device=dev)
@@ -55,16 +55,35 @@ class FlashInferBackend(AttentionBackend):
         # plan() stages its metadata in pinned host buffers and copies them asynchronously; with
         # overlap scheduling the next plan must not overwrite them before the GPU has read them
         self._planned = torch.cuda.Event()
+        self._graph_bufs: dict[object, tuple[torch.Tensor, torch.Tensor]] = {}  # wrapper -> (indptr, indices)
+        self._graph_indices: torch.Tensor | None = None
+
+    def use_tensor_cores(self, batch_size: int) -> bool:
+        """Which decode kernel a batch of this size runs. Measured on an H100 at the standard
+        workload's shape (GQA groups of 2, page size 1, graph mode; `attn_bench.py --sweep`): the
+        CUDA-core kernel reads faster up to 64 requests (2.20 vs 1.93 TB/s at 32, 2.56 vs 2.36 at
+        64), the tensor-core one from 128 (2.56 vs 2.53 at 128, 2.72 vs 2.63 at 256)."""
+        if self.decode_tensor_cores is not None:
+            return self.decode_tensor_cores
+        return batch_size >= _TC_MIN_BATCH
+
+    def _gather(self, req_to_token: torch.Tensor, req_indices: torch.Tensor, indptr: torch.Tensor,
+                out: torch.Tensor) -> None:
+        """out[indptr[i]:indptr[i+1]] = req_to_token[req_indices[i], :len] for each request i."""
+        _gather_kv_indices[(len(req_indices),)](req_to_token, req_indices, indptr, out, req_to_token.stride(0),
+                                                BLOCK=512)
 
     def _indices(self, meta: AttentionMetadata, kv_lens_np: np.ndarray, req_indices: torch.Tensor,
                  out: torch.Tensor) -> torch.Tensor:
-        B = len(kv_lens_np)
-        indptr = np.zeros(B + 1, dtype=np.int32)
-        np.cumsum(kv_lens_np, out=indptr[1:])
-        indptr_host = torch.from_numpy(indptr)
-        _gather_kv_indices[(B,)](meta.req_to_token, req_indices, indptr_host.to(self.device, non_blocking=True), out,
-                                 meta.req_to_token.stride(0), BLOCK=512)
+        indptr_host = self._indptr(kv_lens_np)
+        self._gather(meta.req_to_token, req_indices, indptr_host.to(self.device, non_blocking=True), out)
         return indptr_host
+
+    @staticmethod
+    def _indptr(kv_lens_np: np.ndarray) -> torch.Tensor:
+        indptr = np.zeros(len(kv_lens_np) + 1, dtype=np.int32)
+        np.cumsum(kv_lens_np, out=indptr[1:])
+        return torch.from_numpy(indptr)
 
     def prepare(self, meta: AttentionMetadata) -> None:
         self._planned.synchronize()
@@ -73,9 +92,10 @@ class FlashInferBackend(AttentionBackend):
         indptr = self._indices(meta, meta.kv_lens_np, meta.req_indices, self.kv_indices)
         total = int(indptr[-1])
         if meta.is_decode:
-            self.decode.plan(indptr, self.kv_indices[:total], self.ones[:B], self.num_heads, self.num_kv_heads,
-                             self.head_dim, 1, q_data_type=self.dtype, kv_data_type=self.dtype)
-            self.active = self.decode
+            decode = self.decodes[self.use_tensor_cores(B)]
+            decode.plan(indptr, self.kv_indices[:total], self.ones[:B], self.num_heads, self.num_kv_heads,
+                        self.head_dim, 1, q_data_type=self.dtype, kv_data_type=self.dtype)
+            self.active = decode
         else:
             qo = np.zeros(B + 1, dtype=np.int32)
             np.cumsum(meta.q_lens_np, out=qo[1:])
@@ -86,21 +106,35 @@ class FlashInferBackend(AttentionBackend):
         self._planned.record()
 
     # ---- CUDA graphs: one decode wrapper per captured batch size, sharing one indices buffer ----
-    def make_graph_wrapper(self, bs: int, shared_indices: torch.Tensor):
-        return self.fi.BatchDecodeWithPagedKVCacheWrapper(
-            self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=self.tc,
-            paged_kv_indptr_buffer=torch.zeros(bs + 1, dtype=torch.int32, device=self.device),
-            paged_kv_indices_buffer=shared_indices,
+    # The graph itself gathers its requests' KV slot lists (gather_graph_indices, captured), so a
+    # step's host work is only the plan: the indptr and FlashInfer's split of the work.
+    def make_graph_wrapper(self, bs: int):
+        if self._graph_indices is None:  # one graph runs at a time: every size shares the slot lists
+            self._graph_indices = torch.zeros(self.max_kv, dtype=torch.int32, device=self.device)
+        indptr = torch.zeros(bs + 1, dtype=torch.int32, device=self.device)
+        w = self.fi.BatchDecodeWithPagedKVCacheWrapper(
+            self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=self.use_tensor_cores(bs),
+            paged_kv_indptr_buffer=indptr, paged_kv_indices_buffer=self._graph_indices,
             paged_kv_last_page_len_buffer=torch.ones(bs, dtype=torch.int32, device=self.device))
+        self._graph_bufs[w] = (indptr, self._graph_indices)
+        return w
+
+    def gather_graph_indices(self, wrapper, meta: AttentionMetadata) -> None:
+        """Device side of a graph step (captured): the slot list of each request into the shared
+        indices buffer, at the offsets the last plan_graph wrote into the wrapper's indptr."""
+        indptr, shared = self._graph_bufs[wrapper]
+        self._gather(meta.req_to_token, meta.req_indices, indptr, shared)
 
     def plan_graph(self, wrapper, meta: AttentionMetadata) -> None:
-        """Plan a captured wrapper for (padded) decode metadata and make it the active one."""
+        """Host side of a graph step: plan a captured wrapper for (padded) decode metadata and make
+        it the active one. The slot lists are gathered inside the graph (gather_graph_indices)."""
         self._planned.synchronize()
         self.meta = meta
         B = meta.num_reqs
-        indptr = self._indices(meta, meta.kv_lens_np, meta.req_indices, self.kv_indices)
-        total = int(indptr[-1])
-        wrapper.plan(indptr, self.kv_indices[:total], self.ones[:B], self.num_heads, self.num_kv_heads,
+        indptr = self._indptr(meta.kv_lens_np)
+        shared = self._graph_bufs[wrapper][1]
+        # the indices argument is the wrapper's own buffer, so plan's copy into it is a no-op
+        wrapper.plan(indptr, shared[:int(indptr[-1])], self.ones[:B], self.num_heads, self.num_kv_heads,
                      self.head_dim, 1, q_data_type=self.dtype, kv_data_type=self.dtype)
         self._planned.record()
         self.active = wrapper

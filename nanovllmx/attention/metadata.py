@@ -15,8 +15,6 @@ class AttentionMetadata:
     req_indices_np: np.ndarray  # [B] row of each request in req_to_token
     # device tensors
     req_indices: torch.Tensor  # [B] int32
-    kv_lens: torch.Tensor  # [B] int32
-    cu_q_lens: torch.Tensor  # [B+1] int32
     out_slots: torch.Tensor  # [T] KV slot each new token is written to
     req_to_token: torch.Tensor  # [max_reqs, context_len] slot of each request's token i
     is_decode: bool  # every request has exactly one new token

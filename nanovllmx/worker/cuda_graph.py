@@ -1,13 +1,25 @@
 """Decode steps replayed from CUDA graphs captured for a ladder of batch sizes. A batch is padded
 up to the next captured size; padded rows read and write the dummy slot 0 through a dummy
-req_to_token row, so they cost a little compute and touch nothing real."""
+req_to_token row, so they cost a little compute and touch nothing real.
+
+A graph covers the whole device side of a decode step: resolving the inputs the previous (still
+running) step samples, this step's req_to_token entries, the KV slot lists, the forward, sampling
+(temperature, no filters) and the record of the sampled ids. The host sends one packed int32 array
+per step and plans the attention; a step's CPU cost no longer grows with the kernels it runs."""
 from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from nanovllmx.attention.base import forward_context
 from nanovllmx.attention.metadata import AttentionMetadata
+from nanovllmx.scheduler.messages import ScheduledBatch
+from nanovllmx.worker.sampler import inverse_temperature
+
+_FIELDS = 5  # packed per row: input id, position, KV slot, req_to_token row, 1/temperature (float32 bits)
 
 
 def capture_sizes(max_bs: int) -> list[int]:
@@ -17,66 +29,127 @@ def capture_sizes(max_bs: int) -> list[int]:
     return sizes
 
 
+class _EagerReplay:
+    """Stands in for a CUDA graph off the GPU (CPU tests): replay() runs the step again and writes
+    into the outputs of the first run, as a graph replay does."""
+
+    def __init__(self, step, backend):
+        self.step, self.backend = step, backend
+        with forward_context(backend):
+            self.outputs = step()
+
+    def replay(self) -> None:
+        with forward_context(self.backend):
+            for dst, src in zip(self.outputs, self.step()):
+                dst.copy_(src)
+
+
+@dataclass
+class _Captured:
+    graph: "torch.cuda.CUDAGraph | _EagerReplay"
+    wrapper: object  # the FlashInfer decode wrapper planned for this size
+    inputs: torch.Tensor  # int32 [_FIELDS * bs]: the graph's static inputs, one H2D copy per step
+    meta: AttentionMetadata
+    logits: torch.Tensor  # [bs, vocab]
+    tokens: torch.Tensor  # int32 [bs], sampled in the graph
+
+
 class DecodeGraphs:
     def __init__(self, runner):
-        from nanovllmx.attention.flashinfer_backend import FlashInferBackend
         self.r = runner
         be = runner.backend
-        if not isinstance(be, FlashInferBackend):
-            raise ValueError("CUDA graphs need the flashinfer attention backend (or enforce_eager=True)")
         cfg, dev = runner.cfg, runner.device
+        if dev.type == "cuda":
+            from nanovllmx.attention.flashinfer_backend import FlashInferBackend
+            if not isinstance(be, FlashInferBackend):
+                raise ValueError("CUDA graphs need the flashinfer attention backend (or enforce_eager=True)")
         self.max_bs = cfg.max_bs
         self.dummy_row = cfg.max_bs  # req_to_token row that stays all zeros -> slot 0
         self.sizes = capture_sizes(cfg.max_bs)
-        n = cfg.max_bs
-        self.ids = torch.zeros(n, dtype=torch.int32, device=dev)
-        self.pos = torch.zeros(n, dtype=torch.int32, device=dev)
-        self.slots = torch.zeros(n, dtype=torch.int32, device=dev)
-        self.req_idx = torch.full((n,), self.dummy_row, dtype=torch.int32, device=dev)
-        self.kv_lens = torch.ones(n, dtype=torch.int32, device=dev)
-        self.graph_indices = torch.zeros(be.max_kv, dtype=torch.int32, device=dev)
-        self.wrappers, self.graphs, self.logits = {}, {}, {}
+        # every size's static inputs are views of one buffer: only one graph runs at a time
+        self.inputs = torch.zeros(_FIELDS * cfg.max_bs, dtype=torch.int32, device=dev)
+        self.captured: dict[int, _Captured] = {}
         pool = None
-        model = runner.model
-        torch.cuda.synchronize(dev)
         for bs in reversed(self.sizes):
-            w = be.make_graph_wrapper(bs, self.graph_indices)
-            meta = self._meta(bs, np.full(bs, self.dummy_row, np.int32), np.ones(bs, np.int32))
+            inputs = self.inputs[:_FIELDS * bs]
+            inputs.copy_(torch.from_numpy(self._pack_padding(bs, 0).reshape(-1)))
+            w = be.make_graph_wrapper(bs)
+            meta = self._meta(inputs, bs, np.full(bs, self.dummy_row, np.int32), np.ones(bs, np.int32))
             be.plan_graph(w, meta)
-            with forward_context(be):
-                model.compute_logits(model(self.ids[:bs], self.pos[:bs]))  # warm up outside the graph
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=pool):
-                    self.logits[bs] = model.compute_logits(model(self.ids[:bs], self.pos[:bs]))
-            pool = g.pool() if pool is None else pool
-            self.wrappers[bs], self.graphs[bs] = w, g
-            torch.cuda.synchronize(dev)
+            step = functools.partial(self._step, inputs, w, meta)
+            if dev.type != "cuda":
+                g = _EagerReplay(step, be)
+                logits, tokens = g.outputs
+            else:
+                torch.cuda.synchronize(dev)
+                with forward_context(be):
+                    step()  # warm up (and compile) outside the graph
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g, pool=pool):
+                        logits, tokens = step()
+                pool = g.pool() if pool is None else pool
+                torch.cuda.synchronize(dev)
+            self.captured[bs] = _Captured(g, w, inputs, meta, logits, tokens)
 
-    def _meta(self, bs: int, req_idx_np: np.ndarray, kv_lens_np: np.ndarray) -> AttentionMetadata:
+    def _pack_padding(self, gbs: int, bs: int) -> np.ndarray:
+        """Host inputs for a padded batch of gbs rows whose first bs rows the caller fills."""
+        host = np.zeros((_FIELDS, gbs), dtype=np.int32)
+        host[3, bs:] = self.dummy_row
+        return host
+
+    def _meta(self, inputs: torch.Tensor, bs: int, req_idx_np: np.ndarray, kv_lens_np: np.ndarray) -> AttentionMetadata:
+        rows = inputs.view(_FIELDS, bs)
         return AttentionMetadata(
             q_lens_np=np.ones(bs, np.int32), kv_lens_np=kv_lens_np, req_indices_np=req_idx_np,
-            req_indices=self.req_idx[:bs], kv_lens=self.kv_lens[:bs], cu_q_lens=None, out_slots=self.slots[:bs],
+            req_indices=rows[3], out_slots=rows[2],
             req_to_token=self.r.req_to_token, is_decode=True)
+
+    def _step(self, inputs: torch.Tensor, wrapper, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """The captured device work of one decode step."""
+        r, be, model = self.r, self.r.backend, self.r.model
+        ids, pos, slots, req, inv_t = inputs.view(_FIELDS, -1)
+        rows = req.long()
+        ids = torch.where(ids < 0, r.next_tokens[rows], ids)  # -1: the token the previous step samples
+        r.req_to_token[rows, pos.long()] = slots
+        be.gather_graph_indices(wrapper, meta)
+        logits = model.compute_logits(model(ids, pos))
+        tokens = r.sampler.sample_unfiltered(logits, inv_t.view(torch.float32))
+        r.next_tokens[rows] = tokens
+        return logits, tokens
 
     def can_run(self, bs: int) -> bool:
         return bs <= self.max_bs
 
-    def run(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        bs = meta.num_reqs
+    def run(self, b: ScheduledBatch) -> torch.Tensor:
+        """One step of one token per request. Returns the ids sampled for b.sample_rows (int32, on
+        the device): from the graph when every row samples and none has filters or a seed, else
+        from the eager sampler over the graph's logits (the graph then samples greedily, cheap,
+        and its ids are overwritten)."""
+        r = self.r
+        bs = b.num_reqs
         gbs = next(s for s in self.sizes if s >= bs)
-        self.ids[:bs].copy_(ids)
-        self.pos[:bs].copy_(positions)
-        self.slots[:bs].copy_(meta.out_slots)
-        self.req_idx[:bs].copy_(meta.req_indices)
-        if gbs > bs:  # padded rows: dummy request, slot 0
-            self.ids[bs:gbs].zero_()
-            self.pos[bs:gbs].zero_()
-            self.slots[bs:gbs].zero_()
-            self.req_idx[bs:gbs].fill_(self.dummy_row)
-        req_np = np.full(gbs, self.dummy_row, np.int32)
-        req_np[:bs] = meta.req_indices_np
-        kv_np = np.ones(gbs, np.int32)
-        kv_np[:bs] = meta.kv_lens_np
-        self.r.backend.plan_graph(self.wrappers[gbs], self._meta(gbs, req_np, kv_np))
-        self.graphs[gbs].replay()
-        return self.logits[gbs][:bs]
+        c = self.captured[gbs]
+        sa = b.sampling
+        in_graph = len(b.sample_rows) == bs and not sa.needs_filter and not (sa.seeds >= 0).any()
+        if len(b.table_rows):  # prefix slots of newly admitted requests (radix-cache hits)
+            r.write_table(b.table_rows, b.table_cols, b.table_slots)
+        host = self._pack_padding(gbs, bs)
+        host[0, :bs] = b.input_ids
+        host[1, :bs] = b.start_pos
+        host[2, :bs] = b.out_slots
+        host[3, :bs] = b.req_indices
+        if in_graph:
+            host[4, :bs] = inverse_temperature(sa.temperature).view(np.int32)
+        # a pageable source is staged before copy_ returns, so `host` may go at once
+        c.inputs.copy_(torch.from_numpy(host.reshape(-1)), non_blocking=True)
+        kv_lens = np.ones(gbs, np.int32)
+        kv_lens[:bs] = b.start_pos + 1
+        c.meta.kv_lens_np, c.meta.req_indices_np = kv_lens, host[3]
+        r.backend.plan_graph(c.wrapper, c.meta)
+        c.graph.replay()
+        if in_graph:
+            return c.tokens[:bs]
+        rows = torch.from_numpy(b.sample_rows.astype(np.int64)).to(r.device, non_blocking=True)
+        tokens = r.sampler(c.logits[rows], sa).to(torch.int32)
+        r.next_tokens[c.meta.req_indices[rows].long()] = tokens
+        return tokens

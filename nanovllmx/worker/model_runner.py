@@ -63,6 +63,10 @@ class ModelRunner:
     def _to_dev(self, a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a).to(self.device, non_blocking=True)
 
+    def write_table(self, rows: np.ndarray, cols: np.ndarray, slots: np.ndarray) -> None:
+        """req_to_token[rows, cols] = slots on the device."""
+        self.req_to_token[self._to_dev(rows).long(), self._to_dev(cols).long()] = self._to_dev(slots)
+
     def prepare(self, b: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         q_lens = b.q_lens
         cu = np.zeros(len(q_lens) + 1, dtype=np.int32)
@@ -80,11 +84,11 @@ class ModelRunner:
         else:
             cols, slots = positions, b.out_slots
         out_slots = self._to_dev(b.out_slots)
-        self.req_to_token[self._to_dev(rows).long(), self._to_dev(cols).long()] = self._to_dev(slots)
+        self.write_table(rows, cols, slots)
         kv_lens = (b.start_pos + q_lens).astype(np.int32)
         meta = AttentionMetadata(
             q_lens_np=q_lens, kv_lens_np=kv_lens, req_indices_np=b.req_indices,
-            req_indices=self._to_dev(b.req_indices), kv_lens=self._to_dev(kv_lens), cu_q_lens=self._to_dev(cu),
+            req_indices=self._to_dev(b.req_indices),
             out_slots=out_slots, req_to_token=self.req_to_token, is_decode=b.is_decode)
         ids = self._to_dev(b.input_ids)
         if b.has_placeholders:
@@ -99,11 +103,13 @@ class ModelRunner:
         tm = self.timer
         tm.steps += 1
         tm.start()
-        ids, positions, meta = self.prepare(b)
-        tm.lap("prepare")
         if self.graphs is not None and b.is_decode and self.graphs.can_run(b.num_reqs) and get_parallel_info().pp_size == 1:
-            logits = self.graphs.run(ids, positions, meta)  # a decode step samples every row
+            # the graph takes the batch as it comes and samples (and records the samples) itself
+            tokens = self.graphs.run(b)
+            tm.lap("forward_launch")
         else:
+            ids, positions, meta = self.prepare(b)
+            tm.lap("prepare")
             self.backend.prepare(meta)
             with forward_context(self.backend):
                 out = self.model(ids, positions, hidden, residual)
@@ -113,9 +119,9 @@ class ModelRunner:
                 return SampledTokens(torch.zeros(0, dtype=torch.int32), None)
             last_tok = self._to_dev((np.cumsum(b.q_lens) - 1)[b.sample_rows]).long()
             logits = self.model.compute_logits(out[last_tok])
-        tm.lap("forward_launch")
-        tokens = self.sampler(logits, b.sampling).to(torch.int32)
-        self.next_tokens[self._to_dev(b.req_indices[b.sample_rows]).long()] = tokens
+            tm.lap("forward_launch")
+            tokens = self.sampler(logits, b.sampling).to(torch.int32)
+            self.next_tokens[self._to_dev(b.req_indices[b.sample_rows]).long()] = tokens
         host = self._host_bufs[self._flip][:len(tokens)]
         self._flip ^= 1
         host.copy_(tokens, non_blocking=True)

@@ -16,6 +16,11 @@ _GREEDY_EPS = 1e-5
 TOPK_MAX = 1024
 
 
+def inverse_temperature(t: np.ndarray) -> np.ndarray:
+    """float32 1/T per row, 0 for greedy rows (the fused kernel's argmax without noise)."""
+    return np.where(t < _GREEDY_EPS, 0.0, 1.0 / np.maximum(t, _GREEDY_EPS)).astype(np.float32)
+
+
 class Sampler:
     def __init__(self, device: torch.device, fused: bool | None = None):
         self.device = device
@@ -98,22 +103,30 @@ class Sampler:
         pick = torch.where(greedy_rows, 0, pick)
         return idx.gather(1, pick.unsqueeze(1)).squeeze(1)
 
+    @staticmethod
+    def _keys(n: int, dev: torch.device) -> torch.Tensor:
+        # Philox keys of unseeded rows: from torch's device generator, which every worker seeds
+        # alike, so TP ranks draw the same tokens (each resolves the next step's inputs from its own
+        # samples). Capturable in a CUDA graph (the generator's offset advances at each replay).
+        return torch.randint(0, 2 ** 31 - 1, (n,), dtype=torch.int32, device=dev)
+
+    def sample_unfiltered(self, logits: torch.Tensor, inv_temperature: torch.Tensor) -> torch.Tensor:
+        """Unseeded rows without filters, all on the device (the decode CUDA graph captures this):
+        inv_temperature float32 [B] (0: greedy). Returns int32 ids."""
+        from nanovllmx.kernels.sampling import gumbel_sample
+        return gumbel_sample(logits, inv_temperature, self._keys(logits.shape[0], logits.device))
+
     def _fused(self, logits: torch.Tensor, sa: SamplingArrays) -> torch.Tensor:
         from nanovllmx.kernels.sampling import gumbel_sample
-        t = sa.temperature
-        inv_t = np.where(t < _GREEDY_EPS, 0.0, 1.0 / np.maximum(t, _GREEDY_EPS)).astype(np.float32)
-        # Philox keys: the unseeded rows' from torch's device generator, which every worker seeds
-        # alike, so TP ranks draw the same tokens (each resolves the next step's inputs from its own
-        # samples); a seeded row's key is (seed, tokens so far), as in the PyTorch path, so batching
-        # never changes its draw
         dev = logits.device
-        keys = torch.randint(0, 2 ** 31 - 1, (len(t),), dtype=torch.int32, device=dev)
+        keys = self._keys(len(sa.temperature), dev)
         seeded = sa.seeds >= 0
-        if seeded.any():
+        if seeded.any():  # a seeded row's key is (seed, tokens so far), as in the PyTorch path
             keyed = ((sa.seeds.astype(np.int64) * 1_000_003 + sa.output_lens) % (2 ** 31 - 1)).astype(np.int32)
             keys = torch.where(torch.from_numpy(seeded).to(dev, non_blocking=True),
                                torch.from_numpy(keyed).to(dev, non_blocking=True), keys)
-        return gumbel_sample(logits, torch.from_numpy(inv_t).to(dev, non_blocking=True), keys).long()
+        inv_t = torch.from_numpy(inverse_temperature(sa.temperature)).to(dev, non_blocking=True)
+        return gumbel_sample(logits, inv_t, keys).long()
 
     @staticmethod
     def _filter(logits: torch.Tensor, sa: SamplingArrays) -> torch.Tensor:
