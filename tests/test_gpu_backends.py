@@ -1,6 +1,7 @@
 """GPU only (skipped elsewhere): the FlashInfer backend, eager and through a CUDA-graph decode
 wrapper, computes the same attention as the torch reference backend on a mixed batch (prefill
-chunks with cached prefixes plus decodes) and on a pure decode batch; fused kernels match torch."""
+chunks with cached prefixes plus decodes) and on a pure decode batch; fused kernels match torch
+(the q/k norm + RoPE + K/V store kernel also replayed from a CUDA graph)."""
 from __future__ import annotations
 
 import numpy as np
@@ -83,28 +84,49 @@ def test_fused_kernels_match_torch():
     y_ref, r_ref = norm.forward_native(x, res)
     assert _rel(r_fast.float(), r_ref.float()) < 1e-2 and _rel(y_fast.float(), y_ref.float()) < 2e-2
     assert _rel(norm(x).float(), norm.forward_native(x).float()) < 2e-2
-    from nanovllmx.kernels.fused import head_norm_rope, silu_and_mul
+    from nanovllmx.kernels.fused import qk_norm_rope_store, silu_and_mul, store_kv
     from nanovllmx.layers.activation import SiluAndMul
-    qkv = torch.randn(300, (16 + 2 * 8) * 128, device="cuda", dtype=torch.bfloat16)
-    hn = RMSNorm(128).cuda().to(torch.bfloat16)
-    hn.weight.data.normal_()
-    rope = RotaryEmbedding(128, 4096, 1e6).cuda()
-    pos = torch.randint(0, 4096, (300,), device="cuda")
-    q_slice, k_slice = qkv[:, :2048], qkv[:, 2048:3072]
-    qr, kr = rope.forward_native(pos, hn.forward_native(q_slice.reshape(300, 16, 128)),
-                                 hn.forward_native(k_slice.reshape(300, 8, 128)))
-    qf = head_norm_rope(q_slice, 16, 128, hn.weight, hn.eps, rope.cos_sin, pos)
-    kf = head_norm_rope(k_slice, 8, 128, hn.weight, hn.eps, rope.cos_sin, pos)
-    assert _rel(qf.float(), qr.float()) < 2e-2 and _rel(kf.float(), kr.float()) < 2e-2
     gu = torch.randn(300, 2 * 3072, device="cuda", dtype=torch.bfloat16)
     assert _rel(silu_and_mul(gu).float(), SiluAndMul().forward_native(gu).float()) < 2e-2
-    from nanovllmx.kernels.fused import store_kv
-    kc, vc = torch.zeros(1000, 8, 128, device="cuda", dtype=torch.bfloat16), torch.zeros(1000, 8, 128, device="cuda", dtype=torch.bfloat16)
-    slots = torch.randperm(1000, device="cuda")[:300].to(torch.int32)
-    v_strided = qkv[:, 3072:].view(300, 8, 128)  # a column slice of the fused qkv output, as in the model
-    store_kv(kf, v_strided, kc, vc, slots)
-    assert torch.equal(kc[slots.long()], kf) and torch.equal(vc[slots.long()], v_strided)
-    assert kc.float().abs().sum(-1).sum(-1).count_nonzero() == 300  # nothing else written
+    # q/k norm + RoPE + K/V store in one kernel, eagerly and replayed from a CUDA graph with new
+    # positions and slots written into the captured buffers
+    T, S = 300, 1000
+    qkv = torch.randn(T, (16 + 2 * 8) * 128, device="cuda", dtype=torch.bfloat16)
+    qn, kn = RMSNorm(128).cuda().to(torch.bfloat16), RMSNorm(128).cuda().to(torch.bfloat16)
+    qn.weight.data.normal_()
+    kn.weight.data.normal_()
+    rope = RotaryEmbedding(128, 4096, 1e6).cuda()
+    pos = torch.randint(0, 4096, (T,), device="cuda", dtype=torch.int32)
+    slots = torch.randperm(S, device="cuda")[:T].to(torch.int32)
+    kc = torch.zeros(S, 8, 128, device="cuda", dtype=torch.bfloat16)
+    vc = torch.zeros_like(kc)
+
+    def check(q):
+        qs, ks, vs = qkv.split([2048, 1024, 1024], dim=-1)
+        qr, kr = rope.forward_native(pos.long(), qn.forward_native(qs.reshape(T, 16, 128)),
+                                     kn.forward_native(ks.reshape(T, 8, 128)))
+        assert _rel(q.float(), qr.float()) < 2e-2 and _rel(kc[slots.long()].float(), kr.float()) < 2e-2
+        assert torch.equal(vc[slots.long()], vs.reshape(T, 8, 128))
+        assert kc.float().abs().sum(-1).sum(-1).count_nonzero() == T  # nothing else written
+
+    def run():
+        return qk_norm_rope_store(qkv, 16, 8, 128, qn.weight, kn.weight, qn.eps, rope.cos_sin, pos, kc, vc, slots)
+
+    check(run())
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        q_graph = run()
+    pos.copy_(torch.randint(0, 4096, (T,), device="cuda", dtype=torch.int32))
+    slots.copy_(torch.randperm(S, device="cuda")[:T].to(torch.int32))
+    kc.zero_()
+    vc.zero_()
+    g.replay()
+    check(q_graph)
+    k, v = qkv[:, 2048:3072].view(T, 8, 128), qkv[:, 3072:].view(T, 8, 128)  # column slices, as in the model
+    kc.zero_()
+    store_kv(k, v, kc, vc, slots)
+    assert torch.equal(kc[slots.long()], k) and torch.equal(vc[slots.long()], v)
+    assert kc.float().abs().sum(-1).sum(-1).count_nonzero() == T  # nothing else written
 
 
 def test_fused_sampler_full_vocab_bf16():

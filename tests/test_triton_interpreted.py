@@ -20,7 +20,7 @@ CHECKS = textwrap.dedent('''
         return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
     # ---- fused.py against the layers' PyTorch paths
-    from nanovllmx.kernels.fused import head_norm_rope, rmsnorm, silu_and_mul, store_kv
+    from nanovllmx.kernels.fused import qk_norm_rope_store, rmsnorm, silu_and_mul, store_kv
     from nanovllmx.layers.norm import RMSNorm
     from nanovllmx.layers.rotary import RotaryEmbedding
     from nanovllmx.layers.activation import SiluAndMul
@@ -33,25 +33,106 @@ CHECKS = textwrap.dedent('''
     y_ref, r_ref = norm.forward_native(x, res)
     assert rel(r, r_ref) < 1e-2 and rel(y, y_ref) < 2e-2, "rmsnorm + residual"
     assert rel(rmsnorm(x, norm.weight, norm.eps), norm.forward_native(x)) < 2e-2, "rmsnorm"
-    qkv = torch.randn(T, (4 + 2 * 2) * 64).to(torch.bfloat16)
-    hn = RMSNorm(64).to(torch.bfloat16)
-    hn.weight.data.normal_()
-    rope = RotaryEmbedding(64, 512, 1e6)
-    pos = torch.randint(0, 512, (T,))
-    q_slice, k_slice = qkv[:, :256], qkv[:, 256:384]
-    qr, kr = rope.forward_native(pos, hn.forward_native(q_slice.reshape(T, 4, 64)),
-                                 hn.forward_native(k_slice.reshape(T, 2, 64)))
-    qf = head_norm_rope(q_slice, 4, 64, hn.weight, hn.eps, rope.cos_sin, pos)
-    kf = head_norm_rope(k_slice, 2, 64, hn.weight, hn.eps, rope.cos_sin, pos)
-    assert rel(qf, qr) < 2e-2 and rel(kf, kr) < 2e-2, "head_norm_rope"
     gu = torch.randn(T, 2 * 96).to(torch.bfloat16)
     assert rel(silu_and_mul(gu), SiluAndMul().forward_native(gu)) < 2e-2, "silu_and_mul"
+    qkv = torch.randn(T, (4 + 2 * 2) * 64).to(torch.bfloat16)
+    k, v = qkv[:, 256:384].view(T, 2, 64), qkv[:, 384:].view(T, 2, 64)  # strided column slices
     kc, vc = torch.zeros(100, 2, 64, dtype=torch.bfloat16), torch.zeros(100, 2, 64, dtype=torch.bfloat16)
     slots = torch.randperm(100)[:T].to(torch.int32)
-    v = qkv[:, 384:].view(T, 2, 64)  # a strided column slice, as in the model
-    store_kv(kf, v, kc, vc, slots)
-    assert torch.equal(kc[slots.long()], kf) and torch.equal(vc[slots.long()], v), "store_kv"
+    store_kv(k, v, kc, vc, slots)
+    assert torch.equal(kc[slots.long()], k) and torch.equal(vc[slots.long()], v), "store_kv"
     assert kc.abs().sum((1, 2)).count_nonzero() == T, "store_kv wrote elsewhere"
+
+    # ---- qk_norm_rope_store against the layers' twins: per-head RMSNorm (own q / k weights), neox
+    # RoPE, keys and values scattered into a pool at out-of-order slots, other rows untouched.
+    # float16 must round exactly as the twins (HF's order); bfloat16 only loosely, because the
+    # interpreter truncates float32 -> bfloat16 where the GPU rounds to nearest
+    H, HKV, D, S = 4, 2, 64, 40
+    rope = RotaryEmbedding(D, 512, 1e6)
+    for dt, T in [(torch.bfloat16, 0), (torch.bfloat16, 1), (torch.bfloat16, 13), (torch.float16, 13),
+                  (torch.float32, 1), (torch.float32, 13)]:
+        qn, kn = RMSNorm(D, 1e-6).to(dt), RMSNorm(D, 1e-6).to(dt)
+        qn.weight.data.normal_()
+        kn.weight.data.normal_()
+        W = (H + 2 * HKV) * D
+        wide = (torch.randn(T, W + 64) * 3).to(dt)
+        qkv = wide[:, :W] if dt == torch.float32 else wide[:, :W].contiguous()  # a row stride of its own too
+        pos = torch.randint(0, 512, (T,), dtype=torch.int32 if dt == torch.bfloat16 else torch.int64)
+        slots = torch.randperm(S)[:T].to(torch.int32)
+        kc, vc = torch.randn(S, HKV, D).to(dt), torch.randn(S, HKV, D).to(dt)
+        kc0, vc0 = kc.clone(), vc.clone()
+        q = qk_norm_rope_store(qkv, H, HKV, D, qn.weight, kn.weight, qn.eps, rope.cos_sin, pos, kc, vc, slots)
+        qs, ks, vs = qkv.split([H * D, HKV * D, HKV * D], dim=-1)
+        qr, kr = rope.forward_native(pos.long(), qn.forward_native(qs.reshape(T, H, D)),
+                                     kn.forward_native(ks.reshape(T, HKV, D)))
+        assert q.shape == (T, H, D) and q.dtype == dt and q.is_contiguous()
+        s_ = slots.long()
+        for name, got, ref in [("q", q, qr), ("k", kc[s_], kr)]:
+            if not T:
+                continue
+            if dt == torch.float16:
+                assert (got != ref).float().mean() < 0.01, (name, dt, T, (got != ref).float().mean())
+            else:
+                assert rel(got, ref) < (1e-5 if dt == torch.float32 else 2e-2), (name, dt, T, rel(got, ref))
+        assert torch.equal(vc[s_], vs.reshape(T, HKV, D)), ("v", dt, T)
+        rest = torch.ones(S, dtype=torch.bool)
+        rest[s_] = False
+        assert torch.equal(kc[rest], kc0[rest]) and torch.equal(vc[rest], vc0[rest]), ("rows outside slots", dt, T)
+
+    # ---- the Attention layer's fused path (forced on for this CPU pool) against its unfused path,
+    # through the model's Qwen3Attention and the torch backend: a prefill chunk after a cached
+    # prefix, mixed with a decode
+    import types
+    import nanovllmx.layers.attention as attn_mod
+    from nanovllmx.attention.base import forward_context
+    from nanovllmx.attention.metadata import AttentionMetadata, KVPool
+    from nanovllmx.attention.torch_backend import TorchBackend
+    from nanovllmx.models.qwen3 import Qwen3Attention
+    cfg = types.SimpleNamespace(hidden_size=128, head_dim=64, num_attention_heads=4, num_key_value_heads=2,
+                                max_position_embeddings=512, rms_norm_eps=1e-6, rope_theta=1e6)
+    layer = Qwen3Attention(cfg, 1)  # float32: the two paths agree to rounding, any wiring slip shows
+    for p_ in layer.parameters():
+        p_.data.normal_(0, 0.2)
+    prefix, q_lens = [5, 9], [4, 1]
+    slots_all = (torch.randperm(40)[:sum(prefix) + sum(q_lens)] + 1).to(torch.int32)
+    table = torch.zeros(3, 64, dtype=torch.int32)
+    out_slots, pos_l, off = [], [], 0
+    for r, (p, n) in enumerate(zip(prefix, q_lens)):
+        table[r, :p + n] = slots_all[off:off + p + n]
+        out_slots.append(slots_all[off + p:off + p + n])
+        pos_l += list(range(p, p + n))
+        off += p + n
+    q_np = np.array(q_lens, np.int32)
+    kv_np = np.array(prefix, np.int32) + q_np
+    meta = AttentionMetadata(q_lens_np=q_np, kv_lens_np=kv_np, req_indices_np=np.arange(2, dtype=np.int32),
+                             req_indices=torch.arange(2, dtype=torch.int32), kv_lens=torch.from_numpy(kv_np),
+                             cu_q_lens=torch.tensor([0, 4, 5], dtype=torch.int32),
+                             out_slots=torch.cat(out_slots), req_to_token=table, is_decode=False)
+    hid = torch.randn(5, 128)
+    positions = torch.tensor(pos_l, dtype=torch.int32)
+    class CountingBackend(TorchBackend):  # the fused path must not store K/V a second time
+        stores = 0
+        def store_kv(self, layer, k, v):
+            self.stores += 1
+            super().store_kv(layer, k, v)
+    outs, pools, stores, on_cuda = [], [], [], attn_mod._fused_qkv
+    for fused in (False, True):
+        attn_mod._fused_qkv = lambda kc: fused
+        torch.manual_seed(1)  # the same cached prefix in both pools
+        pool = KVPool(3, 41, 2, 64, torch.float32, torch.device("cpu"))
+        for t_ in pool.k + pool.v:
+            t_.normal_()
+        be = CountingBackend(pool, 4, 2, 64)
+        be.prepare(meta)
+        with forward_context(be):
+            outs.append(layer(positions, hid))
+        pools.append(pool)
+        stores.append(be.stores)
+    attn_mod._fused_qkv = on_cuda
+    assert stores == [1, 0], ("K/V stores by the unfused / fused path", stores)
+    assert rel(outs[1], outs[0]) < 1e-5, ("fused layer output", rel(outs[1], outs[0]))
+    assert rel(pools[1].k[1], pools[0].k[1]) < 1e-5 and torch.equal(pools[1].v[1], pools[0].v[1]), "fused layer pool"
+    assert torch.equal(pools[1].k[0], pools[0].k[0]) and torch.equal(pools[1].k[2], pools[0].k[2]), "other layers"
 
     # ---- sampling.py: Gumbel-max over several programs per row
     from nanovllmx.kernels import sampling

@@ -10,7 +10,9 @@ from nanovllmx.attention.metadata import AttentionMetadata, KVPool
 
 
 class AttentionBackend:
-    """Plans a batch once (`prepare`), then serves every layer's attention (`forward`)."""
+    """Plans a batch once (`prepare`), then serves every layer's attention: `forward` stores the
+    step's K/V and attends; `attend` alone serves callers that stored K/V themselves (the fused
+    q/k norm + RoPE + store kernel on CUDA)."""
 
     def __init__(self, kv_pool: KVPool, num_heads: int, num_kv_heads: int, head_dim: int):
         self.kv = kv_pool
@@ -25,8 +27,14 @@ class AttentionBackend:
         self.kv.k[layer][slots] = k
         self.kv.v[layer][slots] = v
 
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor:
+        """Attention of q [T, H, D] over each request's context in the pool, this step's K/V
+        already stored at `meta.out_slots`. Returns [T, H, D]."""
         raise NotImplementedError
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        self.store_kv(layer, k, v)
+        return self.attend(layer, q, scale)
 
     # ---- decode graphs (worker/cuda_graph.py). A backend that can be captured overrides these;
     # the defaults let a graph's step be replayed eagerly off the GPU (how CPU tests run it).

@@ -142,6 +142,5 @@ class FlashInferBackend(AttentionBackend):
     def store_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         store_kv(k, v, self.kv.k[layer], self.kv.v[layer], self.meta.out_slots)
 
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        self.store_kv(layer, k, v)
+    def attend(self, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor:
         return self.active.run(q, self.caches[layer])

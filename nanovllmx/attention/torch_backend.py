@@ -9,9 +9,8 @@ from nanovllmx.attention.base import AttentionBackend
 
 
 class TorchBackend(AttentionBackend):
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor:
         m = self.meta
-        self.store_kv(layer, k, v)
         kc, vc = self.kv.k[layer], self.kv.v[layer]
         out = torch.empty_like(q)
         start = 0

@@ -1,5 +1,6 @@
-"""RMSNorm (+ residual add), per-head q/k RMSNorm + RoPE, and SiLU-and-mul as single Triton
-kernels: PyTorch spends 6-10 small kernels on each of these, which dominated decode GPU time."""
+"""RMSNorm (+ residual add), per-head q/k RMSNorm + RoPE with the K/V store, and SiLU-and-mul as
+single Triton kernels: PyTorch spends 6-10 small kernels on each of these, which dominated decode
+GPU time."""
 from __future__ import annotations
 
 import torch
@@ -43,36 +44,70 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.T
 
 
 @triton.jit
-def _head_norm_rope_kernel(src_ptr, stride_t, w_ptr, cos_sin_ptr, pos_ptr, dst_ptr, n_heads, eps,
-                           D: tl.constexpr, HALF: tl.constexpr):
-    t = tl.program_id(0)
+def _norm_rope_head(src, w_ptr, cos, sin, dst, eps, D: tl.constexpr, HALF: tl.constexpr):
+    """One head: RMSNorm with weight, then neox RoPE (cos/sin of this token's position), stored
+    at dst. Rounds to dst's dtype where HF's RMSNorm and rotary code do."""
+    i = tl.arange(0, HALF)
+    x1 = tl.load(src + i).to(tl.float32)
+    x2 = tl.load(src + HALF + i).to(tl.float32)
+    rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / D + eps)
+    dt = dst.dtype.element_ty
+    n1 = ((x1 * rstd).to(dt).to(tl.float32) * tl.load(w_ptr + i).to(tl.float32)).to(dt).to(tl.float32)
+    n2 = ((x2 * rstd).to(dt).to(tl.float32) * tl.load(w_ptr + HALF + i).to(tl.float32)).to(dt).to(tl.float32)
+    tl.store(dst + i, (n1 * cos - n2 * sin).to(dt))
+    tl.store(dst + HALF + i, (n2 * cos + n1 * sin).to(dt))
+
+
+@triton.jit
+def _qk_norm_rope_store_kernel(qkv_ptr, stride_t, qw_ptr, kw_ptr, cos_sin_ptr, pos_ptr, slots_ptr, q_ptr,
+                               k_cache, v_cache, n_heads, n_kv_heads, eps,
+                               D: tl.constexpr, HALF: tl.constexpr):
+    # program (t, h): h < n_heads does query head h; the others do KV head j = h - n_heads, i.e.
+    # key head j (norm + RoPE) and value head j (copy), both into the pool at this token's slot
+    t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     i = tl.arange(0, HALF)
-    base = src_ptr + t.to(tl.int64) * stride_t + h * D
-    x1 = tl.load(base + i).to(tl.float32)
-    x2 = tl.load(base + HALF + i).to(tl.float32)
-    rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / D + eps)
-    dt = dst_ptr.dtype.element_ty
-    n1 = ((x1 * rstd).to(dt).to(tl.float32) * tl.load(w_ptr + i).to(tl.float32)).to(dt).to(tl.float32)
-    n2 = ((x2 * rstd).to(dt).to(tl.float32) * tl.load(w_ptr + HALF + i).to(tl.float32)).to(dt).to(tl.float32)
     cos = tl.load(cos_sin_ptr + pos * D + i)
     sin = tl.load(cos_sin_ptr + pos * D + HALF + i)
-    out = dst_ptr + (t.to(tl.int64) * n_heads + h) * D
-    tl.store(out + i, (n1 * cos - n2 * sin).to(dt))
-    tl.store(out + HALF + i, (n2 * cos + n1 * sin).to(dt))
+    row = qkv_ptr + t * stride_t
+    if h < n_heads:
+        _norm_rope_head(row + h * D, qw_ptr, cos, sin, q_ptr + (t * n_heads + h) * D, eps, D, HALF)
+    else:
+        j = h - n_heads
+        slot = tl.load(slots_ptr + t).to(tl.int64)
+        dst = (slot * n_kv_heads + j) * D
+        _norm_rope_head(row + (n_heads + j) * D, kw_ptr, cos, sin, k_cache + dst, eps, D, HALF)
+        c = tl.arange(0, D)
+        tl.store(v_cache + dst + c, tl.load(row + (n_heads + n_kv_heads + j) * D + c))
 
 
-def head_norm_rope(x: torch.Tensor, n_heads: int, head_dim: int, weight: torch.Tensor, eps: float,
-                   cos_sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """x: [T, >= n_heads*head_dim] rows (a column slice of the fused qkv output is fine).
-    Returns RMSNorm(head) then neox RoPE, as a contiguous [T, n_heads, head_dim]."""
-    T = x.shape[0]
-    out = torch.empty((T, n_heads, head_dim), dtype=x.dtype, device=x.device)
+def qk_norm_rope_store(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+                       q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float, cos_sin: torch.Tensor,
+                       positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       slots: torch.Tensor) -> torch.Tensor:
+    """Everything between the qkv projection and attention, in one launch (three before: q and k
+    norm+RoPE, then the K/V store; at 28 layers a decode step spent more on launches than work).
+    qkv: [T, (num_heads + 2*num_kv_heads)*head_dim] rows; per-head RMSNorm (q_weight / k_weight)
+    then neox RoPE (cos_sin [max_pos, head_dim]: cos | sin) at positions[t]; keys and values go to
+    k_cache[slots[t]] / v_cache[slots[t]] ([S, num_kv_heads, head_dim], contiguous). Returns the
+    queries as a new contiguous [T, num_heads, head_dim]; allocates nothing else and never syncs,
+    so it can be captured in a CUDA graph."""
+    T = qkv.shape[0]
+    assert qkv.shape[1] == (num_heads + 2 * num_kv_heads) * head_dim and qkv.stride(1) == 1
+    assert head_dim & (head_dim - 1) == 0, "tl.arange needs a power-of-two head_dim"
+    assert k_cache.dtype == v_cache.dtype == qkv.dtype and k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert k_cache.shape[1:] == v_cache.shape[1:] == (num_kv_heads, head_dim)
+    assert cos_sin.shape[1] == head_dim and cos_sin.is_contiguous()
+    assert positions.is_contiguous() and slots.is_contiguous()
+    q = torch.empty((T, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     if T:
-        _head_norm_rope_kernel[(T, n_heads)](x, x.stride(0), weight, cos_sin, positions, out, n_heads, eps,
-                                             D=head_dim, HALF=head_dim // 2, num_warps=1)
-    return out
+        # one warp per head: a head is D elements, a few hundred bytes, so the kernel is bound by
+        # launch and load latency, not bandwidth; many tiny programs keep the most loads in flight
+        _qk_norm_rope_store_kernel[(T, num_heads + num_kv_heads)](
+            qkv, qkv.stride(0), q_weight, k_weight, cos_sin, positions, slots, q, k_cache, v_cache,
+            num_heads, num_kv_heads, eps, D=head_dim, HALF=head_dim // 2, num_warps=1)
+    return q
 
 
 @triton.jit

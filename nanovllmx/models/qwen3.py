@@ -22,7 +22,6 @@ class Qwen3Attention(nn.Module):
         self.qkv_proj = QKVParallelLinear(cfg.hidden_size, head_dim, cfg.num_attention_heads,
                                           cfg.num_key_value_heads, bias=getattr(cfg, "attention_bias", False))
         self.num_heads, self.num_kv_heads, self.head_dim = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim
-        self.q_size, self.kv_size = self.num_heads * head_dim, self.num_kv_heads * head_dim
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * head_dim, cfg.hidden_size,
                                         bias=getattr(cfg, "attention_bias", False))
         self.rotary_emb = RotaryEmbedding(head_dim, cfg.max_position_embeddings, getattr(cfg, "rope_theta", 1e6))
@@ -31,17 +30,7 @@ class Qwen3Attention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim, head_dim ** -0.5, layer_id)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        if x.is_cuda:  # per-head RMSNorm + RoPE in one kernel each for q and k
-            from nanovllmx.kernels.fused import head_norm_rope
-            cs = self.rotary_emb.cos_sin
-            q = head_norm_rope(q, self.num_heads, self.head_dim, self.q_norm.weight, self.q_norm.eps, cs, positions)
-            k = head_norm_rope(k, self.num_kv_heads, self.head_dim, self.k_norm.weight, self.k_norm.eps, cs, positions)
-        else:
-            q = self.q_norm(q.view(-1, self.num_heads, self.head_dim))
-            k = self.k_norm(k.view(-1, self.num_kv_heads, self.head_dim))
-            q, k = self.rotary_emb(positions, q, k)
-        o = self.attn(q, k, v.view(-1, self.num_kv_heads, self.head_dim))
+        o = self.attn.forward_qkv(self.qkv_proj(x), positions, self.q_norm, self.k_norm, self.rotary_emb)
         return self.o_proj(o)
 
 
