@@ -105,8 +105,7 @@ CHECKS = textwrap.dedent('''
     q_np = np.array(q_lens, np.int32)
     kv_np = np.array(prefix, np.int32) + q_np
     meta = AttentionMetadata(q_lens_np=q_np, kv_lens_np=kv_np, req_indices_np=np.arange(2, dtype=np.int32),
-                             req_indices=torch.arange(2, dtype=torch.int32), kv_lens=torch.from_numpy(kv_np),
-                             cu_q_lens=torch.tensor([0, 4, 5], dtype=torch.int32),
+                             req_indices=torch.arange(2, dtype=torch.int32),
                              out_slots=torch.cat(out_slots), req_to_token=table, is_decode=False)
     hid = torch.randn(5, 128)
     positions = torch.tensor(pos_l, dtype=torch.int32)
