@@ -72,13 +72,18 @@ RAY_SERVE_THROUGHPUT_OPTIMIZED=1 serve_up 2
 RAY_SERVE_THROUGHPUT_OPTIMIZED=1 python bench.py --model $M --http --json $J > $OUT/log12.txt 2>&1; grep -v "Loading\|it/s" $OUT/log12.txt | tail -1
 serve_down
 }
-final() {  # the closing numbers in one call: GPU tests, offline bound, Serve HTTP, Ray engine
-python -m pytest -q -p no:cacheprovider tests/test_gpu_backends.py tests/test_sampling.py > $OUT/log1.txt 2>&1; tail -1 $OUT/log1.txt
-python bench.py --model $M --bw --roofline .device/roofline.py --profile --json $J > $OUT/log3.txt 2>&1; tail -1 $OUT/log3.txt
+final() {  # the closing numbers in one call: offline bound, Serve HTTP (proxy, then direct ingress), Ray engine
+python bench.py --model $M --bw --roofline .device/roofline.py --profile --json $J > $OUT/log3.txt 2>&1; tail -1 $OUT/log3.txt | cut -c1-300
 serve_up 3
-python bench.py --model $M --http --json $J > $OUT/log7.txt 2>&1; tail -1 $OUT/log7.txt | cut -c1-400
+python bench.py --model $M --http --json $J > $OUT/log7.txt 2>&1; tail -1 $OUT/log7.txt | cut -c1-300
 serve_down
-python bench.py --model $M --executor ray --profile --json $J > $OUT/log5.txt 2>&1; tail -1 $OUT/log5.txt
+export RAY_SERVE_ENABLE_DIRECT_INGRESS=1  # the replica serves HTTP itself on port 30000 (the proxy stays on 8000)
+serve_up 4
+for i in $(seq 60); do curl -sf localhost:30000/health >/dev/null && break; sleep 1; done
+python bench.py --model $M --http --url http://127.0.0.1:30000 --json $J > $OUT/log8.txt 2>&1; tail -1 $OUT/log8.txt | cut -c1-300
+serve_down
+unset RAY_SERVE_ENABLE_DIRECT_INGRESS
+python bench.py --model $M --executor ray --profile --json $J > $OUT/log5.txt 2>&1; tail -1 $OUT/log5.txt | cut -c1-400
 }
 multi() {  # issues #11 / #8, on nvidia-h100-x2 / -x4: tokens per grid, then throughput per grid (0.6B and 8B)
 G=${GRIDS:-2x1,1x2}
