@@ -561,18 +561,20 @@ def test_engine_problem_reports_a_dead_engine():
 
 
 def test_api_server_entrypoint(tmp_path):
-    """`python -m nanovllmx.entrypoints.openai.api_server` serves until SIGTERM, then exits cleanly."""
-    port = _free_port()
+    """`python -m nanovllmx.entrypoints.openai.api_server` serves until SIGTERM, then exits cleanly;
+    with --direct-ingress-port the replica answers on its own port too (no proxy hop)."""
+    port, direct = _free_port(), _free_port()
     log = open(tmp_path / "api_server.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "nanovllmx.entrypoints.openai.api_server", "--model",
                              DEMO_MODEL_NAME, "--host", "127.0.0.1", "--port", str(port), "--context-len", "256",
-                             "--max-bs", "4", "--device", "cpu"], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+                             "--max-bs", "4", "--device", "cpu", "--direct-ingress-port", str(direct)],
+                            stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_api_server(url, proc, tmp_path / "api_server.log")
-        r = httpx.post(url + "/v1/completions", json={"model": DEMO_MODEL_NAME, "prompt": "Hi", "max_tokens": 3,
-                                                       "ignore_eos": True}, timeout=60)
-        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        for url in (f"http://127.0.0.1:{port}", f"http://127.0.0.1:{direct}"):
+            wait_api_server(url, proc, tmp_path / "api_server.log")
+            r = httpx.post(url + "/v1/completions", json={"model": DEMO_MODEL_NAME, "prompt": "Hi", "max_tokens": 3,
+                                                           "ignore_eos": True}, timeout=60)
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
