@@ -12,18 +12,7 @@ import argparse
 import numpy as np
 import torch
 
-
-def timed(fn, iters: int = 50) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(iters):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / iters * 1e-3
+from nanovllmx.utils.profiling import cuda_time
 
 
 def sweep(sizes: list[int], ctx_min: int, ctx_max: int, variants: list[str]) -> None:
@@ -54,7 +43,7 @@ def sweep(sizes: list[int], ctx_min: int, ctx_max: int, variants: list[str]) -> 
                     paged_kv_indices_buffer=torch.zeros(256 * ctx_max, dtype=torch.int32, device=dev),
                     paged_kv_last_page_len_buffer=torch.ones(bs, dtype=torch.int32, device=dev), **kw)
                 w.plan(indptr, idx, torch.ones(bs, dtype=torch.int32), H, HKV, D, 1, q_data_type=dt, kv_data_type=dt)
-                s = timed(lambda: w.run(q, (k, v)))
+                s = cuda_time(lambda: w.run(q, (k, v)))
                 cells.append(f"{total * HKV * D * 2 * 2 / s / 1e12:8.2f}")
             except Exception as e:  # a backend this build or GPU lacks
                 cells.append(f"{'n/a':>8s}")
@@ -81,7 +70,7 @@ def main() -> None:
     q = torch.randn(a.bs, H, D, device=dev, dtype=dt)
     ws = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
     x = torch.empty(kv_bytes // 2, dtype=dt, device=dev)
-    copy_s = timed(lambda: x.clone())
+    copy_s = cuda_time(lambda: x.clone())
     rows = [("copy (bytes read + written)", copy_s, 2 * kv_bytes)]
     slots = total + 1024
     k = torch.randn(slots, 1, HKV, D, device=dev, dtype=dt)
@@ -94,7 +83,7 @@ def main() -> None:
             w.plan(indptr, torch.from_numpy(idx).to(dev), torch.ones(a.bs, dtype=torch.int32), H, HKV, D, 1,
                    q_data_type=dt, kv_data_type=dt)
             rows.append((f"page 1, {layout} slots, {'tensor' if tc else 'CUDA'} cores",
-                         timed(lambda: w.run(q, (k, v))), kv_bytes))
+                         cuda_time(lambda: w.run(q, (k, v))), kv_bytes))
     # page 16, contiguous pages
     P = 16
     pages = (lens + P - 1) // P
@@ -107,7 +96,7 @@ def main() -> None:
                torch.arange(int(pages.sum()), dtype=torch.int32, device=dev), torch.from_numpy(last), H, HKV, D, P,
                q_data_type=dt, kv_data_type=dt)
         rows.append((f"page 16, contiguous, {'tensor' if tc else 'CUDA'} cores",
-                     timed(lambda: w.run(q, (kp, vp))), kv_bytes))
+                     cuda_time(lambda: w.run(q, (kp, vp))), kv_bytes))
     print(f"bs {a.bs}, contexts {a.ctx_min}..{a.ctx_max} ({total} tokens, {kv_bytes / 1e9:.2f} GB of KV per layer-step)")
     print(f"{'kernel':44s} {'us':>8s} {'TB/s':>6s}")
     for name, s, nbytes in rows:

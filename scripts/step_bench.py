@@ -18,24 +18,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def timed(fn, iters: int = 30) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(iters):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / iters * 1e-3
-
-
 def main() -> None:
     from bench import copy_bandwidth
     from nanovllmx import LLM
     from nanovllmx.scheduler.messages import SamplingArrays, ScheduledBatch
-    from nanovllmx.utils.profiling import format_summary, kernel_summary
+    from nanovllmx.utils.profiling import cuda_time, format_summary, kernel_summary
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--sizes", default="1,8,32,64,128,256")
@@ -80,11 +67,11 @@ def main() -> None:
             t0 = time.perf_counter()
             graphs.run(b)
             host_s += (time.perf_counter() - t0) / 20
-        step = timed(c.graph.replay)  # the whole device step, sampling included
+        step = cuda_time(c.graph.replay)  # the whole device step, sampling included
         q = torch.randn(gbs, be.num_heads, be.head_dim, dtype=kv.k[0].dtype, device="cuda")
-        attn = timed(lambda: [be.active.run(q, be.caches[layer]) for layer in range(n_layers)])
+        attn = cuda_time(lambda: [be.active.run(q, be.caches[layer]) for layer in range(n_layers)])
         logits = c.logits[:bs]
-        sample = timed(lambda: runner.sampler(logits, sa))
+        sample = cuda_time(lambda: runner.sampler(logits, sa))
         kv_bytes = int(lens.sum()) * kv_tok
         bound = (weight_bytes + kv_bytes) / bw
         print(f"{bs:4d} {int(lens.mean()):6d} {step * 1e3:8.3f} {attn * 1e3:8.3f} {(step - attn) * 1e3:8.3f} "

@@ -1,7 +1,24 @@
-"""Group a torch.profiler run's GPU kernels by what they do (attention, GEMM, norms, ...), so a
-benchmark can say where a step's device time goes. Used by `bench.py --torch-profile` and
-`scripts/step_bench.py`."""
+"""Benchmark helpers: time a GPU call with CUDA events, and group a torch.profiler run's kernels by
+what they do (attention, GEMM, norms, ...) so a benchmark can say where a step's device time goes.
+Used by `bench.py --torch-profile`, `scripts/step_bench.py` and `scripts/attn_bench.py`."""
 from __future__ import annotations
+
+from typing import Callable
+
+
+def cuda_time(fn: Callable[[], object], iters: int = 30) -> float:
+    """Seconds per call of fn on the current CUDA stream (3 warm-up calls, then iters timed)."""
+    import torch
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(iters):
+        fn()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / iters * 1e-3
 
 # first matching substring (lower-cased kernel name) wins
 _CATEGORIES = (
