@@ -22,8 +22,9 @@ def _torch_gumbel(logits: torch.Tensor, inv_temperature: torch.Tensor, keys: tor
     return x.argmax(-1).to(torch.int32)
 
 
-def _generate(model: str, graphs: bool, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
-    llm = LLM(model, device="cpu", max_bs=8, context_len=256, overlap_scheduling=True)
+def _generate(model: str, graphs: bool, prompts: list[list[int]], params: SamplingParams,
+              **engine_kw) -> list[list[int]]:
+    llm = LLM(model, device="cpu", max_bs=8, context_len=256, overlap_scheduling=True, **engine_kw)
     try:
         if graphs:
             from nanovllmx.worker.cuda_graph import DecodeGraphs
@@ -38,16 +39,21 @@ def _generate(model: str, graphs: bool, prompts: list[list[int]], params: Sampli
         llm.shutdown()
 
 
-@pytest.mark.parametrize("params", [
-    SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),  # sampled inside the step
-    SamplingParams(temperature=0.8, top_k=5, seed=11, max_tokens=10, ignore_eos=True),  # eager sampler on its logits
-], ids=["greedy-in-step", "seeded-topk-eager"])
-def test_graph_step_matches_eager_engine(tiny_model_dir, monkeypatch, params):
+GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+
+
+@pytest.mark.parametrize("params,engine_kw", [
+    (GREEDY, {}),  # sampled inside the step
+    (SamplingParams(temperature=0.8, top_k=5, seed=11, max_tokens=10, ignore_eos=True), {}),  # eager sampler
+    # a 3-token budget: one-token steps that hold prompt chunks which sample nothing
+    (GREEDY, {"max_num_batched_tokens": 3}),
+], ids=["greedy-in-step", "seeded-topk-eager", "one-token-prompt-chunks"])
+def test_graph_step_matches_eager_engine(tiny_model_dir, monkeypatch, params, engine_kw):
     from nanovllmx.kernels import sampling
     monkeypatch.setattr(sampling, "gumbel_sample", _torch_gumbel)
     seed(3)
     prompts = [[randint(0, 10000) for _ in range(randint(3, 30))] for _ in range(6)]  # padded to 8 rows
-    eager = _generate(str(tiny_model_dir), False, prompts, params)
-    graph = _generate(str(tiny_model_dir), True, prompts, params)
+    eager = _generate(str(tiny_model_dir), False, prompts, params, **engine_kw)
+    graph = _generate(str(tiny_model_dir), True, prompts, params, **engine_kw)
     assert all(len(t) == 10 for t in graph)
     assert graph == eager
