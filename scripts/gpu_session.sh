@@ -8,7 +8,7 @@
 #                     its py_spy-*.data/scripts/py-spy into .device/extra/bin/
 # Device call 1 (carry .device/serve.tar.xz .device/bootstrap.sh .device/extra):
 #     source .device/bootstrap.sh; export PYTHONPATH=$PWD/.device/extra:$PYTHONPATH; bash scripts/gpu_session.sh models
-# (the phases: models | core | http | profile | final | multi | diag | check | all; "all" may not fit one 10-minute
+# (the phases: models | core | http | profile | final | multi | diag | check | idle | all; "all" may not fit one 10-minute
 #  call: run core, then http. multi: on a machine with 2 (GRIDS=2x1,1x2) or 4 GPUs (GRIDS=2x1,1x2,2x2))
 # Device call 2, at once (carry .device/kernels.tar.xz .device/flashinfer-cache.tar.xz .device/bootstrap.sh
 #     .device/extra .device/roofline.py):
@@ -117,6 +117,9 @@ python scripts/step_bench.py --model $M --sizes 1,8,32,64,128,256 > $OUT/step.tx
 python bench.py --model $M --bw --roofline .device/roofline.py --profile --json $J > $OUT/log3.txt 2>&1; tail -1 $OUT/log3.txt | cut -c1-420
 python bench.py --model $M --torch-profile $OUT/kernels.txt > $OUT/log6.txt 2>&1; head -14 $OUT/kernels.txt
 }
+idle() {  # #5 next: where the GPU waits (engine phase at each gap, CUDA syncs) in three windows of the standard run
+python scripts/idle_trace.py --model $M > $OUT/idle.txt 2>&1; grep -v "Loading\|it/s\|arn\|USDT" $OUT/idle.txt | tail -12
+}
 table() {
 python - "$J" <<'PY'
 import json, sys
@@ -139,6 +142,7 @@ case "${1:-all}" in
   multi) multi; table ;;
   diag) diag; table ;;
   check) check; table ;;
+  idle) idle ;;
   all) core; http; table ;;
 esac
 type device_save_cache >/dev/null 2>&1 && device_save_cache
