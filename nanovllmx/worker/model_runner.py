@@ -8,7 +8,6 @@ import torch
 from nanovllmx.attention.base import AttentionBackend, forward_context
 from nanovllmx.attention.metadata import AttentionMetadata, KVPool
 from nanovllmx.config import EngineConfig
-from nanovllmx.distributed.parallel_state import get_parallel_info
 from nanovllmx.models.qwen3 import Qwen3ForCausalLM
 from nanovllmx.scheduler.messages import ScheduledBatch
 from nanovllmx.utils.timing import PhaseTimer
@@ -56,7 +55,9 @@ class ModelRunner:
         self._flip = 0
         self.timer = PhaseTimer()  # prepare / forward (launch) / sample+wait, per step
         self.graphs = None
-        if not cfg.enforce_eager and device.type == "cuda":
+        # graphs capture whole-model decode steps (embedding to sampled ids): one pipeline stage
+        # holds only part of the model, so pipeline-parallel workers run eagerly
+        if not cfg.enforce_eager and device.type == "cuda" and cfg.pp_size == 1:
             from nanovllmx.worker.cuda_graph import DecodeGraphs
             self.graphs = DecodeGraphs(self)
 
@@ -103,7 +104,7 @@ class ModelRunner:
         tm = self.timer
         tm.steps += 1
         tm.start()
-        if self.graphs is not None and b.is_decode and self.graphs.can_run(b.num_reqs) and get_parallel_info().pp_size == 1:
+        if self.graphs is not None and b.is_decode and self.graphs.can_run(b.num_reqs):
             # the graph takes the batch as it comes and samples (and records the samples) itself
             tokens = self.graphs.run(b)
             tm.lap("forward_launch")
