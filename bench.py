@@ -11,6 +11,7 @@ temperature 0.6, ignore_eos, all submitted at once.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -30,18 +31,12 @@ def standard_workload(num_seqs: int = 256, max_in: int = 1024, max_out: int = 10
 def copy_bandwidth() -> float:
     """Device memory bandwidth (bytes read + written per second) of a large copy."""
     import torch
+
+    from nanovllmx.utils.profiling import cuda_time
     n = 1 << 30
     a = torch.empty(n, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    iters = 20
-    t = time.perf_counter()
-    for _ in range(iters):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    bw = 2 * n * iters / (time.perf_counter() - t)
+    bw = 2 * n / cuda_time(functools.partial(b.copy_, a), iters=20)
     del a, b
     torch.cuda.empty_cache()
     return bw

@@ -55,8 +55,8 @@ class FlashInferBackend(AttentionBackend):
         # plan() stages its metadata in pinned host buffers and copies them asynchronously; with
         # overlap scheduling the next plan must not overwrite them before the GPU has read them
         self._planned = torch.cuda.Event()
-        self._graph_bufs: dict[object, tuple[torch.Tensor, torch.Tensor]] = {}  # wrapper -> (indptr, indices)
-        self._graph_indices: torch.Tensor | None = None
+        self._graph_indptr: dict[object, torch.Tensor] = {}  # graph wrapper -> its indptr buffer
+        self._graph_indices: torch.Tensor | None = None  # the slot lists, shared by every graph wrapper
 
     def use_tensor_cores(self, batch_size: int) -> bool:
         """Which decode kernel a batch of this size runs. Measured on an H100 at the standard
@@ -73,10 +73,11 @@ class FlashInferBackend(AttentionBackend):
         _gather_kv_indices[(len(req_indices),)](req_to_token, req_indices, indptr, out, req_to_token.stride(0),
                                                 BLOCK=512)
 
-    def _indices(self, meta: AttentionMetadata, kv_lens_np: np.ndarray, req_indices: torch.Tensor,
-                 out: torch.Tensor) -> torch.Tensor:
-        indptr_host = self._indptr(kv_lens_np)
-        self._gather(meta.req_to_token, req_indices, indptr_host.to(self.device, non_blocking=True), out)
+    def _indices(self, meta: AttentionMetadata) -> torch.Tensor:
+        """The batch's slot lists into self.kv_indices; returns the host indptr."""
+        indptr_host = self._indptr(meta.kv_lens_np)
+        self._gather(meta.req_to_token, meta.req_indices, indptr_host.to(self.device, non_blocking=True),
+                     self.kv_indices)
         return indptr_host
 
     @staticmethod
@@ -89,7 +90,7 @@ class FlashInferBackend(AttentionBackend):
         self._planned.synchronize()
         self.meta = meta
         B = meta.num_reqs
-        indptr = self._indices(meta, meta.kv_lens_np, meta.req_indices, self.kv_indices)
+        indptr = self._indices(meta)
         total = int(indptr[-1])
         if meta.is_decode:
             decode = self.decodes[self.use_tensor_cores(B)]
@@ -116,14 +117,13 @@ class FlashInferBackend(AttentionBackend):
             self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=self.use_tensor_cores(bs),
             paged_kv_indptr_buffer=indptr, paged_kv_indices_buffer=self._graph_indices,
             paged_kv_last_page_len_buffer=torch.ones(bs, dtype=torch.int32, device=self.device))
-        self._graph_bufs[w] = (indptr, self._graph_indices)
+        self._graph_indptr[w] = indptr
         return w
 
     def gather_graph_indices(self, wrapper, meta: AttentionMetadata) -> None:
         """Device side of a graph step (captured): the slot list of each request into the shared
         indices buffer, at the offsets the last plan_graph wrote into the wrapper's indptr."""
-        indptr, shared = self._graph_bufs[wrapper]
-        self._gather(meta.req_to_token, meta.req_indices, indptr, shared)
+        self._gather(meta.req_to_token, meta.req_indices, self._graph_indptr[wrapper], self._graph_indices)
 
     def plan_graph(self, wrapper, meta: AttentionMetadata) -> None:
         """Host side of a graph step: plan a captured wrapper for (padded) decode metadata and make
@@ -132,9 +132,8 @@ class FlashInferBackend(AttentionBackend):
         self.meta = meta
         B = meta.num_reqs
         indptr = self._indptr(meta.kv_lens_np)
-        shared = self._graph_bufs[wrapper][1]
         # the indices argument is the wrapper's own buffer, so plan's copy into it is a no-op
-        wrapper.plan(indptr, shared[:int(indptr[-1])], self.ones[:B], self.num_heads, self.num_kv_heads,
+        wrapper.plan(indptr, self._graph_indices[:int(indptr[-1])], self.ones[:B], self.num_heads, self.num_kv_heads,
                      self.head_dim, 1, q_data_type=self.dtype, kv_data_type=self.dtype)
         self._planned.record()
         self.active = wrapper

@@ -20,6 +20,7 @@ def cuda_time(fn: Callable[[], object], iters: int = 30) -> float:
     torch.cuda.synchronize()
     return a.elapsed_time(b) / iters * 1e-3
 
+
 # first matching substring (lower-cased kernel name) wins
 _CATEGORIES = (
     ("attention", ("batchdecode", "batchprefill", "flashinfer", "mergestate", "merge_state", "persistent")),

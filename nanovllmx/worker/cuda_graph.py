@@ -150,6 +150,4 @@ class DecodeGraphs:
         if in_graph:
             return c.tokens[:bs]
         rows = torch.from_numpy(b.sample_rows.astype(np.int64)).to(r.device, non_blocking=True)
-        tokens = r.sampler(c.logits[rows], sa).to(torch.int32)
-        r.next_tokens[c.meta.req_indices[rows].long()] = tokens
-        return tokens
+        return r.sample(c.logits[rows], b)

@@ -68,6 +68,13 @@ class ModelRunner:
         """req_to_token[rows, cols] = slots on the device."""
         self.req_to_token[self._to_dev(rows).long(), self._to_dev(cols).long()] = self._to_dev(slots)
 
+    def sample(self, logits: torch.Tensor, b: ScheduledBatch) -> torch.Tensor:
+        """Sample b.sample_rows' tokens from their logits (one row each) and record them as those
+        requests' next inputs (the placeholders of a step scheduled ahead). Returns int32 ids."""
+        tokens = self.sampler(logits, b.sampling).to(torch.int32)
+        self.next_tokens[self._to_dev(b.req_indices[b.sample_rows]).long()] = tokens
+        return tokens
+
     def prepare(self, b: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         q_lens = b.q_lens
         cu = np.zeros(len(q_lens) + 1, dtype=np.int32)
@@ -121,8 +128,7 @@ class ModelRunner:
             last_tok = self._to_dev((np.cumsum(b.q_lens) - 1)[b.sample_rows]).long()
             logits = self.model.compute_logits(out[last_tok])
             tm.lap("forward_launch")
-            tokens = self.sampler(logits, b.sampling).to(torch.int32)
-            self.next_tokens[self._to_dev(b.req_indices[b.sample_rows]).long()] = tokens
+            tokens = self.sample(logits, b)
         host = self._host_bufs[self._flip][:len(tokens)]
         self._flip ^= 1
         host.copy_(tokens, non_blocking=True)
