@@ -72,8 +72,7 @@ RAY_SERVE_THROUGHPUT_OPTIMIZED=1 serve_up 2
 RAY_SERVE_THROUGHPUT_OPTIMIZED=1 python bench.py --model $M --http --json $J > $OUT/log12.txt 2>&1; grep -v "Loading\|it/s" $OUT/log12.txt | tail -1
 serve_down
 }
-final() {  # the closing numbers in one call: offline bound, Serve HTTP (proxy, then direct ingress), Ray engine
-python bench.py --model $M --bw --roofline .device/roofline.py --profile --json $J > $OUT/log3.txt 2>&1; tail -1 $OUT/log3.txt | cut -c1-300
+http_paths() {  # the standard workload through `serve run`: Serve's proxy (:8000), then Serve's direct ingress
 serve_up 3
 python bench.py --model $M --http --json $J > $OUT/log7.txt 2>&1; tail -1 $OUT/log7.txt | cut -c1-300
 serve_down
@@ -83,6 +82,10 @@ for i in $(seq 60); do curl -sf localhost:30000/health >/dev/null && break; slee
 python bench.py --model $M --http --url http://127.0.0.1:30000 --json $J > $OUT/log8.txt 2>&1; tail -1 $OUT/log8.txt | cut -c1-300
 serve_down
 unset RAY_SERVE_ENABLE_DIRECT_INGRESS
+}
+final() {  # the closing numbers in one call: offline bound, Serve HTTP (proxy, then direct ingress), Ray engine
+python bench.py --model $M --bw --roofline .device/roofline.py --profile --json $J > $OUT/log3.txt 2>&1; tail -1 $OUT/log3.txt | cut -c1-300
+http_paths
 python bench.py --model $M --executor ray --profile --json $J > $OUT/log5.txt 2>&1; tail -1 $OUT/log5.txt | cut -c1-400
 }
 multi() {  # issues #11 / #8, on nvidia-h100-x2 / -x4: tokens per grid, then throughput per grid (0.6B and 8B)
@@ -99,14 +102,7 @@ diag() {  # #5, 3rd session: where the GPU time goes (whole run and per decode s
 python bench.py --model $M --bw --roofline .device/roofline.py --profile --json $J > $OUT/log3.txt 2>&1; tail -1 $OUT/log3.txt
 python scripts/step_bench.py --model $M --kernels > $OUT/step.txt 2>&1; grep -v "Loading\|it/s" $OUT/step.txt | head -75
 python bench.py --model $M --torch-profile $OUT/kernels.txt > $OUT/log6.txt 2>&1; head -16 $OUT/kernels.txt
-serve_up 0
-python bench.py --model $M --http --json $J > $OUT/log7.txt 2>&1; tail -1 $OUT/log7.txt | cut -c1-300
-serve_down
-export RAY_SERVE_ENABLE_DIRECT_INGRESS=1
-serve_up 4
-python bench.py --model $M --http --url http://127.0.0.1:30000 --json $J > $OUT/log8.txt 2>&1; tail -1 $OUT/log8.txt | cut -c1-300
-serve_down
-unset RAY_SERVE_ENABLE_DIRECT_INGRESS
+http_paths
 }
 check() {  # #5: GPU tests, tokens, per-step table and offline throughput; BASE=dir: that tree's bench in the same call
 python -m pytest -q -p no:cacheprovider tests/test_gpu_backends.py tests/test_sampling.py > $OUT/log1.txt 2>&1; tail -2 $OUT/log1.txt
