@@ -35,14 +35,16 @@ def sweep(sizes: list[int], ctx_min: int, ctx_max: int, variants: list[str]) -> 
         q = torch.randn(bs, H, D, device=dev, dtype=dt)
         cells = []
         for name in variants:
-            kw = {} if name in ("cuda", "tc") else {"backend": name}
+            kw = {} if name in ("cuda", "tc", "tc-nosplit") else {"backend": name}
+            plan_kw = {"disable_split_kv": True} if name.endswith("-nosplit") else {}
             try:
                 w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
                     ws, "NHD", use_cuda_graph=True, use_tensor_cores=name != "cuda",
                     paged_kv_indptr_buffer=torch.zeros(bs + 1, dtype=torch.int32, device=dev),
                     paged_kv_indices_buffer=torch.zeros(256 * ctx_max, dtype=torch.int32, device=dev),
                     paged_kv_last_page_len_buffer=torch.ones(bs, dtype=torch.int32, device=dev), **kw)
-                w.plan(indptr, idx, torch.ones(bs, dtype=torch.int32), H, HKV, D, 1, q_data_type=dt, kv_data_type=dt)
+                w.plan(indptr, idx, torch.ones(bs, dtype=torch.int32), H, HKV, D, 1, q_data_type=dt, kv_data_type=dt,
+                       **plan_kw)
                 s = cuda_time(lambda: w.run(q, (k, v)))
                 cells.append(f"{total * HKV * D * 2 * 2 / s / 1e12:8.2f}")
             except Exception as e:  # a backend this build or GPU lacks

@@ -8,7 +8,7 @@
 #                     its py_spy-*.data/scripts/py-spy into .device/extra/bin/
 # Device call 1 (carry .device/serve.tar.xz .device/bootstrap.sh .device/extra):
 #     source .device/bootstrap.sh; export PYTHONPATH=$PWD/.device/extra:$PYTHONPATH; bash scripts/gpu_session.sh models
-# (the phases: models | core | http | profile | final | multi | diag | check | idle | all; "all" may not fit one 10-minute
+# (the phases: models | core | http | profile | final | multi | diag | check | idle | probe | all; "all" may not fit one 10-minute
 #  call: run core, then http. multi: on a machine with 2 (GRIDS=2x1,1x2) or 4 GPUs (GRIDS=2x1,1x2,2x2))
 # Device call 2, at once (carry .device/kernels.tar.xz .device/flashinfer-cache.tar.xz .device/bootstrap.sh
 #     .device/extra .device/roofline.py):
@@ -116,6 +116,14 @@ python bench.py --model $M --torch-profile $OUT/kernels.txt > $OUT/log6.txt 2>&1
 idle() {  # #5 next: where the GPU waits (engine phase at each gap, CUDA syncs) in three windows of the standard run
 python scripts/idle_trace.py --model $M > $OUT/idle.txt 2>&1; grep -v "Loading\|it/s\|arn\|USDT" $OUT/idle.txt | tail -12
 }
+probe() {  # #5, 4th session: the idle GPU by step kind, GEMM variants by batch size, decode kernels without split-KV
+python scripts/idle_trace.py --model $M > $OUT/idle.txt 2>&1; grep -v "Loading\|it/s\|arn\|USDT\|profiler" $OUT/idle.txt | tail -22
+python scripts/gemm_bench.py > $OUT/gemm.txt 2>&1; tail -8 $OUT/gemm.txt
+python scripts/attn_bench.py --sweep 16,32,64,128,192,256 --variants cuda,tc,tc-nosplit,cudnn > $OUT/attn.txt 2>&1; tail -8 $OUT/attn.txt
+python bench.py --model $M --bw --roofline .device/roofline.py --profile --json $J > $OUT/log3.txt 2>&1; tail -1 $OUT/log3.txt | cut -c1-300
+python -c "import sys, runpy; sys.setswitchinterval(2e-4); sys.argv = ['bench.py', '--model', '$M', '--json', '$J']; \
+runpy.run_path('bench.py', run_name='__main__')" > $OUT/log_si.txt 2>&1; echo "switch interval 0.2 ms: $(tail -1 $OUT/log_si.txt | cut -c1-200)"
+}
 table() {
 python - "$J" <<'PY'
 import json, sys
@@ -139,6 +147,7 @@ case "${1:-all}" in
   diag) diag; table ;;
   check) check; table ;;
   idle) idle ;;
+  probe) probe; table ;;
   all) core; http; table ;;
 esac
 type device_save_cache >/dev/null 2>&1 && device_save_cache

@@ -1,7 +1,11 @@
-"""Where the GPU waits. Runs the standard workload in-process under torch.profiler (CPU + CUDA) for
-windows of engine steps, with the engine's phases labelled (schedule, launch, wait, update, output
-thread), and charges every gap between kernels longer than --min-gap-us to what the engine thread
-was doing when the GPU ran dry. docs/benchmarks.md measured 7-9% of the run idle; this says where.
+"""Where the GPU waits. docs/benchmarks.md measured 7-9% of the standard run idle; this says where.
+
+1. The whole run with two CUDA events per step (no profiler, so the run keeps its speed): the GPU
+   idles between step N's last work and step N+1's first; each such gap is charged to the step kind
+   (prefill / decode by batch size) and to what the engine thread was doing when the GPU ran dry.
+2. torch.profiler (CPU + CUDA) over windows of engine steps, with the engine's phases labelled
+   (schedule, launch, wait, update, output thread), charging every gap between kernels longer than
+   --min-gap-us to the engine phase running then, and listing CUDA synchronisations.
 
     python scripts/idle_trace.py --model /tmp/q06 [--windows 5:35,300:330,900:960] [--min-gap-us 5]
 """
@@ -57,6 +61,106 @@ def _profiler_config():
         return _ExperimentalConfig(enable_cuda_sync_events=True)
 
 
+class _HostEvent:
+    """A CUDA event's stand-in on the CPU, where the work is done when the call returns."""
+
+    def __init__(self, **_):
+        self.t = 0.0
+
+    def record(self) -> None:
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, other: "_HostEvent") -> float:
+        return (other.t - self.t) * 1e3
+
+
+def step_gaps(llm, prompts, params, min_gap_us: float) -> None:
+    """Pass 1: the standard run with an event before and after each step's device work; prints the
+    GPU's idle time by step kind and by the engine phase running when each gap began."""
+    import torch
+
+    from nanovllmx.scheduler.scheduler import Scheduler
+    from nanovllmx.worker import model_runner
+    cuda = torch.cuda.is_available()
+    Event = torch.cuda.Event if cuda else _HostEvent
+    steps, phases = [], []  # (kind, e0, e1); (name, t0, t1) on the engine thread
+
+    def timed(obj, attr, name):
+        fn = getattr(obj, attr)
+
+        def wrapped(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                phases.append((name, t0, time.perf_counter()))
+        setattr(obj, attr, wrapped)
+        return fn
+
+    run_fn = model_runner.ModelRunner.execute
+
+    def execute(self, b, *a, **k):
+        e0, e1 = Event(enable_timing=True), Event(enable_timing=True)
+        e0.record()
+        out = run_fn(self, b, *a, **k)
+        e1.record()
+        bs = b.num_reqs
+        kind = "prefill" if not b.is_decode else f"decode {'1-16' if bs <= 16 else '17-64' if bs <= 64 else '65-128' if bs <= 128 else '129-256'}"
+        steps.append((kind, e0, e1))
+        return out
+    model_runner.ModelRunner.execute = execute
+    orig = [timed(Scheduler, "schedule", "schedule"), timed(Scheduler, "update", "update"),
+            timed(model_runner.SampledTokens, "result", "wait"), timed(model_runner.ModelRunner, "execute", "launch")]
+    if cuda:
+        torch.cuda.synchronize()
+    ref = Event(enable_timing=True)
+    ref.record()
+    if cuda:
+        ref.synchronize()
+    t_ref = time.perf_counter()  # host time of `ref` (the GPU was idle: it completed at once)
+    t0 = time.perf_counter()
+    llm.generate(prompts, params, use_tqdm=False)
+    wall = time.perf_counter() - t0
+    if cuda:
+        torch.cuda.synchronize()
+    for (o, a), fn in zip([(Scheduler, "schedule"), (Scheduler, "update"), (model_runner.SampledTokens, "result"),
+                           (model_runner.ModelRunner, "execute")], orig):
+        setattr(o, a, fn)
+    model_runner.ModelRunner.execute = run_fn
+
+    def host(e) -> float:
+        return t_ref + ref.elapsed_time(e) / 1e3
+    by_kind: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0])  # steps, busy ms, idle ms
+    gaps = []
+    for i, (kind, e0, e1) in enumerate(steps):
+        row = by_kind[kind]
+        row[0] += 1
+        row[1] += e0.elapsed_time(e1)
+        if i:
+            gap = steps[i - 1][2].elapsed_time(e0) * 1e3
+            if gap > min_gap_us:
+                row[2] += gap / 1e3
+                gaps.append((host(steps[i - 1][2]) * 1e6, host(e0) * 1e6))
+    busy = sum(r[1] for r in by_kind.values())
+    idle = sum(r[2] for r in by_kind.values())
+    first = host(steps[0][1]) - t0 if steps else 0.0
+    last = t0 + wall - host(steps[-1][2]) if steps else 0.0
+    print(f"events pass: wall {wall * 1e3:.0f} ms, GPU busy {busy:.0f} ms, idle between steps {idle:.0f} ms "
+          f"({idle / wall / 10:.1f}%), before the first step {first * 1e3:.0f} ms, after the last {last * 1e3:.0f} ms")
+    print(f"{'step kind':16s} {'steps':>6s} {'busy ms':>9s} {'idle ms':>8s} {'idle/step ms':>12s}")
+    for kind in sorted(by_kind):
+        n, b_ms, i_ms = by_kind[kind]
+        print(f"{kind:16s} {n:6d} {b_ms:9.1f} {i_ms:8.1f} {i_ms / n:12.3f}")
+    by = charge(gaps, [(n, a * 1e6, b * 1e6) for n, a, b in phases])
+    print("idle by engine phase at the gap's start (ms): "
+          + ", ".join(f"{k} {v / 1e3:.1f}" for k, v in sorted(by.items(), key=lambda kv: -kv[1])))
+    dur: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for n, a, b in phases:
+        dur[n][0] += 1
+        dur[n][1] += (b - a) * 1e3
+    print("engine thread, mean ms per call: " + ", ".join(f"{k} {v[1] / v[0]:.3f} (x{v[0]})" for k, v in dur.items()))
+
+
 def _label(obj, attr: str, name: str) -> None:
     import torch
     fn = getattr(obj, attr)
@@ -81,14 +185,18 @@ def main() -> None:
     ap.add_argument("--num-seqs", type=int, default=256)
     ap.add_argument("--device", default="auto")
     a = ap.parse_args()
-    windows = [tuple(int(x) for x in w.split(":")) for w in a.windows.split(",")]
+    windows = [tuple(int(x) for x in w.split(":")) for w in a.windows.split(",") if w]
     # the engine's phases, as the engine thread runs them
     from nanovllmx.scheduler.scheduler import Scheduler
+    # no prefix caching: the profiled second run must prefill as the first did (the same prompts)
+    llm = LLM(a.model, max_bs=256, context_len=4096, device=a.device, enable_prefix_caching=False)
+    prompts, params = standard_workload(a.num_seqs)
+    llm.generate(["warm-up"], params[0].__class__(max_tokens=4), use_tqdm=False)
+    step_gaps(llm, prompts, params, a.min_gap_us)
     _label(Scheduler, "schedule", "nvx.schedule")
     _label(Scheduler, "update", "nvx.update")
     _label(core_mod.EngineCore, "_launch", "nvx.launch")
     _label(model_runner.SampledTokens, "result", "nvx.wait")
-    llm = LLM(a.model, max_bs=256, context_len=4096, device=a.device)
     _label(llm.processor, "process", "nvx.output_thread")
     state = {"step": 0}
     step = core_mod.EngineCore.step
@@ -98,8 +206,6 @@ def main() -> None:
         return step(self)
 
     core_mod.EngineCore.step = counted_step
-    prompts, params = standard_workload(a.num_seqs)
-    llm.generate(["warm-up"], params[0].__class__(max_tokens=4), use_tqdm=False)
     state["step"] = 0
     # the profiler starts and stops on this (its registering) thread while the run goes on in another
     run = threading.Thread(target=llm.generate, args=(prompts, params), kwargs={"use_tqdm": False})
