@@ -289,6 +289,7 @@ def main() -> None:
     ap.add_argument("--roofline", default=None, help="path to roofline.py (default: ../shared/roofline.py)")
     ap.add_argument("--no-overlap", action="store_true", help="schedule each step only after the previous one")
     ap.add_argument("--decode-tensor-cores", type=int, default=None, choices=[0, 1])
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None, help="per-step token budget (prefill chunk)")
     ap.add_argument("--torch-profile", default=None, help="write a torch.profiler kernel table of the run here")
     ap.add_argument("--profile", action="store_true", help="print the per-step time breakdown")
     ap.add_argument("--top-k", type=int, default=0, help="offline: top_k for every request (standard: 0, off)")
@@ -330,7 +331,8 @@ def main() -> None:
               enforce_eager=a.enforce_eager, attention_backend=a.attention_backend, context_len=a.context_len,
               gpu_memory_utilization=a.gpu_memory_utilization,
               decode_tensor_cores=None if a.decode_tensor_cores is None else bool(a.decode_tensor_cores),
-              overlap_scheduling=not a.no_overlap)
+              overlap_scheduling=not a.no_overlap,
+              **({} if a.max_num_batched_tokens is None else {"max_num_batched_tokens": a.max_num_batched_tokens}))
     prompts, params = standard_workload(a.num_seqs)
     if a.top_k or a.top_p < 1:  # e.g. Qwen3's generation defaults (top_k 20, top_p 0.95): the filtered sampler
         for p in params:
@@ -359,6 +361,8 @@ def main() -> None:
     assert total == sum(p.max_tokens for p in params), "every request must produce max_tokens tokens"
     res = {"executor": a.executor, "tokens": total, "seconds": round(dt, 3), "tok_per_s": round(total / dt, 1), "max_bs": a.max_bs,
            "tp": a.tp_size, "pp": a.pp_size, "eager": a.enforce_eager, "overlap": not a.no_overlap}
+    if a.max_num_batched_tokens is not None:
+        res["max_num_batched_tokens"] = a.max_num_batched_tokens
     if a.top_k or a.top_p < 1:
         res.update(top_k=a.top_k, top_p=a.top_p)
     stats = llm.stats()

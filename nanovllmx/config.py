@@ -18,7 +18,10 @@ class EngineConfig:
     max_waiting_requests: int = 4096
     context_len: int | None = None  # longest prompt + output; default: the model's max positions
     enforce_eager: bool = False  # no CUDA graphs
-    max_num_batched_tokens: int = 8192  # per-step token budget (chunked prefill size)
+    # per-step token budget (chunked prefill size). 16384 (as vLLM's offline default): half the
+    # prefill steps of 8192 and larger GEMMs; +2% on the standard workload (H100), at the cost of
+    # longer decode stalls while a chunk runs (set 2048-8192 where inter-token latency matters more)
+    max_num_batched_tokens: int = 16384
     num_kv_slots: int | None = None  # KV pool size in tokens; default: from memory
     attention_backend: str = "auto"  # "auto" | "torch" | "flashinfer"
     enable_prefix_caching: bool = True

@@ -38,6 +38,7 @@ class LLM:
         self.processor = OutputProcessor(self.tokenizer)
         self._outq: queue.Queue = queue.Queue()
         self._ids = itertools.count()
+        self._id_prefix = f"req-{uuid.uuid4().hex[:8]}"  # ids unique across LLM instances, one urandom call
         if executor == "auto":
             executor = "ray" if tp_size * pp_size > 1 else "local"
         if executor == "local":
@@ -78,7 +79,10 @@ class LLM:
     def encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        # the type set first: C speed for the usual plain-int list (the per-item check took ~25 ms
+        # for the standard workload's 143k prompt tokens, before the engine's first step)
+        if isinstance(prompt, (list, tuple)) and (set(map(type, prompt)) <= {int} or all(
+                isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
             return list(prompt)
         raise TypeError("a prompt is a string or a list of token ids")
 
@@ -90,7 +94,7 @@ class LLM:
             raise TypeError("sampling params must be a SamplingParams")
         params.validate()
         ids = self.encode(prompt)
-        rid = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+        rid = request_id or f"{self._id_prefix}-{next(self._ids)}"
         er = EngineRequest(rid, ids, params)  # the core's add_request refuses a bad prompt (ValueError)
         detok = IncrementalDetokenizer(self.tokenizer, params.stop) if (streaming or params.stop) else None
         st = RequestState(rid, ids, params, detok)

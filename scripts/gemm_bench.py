@@ -121,7 +121,6 @@ def main() -> None:
             for n in names:
                 row[f"tunable {n}"] = graph_time(run_cublas(m, [n])) * 1e3
             row["tunable lm_head"] = graph_time(lambda: torch.matmul(x_head[m], lm_head.t())) * 1e3
-        tunable.write_file()
     keys = [k for k in rows[0] if k != "M"]
     print("ms per decode step (all 28 layers of the shape; 'bound' = the layers' weights at the copy bandwidth)")
     print(f"{'M':>4s} " + " ".join(f"{k:>15s}" for k in keys))

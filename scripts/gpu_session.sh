@@ -8,7 +8,7 @@
 #                     its py_spy-*.data/scripts/py-spy into .device/extra/bin/
 # Device call 1 (carry .device/serve.tar.xz .device/bootstrap.sh .device/extra):
 #     source .device/bootstrap.sh; export PYTHONPATH=$PWD/.device/extra:$PYTHONPATH; bash scripts/gpu_session.sh models
-# (the phases: models | core | http | profile | final | multi | diag | check | idle | probe | all; "all" may not fit one 10-minute
+# (the phases: models | core | http | profile | final | multi | diag | check | idle | probe | ab | all; "all" may not fit one 10-minute
 #  call: run core, then http. multi: on a machine with 2 (GRIDS=2x1,1x2) or 4 GPUs (GRIDS=2x1,1x2,2x2))
 # Device call 2, at once (carry .device/kernels.tar.xz .device/flashinfer-cache.tar.xz .device/bootstrap.sh
 #     .device/extra .device/roofline.py):
@@ -124,6 +124,18 @@ python bench.py --model $M --bw --roofline .device/roofline.py --profile --json 
 python -c "import sys, runpy; sys.setswitchinterval(2e-4); sys.argv = ['bench.py', '--model', '$M', '--json', '$J']; \
 runpy.run_path('bench.py', run_name='__main__')" > $OUT/log_si.txt 2>&1; echo "switch interval 0.2 ms: $(tail -1 $OUT/log_si.txt | cut -c1-200)"
 }
+ab() {  # #5, 4th session: GPU tests and tokens, then BASE's bench and this tree's in one call, a prefill-chunk variant, idle, GEMMs
+python -m pytest -q -p no:cacheprovider tests/test_gpu_backends.py tests/test_sampling.py > $OUT/log1.txt 2>&1; tail -2 $OUT/log1.txt
+python scripts/gpu_check.py --model $S --no-hf > $OUT/log2.txt 2>&1; grep -v "Loading\|it/s" $OUT/log2.txt | tail -7
+for i in 1 2; do
+  [ -n "${BASE:-}" ] && (cd $BASE && PYTHONPATH=$PWD:$PYTHONPATH python bench.py --model $M --bw --roofline ../roofline.py --profile \
+    --json $J > $OUT/log_base$i.txt 2>&1; echo "base: $(tail -1 $OUT/log_base$i.txt | cut -c1-330)")
+  python bench.py --model $M --bw --roofline .device/roofline.py --profile --json $J > $OUT/log3$i.txt 2>&1; echo "new: $(tail -1 $OUT/log3$i.txt | cut -c1-330)"
+done
+python bench.py --model $M --max-num-batched-tokens 16384 --json $J > $OUT/log4.txt 2>&1; tail -1 $OUT/log4.txt | cut -c1-200
+python scripts/idle_trace.py --model $M --windows "" > $OUT/idle.txt 2>&1; grep -v "Loading\|it/s\|arn\|USDT\|profiler" $OUT/idle.txt | tail -9
+python scripts/gemm_bench.py > $OUT/gemm.txt 2>&1; tail -8 $OUT/gemm.txt
+}
 table() {
 python - "$J" <<'PY'
 import json, sys
@@ -133,6 +145,7 @@ for line in open(sys.argv[1]):
     mode = r.get("mode") or ("ray" if r.get("executor") == "ray" else "local") + ("" if r.get("overlap", True) else " no-overlap")
     mode += f" top_k={r['top_k']} top_p={r['top_p']}" if "top_k" in r else ""
     mode += f" tp{r['tp']} pp{r['pp']}" if r.get("tp", 1) * r.get("pp", 1) > 1 else ""
+    mode += f" chunk {r['max_num_batched_tokens']}" if "max_num_batched_tokens" in r else ""
     print(f"{mode:28s} {r['tok_per_s']:>8} {str(r.get('pct_of_bound', '')):>7s}")
 PY
 }
@@ -148,6 +161,7 @@ case "${1:-all}" in
   check) check; table ;;
   idle) idle ;;
   probe) probe; table ;;
+  ab) ab; table ;;
   all) core; http; table ;;
 esac
 type device_save_cache >/dev/null 2>&1 && device_save_cache

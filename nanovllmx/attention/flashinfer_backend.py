@@ -67,6 +67,14 @@ class FlashInferBackend(AttentionBackend):
             return self.decode_tensor_cores
         return batch_size >= _TC_MIN_BATCH
 
+    @staticmethod
+    def _split_kw(batch_size: int) -> dict:
+        """Split-KV off for large decode batches: they fill the GPU without it, and the merge kernel
+        goes (attn_bench.py --sweep on an H100, tensor cores: 2.56 -> 2.64 TB/s at 128 requests,
+        2.71 -> 2.77 at 256). Small batches keep it: they need the splits for occupancy. A captured
+        wrapper's size is fixed, so every plan of it agrees with its capture."""
+        return {"disable_split_kv": True} if batch_size >= _TC_MIN_BATCH else {}
+
     def _gather(self, req_to_token: torch.Tensor, req_indices: torch.Tensor, indptr: torch.Tensor,
                 out: torch.Tensor) -> None:
         """out[indptr[i]:indptr[i+1]] = req_to_token[req_indices[i], :len] for each request i."""
@@ -95,7 +103,7 @@ class FlashInferBackend(AttentionBackend):
         if meta.is_decode:
             decode = self.decodes[self.use_tensor_cores(B)]
             decode.plan(indptr, self.kv_indices[:total], self.ones[:B], self.num_heads, self.num_kv_heads,
-                        self.head_dim, 1, q_data_type=self.dtype, kv_data_type=self.dtype)
+                        self.head_dim, 1, q_data_type=self.dtype, kv_data_type=self.dtype, **self._split_kw(B))
             self.active = decode
         else:
             qo = np.zeros(B + 1, dtype=np.int32)
@@ -134,7 +142,7 @@ class FlashInferBackend(AttentionBackend):
         indptr = self._indptr(meta.kv_lens_np)
         # the indices argument is the wrapper's own buffer, so plan's copy into it is a no-op
         wrapper.plan(indptr, self._graph_indices[:int(indptr[-1])], self.ones[:B], self.num_heads, self.num_kv_heads,
-                     self.head_dim, 1, q_data_type=self.dtype, kv_data_type=self.dtype)
+                     self.head_dim, 1, q_data_type=self.dtype, kv_data_type=self.dtype, **self._split_kw(B))
         self._planned.record()
         self.active = wrapper
 

@@ -27,6 +27,7 @@ class RequestState:
     error: str | None = None
     num_cached_tokens: int = 0
     queue_time: float | None = None  # arrival to first scheduled (seconds), from the first token on
+    text: str | None = None  # the whole output's text, decoded when it finished (no detok)
     # delivery: an asyncio queue of StreamDelta (streaming) or an event (blocking generate)
     queue: asyncio.Queue | None = None
     loop: asyncio.AbstractEventLoop | None = None
@@ -86,6 +87,8 @@ class OutputProcessor:
                     d = (d, o.error)  # the stream raises it
                 deliveries.setdefault(st.loop, []).append((st.queue, d))
             elif finish is not None:
+                if st.detok is None and not o.error:  # decode here, while the GPU runs the other requests
+                    st.text = self.tokenizer.decode(st.token_ids, skip_special_tokens=True)
                 st.done.set()
         for loop, items in deliveries.items():
             try:
@@ -97,6 +100,8 @@ class OutputProcessor:
     def result(self, st: RequestState) -> RequestOutput:
         if st.error:
             raise EngineRequestError(f"request {st.request_id} failed: {st.error}")
-        text = st.detok.text if st.detok is not None else self.tokenizer.decode(st.token_ids, skip_special_tokens=True)
+        text = st.detok.text if st.detok is not None else st.text
+        if text is None:
+            text = self.tokenizer.decode(st.token_ids, skip_special_tokens=True)
         return RequestOutput(st.request_id, st.prompt_token_ids, st.token_ids, text, st.finish_reason,
                              st.num_cached_tokens)
