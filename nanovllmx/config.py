@@ -25,6 +25,10 @@ class EngineConfig:
     num_kv_slots: int | None = None  # KV pool size in tokens; default: from memory
     attention_backend: str = "auto"  # "auto" | "torch" | "flashinfer"
     enable_prefix_caching: bool = True
+    # LLM.stream (and so every streamed HTTP response) sends a delta once this many new tokens
+    # arrived, the first token and the last at once (vLLM's and SGLang's --stream-interval). 1:
+    # every token. Larger: fewer, larger chunks, which Serve's proxy forwards faster under load
+    stream_interval: int = 1
     # schedule step N+1 while step N runs; default on GPU only (on CPU the forward is synchronous,
     # so it only adds scheduler work competing for the same cores)
     overlap_scheduling: bool | None = None
@@ -53,7 +57,7 @@ class EngineConfig:
             raise FileNotFoundError(f"{self.model!r} has no config.json; expected a Hugging Face checkpoint folder")
         if not 0.05 <= self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in [0.05, 1], got {self.gpu_memory_utilization}")
-        for name in ("max_bs", "max_num_batched_tokens", "tp_size", "pp_size"):
+        for name in ("max_bs", "max_num_batched_tokens", "tp_size", "pp_size", "stream_interval"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         mw = self.max_waiting_requests

@@ -173,11 +173,12 @@ class LLM:
         """Yield deltas as tokens are sampled. Cancelling the consumer aborts the request."""
         st = self._submit(prompt, sampling_params or SamplingParams(), request_id, True, asyncio.get_running_loop())
         finished = False
+        interval, sent, held = self.config.stream_interval, False, []
         try:
             while True:
                 # a consumer that fell behind takes everything queued as one delta: under load the
                 # stream sends fewer, larger chunks instead of falling further behind
-                items = [await st.queue.get()]
+                items = held + [await st.queue.get()]
                 while not st.queue.empty():
                     items.append(st.queue.get_nowait())
                 for it in items:
@@ -188,6 +189,12 @@ class LLM:
                     items = [it for it in items if it.finished][:1]
                     if not items:
                         continue
+                # stream_interval: hold deltas until that many tokens came (the first goes at once)
+                held = items if sent and not items[-1].finished and \
+                    sum(len(it.token_ids) for it in items) < interval else []
+                if held:
+                    continue
+                sent = True
                 d = items[0] if len(items) == 1 else dataclasses.replace(
                     items[-1], token_ids=[t for it in items for t in it.token_ids], text="".join(it.text for it in items))
                 finished = d.finished

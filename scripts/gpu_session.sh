@@ -8,7 +8,7 @@
 #                     its py_spy-*.data/scripts/py-spy into .device/extra/bin/
 # Device call 1 (carry .device/serve.tar.xz .device/bootstrap.sh .device/extra):
 #     source .device/bootstrap.sh; export PYTHONPATH=$PWD/.device/extra:$PYTHONPATH; bash scripts/gpu_session.sh models
-# (the phases: models | core | http | profile | final | multi | diag | check | idle | probe | ab | all; "all" may not fit one 10-minute
+# (the phases: models | core | http | profile | final | multi | diag | check | idle | probe | ab | interval | all; "all" may not fit one 10-minute
 #  call: run core, then http. multi: on a machine with 2 (GRIDS=2x1,1x2) or 4 GPUs (GRIDS=2x1,1x2,2x2))
 # Device call 2, at once (carry .device/kernels.tar.xz .device/flashinfer-cache.tar.xz .device/bootstrap.sh
 #     .device/extra .device/roofline.py):
@@ -35,6 +35,7 @@ python scripts/attn_bench.py > $OUT/log9.txt 2>&1; tail -9 $OUT/log9.txt
 }
 serve_up() {  # `serve run serve_configs/qwen3.yaml` with the local checkpoint in place of the hub id
 sed "s|model: Qwen/Qwen3-0.6B|model: $M|" serve_configs/qwen3.yaml > /tmp/qwen3.yaml
+[ -n "${SI:-}" ] && sed -i "s|      max_bs: 256|      max_bs: 256\n      stream_interval: $SI|" /tmp/qwen3.yaml  # SI=n: stream every n tokens
 serve run /tmp/qwen3.yaml > $OUT/serve$1.txt 2>&1 &
 for i in $(seq 240); do curl -sf localhost:8000/health >/dev/null && break; sleep 1; done
 echo "serve run up after ${i}s"
@@ -136,6 +137,15 @@ python bench.py --model $M --max-num-batched-tokens 16384 --json $J > $OUT/log4.
 python scripts/idle_trace.py --model $M --windows "" > $OUT/idle.txt 2>&1; grep -v "Loading\|it/s\|arn\|USDT\|profiler" $OUT/idle.txt | tail -9
 python scripts/gemm_bench.py > $OUT/gemm.txt 2>&1; tail -8 $OUT/gemm.txt
 }
+interval() {  # #5, 4th session: offline, then Serve's proxy path streaming every token and every 8 tokens
+python bench.py --model $M --bw --roofline .device/roofline.py --json $J > $OUT/log3.txt 2>&1; tail -1 $OUT/log3.txt | cut -c1-200
+for si in 1 8; do
+  SI=$si serve_up 5$si
+  grep -c stream_interval /tmp/qwen3.yaml
+  python bench.py --model $M --http --json $J > $OUT/log7$si.txt 2>&1; echo "stream_interval $si: $(tail -1 $OUT/log7$si.txt | cut -c1-200)"
+  serve_down
+done
+}
 table() {
 python - "$J" <<'PY'
 import json, sys
@@ -162,6 +172,7 @@ case "${1:-all}" in
   idle) idle ;;
   probe) probe; table ;;
   ab) ab; table ;;
+  interval) interval; table ;;
   all) core; http; table ;;
 esac
 type device_save_cache >/dev/null 2>&1 && device_save_cache

@@ -361,6 +361,26 @@ def test_lagging_stream_gets_merged_deltas(llm, hf_ref, tokenizer):
     assert deltas[-1].finished and deltas[-1].finish_reason == "length" and deltas[-1].num_output_tokens == 40
 
 
+def test_stream_interval_sends_a_delta_every_n_tokens(tiny_model_dir, hf_ref, tokenizer):
+    """stream_interval=4: the first token at once, then deltas of at least 4 tokens (the last may
+    be shorter); ids and text equal the whole output's."""
+    prompt = "Once upon a time 🦙"
+    ids = tokenizer.encode(prompt)
+    eng = LLM(str(tiny_model_dir), context_len=CONTEXT_LEN, stream_interval=4)
+    try:
+        deltas = asyncio.run(collect_stream(eng, prompt, greedy(22)))
+        (final,) = eng.generate(prompt, greedy(22))
+    finally:
+        eng.shutdown()
+    sizes = [len(d.token_ids) for d in deltas]
+    assert sizes[0] == 1 and all(n >= 4 for n in sizes[1:-1]) and len(deltas) <= 1 + -(-21 // 4), sizes
+    assert [t for d in deltas for t in d.token_ids] == final.token_ids == hf_ref.greedy(ids, 22)
+    assert "".join(d.text for d in deltas) == final.text
+    assert [d.finished for d in deltas] == [False] * (len(deltas) - 1) + [True]
+    with pytest.raises(ValueError, match="stream_interval"):
+        LLM(str(tiny_model_dir), stream_interval=0)
+
+
 def test_concurrent_streams(llm, hf_ref):
     prompts = [random_prompt(n, seed=1000 + n) for n in (3, 40, 90)]
 

@@ -592,9 +592,11 @@ def test_api_server_args():
 
     ns = api_server.parse_args(["--model", DEMO_MODEL_NAME, "--tp-size", "1", "--pp-size", "1", "--host", "127.0.0.1",
                                 "--port", "8123", "--gpu-memory-utilization", "0.5", "--max-bs", "8",
-                                "--context-len", "256", "--enforce-eager"])
+                                "--context-len", "256", "--enforce-eager", "--stream-interval", "8"])
     args = api_server.app_args(ns)
     assert args["max_bs"] == 8 and args["context_len"] == 256 and args["enforce_eager"] is True
+    assert args["stream_interval"] == 8 and "stream_interval" not in api_server.app_args(api_server.parse_args(
+        ["--model", "m"]))
     assert args["gpu_memory_utilization"] == 0.5 and (ns.host, ns.port) == ("127.0.0.1", 8123)
     build_app({**args, "device": "cpu"})
     vllm_style = api_server.parse_args(["--model", "m", "--tensor-parallel-size", "2", "--max-model-len", "64",

@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attention-backend", default=None)
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stream-interval", type=int, default=None,
+                   help="stream a delta every N tokens (the first at once; default 1: every token)")
     p.add_argument("--executor", default=None, choices=["auto", "local", "ray"])
     p.add_argument("--generation-config", default="auto", choices=["auto", "none"],
                    help="'auto': sampling defaults from the checkpoint's generation_config.json")
@@ -76,7 +78,7 @@ def app_args(ns: argparse.Namespace) -> dict:
         args["served_model_name"] = ns.served_model_name if len(ns.served_model_name) > 1 else ns.served_model_name[0]
     for k in ("revision", "max_num_batched_tokens", "num_kv_slots", "attention_backend", "enable_prefix_caching",
               "seed", "executor", "max_ongoing_requests", "max_waiting_requests", "max_request_body_bytes",
-              "graceful_shutdown_timeout_s"):
+              "graceful_shutdown_timeout_s", "stream_interval"):
         v = getattr(ns, k)
         if v is not None:
             args[k] = v
