@@ -145,6 +145,7 @@ for si in 1 8; do
   python bench.py --model $M --http --json $J > $OUT/log7$si.txt 2>&1; echo "stream_interval $si: $(tail -1 $OUT/log7$si.txt | cut -c1-200)"
   serve_down
 done
+python scripts/idle_trace.py --model $M --windows "" > $OUT/idle.txt 2>&1; grep -v "Loading\|it/s\|arn\|USDT\|profiler" $OUT/idle.txt | tail -9
 }
 table() {
 python - "$J" <<'PY'
