@@ -244,6 +244,40 @@ def test_one_log_line_per_finished_request(caplog):
                      r"queue=0\.002s", lines[0]), lines[0]
 
 
+def test_inter_token_latency_is_per_token():
+    """A delta of 4 tokens 80 ms after the previous one: an inter-token latency of ~20 ms, not 80."""
+    from nanovllmx.outputs import StreamDelta
+    from nanovllmx.serve.app import EngineStream
+
+    class Obs:
+        def __init__(self):
+            self.values = []
+
+        def observe(self, v):
+            self.values.append(v)
+
+    class FakeServer:
+        metrics = type("M", (), {"ttft": Obs(), "itl": Obs(), "queue_time": Obs()})()
+        num_aborted = 0
+
+        def request_done(self, *a, **k):
+            pass
+
+    async def deltas():
+        yield StreamDelta("req-y", [7], "a", False, None, 10, 0, 1, 0.002)
+        await asyncio.sleep(0.08)
+        yield StreamDelta("req-y", [7, 8, 9, 10], "abcd", True, "length", 10, 0, 5)
+
+    async def run():
+        agen = deltas()
+        first = asyncio.ensure_future(agen.__anext__())
+        return [d async for d in EngineStream(FakeServer(), agen, first, "req-y", 10)]
+
+    asyncio.run(run())
+    (itl,) = FakeServer.metrics.itl.values
+    assert 0.018 <= itl < 0.04, itl
+
+
 def test_engine_stats_line_only_while_busy(caplog):
     from nanovllmx.metrics import EngineStatsMonitor
 

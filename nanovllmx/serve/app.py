@@ -376,8 +376,8 @@ class EngineStream:
                     m.ttft.observe(now - self.t_arrival)
                     if d.queue_time is not None:
                         m.queue_time.observe(d.queue_time)
-            elif m is not None:
-                m.itl.observe(now - self.t_last_token)
+            elif m is not None:  # per token: a delta may carry several (stream_interval, a lagging stream)
+                m.itl.observe((now - self.t_last_token) / len(d.token_ids))
             self.t_last_token = now
         self.last = d
         if d.finished:
