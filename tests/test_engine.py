@@ -410,6 +410,9 @@ def test_prompt_longer_than_context_raises(llm):
         llm.generate(["hi"], SamplingParams(max_tokens=0))
     with pytest.raises(ValueError, match="sampling params"):
         llm.generate(["a", "b"], [greedy(2)] * 3)
+    for bad in ([5, True, 7], [5, 6.0], [5, "6"], [[5]]):  # a prompt is text or a list of ints, bools not
+        with pytest.raises(TypeError, match="token ids"):
+            llm.generate([[1, 2], bad], greedy(2))
     assert_no_leak(llm)
     # still serving
     (o,) = llm.generate([random_prompt(CONTEXT_LEN - 1, seed=1102)], greedy(4))
