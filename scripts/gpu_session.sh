@@ -8,7 +8,7 @@
 #                     its py_spy-*.data/scripts/py-spy into .device/extra/bin/
 # Device call 1 (carry .device/serve.tar.xz .device/bootstrap.sh .device/extra):
 #     source .device/bootstrap.sh; export PYTHONPATH=$PWD/.device/extra:$PYTHONPATH; bash scripts/gpu_session.sh models
-# (the phases: models | core | http | profile | final | multi | diag | check | idle | probe | ab | interval | all; "all" may not fit one 10-minute
+# (the phases: models | core | http | profile | final | multi | diag | check | idle | probe | ab | interval | pdl | all; "all" may not fit one 10-minute
 #  call: run core, then http. multi: on a machine with 2 (GRIDS=2x1,1x2) or 4 GPUs (GRIDS=2x1,1x2,2x2))
 # Device call 2, at once (carry .device/kernels.tar.xz .device/flashinfer-cache.tar.xz .device/bootstrap.sh
 #     .device/extra .device/roofline.py):
@@ -147,6 +147,9 @@ for si in 1 8; do
 done
 python scripts/idle_trace.py --model $M --windows "" > $OUT/idle.txt 2>&1; grep -v "Loading\|it/s\|arn\|USDT\|profiler" $OUT/idle.txt | tail -9
 }
+pdl() {  # #5 next: does programmatic dependent launch cut the per-kernel floor? (no bundles needed)
+python scripts/pdl_bench.py > $OUT/pdl.txt 2>&1; tail -5 $OUT/pdl.txt
+}
 table() {
 python - "$J" <<'PY'
 import json, sys
@@ -174,6 +177,7 @@ case "${1:-all}" in
   probe) probe; table ;;
   ab) ab; table ;;
   interval) interval; table ;;
+  pdl) pdl ;;
   all) core; http; table ;;
 esac
 type device_save_cache >/dev/null 2>&1 && device_save_cache
