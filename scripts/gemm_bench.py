@@ -81,19 +81,9 @@ def triton_linear(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.
     return out
 
 
-def graph_time(fn, iters: int = 20) -> float:
-    """Seconds per replay of fn captured in a CUDA graph."""
-    from nanovllmx.utils.profiling import cuda_time
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return cuda_time(g.replay, iters)
-
-
 def main() -> None:
     from bench import copy_bandwidth
+    from nanovllmx.utils.profiling import graph_time
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="16,32,64,128,256")
     ap.add_argument("--no-tunable", action="store_true")

@@ -23,6 +23,15 @@ models() {
 dtype='bfloat16', device='cuda', initializer_range=0.3, num_hidden_layers=4)" | tail -1
 }
 J=$OUT/bench.jsonl
+gpu_tests() {  # the GPU tests, then the greedy tokens of every path on the sharp checkpoint
+python -m pytest -q -p no:cacheprovider tests/test_gpu_backends.py tests/test_sampling.py > $OUT/log1.txt 2>&1; tail -2 $OUT/log1.txt
+python scripts/gpu_check.py --model $S --no-hf > $OUT/log2.txt 2>&1; grep -v "Loading\|it/s" $OUT/log2.txt | tail -7
+}
+offline_ab() {  # the offline benchmark ($1: log suffix); BASE=dir: that tree's first, in the same call
+[ -n "${BASE:-}" ] && (cd $BASE && PYTHONPATH=$PWD:$PYTHONPATH python bench.py --model $M --bw --roofline ../roofline.py --profile \
+  --json $J > $OUT/log_base$1.txt 2>&1; echo "base: $(tail -1 $OUT/log_base$1.txt | cut -c1-420)")
+python bench.py --model $M --bw --roofline .device/roofline.py --profile --json $J > $OUT/log3$1.txt 2>&1; echo "new: $(tail -1 $OUT/log3$1.txt | cut -c1-420)"
+}
 core() {
 python -m pytest -q -p no:cacheprovider tests/test_gpu_backends.py tests/test_sampling.py > $OUT/log1.txt 2>&1; grep -v "Loading\|it/s" $OUT/log1.txt | tail -4
 python scripts/gpu_check.py --model $S --with-ray > $OUT/log2.txt 2>&1; grep -v "Loading\|it/s" $OUT/log2.txt | tail -8
@@ -85,7 +94,7 @@ serve_down
 unset RAY_SERVE_ENABLE_DIRECT_INGRESS
 }
 final() {  # the closing numbers in one call: offline bound, Serve HTTP (proxy, then direct ingress), Ray engine
-python bench.py --model $M --bw --roofline .device/roofline.py --profile --json $J > $OUT/log3.txt 2>&1; tail -1 $OUT/log3.txt | cut -c1-300
+offline_ab ""
 http_paths
 python bench.py --model $M --executor ray --profile --json $J > $OUT/log5.txt 2>&1; tail -1 $OUT/log5.txt | cut -c1-400
 }
@@ -100,18 +109,15 @@ for m in $M8 $M; do for g in 1x1 ${G//,/ }; do
 done; done
 }
 diag() {  # #5, 3rd session: where the GPU time goes (whole run and per decode step), HTTP with Serve's direct ingress
-python bench.py --model $M --bw --roofline .device/roofline.py --profile --json $J > $OUT/log3.txt 2>&1; tail -1 $OUT/log3.txt
+offline_ab ""
 python scripts/step_bench.py --model $M --kernels > $OUT/step.txt 2>&1; grep -v "Loading\|it/s" $OUT/step.txt | head -75
 python bench.py --model $M --torch-profile $OUT/kernels.txt > $OUT/log6.txt 2>&1; head -16 $OUT/kernels.txt
 http_paths
 }
 check() {  # #5: GPU tests, tokens, per-step table and offline throughput; BASE=dir: that tree's bench in the same call
-python -m pytest -q -p no:cacheprovider tests/test_gpu_backends.py tests/test_sampling.py > $OUT/log1.txt 2>&1; tail -2 $OUT/log1.txt
-python scripts/gpu_check.py --model $S --no-hf > $OUT/log2.txt 2>&1; grep -v "Loading\|it/s" $OUT/log2.txt | tail -7
+gpu_tests
 python scripts/step_bench.py --model $M --sizes 1,8,32,64,128,256 > $OUT/step.txt 2>&1; grep -v "Loading\|it/s\|arn" $OUT/step.txt | tail -8
-[ -n "${BASE:-}" ] && (cd $BASE && PYTHONPATH=$PWD:$PYTHONPATH python bench.py --model $M --bw --roofline ../roofline.py --profile \
-  --json $J > $OUT/log_base.txt 2>&1; tail -1 $OUT/log_base.txt | cut -c1-420)
-python bench.py --model $M --bw --roofline .device/roofline.py --profile --json $J > $OUT/log3.txt 2>&1; tail -1 $OUT/log3.txt | cut -c1-420
+offline_ab ""
 python bench.py --model $M --torch-profile $OUT/kernels.txt > $OUT/log6.txt 2>&1; head -14 $OUT/kernels.txt
 }
 idle() {  # #5 next: where the GPU waits (engine phase at each gap, CUDA syncs) in three windows of the standard run
@@ -121,18 +127,14 @@ probe() {  # #5, 4th session: the idle GPU by step kind, GEMM variants by batch 
 python scripts/idle_trace.py --model $M > $OUT/idle.txt 2>&1; grep -v "Loading\|it/s\|arn\|USDT\|profiler" $OUT/idle.txt | tail -22
 python scripts/gemm_bench.py > $OUT/gemm.txt 2>&1; tail -8 $OUT/gemm.txt
 python scripts/attn_bench.py --sweep 16,32,64,128,192,256 --variants cuda,tc,tc-nosplit,cudnn > $OUT/attn.txt 2>&1; tail -8 $OUT/attn.txt
-python bench.py --model $M --bw --roofline .device/roofline.py --profile --json $J > $OUT/log3.txt 2>&1; tail -1 $OUT/log3.txt | cut -c1-300
+offline_ab ""
 python -c "import sys, runpy; sys.setswitchinterval(2e-4); sys.argv = ['bench.py', '--model', '$M', '--json', '$J']; \
 runpy.run_path('bench.py', run_name='__main__')" > $OUT/log_si.txt 2>&1; echo "switch interval 0.2 ms: $(tail -1 $OUT/log_si.txt | cut -c1-200)"
 }
 ab() {  # #5, 4th session: GPU tests and tokens, then BASE's bench and this tree's in one call, a prefill-chunk variant, idle, GEMMs
-python -m pytest -q -p no:cacheprovider tests/test_gpu_backends.py tests/test_sampling.py > $OUT/log1.txt 2>&1; tail -2 $OUT/log1.txt
-python scripts/gpu_check.py --model $S --no-hf > $OUT/log2.txt 2>&1; grep -v "Loading\|it/s" $OUT/log2.txt | tail -7
-for i in 1 2; do
-  [ -n "${BASE:-}" ] && (cd $BASE && PYTHONPATH=$PWD:$PYTHONPATH python bench.py --model $M --bw --roofline ../roofline.py --profile \
-    --json $J > $OUT/log_base$i.txt 2>&1; echo "base: $(tail -1 $OUT/log_base$i.txt | cut -c1-330)")
-  python bench.py --model $M --bw --roofline .device/roofline.py --profile --json $J > $OUT/log3$i.txt 2>&1; echo "new: $(tail -1 $OUT/log3$i.txt | cut -c1-330)"
-done
+gpu_tests
+offline_ab 1
+offline_ab 2
 python bench.py --model $M --max-num-batched-tokens 16384 --json $J > $OUT/log4.txt 2>&1; tail -1 $OUT/log4.txt | cut -c1-200
 python scripts/idle_trace.py --model $M --windows "" > $OUT/idle.txt 2>&1; grep -v "Loading\|it/s\|arn\|USDT\|profiler" $OUT/idle.txt | tail -9
 python scripts/gemm_bench.py > $OUT/gemm.txt 2>&1; tail -8 $OUT/gemm.txt

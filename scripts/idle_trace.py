@@ -84,8 +84,13 @@ def step_gaps(llm, prompts, params, min_gap_us: float) -> None:
     cuda = torch.cuda.is_available()
     Event = torch.cuda.Event if cuda else _HostEvent
     steps, phases = [], []  # (kind, e0, e1); (name, t0, t1) on the engine thread
+    saved = []  # (object, attribute, original): put back after the run
 
-    def timed(obj, attr, name):
+    def patch(obj, attr, fn) -> None:
+        saved.append((obj, attr, getattr(obj, attr)))
+        setattr(obj, attr, fn)
+
+    def timed(obj, attr, name) -> None:
         fn = getattr(obj, attr)
 
         def wrapped(*a, **k):
@@ -94,23 +99,25 @@ def step_gaps(llm, prompts, params, min_gap_us: float) -> None:
                 return fn(*a, **k)
             finally:
                 phases.append((name, t0, time.perf_counter()))
-        setattr(obj, attr, wrapped)
-        return fn
+        patch(obj, attr, wrapped)
 
     run_fn = model_runner.ModelRunner.execute
 
     def execute(self, b, *a, **k):
+        t0 = time.perf_counter()
         e0, e1 = Event(enable_timing=True), Event(enable_timing=True)
         e0.record()
         out = run_fn(self, b, *a, **k)
         e1.record()
+        phases.append(("launch", t0, time.perf_counter()))
         bs = b.num_reqs
         kind = "prefill" if not b.is_decode else f"decode {'1-16' if bs <= 16 else '17-64' if bs <= 64 else '65-128' if bs <= 128 else '129-256'}"
         steps.append((kind, e0, e1))
         return out
-    model_runner.ModelRunner.execute = execute
-    orig = [timed(Scheduler, "schedule", "schedule"), timed(Scheduler, "update", "update"),
-            timed(model_runner.SampledTokens, "result", "wait"), timed(model_runner.ModelRunner, "execute", "launch")]
+    patch(model_runner.ModelRunner, "execute", execute)
+    timed(Scheduler, "schedule", "schedule")
+    timed(Scheduler, "update", "update")
+    timed(model_runner.SampledTokens, "result", "wait")
     if cuda:
         torch.cuda.synchronize()
     ref = Event(enable_timing=True)
@@ -119,14 +126,14 @@ def step_gaps(llm, prompts, params, min_gap_us: float) -> None:
         ref.synchronize()
     t_ref = time.perf_counter()  # host time of `ref` (the GPU was idle: it completed at once)
     t0 = time.perf_counter()
-    llm.generate(prompts, params, use_tqdm=False)
-    wall = time.perf_counter() - t0
-    if cuda:
-        torch.cuda.synchronize()
-    for (o, a), fn in zip([(Scheduler, "schedule"), (Scheduler, "update"), (model_runner.SampledTokens, "result"),
-                           (model_runner.ModelRunner, "execute")], orig):
-        setattr(o, a, fn)
-    model_runner.ModelRunner.execute = run_fn
+    try:
+        llm.generate(prompts, params, use_tqdm=False)
+        wall = time.perf_counter() - t0
+        if cuda:
+            torch.cuda.synchronize()
+    finally:
+        for obj, attr, fn in reversed(saved):
+            setattr(obj, attr, fn)
 
     def host(e) -> float:
         return t_ref + ref.elapsed_time(e) / 1e3

@@ -47,7 +47,7 @@ def norm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, pdl: bool) -> None
 
 
 def main() -> None:
-    from nanovllmx.utils.profiling import cuda_time
+    from nanovllmx.utils.profiling import graph_time
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="16,64,256")
     a = ap.parse_args()
@@ -56,12 +56,7 @@ def main() -> None:
     nw = torch.ones(H, dtype=dt, device=dev)
 
     def graph_us(fn) -> float:
-        fn()
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        return cuda_time(g.replay, 50) * 1e6
+        return graph_time(fn, 50) * 1e6
 
     print(f"{'M':>4s} {'gemm+norm':>10s} {'+PDL':>8s} {'us/bnd':>7s} {'norm+norm':>10s} {'+PDL':>8s} {'us/bnd':>7s}  (us per step)")
     for m in (int(s) for s in a.sizes.split(",")):

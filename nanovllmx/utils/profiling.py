@@ -21,6 +21,18 @@ def cuda_time(fn: Callable[[], object], iters: int = 30) -> float:
     return a.elapsed_time(b) / iters * 1e-3
 
 
+def graph_time(fn: Callable[[], object], iters: int = 30) -> float:
+    """Seconds per replay of fn's work captured in a CUDA graph (one warm-up call first, which also
+    runs any JIT compile or autotuning outside the capture)."""
+    import torch
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return cuda_time(g.replay, iters)
+
+
 # first matching substring (lower-cased kernel name) wins
 _CATEGORIES = (
     ("attention", ("batchdecode", "batchprefill", "flashinfer", "mergestate", "merge_state", "persistent")),
