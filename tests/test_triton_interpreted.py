@@ -133,9 +133,9 @@ CHECKS = textwrap.dedent('''
     assert rel(pools[1].k[1], pools[0].k[1]) < 1e-5 and torch.equal(pools[1].v[1], pools[0].v[1]), "fused layer pool"
     assert torch.equal(pools[1].k[0], pools[0].k[0]) and torch.equal(pools[1].k[2], pools[0].k[2]), "other layers"
 
-    # ---- sampling.py: Gumbel-max over several programs per row
+    # ---- sampling.py: a block by its mass, then a column of it (several programs per row)
     from nanovllmx.kernels import sampling
-    sampling._CHUNK = 1024  # several parts per row even for this small vocabulary
+    sampling._BLOCK, sampling._CHUNK = 512, 1024  # several blocks and parts per row even for this small vocabulary
     V, B = 3000, 8
     logits = torch.randn(B, V).to(torch.bfloat16)
     inv_t = torch.full((B,), 1 / 0.6)
@@ -146,15 +146,18 @@ CHECKS = textwrap.dedent('''
     hot[:, V - 1] = 10.0
     assert (sampling.gumbel_sample(hot, torch.ones(B), torch.arange(B, dtype=torch.int32)) == V - 1).all()
     n = 600  # the interpreter runs ~100 programs a second
-    two = torch.full((n, 1024), float("-inf")).to(torch.bfloat16)
-    two[:, 5], two[:, 1017] = float(np.log(3.0)), 0.0
-    d = sampling.gumbel_sample(two, torch.ones(n), torch.arange(n, dtype=torch.int32))
-    assert set(d.tolist()) <= {5, 1017}
-    assert abs((d == 5).float().mean().item() - 0.75) < 0.07, "draws follow softmax (3:1), 4 sigma"
+    three = torch.full((n, 1024), float("-inf")).to(torch.bfloat16)  # two blocks, one part
+    three[:, 5], three[:, 300], three[:, 1017] = float(np.log(3.0)), 0.0, float(np.log(2.0))
+    d = sampling.gumbel_sample(three, torch.ones(n), torch.arange(n, dtype=torch.int32))
+    assert set(d.tolist()) <= {5, 300, 1017}
+    freq = [(d == c).float().mean().item() for c in (5, 300, 1017)]
+    assert all(abs(f - p) < 4 * (p * (1 - p) / n) ** 0.5 for f, p in zip(freq, (0.5, 1 / 6, 1 / 3))), \\
+        ("draws follow softmax (3:1:2) within and across blocks, 4 sigma", freq)
+    assert (sampling.gumbel_sample(three[:4], torch.zeros(4), torch.arange(4, dtype=torch.int32)) == 5).all()
     row = torch.randn(1, V).expand(4, V).contiguous()
     keyed = sampling.gumbel_sample(row, torch.ones(4), torch.tensor([7, 7, 8, 8], dtype=torch.int32)).tolist()
     assert keyed[0] == keyed[1] and keyed[2] == keyed[3], "a key gives one draw"
-    sampling._CHUNK = 4096
+    sampling._CHUNK = 2048
     assert sampling.gumbel_sample(row[:1], torch.ones(1), torch.tensor([7], dtype=torch.int32)).item() == keyed[0], \\
         "the draw does not depend on how the row is split"
     # the Sampler's glue around the kernel (temperatures, per-row keys, seeded rows)

@@ -16,7 +16,7 @@ from nanovllmx.attention.metadata import AttentionMetadata, KVPool
 from nanovllmx.kernels.fused import store_kv
 
 _WORKSPACE_BYTES = 256 << 20
-_TC_MIN_BATCH = 128  # decode batches from this size use the tensor-core kernel (see use_tensor_cores)
+_TC_MIN_BATCH = 80  # decode batches from this size use the tensor-core kernel (see use_tensor_cores)
 
 
 @triton.jit
@@ -59,10 +59,13 @@ class FlashInferBackend(AttentionBackend):
         self._graph_indices: torch.Tensor | None = None  # the slot lists, shared by every graph wrapper
 
     def use_tensor_cores(self, batch_size: int) -> bool:
-        """Which decode kernel a batch of this size runs. Measured on an H100 at the standard
-        workload's shape (GQA groups of 2, page size 1, graph mode; `attn_bench.py --sweep`): the
+        """Which decode kernel a batch of this size runs. Measured at the standard workload's shape
+        (GQA groups of 2, page size 1, graph mode; `attn_bench.py --sweep`): on an H100 the
         CUDA-core kernel reads faster up to 64 requests (2.20 vs 1.93 TB/s at 32, 2.56 vs 2.36 at
-        64), the tensor-core one from 128 (2.56 vs 2.53 at 128, 2.72 vs 2.63 at 256)."""
+        64), the tensor-core one without split-KV from 128 (2.64 vs 2.53); on an H200, with the
+        long contexts a batch of under 128 has late in the run (600-2000 tokens), CUDA cores at 48
+        (3.28 vs 3.17), a tie at 64 (3.41 / 3.44), tensor cores from 80 (3.57 vs 3.29; 3.75 vs
+        3.21 at 96)."""
         if self.decode_tensor_cores is not None:
             return self.decode_tensor_cores
         return batch_size >= _TC_MIN_BATCH
