@@ -8,7 +8,7 @@
 #                     its py_spy-*.data/scripts/py-spy into .device/extra/bin/
 # Device call 1 (carry .device/serve.tar.xz .device/bootstrap.sh .device/extra):
 #     source .device/bootstrap.sh; export PYTHONPATH=$PWD/.device/extra:$PYTHONPATH; bash scripts/gpu_session.sh models
-# (the phases: models | core | http | profile | final | multi | diag | check | idle | probe | ab | interval | pdl | sampling | ab5 | final5 | all; "all" may not fit one 10-minute
+# (the phases: models | core | http | profile | final | multi | diag | check | idle | probe | ab | interval | pdl | kernels | ab5 | final5 | qk5 | all; "all" may not fit one 10-minute
 #  call: run core, then http. multi: on a machine with 2 (GRIDS=2x1,1x2) or 4 GPUs (GRIDS=2x1,1x2,2x2))
 # Device call 2, at once (carry .device/kernels.tar.xz .device/flashinfer-cache.tar.xz .device/bootstrap.sh
 #     .device/extra .device/roofline.py):
@@ -157,16 +157,15 @@ python -c "import runpy, sys; import nanovllmx.attention.flashinfer_backend as f
 sys.argv = ['bench.py', '--model', '$M', '--json', '$J']; runpy.run_path('bench.py', run_name='__main__')" \
   > $OUT/log_tc$1${2:-}.txt 2>&1; echo "tensor cores from $1: $(tail -1 $OUT/log_tc$1${2:-}.txt | cut -c1-200)"
 }
-sampling() {  # #5, 5th session: sampling kernels (BASE's too), no FlashInfer needed
-python scripts/sample_bench.py ${BASE:+--base $BASE} > $OUT/sample.txt 2>&1; tail -5 $OUT/sample.txt
+kernels() {  # #5, 5th session: the step's small kernels (sampling, q/k norm + RoPE), BASE's too
+python scripts/kernel_bench.py ${BASE:+--base $BASE} > $OUT/kernels_ab.txt 2>&1; tail -12 $OUT/kernels_ab.txt
 }
-ab5() {  # #5, 5th session (H200): GPU tests + tokens, decode kernels by batch size at long contexts, BASE / this tree /
-         # this tree without PDL / tensor-core thresholds, kernel summary
+ab5() {  # #5, 5th session (H200): GPU tests + tokens, decode kernels by batch size at long contexts, BASE / this tree,
+         # tensor-core thresholds, kernel summary (the run also timed a PDL variant of the fused kernels, not kept)
 gpu_tests
 python scripts/attn_bench.py --sweep 48,64,80,96,112,128 --ctx-min 600 --ctx-max 2000 --variants cuda,tc,tc-nosplit \
   > $OUT/attn.txt 2>&1; tail -7 $OUT/attn.txt
 offline_ab 1
-NANOVLLMX_PDL=0 python bench.py --model $M --json $J > $OUT/log_nopdl.txt 2>&1; echo "no PDL: $(tail -1 $OUT/log_nopdl.txt | cut -c1-200)"
 tc_bench 64; tc_bench 96
 python bench.py --model $M --torch-profile $OUT/kernels.txt > $OUT/log6.txt 2>&1; head -14 $OUT/kernels.txt
 }
@@ -176,6 +175,12 @@ offline_ab ""
 tc_bench 128; tc_bench 64
 http_paths
 python bench.py --model $M --executor ray --profile --json $J > $OUT/log5.txt 2>&1; tail -1 $OUT/log5.txt | cut -c1-400
+}
+qk5() {  # #5, 5th session, last call: GPU tests + tokens, small kernels and offline against BASE, kernel summary
+gpu_tests
+kernels
+offline_ab ""
+python bench.py --model $M --torch-profile $OUT/kernels.txt > $OUT/log6.txt 2>&1; head -14 $OUT/kernels.txt
 }
 table() {
 python - "$J" <<'PY'
@@ -205,7 +210,8 @@ case "${1:-all}" in
   ab) ab; table ;;
   interval) interval; table ;;
   pdl) pdl ;;
-  sampling) sampling ;;
+  kernels) kernels ;;
+  qk5) qk5; table ;;
   ab5) ab5; table ;;
   final5) final5; table ;;
   all) core; http; table ;;

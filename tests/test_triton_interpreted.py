@@ -47,10 +47,11 @@ CHECKS = textwrap.dedent('''
     # RoPE, keys and values scattered into a pool at out-of-order slots, other rows untouched.
     # float16 must round exactly as the twins (HF's order); bfloat16 only loosely, because the
     # interpreter truncates float32 -> bfloat16 where the GPU rounds to nearest
-    H, HKV, D, S = 4, 2, 64, 40
+    D, S = 64, 40
     rope = RotaryEmbedding(D, 512, 1e6)
-    for dt, T in [(torch.bfloat16, 0), (torch.bfloat16, 1), (torch.bfloat16, 13), (torch.float16, 13),
-                  (torch.float32, 1), (torch.float32, 13)]:
+    for dt, T, H, HKV in [(torch.bfloat16, 0, 4, 2), (torch.bfloat16, 1, 4, 2), (torch.bfloat16, 13, 4, 2),
+                          (torch.float16, 13, 4, 2), (torch.float32, 1, 4, 2), (torch.float32, 13, 4, 2),
+                          (torch.float32, 7, 6, 3)]:  # head counts that are no power of two: masked rows
         qn, kn = RMSNorm(D, 1e-6).to(dt), RMSNorm(D, 1e-6).to(dt)
         qn.weight.data.normal_()
         kn.weight.data.normal_()

@@ -44,42 +44,42 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.T
 
 
 @triton.jit
-def _norm_rope_head(src, w_ptr, cos, sin, dst, eps, D: tl.constexpr, HALF: tl.constexpr):
-    """One head: RMSNorm with weight, then neox RoPE (cos/sin of this token's position), stored
-    at dst. Rounds to dst's dtype where HF's RMSNorm and rotary code do."""
-    i = tl.arange(0, HALF)
-    x1 = tl.load(src + i).to(tl.float32)
-    x2 = tl.load(src + HALF + i).to(tl.float32)
-    rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / D + eps)
+def _norm_rope_heads(src, n, w_ptr, cos, sin, dst, eps, R: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr):
+    """n heads of D contiguous elements at src: RMSNorm with weight, then neox RoPE (cos/sin
+    [1, HALF] of this token's position), stored at dst. Rounds to dst's dtype where HF's RMSNorm
+    and rotary code do."""
+    r = tl.arange(0, R)[:, None]
+    i = tl.arange(0, HALF)[None, :]
+    m = r < n
+    x1 = tl.load(src + r * D + i, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(src + r * D + HALF + i, mask=m, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / D + eps)[:, None]
     dt = dst.dtype.element_ty
     n1 = ((x1 * rstd).to(dt).to(tl.float32) * tl.load(w_ptr + i).to(tl.float32)).to(dt).to(tl.float32)
     n2 = ((x2 * rstd).to(dt).to(tl.float32) * tl.load(w_ptr + HALF + i).to(tl.float32)).to(dt).to(tl.float32)
-    tl.store(dst + i, (n1 * cos - n2 * sin).to(dt))
-    tl.store(dst + HALF + i, (n2 * cos + n1 * sin).to(dt))
+    tl.store(dst + r * D + i, (n1 * cos - n2 * sin).to(dt), mask=m)
+    tl.store(dst + r * D + HALF + i, (n2 * cos + n1 * sin).to(dt), mask=m)
 
 
 @triton.jit
 def _qk_norm_rope_store_kernel(qkv_ptr, stride_t, qw_ptr, kw_ptr, cos_sin_ptr, pos_ptr, slots_ptr, q_ptr,
                                k_cache, v_cache, n_heads, n_kv_heads, eps,
-                               D: tl.constexpr, HALF: tl.constexpr):
-    # program (t, h): h < n_heads does query head h; the others do KV head j = h - n_heads, i.e.
-    # key head j (norm + RoPE) and value head j (copy), both into the pool at this token's slot
+                               RQ: tl.constexpr, RK: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr):
+    # program t: token t's query heads and key heads (norm + RoPE, one cos/sin load for all) and its
+    # value heads (copy), keys and values into the pool at the token's slot
     t = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
     pos = tl.load(pos_ptr + t).to(tl.int64)
-    i = tl.arange(0, HALF)
+    slot = tl.load(slots_ptr + t).to(tl.int64)
+    i = tl.arange(0, HALF)[None, :]
     cos = tl.load(cos_sin_ptr + pos * D + i)
     sin = tl.load(cos_sin_ptr + pos * D + HALF + i)
     row = qkv_ptr + t * stride_t
-    if h < n_heads:
-        _norm_rope_head(row + h * D, qw_ptr, cos, sin, q_ptr + (t * n_heads + h) * D, eps, D, HALF)
-    else:
-        j = h - n_heads
-        slot = tl.load(slots_ptr + t).to(tl.int64)
-        dst = (slot * n_kv_heads + j) * D
-        _norm_rope_head(row + (n_heads + j) * D, kw_ptr, cos, sin, k_cache + dst, eps, D, HALF)
-        c = tl.arange(0, D)
-        tl.store(v_cache + dst + c, tl.load(row + (n_heads + n_kv_heads + j) * D + c))
+    _norm_rope_heads(row, n_heads, qw_ptr, cos, sin, q_ptr + t * n_heads * D, eps, RQ, D, HALF)
+    kv = slot * n_kv_heads * D
+    _norm_rope_heads(row + n_heads * D, n_kv_heads, kw_ptr, cos, sin, k_cache + kv, eps, RK, D, HALF)
+    c = tl.arange(0, RK * D)
+    tl.store(v_cache + kv + c, tl.load(row + (n_heads + n_kv_heads) * D + c, mask=c < n_kv_heads * D),
+             mask=c < n_kv_heads * D)
 
 
 def qk_norm_rope_store(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
@@ -102,11 +102,13 @@ def qk_norm_rope_store(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, hea
     assert positions.is_contiguous() and slots.is_contiguous()
     q = torch.empty((T, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     if T:
-        # one warp per head: a head is D elements, a few hundred bytes, so the kernel is bound by
-        # launch and load latency, not bandwidth; many tiny programs keep the most loads in flight
-        _qk_norm_rope_store_kernel[(T, num_heads + num_kv_heads)](
+        # a program per token, not per head (24 one-warp programs a token before): a 16k-token
+        # prefill chunk was 393k programs that each reloaded cos/sin, and ran at ~37% of the copy
+        # bandwidth (docs/benchmarks.md, 4th session)
+        _qk_norm_rope_store_kernel[(T,)](
             qkv, qkv.stride(0), q_weight, k_weight, cos_sin, positions, slots, q, k_cache, v_cache,
-            num_heads, num_kv_heads, eps, D=head_dim, HALF=head_dim // 2, num_warps=1)
+            num_heads, num_kv_heads, eps, RQ=triton.next_power_of_2(num_heads),
+            RK=triton.next_power_of_2(num_kv_heads), D=head_dim, HALF=head_dim // 2, num_warps=4)
     return q
 
 
