@@ -179,7 +179,8 @@ python bench.py --model $M --executor ray --profile --json $J > $OUT/log5.txt 2>
 qk5() {  # #5, 5th session, last call: GPU tests + tokens, small kernels and offline against BASE, kernel summary
 gpu_tests
 kernels
-offline_ab ""
+offline_ab 1
+offline_ab 2
 python bench.py --model $M --torch-profile $OUT/kernels.txt > $OUT/log6.txt 2>&1; head -14 $OUT/kernels.txt
 }
 table() {
