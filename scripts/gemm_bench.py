@@ -25,7 +25,7 @@ LAYERS = 28
 
 def _configs():
     return [triton.Config({"BM": bm, "BN": bn, "BK": bk, "SPLIT": sp}, num_warps=4, num_stages=4)
-            for bm in (16, 64, 128) for bn in (32, 64, 128) for bk in (128, 256) for sp in (1, 2, 4, 8)
+            for bm in (16, 32, 64, 128) for bn in (32, 64, 128) for bk in (128, 256) for sp in (1, 2, 4, 8)
             if 4 * (bm + bn) * bk * 2 <= 200 * 1024]
 
 
