@@ -51,20 +51,28 @@ def _linear(x, w, out, part, count, M, N, K, BM: tl.constexpr, BN: tl.constexpr,
         a = tl.load(x + rm[:, None] * K + (k + rk)[None, :], mask=rm[:, None] < M, other=0.0)
         b = tl.load(w + rn[None, :] * K + (k + rk)[:, None])
         acc += tl.dot(a, b)
+    _store_split(acc, out, part, count, rm, rn, M, N, ps, pm, SPLIT)
+
+
+@triton.jit
+def _store_split(acc, out, part, count, rm, rn, M, N, ps, pm, SPLIT: tl.constexpr):
+    """Program (pn, ps, pm)'s fp32 tile acc of out[rm, rn]: stored directly without a K split; else
+    as split ps's partial, and the last of the tile's SPLIT programs to finish sums the partials
+    in split order (deterministic) and resets the tile's counter (for the next call or replay)."""
     mask = rm[:, None] < M
     if SPLIT == 1:
         tl.store(out + rm[:, None] * N + rn[None, :], acc.to(out.dtype.element_ty), mask=mask)
     else:
         tl.store(part + ps * M * N + rm[:, None] * N + rn[None, :], acc, mask=mask)
         tl.debug_barrier()
-        tile = pm * tl.num_programs(0) + pn
+        tile = pm * tl.num_programs(0) + tl.program_id(0)
         done = tl.atomic_add(count + tile, 1)  # acq_rel: the other splits' partials are visible
         if done == SPLIT - 1:
-            tot = tl.zeros((BM, BN), dtype=tl.float32)
+            tot = tl.zeros(acc.shape, dtype=tl.float32)
             for s in range(SPLIT):
                 tot += tl.load(part + s * M * N + rm[:, None] * N + rn[None, :], mask=mask, cache_modifier=".cg")
             tl.store(out + rm[:, None] * N + rn[None, :], tot.to(out.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(count + tile, 0)  # ready for the next call (and graph replay)
+            tl.atomic_xchg(count + tile, 0)
 
 
 _PART = {}

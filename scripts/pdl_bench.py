@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from gemm_bench import _store_split  # noqa: E402  (this script's folder is on sys.path)
 
 LAYERS, H = 28, 1024
 
@@ -65,22 +66,8 @@ def _gemm(x, w, out, part, count, M, N: tl.constexpr, K: tl.constexpr, BM: tl.co
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     rm = pm * BM + tl.arange(0, BM)
-    mask = rm[:, None] < M
-    a = tl.load(x + rm[:, None] * K + rk[None, :], mask=mask, other=0.0)
-    acc = tl.dot(a, b)
-    if SPLIT == 1:
-        tl.store(out + rm[:, None] * N + rn[None, :], acc.to(out.dtype.element_ty), mask=mask)
-    else:
-        tl.store(part + ps * M * N + rm[:, None] * N + rn[None, :], acc, mask=mask)
-        tl.debug_barrier()
-        tile = pm * tl.num_programs(0) + pn
-        done = tl.atomic_add(count + tile, 1)  # acq_rel: the other splits' partials are visible
-        if done == SPLIT - 1:
-            tot = tl.zeros((BM, BN), dtype=tl.float32)
-            for s in range(SPLIT):
-                tot += tl.load(part + s * M * N + rm[:, None] * N + rn[None, :], mask=mask, cache_modifier=".cg")
-            tl.store(out + rm[:, None] * N + rn[None, :], tot.to(out.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(count + tile, 0)  # ready for the next replay
+    a = tl.load(x + rm[:, None] * K + rk[None, :], mask=rm[:, None] < M, other=0.0)
+    _store_split(tl.dot(a, b), out, part, count, rm, rn, M, N, ps, pm, SPLIT)
 
 
 def gemm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, part: torch.Tensor, count: torch.Tensor,
