@@ -24,7 +24,7 @@ def inverse_temperature(t: np.ndarray) -> np.ndarray:
 class Sampler:
     def __init__(self, device: torch.device, fused: bool | None = None):
         self.device = device
-        # one-pass Triton Gumbel-max for unfiltered rows on the GPU (nanovllmx/kernels/sampling.py)
+        # two-stage Triton Gumbel-max for unfiltered rows on the GPU (nanovllmx/kernels/sampling.py)
         self.fused = device.type == "cuda" if fused is None else fused
 
     def __call__(self, logits: torch.Tensor, sa: SamplingArrays) -> torch.Tensor:
