@@ -8,7 +8,7 @@
 #                     its py_spy-*.data/scripts/py-spy into .device/extra/bin/
 # Device call 1 (carry .device/serve.tar.xz .device/bootstrap.sh .device/extra):
 #     source .device/bootstrap.sh; export PYTHONPATH=$PWD/.device/extra:$PYTHONPATH; bash scripts/gpu_session.sh models
-# (the phases: models | core | http | profile | final | multi | diag | check | idle | probe | ab | interval | pdl | kernels | ab5 | final5 | qk5 | all; "all" may not fit one 10-minute
+# (the phases: models | core | http | profile | final | multi | diag | check | idle | probe | ab | interval | pdl | kernels | ab5 | final5 | qk5 | overlap | all; "all" may not fit one 10-minute
 #  call: run core, then http. multi: on a machine with 2 (GRIDS=2x1,1x2) or 4 GPUs (GRIDS=2x1,1x2,2x2))
 # Device call 2, at once (carry .device/kernels.tar.xz .device/flashinfer-cache.tar.xz .device/bootstrap.sh
 #     .device/extra .device/roofline.py):
@@ -183,6 +183,10 @@ offline_ab 1
 offline_ab 2
 python bench.py --model $M --torch-profile $OUT/kernels.txt > $OUT/log6.txt 2>&1; head -14 $OUT/kernels.txt
 }
+overlap() {  # #5 next: two micro-batches on two streams against one (scripts/overlap_bench.py), then this tree's offline
+python scripts/overlap_bench.py > $OUT/overlap.txt 2>&1; tail -6 $OUT/overlap.txt
+offline_ab ""
+}
 table() {
 python - "$J" <<'PY'
 import json, sys
@@ -213,6 +217,7 @@ case "${1:-all}" in
   pdl) pdl ;;
   kernels) kernels ;;
   qk5) qk5; table ;;
+  overlap) overlap; table ;;
   ab5) ab5; table ;;
   final5) final5; table ;;
   all) core; http; table ;;
