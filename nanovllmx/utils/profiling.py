@@ -42,7 +42,7 @@ _CATEGORIES = (
     ("qk_norm_rope", ("_head_norm_rope", "_qk_norm_rope")),
     ("kv_store", ("_store_kv",)),
     ("silu_mul", ("_silu_mul",)),
-    ("sampling", ("_block_lse", "_gumbel", "_pick", "argmax", "topk", "sort", "softmax", "exponential", "philox")),
+    ("sampling", ("_block_lse", "_pick", "argmax", "topk", "sort", "softmax", "exponential", "philox")),
     ("embedding", ("embedding", "index_select")),
     ("copy/fill", ("copy", "fill", "memcpy", "memset", "elementwise", "vectorized")),
 )
