@@ -130,9 +130,9 @@ def test_fused_kernels_match_torch():
 
 
 def test_fused_sampler_full_vocab_bf16():
-    """The one-pass Gumbel-max kernel over a real-size bf16 vocabulary (many chunks per row):
-    greedy rows are argmax, a dominant token in the last chunk is always drawn, and a row's draws
-    follow its softmax (two-token check, mass split 3:1)."""
+    """The two-stage sampling kernels over a real-size bf16 vocabulary (149 blocks, 19 parts a
+    row): greedy rows are argmax, a dominant token in the last block is always drawn, and a row's
+    draws follow its softmax (two tokens in the first and last blocks, mass split 3:1)."""
     from nanovllmx.kernels.sampling import gumbel_sample
     V, B = 151936, 256
     g = torch.Generator(device="cuda").manual_seed(0)
