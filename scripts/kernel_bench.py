@@ -66,7 +66,7 @@ def main() -> None:
         qkv = torch.randn(T, (H + 2 * HKV) * D, dtype=torch.bfloat16, device=dev)
         pos = torch.randint(0, 40960, (T,), dtype=torch.int32, device=dev)
         slots = torch.randperm(S, device=dev)[:T].to(torch.int32)
-        byts = qkv.numel() * 2 * 2 + T * D * 4 * 2  # qkv read, q/k/v written, cos/sin read
+        byts = qkv.numel() * 2 * 2 + T * D * 4  # qkv read, q/k/v written, a float32 cos|sin row read per token
         row = [graph_time(lambda m=m: m[1].qk_norm_rope_store(qkv, H, HKV, D, qw, kw, 1e-6, cos_sin, pos, kc, vc, slots),
                           50) * 1e6 for m in trees.values()]
         print(f"qk_norm_rope {T:5d} {byts / bw * 1e6:7.1f} " + " ".join(f"{t:7.1f}" for t in row))

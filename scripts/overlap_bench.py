@@ -92,7 +92,7 @@ def flashinfer_attend(indptr: np.ndarray, idx: torch.Tensor, layers: list[Layer]
     """A graph-mode FlashInfer decode wrapper with its own workspace, planned once for these rows
     (the engine's rule: tensor cores without split-KV from 80 requests)."""
     import flashinfer
-    from nanovllmx.attention.flashinfer_backend import _TC_MIN_BATCH
+    from nanovllmx.attention.flashinfer_backend import _TC_MIN_BATCH, FlashInferBackend
     b = len(indptr) - 1
     tc = b >= _TC_MIN_BATCH
     w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
@@ -101,7 +101,7 @@ def flashinfer_attend(indptr: np.ndarray, idx: torch.Tensor, layers: list[Layer]
         paged_kv_indices_buffer=torch.zeros(len(idx), dtype=torch.int32, device=dev),
         paged_kv_last_page_len_buffer=torch.ones(b, dtype=torch.int32, device=dev))
     w.plan(torch.from_numpy(indptr.astype(np.int32)), idx, torch.ones(b, dtype=torch.int32), H, HKV, D, 1,
-           q_data_type=layers[0].k.dtype, kv_data_type=layers[0].k.dtype, **({"disable_split_kv": True} if tc else {}))
+           q_data_type=layers[0].k.dtype, kv_data_type=layers[0].k.dtype, **FlashInferBackend._split_kw(b))
     pages = [(L.k.unsqueeze(1), L.v.unsqueeze(1)) for L in layers]
     return lambda i, q, L: w.run(q, pages[i])
 

@@ -16,7 +16,7 @@ Chains of 28 "layers", each captured in a CUDA graph, by batch size M:
              norm before it; with and without PDL.
 Prints microseconds per step and the saving per kernel boundary.
 
-    python scripts/pdl_bench.py [--sizes 16,64,256]
+    python scripts/pdl_bench.py [--sizes 16,64,128,256]
 """
 from __future__ import annotations
 
@@ -49,7 +49,9 @@ def _norm(x, w, out, eps, stride, N, BLOCK: tl.constexpr, PDL: tl.constexpr):
 
 
 def norm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, pdl: bool) -> None:
-    _norm[(x.shape[0],)](x, w, out, 1e-6, x.stride(0), out.shape[1], BLOCK=triton.next_power_of_2(out.shape[1]), PDL=pdl, num_warps=4, launch_pdl=pdl)
+    n = out.shape[1]
+    _norm[(x.shape[0],)](x, w, out, 1e-6, x.stride(0), n, BLOCK=triton.next_power_of_2(n), PDL=pdl, num_warps=4,
+                         launch_pdl=pdl)
 
 
 @triton.jit
