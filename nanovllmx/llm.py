@@ -3,13 +3,16 @@ Ray scheduler actor), and hands back finished outputs (`generate`) or deltas (`s
 from __future__ import annotations
 
 import asyncio
+import atexit
 import dataclasses
+import functools
 import itertools
 import logging
 import queue
 import threading
 import time
 import uuid
+import weakref
 from typing import AsyncIterator, Sequence
 
 from nanovllmx.config import EngineConfig
@@ -57,6 +60,11 @@ class LLM:
         self.max_outstanding = self.config.max_bs + self.config.max_waiting_requests
         self._out_thread = threading.Thread(target=self._output_loop, name="nanovllmx-output", daemon=True)
         self._out_thread.start()
+        # an LLM left open is shut down at interpreter exit, before Ray's own exit hook disconnects
+        # the process (Ray registered it when imported, earlier, so it runs later): no engine thread
+        # or Ray call is left running while the interpreter finalises
+        self._exit_hook = functools.partial(_shutdown_at_exit, weakref.ref(self))
+        atexit.register(self._exit_hook)
 
     # ---------------------------------------------------------------- helpers
     def _output_loop(self) -> None:
@@ -237,6 +245,7 @@ class LLM:
             if self._closed:
                 return
             self._closed = True
+        atexit.unregister(self._exit_hook)
         deadline = time.monotonic() + max(0.0, float(timeout))
         while self.processor.states and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -261,6 +270,12 @@ class LLM:
             self.shutdown()
         except Exception:
             pass
+
+
+def _shutdown_at_exit(ref: "weakref.ref[LLM]") -> None:
+    llm = ref()
+    if llm is not None:
+        llm.shutdown()
 
 
 __all__ = ["LLM", "EngineRequestError", "EngineOverloadedError", "EngineUnavailableError"]

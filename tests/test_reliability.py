@@ -260,6 +260,31 @@ def test_graceful_shutdown(tiny_model_dir):
     eng.shutdown()  # idempotent
 
 
+def test_llm_left_open_is_shut_down_at_exit(tiny_model_dir):
+    """A script that never calls shutdown(): the interpreter's exit hooks stop the engine (its
+    threads joined, its memory released) before the interpreter finalises; the hook keeps no LLM
+    alive."""
+    code = f"""
+import atexit, gc, weakref
+from nanovllmx import LLM
+left_open = LLM({str(tiny_model_dir)!r}, context_len=64, max_bs=2, device="cpu")
+closed = LLM({str(tiny_model_dir)!r}, context_len=64, max_bs=2, device="cpu")
+closed.shutdown()
+ref = weakref.ref(closed)
+del closed
+gc.collect()
+assert ref() is None  # the exit hook does not keep an LLM alive
+threads = (left_open.core._thread, left_open._out_thread)
+assert all(t.is_alive() for t in threads)
+atexit._run_exitfuncs()
+assert not any(t.is_alive() for t in threads)
+assert left_open.core.executor.worker.model is None
+print("ok")
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-3000:]
+
+
 # ============================================================================ Ray: shared by the rest of the module
 ray = pytest.importorskip("ray")
 
