@@ -97,13 +97,13 @@ def wait_api_server(url: str, proc, log_path: Path, timeout: float = 150.0) -> N
 
 
 # ---- process exit ----
-# The suite starts and stops Ray in this process several times (module fixtures), and Ray leaves
-# C++ background threads behind after ray.shutdown() (ray-project/ray#31145). Once in CI the
-# interpreter then died with SIGSEGV while finalising, after every test had passed and the summary
-# was printed: exit code 139, a failed run. The outcome is known once the session has finished, so
-# the process ends there with pytest's own exit status instead of finalising the interpreter
-# (crashes inside tests still fail and print their traceback: pytest's faulthandler is on).
-# NANOVLLMX_TEST_FINALIZE=1 finalises as usual, to chase that crash.
+# Once in CI the interpreter died with SIGSEGV while finalising, after every test had passed and
+# the summary was printed: exit code 139, a failed run. Not reproduced since; the likely cause:
+# the suite starts and stops Ray in this process several times, and Ray's background threads can
+# outlive ray.shutdown() (ray-project/ray#31145). The outcome is known once the session has
+# finished, so the process ends there with pytest's own exit status instead of finalising the
+# interpreter (crashes inside tests still fail and print their traceback: pytest's faulthandler
+# is on). NANOVLLMX_TEST_FINALIZE=1 finalises as usual, to chase that crash.
 _EXIT_STATUS: int | None = None
 
 
