@@ -18,9 +18,7 @@ from nanovllmx.utils.profiling import cuda_time
 def sweep(sizes: list[int], ctx_min: int, ctx_max: int, variants: list[str]) -> None:
     """The engine's own setting (a CUDA-graph decode wrapper per batch size, page 1 over scattered
     slots) for each decode kernel variant: 'cuda' (CUDA cores), 'tc' (tensor cores, backend auto),
-    'fa2' / 'fa3' (tensor cores, that backend); a suffix sets the KV split of a tensor-core plan:
-    '-nosplit' none, '-s512' a fixed split of 512 tokens (FlashInfer takes a fixed split only on
-    tensor cores). Prints TB/s per batch size."""
+    'fa2' / 'fa3' (tensor cores, that backend). Prints TB/s per batch size."""
     import flashinfer
     H, HKV, D, dt, dev = 16, 8, 128, torch.bfloat16, torch.device("cuda")
     rng = np.random.default_rng(0)
@@ -37,13 +35,11 @@ def sweep(sizes: list[int], ctx_min: int, ctx_max: int, variants: list[str]) -> 
         q = torch.randn(bs, H, D, device=dev, dtype=dt)
         cells = []
         for name in variants:
-            base, _, split = name.partition("-")
-            kw = {} if base in ("cuda", "tc") else {"backend": base}
-            plan_kw = {"disable_split_kv": True} if split == "nosplit" else \
-                {"fixed_split_size": int(split[1:])} if split.startswith("s") else {}
+            kw = {} if name in ("cuda", "tc", "tc-nosplit") else {"backend": name}
+            plan_kw = {"disable_split_kv": True} if name.endswith("-nosplit") else {}
             try:
                 w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-                    ws, "NHD", use_cuda_graph=True, use_tensor_cores=base != "cuda",
+                    ws, "NHD", use_cuda_graph=True, use_tensor_cores=name != "cuda",
                     paged_kv_indptr_buffer=torch.zeros(bs + 1, dtype=torch.int32, device=dev),
                     paged_kv_indices_buffer=torch.zeros(256 * ctx_max, dtype=torch.int32, device=dev),
                     paged_kv_last_page_len_buffer=torch.ones(bs, dtype=torch.int32, device=dev), **kw)

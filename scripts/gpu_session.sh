@@ -157,14 +157,6 @@ python -c "import runpy, sys; import nanovllmx.attention.flashinfer_backend as f
 sys.argv = ['bench.py', '--model', '$M', '--json', '$J']; runpy.run_path('bench.py', run_name='__main__')" \
   > $OUT/log_tc$1${2:-}.txt 2>&1; echo "tensor cores from $1: $(tail -1 $OUT/log_tc$1${2:-}.txt | cut -c1-200)"
 }
-split_bench() {  # the offline bench with tensor-core decode at every size, a fixed KV split of $1 tokens below the
-               # threshold (throughput only: random weights hide wrong attention; adopt only with test_gpu_backends)
-python -c "import runpy, sys; import nanovllmx.attention.flashinfer_backend as f; B = f.FlashInferBackend; \
-B.use_tensor_cores = lambda self, b: True; \
-B._split_kw = staticmethod(lambda b: {'disable_split_kv': True} if b >= f._TC_MIN_BATCH else {'fixed_split_size': $1}); \
-sys.argv = ['bench.py', '--model', '$M', '--json', '$J']; runpy.run_path('bench.py', run_name='__main__')" \
-  > $OUT/log_split$1.txt 2>&1; echo "tensor cores, split $1 below 80: $(tail -1 $OUT/log_split$1.txt | cut -c1-200)"
-}
 kernels() {  # #5, 5th session: the step's small kernels (sampling, q/k norm + RoPE), BASE's too
 python scripts/kernel_bench.py ${BASE:+--base $BASE} > $OUT/kernels_ab.txt 2>&1; tail -12 $OUT/kernels_ab.txt
 }
@@ -191,13 +183,9 @@ offline_ab 1
 offline_ab 2
 python bench.py --model $M --torch-profile $OUT/kernels.txt > $OUT/log6.txt 2>&1; head -14 $OUT/kernels.txt
 }
-overlap() {  # #5 next: two micro-batches on two streams against one (scripts/overlap_bench.py), small-batch KV splits, then this tree's offline
+overlap() {  # #5 next: two micro-batches on two streams against one (scripts/overlap_bench.py), then this tree's offline
 python scripts/overlap_bench.py > $OUT/overlap.txt 2>&1; tail -6 $OUT/overlap.txt
-# the run's tail (under 64 requests, contexts 600-2000): CUDA cores against tensor cores with fixed KV splits
-python scripts/attn_bench.py --sweep 8,16,32,48,64,80 --ctx-min 600 --ctx-max 2000 \
-  --variants cuda,tc,tc-s256,tc-s512,tc-s1024,tc-nosplit > $OUT/split.txt 2>&1; tail -8 $OUT/split.txt
 offline_ab ""
-split_bench 256; split_bench 512
 }
 table() {
 python - "$J" <<'PY'
