@@ -8,6 +8,7 @@ temperature 0.6, ignore_eos, all submitted at once.
                                                               # online: the Serve app, a sweep of Poisson rates
   python bench.py --model M --http --prompts-file chats.jsonl --request-rate 4 --concurrency 64
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,9 +23,12 @@ from random import randint, seed
 def standard_workload(num_seqs: int = 256, max_in: int = 1024, max_out: int = 1024):
     """Same draw order as the seed's bench.py and ../shared/roofline.py."""
     from nanovllmx import SamplingParams
+
     seed(0)
     prompts = [[randint(0, 10000) for _ in range(randint(100, max_in))] for _ in range(num_seqs)]
-    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=randint(100, max_out)) for _ in range(num_seqs)]
+    params = [
+        SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=randint(100, max_out)) for _ in range(num_seqs)
+    ]
     return prompts, params
 
 
@@ -33,6 +37,7 @@ def copy_bandwidth() -> float:
     import torch
 
     from nanovllmx.utils.profiling import cuda_time
+
     n = 1 << 30
     a = torch.empty(n, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
@@ -46,6 +51,7 @@ def roofline_bound(bw: float, path: str | None) -> float | None:
     """Tokens/s bound from the shared roofline script (output tokens / lower-bound seconds)."""
     import re
     import subprocess
+
     for p in [path, os.path.join(os.path.dirname(__file__), "..", "shared", "roofline.py"), ".device/roofline.py"]:
         if p and os.path.exists(p):
             out = subprocess.run([sys.executable, p, "--bw", str(bw)], capture_output=True, text=True).stdout
@@ -68,13 +74,24 @@ def _mean(xs: list[float]) -> float:
 def http_requests_standard(model: str, num_seqs: int) -> list[tuple[str, dict]]:
     """The standard workload as streaming /v1/completions requests (token-id prompts)."""
     prompts, params = standard_workload(num_seqs)
-    return [("/v1/completions", {"model": model, "prompt": p, "max_tokens": sp.max_tokens,
-                                 "temperature": sp.temperature, "ignore_eos": sp.ignore_eos})
-            for p, sp in zip(prompts, params)]
+    return [
+        (
+            "/v1/completions",
+            {
+                "model": model,
+                "prompt": p,
+                "max_tokens": sp.max_tokens,
+                "temperature": sp.temperature,
+                "ignore_eos": sp.ignore_eos,
+            },
+        )
+        for p, sp in zip(prompts, params)
+    ]
 
 
-def http_requests_from_file(path: str, model: str, num_seqs: int | None, max_tokens: int, temperature: float,
-                            ignore_eos: bool) -> list[tuple[str, dict]]:
+def http_requests_from_file(
+    path: str, model: str, num_seqs: int | None, max_tokens: int, temperature: float, ignore_eos: bool
+) -> list[tuple[str, dict]]:
     """Chat requests from a JSONL file, one `{"messages": [...]}` per line (optional per-line
     `max_tokens` / `temperature`), sent to /v1/chat/completions. With `num_seqs`, the lines are
     cycled or cut to that many requests."""
@@ -94,16 +111,26 @@ def http_requests_from_file(path: str, model: str, num_seqs: int | None, max_tok
         rows = [rows[i % len(rows)] for i in range(num_seqs)]
     out = []
     for row in rows:
-        body = {"model": model, "messages": row["messages"], "max_tokens": int(row.get("max_tokens", max_tokens)),
-                "temperature": float(row.get("temperature", temperature))}
+        body = {
+            "model": model,
+            "messages": row["messages"],
+            "max_tokens": int(row.get("max_tokens", max_tokens)),
+            "temperature": float(row.get("temperature", temperature)),
+        }
         if ignore_eos:
             body["ignore_eos"] = True
         out.append(("/v1/chat/completions", body))
     return out
 
 
-async def _http_run(base: str, requests: list[tuple[str, dict]], concurrency: int | None, rate: float | None,
-                    timeout: float = 3600.0, seed_: int = 0) -> dict:
+async def _http_run(
+    base: str,
+    requests: list[tuple[str, dict]],
+    concurrency: int | None,
+    rate: float | None,
+    timeout: float = 3600.0,
+    seed_: int = 0,
+) -> dict:
     """Send (route, body) requests streaming, with Poisson arrivals at `rate` per second (None: all
     at once) and at most `concurrency` in flight; time every request. TTFT is the time to the first
     chunk with text; ITL the gaps between text chunks (one chunk per engine step)."""
@@ -117,6 +144,7 @@ async def _http_run(base: str, requests: list[tuple[str, dict]], concurrency: in
     ttft, itl, e2e, out_tokens, in_tokens, errors = [], [], [], [], [], []
     limits = httpx.Limits(max_connections=len(requests) + 8, max_keepalive_connections=len(requests) + 8)
     async with httpx.AsyncClient(base_url=base, timeout=timeout, limits=limits) as client:
+
         async def one(route: str, body: dict):
             body = {**body, "stream": True, "stream_options": {"include_usage": True}}
             async with sem:
@@ -164,12 +192,21 @@ async def _http_run(base: str, requests: list[tuple[str, dict]], concurrency: in
         await asyncio.gather(*tasks)
         dt = time.perf_counter() - t_start
     ms = lambda xs: {**{f"p{q}": round(1e3 * _pct(xs, q), 2) for q in (50, 90, 99)}, "mean": round(1e3 * _mean(xs), 2)}
-    return {"ttft_ms": ms(ttft), "itl_ms": ms(itl), "e2e_s": {k: round(v / 1e3, 3) for k, v in ms(e2e).items()},
-            "requests": len(requests), "completed": len(e2e), "seconds": round(dt, 3),
-            "request_throughput": round(len(e2e) / dt, 3), "prompt_tokens": sum(in_tokens),
-            "completion_tokens": sum(out_tokens), "tok_per_s": round(sum(out_tokens) / dt, 1),
-            "total_tok_per_s": round((sum(out_tokens) + sum(in_tokens)) / dt, 1),
-            "errors": len(errors), "first_error": errors[0] if errors else None}
+    return {
+        "ttft_ms": ms(ttft),
+        "itl_ms": ms(itl),
+        "e2e_s": {k: round(v / 1e3, 3) for k, v in ms(e2e).items()},
+        "requests": len(requests),
+        "completed": len(e2e),
+        "seconds": round(dt, 3),
+        "request_throughput": round(len(e2e) / dt, 3),
+        "prompt_tokens": sum(in_tokens),
+        "completion_tokens": sum(out_tokens),
+        "tok_per_s": round(sum(out_tokens) / dt, 1),
+        "total_tok_per_s": round((sum(out_tokens) + sum(in_tokens)) / dt, 1),
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
+    }
 
 
 def _parse_rates(a) -> list[float | None]:
@@ -193,21 +230,30 @@ def http_bench(a) -> list[dict]:
     import asyncio
 
     import httpx
+
     server = None
     if a.start_server:
         from ray import serve
 
         from nanovllmx.serve import build_app
-        args = {"model": a.model, "max_bs": a.max_bs, "context_len": a.context_len, "tp_size": a.tp_size,
-                "pp_size": a.pp_size, "enforce_eager": a.enforce_eager,
-                "gpu_memory_utilization": a.gpu_memory_utilization}
+
+        args = {
+            "model": a.model,
+            "max_bs": a.max_bs,
+            "context_len": a.context_len,
+            "tp_size": a.tp_size,
+            "pp_size": a.pp_size,
+            "enforce_eager": a.enforce_eager,
+            "gpu_memory_utilization": a.gpu_memory_utilization,
+        }
         serve.start(http_options={"host": "127.0.0.1", "port": int(a.url.rsplit(":", 1)[1].split("/")[0])})
         server = serve.run(build_app(args), name="bench", route_prefix="/")
     try:
         model = httpx.get(a.url + "/v1/models", timeout=60).json()["data"][0]["id"]
         if a.prompts_file:
-            requests = http_requests_from_file(a.prompts_file, model, a.num_seqs, a.max_tokens, a.temperature,
-                                               a.ignore_eos)
+            requests = http_requests_from_file(
+                a.prompts_file, model, a.num_seqs, a.max_tokens, a.temperature, a.ignore_eos
+            )
             workload = f"file:{os.path.basename(a.prompts_file)}"
         else:
             requests = http_requests_standard(model, a.num_seqs or 256)
@@ -217,33 +263,45 @@ def http_bench(a) -> list[dict]:
         results = []
         for rate in _parse_rates(a):
             res = asyncio.run(_http_run(a.url, requests, a.concurrency, rate))
-            res.update({"mode": "http", "workload": workload, "request_rate": rate if rate else "inf",
-                        "concurrency": a.concurrency})
+            res.update(
+                {
+                    "mode": "http",
+                    "workload": workload,
+                    "request_rate": rate if rate else "inf",
+                    "concurrency": a.concurrency,
+                }
+            )
             results.append(res)
             print(json.dumps(res), flush=True)
     finally:
         if server is not None:
             from ray import serve
+
             serve.shutdown()
     return results
 
 
 def print_table(results: list[dict]) -> None:
-    head = (f"{'rate':>6} {'req/s':>7} {'out tok/s':>9} | {'TTFT ms p50':>11} {'p90':>8} {'p99':>8} | "
-            f"{'ITL ms p50':>10} {'p90':>7} {'p99':>7} | {'e2e s p50':>9} {'p99':>7} | err")
+    head = (
+        f"{'rate':>6} {'req/s':>7} {'out tok/s':>9} | {'TTFT ms p50':>11} {'p90':>8} {'p99':>8} | "
+        f"{'ITL ms p50':>10} {'p90':>7} {'p99':>7} | {'e2e s p50':>9} {'p99':>7} | err"
+    )
     print(head)
     print("-" * len(head))
     for r in results:
         t, i, e = r["ttft_ms"], r["itl_ms"], r["e2e_s"]
-        print(f"{str(r['request_rate']):>6} {r['request_throughput']:>7.2f} {r['tok_per_s']:>9.1f} | "
-              f"{t['p50']:>11.1f} {t['p90']:>8.1f} {t['p99']:>8.1f} | {i['p50']:>10.2f} {i['p90']:>7.2f} "
-              f"{i['p99']:>7.2f} | {e['p50']:>9.2f} {e['p99']:>7.2f} | {r['errors']}")
+        print(
+            f"{str(r['request_rate']):>6} {r['request_throughput']:>7.2f} {r['tok_per_s']:>9.1f} | "
+            f"{t['p50']:>11.1f} {t['p90']:>8.1f} {t['p99']:>8.1f} | {i['p50']:>10.2f} {i['p90']:>7.2f} "
+            f"{i['p99']:>7.2f} | {e['p50']:>9.2f} {e['p99']:>7.2f} | {r['errors']}"
+        )
 
 
 def plot_latency(results: list[dict], path: str) -> bool:
     """TTFT and ITL p50/p99 versus request rate, as a PNG (needs matplotlib)."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -275,8 +333,9 @@ def plot_latency(results: list[dict], path: str) -> bool:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
-    ap.add_argument("--num-seqs", type=int, default=None,
-                    help="requests (default 256; with --prompts-file: every line once)")
+    ap.add_argument(
+        "--num-seqs", type=int, default=None, help="requests (default 256; with --prompts-file: every line once)"
+    )
     ap.add_argument("--max-bs", type=int, default=256)
     ap.add_argument("--tp-size", type=int, default=1)
     ap.add_argument("--pp-size", type=int, default=1)
@@ -294,17 +353,25 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="print the per-step time breakdown")
     ap.add_argument("--top-k", type=int, default=0, help="offline: top_k for every request (standard: 0, off)")
     ap.add_argument("--top-p", type=float, default=1.0, help="offline: top_p for every request (standard: 1, off)")
-    ap.add_argument("--json", default=None, help="append every result (one per request rate) as a JSON line to this file")
+    ap.add_argument(
+        "--json", default=None, help="append every result (one per request rate) as a JSON line to this file"
+    )
     ap.add_argument("--http", action="store_true", help="send the workload through the OpenAI HTTP API")
     ap.add_argument("--url", default="http://127.0.0.1:8000")
     ap.add_argument("--start-server", action="store_true", help="with --http: serve.run the app for --model here")
     ap.add_argument("--request-rate", type=float, default=None, help="with --http: Poisson arrivals per second")
     ap.add_argument("--concurrency", type=int, default=None, help="with --http: most requests in flight")
-    ap.add_argument("--request-rates", default=None,
-                    help="with --http: a sweep, e.g. 1,2,4,8,inf (one run of the workload per rate)")
-    ap.add_argument("--prompts-file", default=None,
-                    help='with --http: JSONL of chat prompts {"messages": [...]} (optional "max_tokens"), '
-                         "sent to /v1/chat/completions instead of the standard workload")
+    ap.add_argument(
+        "--request-rates",
+        default=None,
+        help="with --http: a sweep, e.g. 1,2,4,8,inf (one run of the workload per rate)",
+    )
+    ap.add_argument(
+        "--prompts-file",
+        default=None,
+        help='with --http: JSONL of chat prompts {"messages": [...]} (optional "max_tokens"), '
+        "sent to /v1/chat/completions instead of the standard workload",
+    )
     ap.add_argument("--max-tokens", type=int, default=256, help="with --prompts-file: default max_tokens")
     ap.add_argument("--temperature", type=float, default=0.6, help="with --prompts-file: default temperature")
     ap.add_argument("--ignore-eos", action="store_true", help="with --prompts-file: generate max_tokens tokens")
@@ -326,13 +393,22 @@ def main() -> None:
     a.num_seqs = a.num_seqs or 256
 
     from nanovllmx import LLM, SamplingParams
+
     bw = copy_bandwidth() if a.bw else None
-    llm = LLM(a.model, max_bs=a.max_bs, tp_size=a.tp_size, pp_size=a.pp_size, executor=a.executor,
-              enforce_eager=a.enforce_eager, attention_backend=a.attention_backend, context_len=a.context_len,
-              gpu_memory_utilization=a.gpu_memory_utilization,
-              decode_tensor_cores=None if a.decode_tensor_cores is None else bool(a.decode_tensor_cores),
-              overlap_scheduling=not a.no_overlap,
-              **({} if a.max_num_batched_tokens is None else {"max_num_batched_tokens": a.max_num_batched_tokens}))
+    llm = LLM(
+        a.model,
+        max_bs=a.max_bs,
+        tp_size=a.tp_size,
+        pp_size=a.pp_size,
+        executor=a.executor,
+        enforce_eager=a.enforce_eager,
+        attention_backend=a.attention_backend,
+        context_len=a.context_len,
+        gpu_memory_utilization=a.gpu_memory_utilization,
+        decode_tensor_cores=None if a.decode_tensor_cores is None else bool(a.decode_tensor_cores),
+        overlap_scheduling=not a.no_overlap,
+        **({} if a.max_num_batched_tokens is None else {"max_num_batched_tokens": a.max_num_batched_tokens}),
+    )
     prompts, params = standard_workload(a.num_seqs)
     if a.top_k or a.top_p < 1:  # e.g. Qwen3's generation defaults (top_k 20, top_p 0.95): the filtered sampler
         for p in params:
@@ -342,6 +418,7 @@ def main() -> None:
     prof = None
     if a.torch_profile:
         import torch
+
         prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])  # kernels only
         prof.__enter__()
     t = time.perf_counter()
@@ -350,17 +427,29 @@ def main() -> None:
     if prof is not None:
         prof.__exit__(None, None, None)
         from nanovllmx.utils.profiling import format_summary, kernel_summary
+
         rows = kernel_summary(prof, 1)
         busy = sum(r[2] for r in rows) / 1e3
-        summary = (f"whole run: {dt:.2f} s wall, {busy:.2f} s of kernels ({100 * busy / dt:.0f}% busy)\n"
-                   + format_summary(rows).replace("/step", "/run"))
+        summary = (
+            f"whole run: {dt:.2f} s wall, {busy:.2f} s of kernels ({100 * busy / dt:.0f}% busy)\n"
+            + format_summary(rows).replace("/step", "/run")
+        )
         print(summary)
         with open(a.torch_profile, "w") as f:
             f.write(summary + "\n\n" + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40))
     total = sum(len(o.token_ids) for o in outs)
     assert total == sum(p.max_tokens for p in params), "every request must produce max_tokens tokens"
-    res = {"executor": a.executor, "tokens": total, "seconds": round(dt, 3), "tok_per_s": round(total / dt, 1), "max_bs": a.max_bs,
-           "tp": a.tp_size, "pp": a.pp_size, "eager": a.enforce_eager, "overlap": not a.no_overlap}
+    res = {
+        "executor": a.executor,
+        "tokens": total,
+        "seconds": round(dt, 3),
+        "tok_per_s": round(total / dt, 1),
+        "max_bs": a.max_bs,
+        "tp": a.tp_size,
+        "pp": a.pp_size,
+        "eager": a.enforce_eager,
+        "overlap": not a.no_overlap,
+    }
     if a.max_num_batched_tokens is not None:
         res["max_num_batched_tokens"] = a.max_num_batched_tokens
     if a.top_k or a.top_p < 1:
@@ -369,18 +458,31 @@ def main() -> None:
     res.update({k: stats[k] for k in ("num_preempted_total", "num_slots") if k in stats})
     if bw:
         bound = roofline_bound(bw, a.roofline)
-        res.update({"copy_bw_TBps": round(bw / 1e12, 3), "bound_tok_per_s": bound,
-                    "pct_of_bound": round(100 * total / dt / bound, 1) if bound else None})
+        res.update(
+            {
+                "copy_bw_TBps": round(bw / 1e12, 3),
+                "bound_tok_per_s": bound,
+                "pct_of_bound": round(100 * total / dt / bound, 1) if bound else None,
+            }
+        )
     if a.profile:
         n0, n1 = warm.get("num_steps") or 0, stats.get("num_steps") or 0
         for key in ("step_ms", "worker_step_ms"):  # per-step means of the timed steps
             before, after = warm.get(key) or {}, stats.get(key)
-            res[key] = None if after is None else {
-                k: round((v * n1 - before.get(k, 0.0) * n0) / max(n1 - n0, 1), 3) for k, v in after.items()}
+            res[key] = (
+                None
+                if after is None
+                else {k: round((v * n1 - before.get(k, 0.0) * n0) / max(n1 - n0, 1), 3) for k, v in after.items()}
+            )
         res["num_steps"] = n1 - n0
         # the Ray executor's control-plane measures (see RayExecutor.metrics)
-        res.update({k: stats[k] for k in ("control_plane_ms_per_step", "worker_busy_ms_per_step",
-                                           "control_plane_share", "step_wall_ms") if stats.get(k) is not None})
+        res.update(
+            {
+                k: stats[k]
+                for k in ("control_plane_ms_per_step", "worker_busy_ms_per_step", "control_plane_share", "step_wall_ms")
+                if stats.get(k) is not None
+            }
+        )
     print(json.dumps(res))
     if a.json:
         with open(a.json, "a") as f:

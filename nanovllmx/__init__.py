@@ -1,10 +1,19 @@
 """nanovllmx: a lightweight, fast LLM serving system for Qwen3 models, built on Ray."""
-from nanovllmx.llm import LLM
+
 from nanovllmx.engine.output_processor import EngineRequestError
 from nanovllmx.errors import EngineOverloadedError, EngineUnavailableError
+from nanovllmx.llm import LLM
 from nanovllmx.outputs import RequestOutput, StreamDelta
 from nanovllmx.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "StreamDelta", "EngineRequestError", "EngineOverloadedError",
-           "EngineUnavailableError", "__version__"]
+__all__ = [
+    "LLM",
+    "SamplingParams",
+    "RequestOutput",
+    "StreamDelta",
+    "EngineRequestError",
+    "EngineOverloadedError",
+    "EngineUnavailableError",
+    "__version__",
+]

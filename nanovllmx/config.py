@@ -1,4 +1,5 @@
 """Engine configuration: every `LLM(...)` argument, resolved once (device, dtype, context)."""
+
 from __future__ import annotations
 
 import json
@@ -65,10 +66,12 @@ class EngineConfig:
             raise ValueError(f"max_waiting_requests must be an integer >= 0, got {mw!r}")
         if self.device == "auto":
             import torch
+
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device not in ("cuda", "cpu"):
             raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {self.device!r}")
         from transformers import AutoConfig
+
         self.hf_config = AutoConfig.from_pretrained(self.model)
         if self.dtype == "auto":
             self.dtype = "float32" if self.device == "cpu" else "bfloat16"
@@ -93,7 +96,7 @@ class EngineConfig:
             if os.path.exists(src):
                 with open(src) as f:
                     e = json.load(f).get("eos_token_id")
-                for i in ([e] if isinstance(e, int) else (e or [])):
+                for i in [e] if isinstance(e, int) else (e or []):
                     if i not in ids:
                         ids.append(i)
         return ids
@@ -101,4 +104,5 @@ class EngineConfig:
     @property
     def torch_dtype(self):
         import torch
+
         return getattr(torch, self.dtype)

@@ -1,6 +1,7 @@
 """Typed errors of the client API: what a caller can catch, and what the HTTP app maps to status
 codes (see docs/reliability.md). `EngineRequestError` (a request the engine failed while running
 it) lives in `nanovllmx.engine.output_processor` and is exported from `nanovllmx` too."""
+
 from __future__ import annotations
 
 

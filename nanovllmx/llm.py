@@ -1,5 +1,6 @@
 """The client API: `LLM` tokenizes, submits requests to an engine core (in this process, or in a
 Ray scheduler actor), and hands back finished outputs (`generate`) or deltas (`stream`)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -13,7 +14,7 @@ import threading
 import time
 import uuid
 import weakref
-from typing import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 
 from nanovllmx.config import EngineConfig
 from nanovllmx.engine.detokenizer import IncrementalDetokenizer
@@ -29,14 +30,34 @@ Prompt = str | list[int]
 
 
 class LLM:
-    def __init__(self, model: str, device: str = "auto", dtype: str = "auto", gpu_memory_utilization: float = 0.9,
-                 max_bs: int = 256, context_len: int | None = None, enforce_eager: bool = False,
-                 tp_size: int = 1, pp_size: int = 1, executor: str = "auto", **kwargs):
+    def __init__(
+        self,
+        model: str,
+        device: str = "auto",
+        dtype: str = "auto",
+        gpu_memory_utilization: float = 0.9,
+        max_bs: int = 256,
+        context_len: int | None = None,
+        enforce_eager: bool = False,
+        tp_size: int = 1,
+        pp_size: int = 1,
+        executor: str = "auto",
+        **kwargs,
+    ):
         from transformers import AutoTokenizer
-        self.config = EngineConfig(model=model, device=device, dtype=dtype,
-                                   gpu_memory_utilization=gpu_memory_utilization, max_bs=max_bs,
-                                   context_len=context_len, enforce_eager=enforce_eager, tp_size=tp_size,
-                                   pp_size=pp_size, **kwargs)
+
+        self.config = EngineConfig(
+            model=model,
+            device=device,
+            dtype=dtype,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_bs=max_bs,
+            context_len=context_len,
+            enforce_eager=enforce_eager,
+            tp_size=tp_size,
+            pp_size=pp_size,
+            **kwargs,
+        )
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.processor = OutputProcessor(self.tokenizer)
         self._outq: queue.Queue = queue.Queue()
@@ -47,9 +68,11 @@ class LLM:
         if executor == "local":
             from nanovllmx.engine.core import EngineCore
             from nanovllmx.engine.executor import LocalExecutor
+
             self.core = EngineCore(self.config, LocalExecutor(self.config), self._outq.put)
         elif executor == "ray":
             from nanovllmx.distributed.ray_engine import RayEngineClient
+
             self.core = RayEngineClient(self.config, self._outq.put)
         else:
             raise ValueError(f"executor must be 'auto', 'local' or 'ray', got {executor!r}")
@@ -89,13 +112,20 @@ class LLM:
             return self.tokenizer.encode(prompt)
         # the type set first: C speed for the usual plain-int list (the per-item check took ~25 ms
         # for the standard workload's 143k prompt tokens, before the engine's first step)
-        if isinstance(prompt, (list, tuple)) and (set(map(type, prompt)) <= {int} or all(
-                isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
+        if isinstance(prompt, (list, tuple)) and (
+            set(map(type, prompt)) <= {int} or all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+        ):
             return list(prompt)
         raise TypeError("a prompt is a string or a list of token ids")
 
-    def _submit(self, prompt: Prompt, params: SamplingParams, request_id: str | None, streaming: bool,
-                loop: asyncio.AbstractEventLoop | None = None) -> RequestState:
+    def _submit(
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        request_id: str | None,
+        streaming: bool,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> RequestState:
         if self._closed:
             raise EngineUnavailableError("this LLM has been shut down (or is shutting down): it takes no new requests")
         if not isinstance(params, SamplingParams):
@@ -110,15 +140,17 @@ class LLM:
             st.queue, st.loop = asyncio.Queue(), loop
         with self._admit:
             if self._closed:
-                raise EngineUnavailableError("this LLM has been shut down (or is shutting down): it takes no new "
-                                             "requests")
+                raise EngineUnavailableError(
+                    "this LLM has been shut down (or is shutting down): it takes no new requests"
+                )
             if rid in self.processor.states:
                 raise ValueError(f"request id {rid!r} is already in use")
             n = len(self.processor.states)
             if n >= self.max_outstanding:  # refused here, cheaply: nothing reaches the engine
                 raise EngineOverloadedError(
                     f"the engine is overloaded: {n} requests outstanding (max_bs={self.config.max_bs} running + "
-                    f"max_waiting_requests={self.config.max_waiting_requests} waiting); retry later")
+                    f"max_waiting_requests={self.config.max_waiting_requests} waiting); retry later"
+                )
             self.processor.add(st)
             try:
                 self.core.add_request(er)
@@ -128,14 +160,20 @@ class LLM:
         return st
 
     # ---------------------------------------------------------------- public API
-    def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool | None = None) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool | None = None,
+    ) -> list[RequestOutput]:
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
-        params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
+        params = (
+            list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
+        )
         if len(params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
         for p in params:  # fail before anything is submitted
@@ -161,6 +199,7 @@ class LLM:
         bar = None
         if show:
             from tqdm import tqdm
+
             bar = tqdm(total=len(states), desc="Generating", unit="req", dynamic_ncols=True)
         try:
             for st in states:
@@ -176,8 +215,9 @@ class LLM:
                 bar.close()
         return [self.processor.result(st) for st in states]
 
-    async def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
-                     request_id: str | None = None) -> AsyncIterator[StreamDelta]:
+    async def stream(
+        self, prompt: Prompt, sampling_params: SamplingParams | None = None, request_id: str | None = None
+    ) -> AsyncIterator[StreamDelta]:
         """Yield deltas as tokens are sampled. Cancelling the consumer aborts the request."""
         st = self._submit(prompt, sampling_params or SamplingParams(), request_id, True, asyncio.get_running_loop())
         finished = False
@@ -198,13 +238,23 @@ class LLM:
                     if not items:
                         continue
                 # stream_interval: hold deltas until that many tokens came (the first goes at once)
-                held = items if sent and not items[-1].finished and \
-                    sum(len(it.token_ids) for it in items) < interval else []
+                held = (
+                    items
+                    if sent and not items[-1].finished and sum(len(it.token_ids) for it in items) < interval
+                    else []
+                )
                 if held:
                     continue
                 sent = True
-                d = items[0] if len(items) == 1 else dataclasses.replace(
-                    items[-1], token_ids=[t for it in items for t in it.token_ids], text="".join(it.text for it in items))
+                d = (
+                    items[0]
+                    if len(items) == 1
+                    else dataclasses.replace(
+                        items[-1],
+                        token_ids=[t for it in items for t in it.token_ids],
+                        text="".join(it.text for it in items),
+                    )
+                )
                 finished = d.finished
                 yield d
                 if finished:
@@ -223,8 +273,9 @@ class LLM:
         if st.queue is None:
             st.done.set()
         else:  # end the stream with a final delta, or its consumer waits forever
-            d = StreamDelta(request_id, [], "", True, "abort", len(st.prompt_token_ids), st.num_cached_tokens,
-                            len(st.token_ids))
+            d = StreamDelta(
+                request_id, [], "", True, "abort", len(st.prompt_token_ids), st.num_cached_tokens, len(st.token_ids)
+            )
             try:
                 st.loop.call_soon_threadsafe(st.queue.put_nowait, d)
             except RuntimeError:  # the stream's event loop is closed: nobody is waiting
@@ -253,13 +304,14 @@ class LLM:
         for rid in left:
             self.abort(rid)
         if left:
-            logger.warning("shutdown: %d request(s) still running after %.1fs ended with finish_reason 'abort'",
-                           len(left), timeout)
+            logger.warning(
+                "shutdown: %d request(s) still running after %.1fs ended with finish_reason 'abort'", len(left), timeout
+            )
         self.core.shutdown()
         self._outq.put(None)
         self._out_thread.join(timeout=10)
 
-    def __enter__(self) -> "LLM":
+    def __enter__(self) -> LLM:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -272,7 +324,7 @@ class LLM:
             pass
 
 
-def _shutdown_at_exit(ref: "weakref.ref[LLM]") -> None:
+def _shutdown_at_exit(ref: weakref.ref[LLM]) -> None:
     llm = ref()
     if llm is not None:
         llm.shutdown()

@@ -13,24 +13,111 @@ Everything here is recorded only when Ray is initialized (a Serve replica always
 Ray exports each metric as `ray_<name>` (counters also get `_total`) on every node's metrics
 export port, which Prometheus scrapes; docs/observability.md lists them all.
 """
+
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 logger = logging.getLogger("nanovllmx.stats")
 
 # Histogram boundaries (seconds). Fine at the low end: a GPU decode step is a few milliseconds.
-TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-                20.0, 40.0, 80.0, 160.0, 640.0]
-ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
-               0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0]
-E2E_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
-               120.0, 240.0, 480.0, 960.0, 1920.0]
-QUEUE_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0,
-                 40.0, 80.0, 160.0, 320.0, 640.0]
+TTFT_BUCKETS = [
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+]
+ITL_BUCKETS = [
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+]
+E2E_BUCKETS = [
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+]
+QUEUE_BUCKETS = [
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    320.0,
+    640.0,
+]
 
 FINISH_REASONS = ("stop", "length", "abort", "error")
 
@@ -52,6 +139,7 @@ class ServeMetrics:
 
     def __init__(self, model_name: str):
         from ray.util.metrics import Counter, Gauge, Histogram
+
         self.model_name = model_name
         tags = {"model_name": model_name}
 
@@ -62,38 +150,71 @@ class ServeMetrics:
 
         # ---- engine state (set from llm.stats() once a second)
         self.running = mk(Gauge, "nanovllmx_num_requests_running", "Requests in the running batch.")
-        self.waiting = mk(Gauge, "nanovllmx_num_requests_waiting", "Requests waiting to be scheduled (preempted ones included).")
-        self.preempted = mk(Gauge, "nanovllmx_num_requests_preempted",
-                            "Waiting requests that were preempted (their KV went to the radix cache) and will be recomputed.")
-        self.preemptions = mk(Counter, "nanovllmx_preemptions", "Preemptions (a running request sent back to the queue).")
-        self.kv_usage = mk(Gauge, "nanovllmx_kv_cache_usage", "Fraction of KV slots held by requests (running, or prefixes they lock).")
-        self.kv_cached = mk(Gauge, "nanovllmx_kv_cache_cached_usage",
-                            "Fraction of KV slots held only by the radix prefix cache (evictable).")
+        self.waiting = mk(
+            Gauge, "nanovllmx_num_requests_waiting", "Requests waiting to be scheduled (preempted ones included)."
+        )
+        self.preempted = mk(
+            Gauge,
+            "nanovllmx_num_requests_preempted",
+            "Waiting requests that were preempted (their KV went to the radix cache) and will be recomputed.",
+        )
+        self.preemptions = mk(
+            Counter, "nanovllmx_preemptions", "Preemptions (a running request sent back to the queue)."
+        )
+        self.kv_usage = mk(
+            Gauge, "nanovllmx_kv_cache_usage", "Fraction of KV slots held by requests (running, or prefixes they lock)."
+        )
+        self.kv_cached = mk(
+            Gauge,
+            "nanovllmx_kv_cache_cached_usage",
+            "Fraction of KV slots held only by the radix prefix cache (evictable).",
+        )
         self.kv_slots = mk(Gauge, "nanovllmx_kv_cache_slots", "KV cache size in token slots.")
-        self.hit_rate = mk(Gauge, "nanovllmx_prefix_cache_hit_rate",
-                           "Cached prompt tokens / prompt tokens since the engine started.")
+        self.hit_rate = mk(
+            Gauge, "nanovllmx_prefix_cache_hit_rate", "Cached prompt tokens / prompt tokens since the engine started."
+        )
         self.prompt_tokens = mk(Counter, "nanovllmx_prompt_tokens", "Prompt tokens of admitted requests.")
-        self.cached_tokens = mk(Counter, "nanovllmx_cached_prompt_tokens",
-                                "Prompt tokens whose KV came from the radix prefix cache (prefix-cache hits).")
+        self.cached_tokens = mk(
+            Counter,
+            "nanovllmx_cached_prompt_tokens",
+            "Prompt tokens whose KV came from the radix prefix cache (prefix-cache hits).",
+        )
         self.generation_tokens = mk(Counter, "nanovllmx_generation_tokens", "Generated (sampled) tokens.")
         # ---- per request (where the deltas arrive)
-        self.ttft = mk(Histogram, "nanovllmx_time_to_first_token_seconds",
-                       "From submission to the engine to the first token.", boundaries=TTFT_BUCKETS)
-        self.itl = mk(Histogram, "nanovllmx_inter_token_latency_seconds",
-                      "Between two consecutive token deltas of a request.", boundaries=ITL_BUCKETS)
-        self.e2e = mk(Histogram, "nanovllmx_e2e_request_latency_seconds",
-                      "From submission to the last token, of requests that finished (stop or length).",
-                      boundaries=E2E_BUCKETS)
-        self.queue_time = mk(Histogram, "nanovllmx_request_queue_time_seconds",
-                             "From arrival at the engine to first being scheduled.", boundaries=QUEUE_BUCKETS)
-        self.finished = mk(Counter, "nanovllmx_requests_finished", "Requests that ended, by finish reason.",
-                           ("finish_reason",))
-        self.http = mk(Counter, "nanovllmx_http_requests", "HTTP responses, by status code and route.",
-                       ("status", "route"))
+        self.ttft = mk(
+            Histogram,
+            "nanovllmx_time_to_first_token_seconds",
+            "From submission to the engine to the first token.",
+            boundaries=TTFT_BUCKETS,
+        )
+        self.itl = mk(
+            Histogram,
+            "nanovllmx_inter_token_latency_seconds",
+            "Between two consecutive token deltas of a request.",
+            boundaries=ITL_BUCKETS,
+        )
+        self.e2e = mk(
+            Histogram,
+            "nanovllmx_e2e_request_latency_seconds",
+            "From submission to the last token, of requests that finished (stop or length).",
+            boundaries=E2E_BUCKETS,
+        )
+        self.queue_time = mk(
+            Histogram,
+            "nanovllmx_request_queue_time_seconds",
+            "From arrival at the engine to first being scheduled.",
+            boundaries=QUEUE_BUCKETS,
+        )
+        self.finished = mk(
+            Counter, "nanovllmx_requests_finished", "Requests that ended, by finish reason.", ("finish_reason",)
+        )
+        self.http = mk(
+            Counter, "nanovllmx_http_requests", "HTTP responses, by status code and route.", ("status", "route")
+        )
         self._finish_tags = {r: {"finish_reason": r} for r in FINISH_REASONS}
 
     @classmethod
-    def create(cls, model_name: str) -> "ServeMetrics | None":
+    def create(cls, model_name: str) -> ServeMetrics | None:
         if not ray_initialized():
             return None
         try:
@@ -136,8 +257,16 @@ class ServeMetrics:
 
 
 # ================================================================================ HTTP status counts
-_KNOWN_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/engine/stats", "/health",
-                 "/version", "/docs", "/openapi.json")
+_KNOWN_ROUTES = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/models",
+    "/v1/engine/stats",
+    "/health",
+    "/version",
+    "/docs",
+    "/openapi.json",
+)
 
 
 def route_label(path: str) -> str:
@@ -166,7 +295,7 @@ class HTTPStatusMiddleware:
         path = scope.get("path", "")
         root = scope.get("root_path") or ""
         if root and path.startswith(root):
-            path = path[len(root):] or "/"
+            path = path[len(root) :] or "/"
         status = []
 
         async def send_status(message):
@@ -196,11 +325,16 @@ class EngineStatsMonitor:
     INFO line of engine stats (throughput, running/waiting, KV use, hit rate) if the engine was busy
     in that window; nothing when idle, nothing per token."""
 
-    _COUNTERS = ("prompt_tokens_total", "cached_prompt_tokens_total", "generation_tokens_total",
-                 "num_preempted_total")
+    _COUNTERS = ("prompt_tokens_total", "cached_prompt_tokens_total", "generation_tokens_total", "num_preempted_total")
 
-    def __init__(self, stats_fn: Callable[[], dict | None], metrics: ServeMetrics | None = None, interval: float = 1.0,
-                 log_interval: float = 5.0, name: str = ""):
+    def __init__(
+        self,
+        stats_fn: Callable[[], dict | None],
+        metrics: ServeMetrics | None = None,
+        interval: float = 1.0,
+        log_interval: float = 5.0,
+        name: str = "",
+    ):
         self.stats_fn, self.metrics = stats_fn, metrics
         self.interval, self.log_interval, self.name = interval, log_interval, name
         self._prev: dict[str, int] | None = None
@@ -210,7 +344,7 @@ class EngineStatsMonitor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self) -> "EngineStatsMonitor":
+    def start(self) -> EngineStatsMonitor:
         self._thread = threading.Thread(target=self._loop, name="nanovllmx-stats", daemon=True)
         self._thread.start()
         return self
@@ -244,8 +378,13 @@ class EngineStatsMonitor:
         delta = {k: cur[k] - prev[k] if cur[k] >= prev[k] else cur[k] for k in self._COUNTERS}
         self._prev = cur
         if self.metrics is not None:
-            self.metrics.engine_stats(s, delta["prompt_tokens_total"], delta["cached_prompt_tokens_total"],
-                                      delta["generation_tokens_total"], delta["num_preempted_total"])
+            self.metrics.engine_stats(
+                s,
+                delta["prompt_tokens_total"],
+                delta["cached_prompt_tokens_total"],
+                delta["generation_tokens_total"],
+                delta["num_preempted_total"],
+            )
         if self._win_start is None:
             self._win_start = now
         for k in self._COUNTERS:
@@ -271,7 +410,9 @@ class EngineStatsMonitor:
         hit = f"{100 * win['cached_prompt_tokens_total'] / pt:.1f}%" if pt else "-"
         hit_all = f"{100 * (s.get('cached_prompt_tokens_total') or 0) / total_pt:.1f}%" if total_pt else "-"
         who = f"{self.name} " if self.name else ""
-        return (f"engine {who}stats: generation {win['generation_tokens_total'] / dt:.1f} tok/s, prompt "
-                f"{pt / dt:.1f} tok/s, running {s.get('num_running', 0)}, waiting {s.get('num_waiting', 0)}, "
-                f"preempted {s.get('num_preempted', 0)} (preemptions {win['num_preempted_total']}), KV {100 * used:.1f}% used + "
-                f"{100 * cached / n if n else 0:.1f}% cached, prefix hit {hit} (last {dt:.0f}s), {hit_all} (total)")
+        return (
+            f"engine {who}stats: generation {win['generation_tokens_total'] / dt:.1f} tok/s, prompt "
+            f"{pt / dt:.1f} tok/s, running {s.get('num_running', 0)}, waiting {s.get('num_waiting', 0)}, "
+            f"preempted {s.get('num_preempted', 0)} (preemptions {win['num_preempted_total']}), KV {100 * used:.1f}% used + "
+            f"{100 * cached / n if n else 0:.1f}% cached, prefix hit {hit} (last {dt:.0f}s), {hit_all} (total)"
+        )

@@ -1,4 +1,5 @@
 """What the engine hands back to callers: a finished request, or a streamed delta."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -7,6 +8,7 @@ from dataclasses import dataclass, field
 @dataclass
 class RequestOutput:
     """A finished request (offline `generate`)."""
+
     request_id: str
     prompt_token_ids: list[int]
     token_ids: list[int]
@@ -18,6 +20,7 @@ class RequestOutput:
 @dataclass
 class StreamDelta:
     """One increment of a streamed request: the new tokens and the text they complete."""
+
     request_id: str
     token_ids: list[int] = field(default_factory=list)
     text: str = ""

@@ -1,4 +1,5 @@
 """Per-request sampling and stopping parameters (the offline API's and the HTTP API's contract)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

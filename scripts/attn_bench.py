@@ -5,6 +5,7 @@ KV reads dominate the roofline, so this bounds what the whole engine can reach.
 
     python scripts/attn_bench.py [--ctx-max 1500]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,6 +21,7 @@ def sweep(sizes: list[int], ctx_min: int, ctx_max: int, variants: list[str]) -> 
     slots) for each decode kernel variant: 'cuda' (CUDA cores), 'tc' (tensor cores, backend auto),
     'fa2' / 'fa3' (tensor cores, that backend). Prints TB/s per batch size."""
     import flashinfer
+
     H, HKV, D, dt, dev = 16, 8, 128, torch.bfloat16, torch.device("cuda")
     rng = np.random.default_rng(0)
     ws = torch.zeros(256 << 20, dtype=torch.uint8, device=dev)
@@ -39,12 +41,27 @@ def sweep(sizes: list[int], ctx_min: int, ctx_max: int, variants: list[str]) -> 
             plan_kw = {"disable_split_kv": True} if name.endswith("-nosplit") else {}
             try:
                 w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-                    ws, "NHD", use_cuda_graph=True, use_tensor_cores=name != "cuda",
+                    ws,
+                    "NHD",
+                    use_cuda_graph=True,
+                    use_tensor_cores=name != "cuda",
                     paged_kv_indptr_buffer=torch.zeros(bs + 1, dtype=torch.int32, device=dev),
                     paged_kv_indices_buffer=torch.zeros(256 * ctx_max, dtype=torch.int32, device=dev),
-                    paged_kv_last_page_len_buffer=torch.ones(bs, dtype=torch.int32, device=dev), **kw)
-                w.plan(indptr, idx, torch.ones(bs, dtype=torch.int32), H, HKV, D, 1, q_data_type=dt, kv_data_type=dt,
-                       **plan_kw)
+                    paged_kv_last_page_len_buffer=torch.ones(bs, dtype=torch.int32, device=dev),
+                    **kw,
+                )
+                w.plan(
+                    indptr,
+                    idx,
+                    torch.ones(bs, dtype=torch.int32),
+                    H,
+                    HKV,
+                    D,
+                    1,
+                    q_data_type=dt,
+                    kv_data_type=dt,
+                    **plan_kw,
+                )
                 s = cuda_time(lambda: w.run(q, (k, v)))
                 cells.append(f"{total * HKV * D * 2 * 2 / s / 1e12:8.2f}")
             except Exception as e:  # a backend this build or GPU lacks
@@ -55,6 +72,7 @@ def sweep(sizes: list[int], ctx_min: int, ctx_max: int, variants: list[str]) -> 
 
 def main() -> None:
     import flashinfer
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--bs", type=int, default=256)
     ap.add_argument("--ctx-min", type=int, default=100)
@@ -82,10 +100,24 @@ def main() -> None:
         indptr = torch.from_numpy(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32))
         for tc in (False, True):
             w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=tc)
-            w.plan(indptr, torch.from_numpy(idx).to(dev), torch.ones(a.bs, dtype=torch.int32), H, HKV, D, 1,
-                   q_data_type=dt, kv_data_type=dt)
-            rows.append((f"page 1, {layout} slots, {'tensor' if tc else 'CUDA'} cores",
-                         cuda_time(lambda: w.run(q, (k, v))), kv_bytes))
+            w.plan(
+                indptr,
+                torch.from_numpy(idx).to(dev),
+                torch.ones(a.bs, dtype=torch.int32),
+                H,
+                HKV,
+                D,
+                1,
+                q_data_type=dt,
+                kv_data_type=dt,
+            )
+            rows.append(
+                (
+                    f"page 1, {layout} slots, {'tensor' if tc else 'CUDA'} cores",
+                    cuda_time(lambda: w.run(q, (k, v))),
+                    kv_bytes,
+                )
+            )
     # page 16, contiguous pages
     P = 16
     pages = (lens + P - 1) // P
@@ -94,12 +126,27 @@ def main() -> None:
     last = (lens - (pages - 1) * P).astype(np.int32)
     for tc in (False, True):
         w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=tc)
-        w.plan(torch.from_numpy(np.concatenate([[0], np.cumsum(pages)]).astype(np.int32)),
-               torch.arange(int(pages.sum()), dtype=torch.int32, device=dev), torch.from_numpy(last), H, HKV, D, P,
-               q_data_type=dt, kv_data_type=dt)
-        rows.append((f"page 16, contiguous, {'tensor' if tc else 'CUDA'} cores",
-                     cuda_time(lambda: w.run(q, (kp, vp))), kv_bytes))
-    print(f"bs {a.bs}, contexts {a.ctx_min}..{a.ctx_max} ({total} tokens, {kv_bytes / 1e9:.2f} GB of KV per layer-step)")
+        w.plan(
+            torch.from_numpy(np.concatenate([[0], np.cumsum(pages)]).astype(np.int32)),
+            torch.arange(int(pages.sum()), dtype=torch.int32, device=dev),
+            torch.from_numpy(last),
+            H,
+            HKV,
+            D,
+            P,
+            q_data_type=dt,
+            kv_data_type=dt,
+        )
+        rows.append(
+            (
+                f"page 16, contiguous, {'tensor' if tc else 'CUDA'} cores",
+                cuda_time(lambda: w.run(q, (kp, vp))),
+                kv_bytes,
+            )
+        )
+    print(
+        f"bs {a.bs}, contexts {a.ctx_min}..{a.ctx_max} ({total} tokens, {kv_bytes / 1e9:.2f} GB of KV per layer-step)"
+    )
     print(f"{'kernel':44s} {'us':>8s} {'TB/s':>6s}")
     for name, s, nbytes in rows:
         print(f"{name:44s} {s * 1e6:8.1f} {nbytes / s / 1e12:6.2f}")

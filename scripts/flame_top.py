@@ -3,6 +3,7 @@
 
     python scripts/flame_top.py profile.txt [N]
 """
+
 from __future__ import annotations
 
 import collections

@@ -6,6 +6,7 @@ the shape (cold-L2 rotating buffer), and a split-K Triton kernel autotuned per s
 
     python scripts/gemm_bench.py [--sizes 16,64,128,256] [--no-tunable] [--no-triton]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,21 +25,30 @@ LAYERS = 28
 
 
 def _configs():
-    return [triton.Config({"BM": bm, "BN": bn, "BK": bk, "SPLIT": sp}, num_warps=4, num_stages=4)
-            for bm in (16, 32, 64, 128) for bn in (32, 64, 128) for bk in (128, 256) for sp in (1, 2, 4, 8)
-            if 4 * (bm + bn) * bk * 2 <= 200 * 1024]
+    return [
+        triton.Config({"BM": bm, "BN": bn, "BK": bk, "SPLIT": sp}, num_warps=4, num_stages=4)
+        for bm in (16, 32, 64, 128)
+        for bn in (32, 64, 128)
+        for bk in (128, 256)
+        for sp in (1, 2, 4, 8)
+        if 4 * (bm + bn) * bk * 2 <= 200 * 1024
+    ]
 
 
 def _prune(configs, named_args, **kw):
     M, K = named_args["M"], named_args["K"]
-    return [c for c in configs if c.kwargs["BM"] <= max(16, M) and K % (c.kwargs["SPLIT"] * c.kwargs["BK"]) == 0
-            and (c.kwargs["BM"] >= min(M, 64))]
+    return [
+        c
+        for c in configs
+        if c.kwargs["BM"] <= max(16, M)
+        and K % (c.kwargs["SPLIT"] * c.kwargs["BK"]) == 0
+        and (c.kwargs["BM"] >= min(M, 64))
+    ]
 
 
 @triton.autotune(configs=_configs(), key=["M", "N", "K"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _linear(x, w, out, part, count, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-            SPLIT: tl.constexpr):
+def _linear(x, w, out, part, count, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr):
     """out[M, N] = x[M, K] @ w[N, K]^T; a BM x BN tile per program, K split over SPLIT programs whose
     fp32 partials the last to finish sums in split order (deterministic)."""
     pn, ps, pm = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -82,8 +92,10 @@ def triton_linear(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.
     M, K = x.shape
     N = w.shape[0]
     if x.device not in _PART:
-        _PART[x.device] = (torch.empty(8 * 256 * 6144, dtype=torch.float32, device=x.device),
-                           torch.zeros(1 << 16, dtype=torch.int32, device=x.device))
+        _PART[x.device] = (
+            torch.empty(8 * 256 * 6144, dtype=torch.float32, device=x.device),
+            torch.zeros(1 << 16, dtype=torch.int32, device=x.device),
+        )
     part, count = _PART[x.device]
     _linear[lambda m: (triton.cdiv(N, m["BN"]), m["SPLIT"], triton.cdiv(M, m["BM"]))](x, w, out, part, count, M, N, K)
     return out
@@ -92,6 +104,7 @@ def triton_linear(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.
 def main() -> None:
     from bench import copy_bandwidth
     from nanovllmx.utils.profiling import graph_time
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="16,32,64,128,256")
     ap.add_argument("--no-tunable", action="store_true")
@@ -111,6 +124,7 @@ def main() -> None:
             for n in names:
                 for w in weights[n]:
                     torch.matmul(xs[m][n], w.t(), out=outs[m][n])
+
         return fn
 
     def run_triton(m, names):
@@ -118,13 +132,16 @@ def main() -> None:
             for n in names:
                 for w in weights[n]:
                     triton_linear(xs[m][n], w, outs[m][n])
+
         return fn
 
     names = [n for n, _, _ in SHAPES]
     layer_bytes = sum(LAYERS * i * o * 2 for _, i, o in SHAPES)
     head_bytes = lm_head.numel() * 2
-    print(f"copy bandwidth {bw / 1e12:.3f} TB/s; {LAYERS} layers of {', '.join(names)}: {layer_bytes / 1e9:.3f} GB "
-          f"(at the copy bandwidth {layer_bytes / bw * 1e3:.3f} ms), lm_head {head_bytes / 1e6:.0f} MB")
+    print(
+        f"copy bandwidth {bw / 1e12:.3f} TB/s; {LAYERS} layers of {', '.join(names)}: {layer_bytes / 1e9:.3f} GB "
+        f"(at the copy bandwidth {layer_bytes / bw * 1e3:.3f} ms), lm_head {head_bytes / 1e6:.0f} MB"
+    )
     rows = []
     for m in sizes:
         row = {"M": m, "bound": layer_bytes / bw * 1e3}
@@ -139,6 +156,7 @@ def main() -> None:
         rows.append(row)
     if not a.no_tunable:
         import torch.cuda.tunable as tunable
+
         tunable.enable(True)
         tunable.tuning_enable(True)
         tunable.set_rotating_buffer_size(256)  # MB: time each candidate with a cold L2, as in the model
@@ -155,8 +173,9 @@ def main() -> None:
     for row in rows:
         print(f"{row['M']:>4d} " + " ".join(f"{row.get(k, float('nan')):15.3f}" for k in keys))
     if not a.no_triton:
-        print("Triton's best config by (M, N, K): " + "; ".join(
-            f"{k[:3]}: {c.kwargs}" for k, c in _linear.cache.items()))
+        print(
+            "Triton's best config by (M, N, K): " + "; ".join(f"{k[:3]}: {c.kwargs}" for k, c in _linear.cache.items())
+        )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """GPU correctness check: FlashInfer + CUDA graphs against the torch reference backend (bf16),
 greedy tokens for a batch of mixed prompts including a shared prefix. Prints a short table."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,28 +13,46 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--with-ray", action="store_true", help="also the Ray engine (scheduler + worker actors)")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers' reference")
-    ap.add_argument("--grids", default="", help="also the Ray engine on these TPxPP grids, e.g. 2x1,1x2 (needs the GPUs)")
+    ap.add_argument(
+        "--grids", default="", help="also the Ray engine on these TPxPP grids, e.g. 2x1,1x2 (needs the GPUs)"
+    )
     a = ap.parse_args()
-    from nanovllmx import LLM, SamplingParams
     from random import randint, seed
+
+    from nanovllmx import LLM, SamplingParams
+
     seed(1)
     shared = [randint(0, 10000) for _ in range(300)]
     prompts = [[randint(0, 10000) for _ in range(randint(5, 700))] for _ in range(12)]
     prompts += [shared + [randint(0, 10000) for _ in range(randint(1, 50))] for _ in range(4)]
     sp = SamplingParams(temperature=0, max_tokens=a.max_tokens, ignore_eos=True)
     results = {}
-    for name, kw in [("torch-eager", dict(attention_backend="torch", enforce_eager=True)),
-                     ("flashinfer-eager", dict(attention_backend="flashinfer", enforce_eager=True)),
-                     ("flashinfer-graphs", dict(attention_backend="flashinfer", enforce_eager=False)),
-                     # near-greedy sampling: in the graph (no filters), then the eager sampler on the
-                     # graph's logits (top_k). Not exact against greedy: bf16 logits tie often on this
-                     # sharp model, and greedy breaks ties by index where a draw picks either
-                     ("fi-graphs-T1e-3", dict(attention_backend="flashinfer", temperature=1e-3)),
-                     ("fi-graphs-T1e-3-topk5", dict(attention_backend="flashinfer", temperature=1e-3, top_k=5))] + \
-            ([("ray-flashinfer-graphs", dict(attention_backend="flashinfer", executor="ray"))] if a.with_ray else []) + \
-            [(f"ray-tp{g.split('x')[0]}-pp{g.split('x')[1]}", dict(attention_backend="flashinfer", executor="ray",
-                                                             tp_size=int(g.split("x")[0]), pp_size=int(g.split("x")[1])))
-             for g in a.grids.split(",") if g]:
+    for name, kw in (
+        [
+            ("torch-eager", dict(attention_backend="torch", enforce_eager=True)),
+            ("flashinfer-eager", dict(attention_backend="flashinfer", enforce_eager=True)),
+            ("flashinfer-graphs", dict(attention_backend="flashinfer", enforce_eager=False)),
+            # near-greedy sampling: in the graph (no filters), then the eager sampler on the
+            # graph's logits (top_k). Not exact against greedy: bf16 logits tie often on this
+            # sharp model, and greedy breaks ties by index where a draw picks either
+            ("fi-graphs-T1e-3", dict(attention_backend="flashinfer", temperature=1e-3)),
+            ("fi-graphs-T1e-3-topk5", dict(attention_backend="flashinfer", temperature=1e-3, top_k=5)),
+        ]
+        + ([("ray-flashinfer-graphs", dict(attention_backend="flashinfer", executor="ray"))] if a.with_ray else [])
+        + [
+            (
+                f"ray-tp{g.split('x')[0]}-pp{g.split('x')[1]}",
+                dict(
+                    attention_backend="flashinfer",
+                    executor="ray",
+                    tp_size=int(g.split("x")[0]),
+                    pp_size=int(g.split("x")[1]),
+                ),
+            )
+            for g in a.grids.split(",")
+            if g
+        ]
+    ):
         sampling = {k: kw.pop(k) for k in ("temperature", "top_k") if k in kw}
         p = SamplingParams(max_tokens=a.max_tokens, ignore_eos=True, **sampling) if sampling else sp
         llm = LLM(a.model, context_len=2048, max_bs=64, **kw)
@@ -45,29 +64,43 @@ def main() -> None:
     # transformers' own implementation (bf16, one request at a time) as a third opinion
     import torch
     from transformers import AutoModelForCausalLM
+
     hf_outs = []
     hf = None if a.no_hf else AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16).cuda().eval()
     from nanovllmx.outputs import RequestOutput
-    for p in (prompts if hf is not None else []):
-        g = hf.generate(torch.tensor([p], device="cuda"), max_new_tokens=a.max_tokens, do_sample=False,
-                        eos_token_id=None, pad_token_id=0)
-        hf_outs.append(RequestOutput("hf", p, g[0, len(p):].tolist(), "", "length"))
+
+    for p in prompts if hf is not None else []:
+        g = hf.generate(
+            torch.tensor([p], device="cuda"),
+            max_new_tokens=a.max_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+        hf_outs.append(RequestOutput("hf", p, g[0, len(p) :].tolist(), "", "length"))
     if hf_outs:
         results["transformers"] = hf_outs
     ref = results["torch-eager"]
     fi = results["flashinfer-graphs"]  # same kernels: a grid or the Ray path should match it exactly
-    print(f"{'backend':22s} {'exact':>6s} {'tok-match':>9s} {'first-div(min)':>14s} {'cached':>7s} {'exact vs fi-graphs':>18s}")
+    print(
+        f"{'backend':22s} {'exact':>6s} {'tok-match':>9s} {'first-div(min)':>14s} {'cached':>7s} {'exact vs fi-graphs':>18s}"
+    )
     ok = True
     for name, outs in results.items():
         exact = sum(o.token_ids == r.token_ids for o, r in zip(outs, ref))
         match = sum(x == y for o, r in zip(outs, ref) for x, y in zip(o.token_ids, r.token_ids))
         total = sum(len(r.token_ids) for r in ref)
-        divs = [next((i for i, (x, y) in enumerate(zip(o.token_ids, r.token_ids)) if x != y), None) for o, r in zip(outs, ref)]
+        divs = [
+            next((i for i, (x, y) in enumerate(zip(o.token_ids, r.token_ids)) if x != y), None)
+            for o, r in zip(outs, ref)
+        ]
         d = [x for x in divs if x is not None]
         cached = sum(o.num_cached_tokens for o in outs)
         same_fi = sum(o.token_ids == r.token_ids for o, r in zip(outs, fi))
-        print(f"{name:22s} {exact:>3d}/{len(ref):<2d} {match / total:9.3f} {str(min(d)) if d else '-':>14s} {cached:>7d} "
-              f"{same_fi:>15d}/{len(fi)}")
+        print(
+            f"{name:22s} {exact:>3d}/{len(ref):<2d} {match / total:9.3f} {str(min(d)) if d else '-':>14s} {cached:>7d} "
+            f"{same_fi:>15d}/{len(fi)}"
+        )
         ok &= match / total > 0.9
     sys.exit(0 if ok else 1)
 

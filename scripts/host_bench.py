@@ -6,6 +6,7 @@ the run the simulated GPU sat idle waiting for the host: what overlap fails to h
 
     python scripts/host_bench.py --model /tmp/tiny [--gpu-scale 1.0] [--launch-ms 0.5] [--profile]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -86,9 +87,10 @@ def make_executor(scale: float, launch_ms: float, timeline: _Timeline):
 
 
 def main() -> None:
-    from bench import standard_workload
     import nanovllmx.engine.executor as executor_mod
+    from bench import standard_workload
     from nanovllmx import LLM
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True, help="any checkpoint folder (only its config and tokenizer are used)")
     ap.add_argument("--num-seqs", type=int, default=256)
@@ -108,10 +110,14 @@ def main() -> None:
     tokens = sum(len(o.token_ids) for o in outs)
     stats = llm.stats()
     n = stats["num_steps"] - warm["num_steps"]
-    step_ms = {k: round((v * stats["num_steps"] - warm["step_ms"].get(k, 0) * warm["num_steps"]) / n, 3)
-               for k, v in stats["step_ms"].items()}
-    print(f"{tokens} tokens in {wall:.2f} s ({tokens / wall:,.0f} tok/s); simulated GPU busy {busy:.2f} s "
-          f"= {100 * busy / wall:.1f}% of the run, idle {wall - busy:.2f} s; {n} steps; host ms per step {step_ms}")
+    step_ms = {
+        k: round((v * stats["num_steps"] - warm["step_ms"].get(k, 0) * warm["num_steps"]) / n, 3)
+        for k, v in stats["step_ms"].items()
+    }
+    print(
+        f"{tokens} tokens in {wall:.2f} s ({tokens / wall:,.0f} tok/s); simulated GPU busy {busy:.2f} s "
+        f"= {100 * busy / wall:.1f}% of the run, idle {wall - busy:.2f} s; {n} steps; host ms per step {step_ms}"
+    )
     llm.shutdown()
 
 

@@ -9,6 +9,7 @@
 
     python scripts/idle_trace.py --model /tmp/q06 [--windows 5:35,300:330,900:960] [--min-gap-us 5]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,6 +56,7 @@ def _profiler_config():
     """Record the engine's and the output thread's ops too (the profiler runs on this thread), and
     the CUDA stream/event synchronisations (a hidden sync in a launch would show here)."""
     from torch._C._profiler import _ExperimentalConfig
+
     try:
         return _ExperimentalConfig(profile_all_threads=True, enable_cuda_sync_events=True)
     except TypeError:  # an older torch
@@ -70,7 +72,7 @@ class _HostEvent:
     def record(self) -> None:
         self.t = time.perf_counter()
 
-    def elapsed_time(self, other: "_HostEvent") -> float:
+    def elapsed_time(self, other: _HostEvent) -> float:
         return (other.t - self.t) * 1e3
 
 
@@ -81,6 +83,7 @@ def step_gaps(llm, prompts, params, min_gap_us: float) -> None:
 
     from nanovllmx.scheduler.scheduler import Scheduler
     from nanovllmx.worker import model_runner
+
     cuda = torch.cuda.is_available()
     Event = torch.cuda.Event if cuda else _HostEvent
     steps, phases = [], []  # (kind, e0, e1); (name, t0, t1) on the engine thread
@@ -99,6 +102,7 @@ def step_gaps(llm, prompts, params, min_gap_us: float) -> None:
                 return fn(*a, **k)
             finally:
                 phases.append((name, t0, time.perf_counter()))
+
         patch(obj, attr, wrapped)
 
     run_fn = model_runner.ModelRunner.execute
@@ -111,9 +115,14 @@ def step_gaps(llm, prompts, params, min_gap_us: float) -> None:
         e1.record()
         phases.append(("launch", t0, time.perf_counter()))
         bs = b.num_reqs
-        kind = "prefill" if not b.is_decode else f"decode {'1-16' if bs <= 16 else '17-64' if bs <= 64 else '65-128' if bs <= 128 else '129-256'}"
+        kind = (
+            "prefill"
+            if not b.is_decode
+            else f"decode {'1-16' if bs <= 16 else '17-64' if bs <= 64 else '65-128' if bs <= 128 else '129-256'}"
+        )
         steps.append((kind, e0, e1))
         return out
+
     patch(model_runner.ModelRunner, "execute", execute)
     timed(Scheduler, "schedule", "schedule")
     timed(Scheduler, "update", "update")
@@ -137,6 +146,7 @@ def step_gaps(llm, prompts, params, min_gap_us: float) -> None:
 
     def host(e) -> float:
         return t_ref + ref.elapsed_time(e) / 1e3
+
     by_kind: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0])  # steps, busy ms, idle ms
     gaps = []
     for i, (kind, e0, e1) in enumerate(steps):
@@ -152,15 +162,19 @@ def step_gaps(llm, prompts, params, min_gap_us: float) -> None:
     idle = sum(r[2] for r in by_kind.values())
     first = host(steps[0][1]) - t0 if steps else 0.0
     last = t0 + wall - host(steps[-1][2]) if steps else 0.0
-    print(f"events pass: wall {wall * 1e3:.0f} ms, GPU busy {busy:.0f} ms, idle between steps {idle:.0f} ms "
-          f"({idle / wall / 10:.1f}%), before the first step {first * 1e3:.0f} ms, after the last {last * 1e3:.0f} ms")
+    print(
+        f"events pass: wall {wall * 1e3:.0f} ms, GPU busy {busy:.0f} ms, idle between steps {idle:.0f} ms "
+        f"({idle / wall / 10:.1f}%), before the first step {first * 1e3:.0f} ms, after the last {last * 1e3:.0f} ms"
+    )
     print(f"{'step kind':16s} {'steps':>6s} {'busy ms':>9s} {'idle ms':>8s} {'idle/step ms':>12s}")
     for kind in sorted(by_kind):
         n, b_ms, i_ms = by_kind[kind]
         print(f"{kind:16s} {n:6d} {b_ms:9.1f} {i_ms:8.1f} {i_ms / n:12.3f}")
     by = charge(gaps, [(n, a * 1e6, b * 1e6) for n, a, b in phases])
-    print("idle by engine phase at the gap's start (ms): "
-          + ", ".join(f"{k} {v / 1e3:.1f}" for k, v in sorted(by.items(), key=lambda kv: -kv[1])))
+    print(
+        "idle by engine phase at the gap's start (ms): "
+        + ", ".join(f"{k} {v / 1e3:.1f}" for k, v in sorted(by.items(), key=lambda kv: -kv[1]))
+    )
     dur: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
     for n, a, b in phases:
         dur[n][0] += 1
@@ -170,11 +184,13 @@ def step_gaps(llm, prompts, params, min_gap_us: float) -> None:
 
 def _label(obj, attr: str, name: str) -> None:
     import torch
+
     fn = getattr(obj, attr)
 
     def wrapped(*a, **k):
         with torch.profiler.record_function(name):
             return fn(*a, **k)
+
     setattr(obj, attr, wrapped)
 
 
@@ -185,6 +201,7 @@ def main() -> None:
     from nanovllmx import LLM
     from nanovllmx.engine import core as core_mod
     from nanovllmx.worker import model_runner
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--windows", default="5:35,300:330,900:960", help="engine steps a:b to profile")
@@ -195,6 +212,7 @@ def main() -> None:
     windows = [tuple(int(x) for x in w.split(":")) for w in a.windows.split(",") if w]
     # the engine's phases, as the engine thread runs them
     from nanovllmx.scheduler.scheduler import Scheduler
+
     # no prefix caching: the profiled second run must prefill as the first did (the same prompts)
     llm = LLM(a.model, max_bs=256, context_len=4096, device=a.device, enable_prefix_caching=False)
     prompts, params = standard_workload(a.num_seqs)
@@ -223,9 +241,10 @@ def main() -> None:
             time.sleep(2e-4)
         if not run.is_alive():
             break
-        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                  torch.profiler.ProfilerActivity.CUDA],
-                                      experimental_config=_profiler_config())
+        prof = torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA],
+            experimental_config=_profiler_config(),
+        )
         prof.start()
         first = state["step"]
         while state["step"] < s1 and run.is_alive():
@@ -237,8 +256,10 @@ def main() -> None:
     run.join()
     llm.shutdown()
     engine = None
-    print(f"{'steps':>9s} {'wall ms':>8s} {'kernels ms':>10s} {'idle ms':>8s} {'gaps':>5s} {'labels':>6s}  "
-          f"idle by engine phase at the gap's start (ms)")
+    print(
+        f"{'steps':>9s} {'wall ms':>8s} {'kernels ms':>10s} {'idle ms':>8s} {'gaps':>5s} {'labels':>6s}  "
+        f"idle by engine phase at the gap's start (ms)"
+    )
     for (s0, s1), events in results:
         device = [e for e in events if "CUDA" in str(e.device_type)]
         syncs = [e for e in device if "sync" in e.name.lower()]

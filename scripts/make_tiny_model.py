@@ -47,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides = {field: getattr(args, flag) for flag, field in _OVERRIDES.items() if getattr(args, flag) is not None}
     t0 = time.perf_counter()
-    out = make_model(args.out_dir, preset=args.preset, seed=args.seed, dtype=args.dtype, device=args.device, **overrides)
+    out = make_model(
+        args.out_dir, preset=args.preset, seed=args.seed, dtype=args.dtype, device=args.device, **overrides
+    )
     print(f"wrote {args.preset} ({args.dtype}, seed {args.seed}) to {out} in {time.perf_counter() - t0:.1f}s")
     return 0
 

@@ -16,6 +16,7 @@ Prints ms per step and two against one. Contexts are uniform in --ctx-min..--ctx
     python scripts/overlap_bench.py [--sizes 64,128,256]
     TRITON_INTERPRET=1 python scripts/overlap_bench.py --cpu-check   # plumbing only: halves == whole
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,9 +54,22 @@ def make_layers(n: int, slots: int, dev: torch.device, dt: torch.dtype) -> list[
 
     def ones(n_: int) -> torch.Tensor:
         return torch.ones(n_, device=dev, dtype=dt)
-    return [Layer(ones(HID), ones(HID), w((H + 2 * HKV) * D, HID), w(HID, H * D), w(2 * INTER, HID), w(HID, INTER),
-                  ones(D), ones(D), torch.randn(slots, HKV, D, device=dev, dtype=dt),
-                  torch.randn(slots, HKV, D, device=dev, dtype=dt)) for _ in range(n)]
+
+    return [
+        Layer(
+            ones(HID),
+            ones(HID),
+            w((H + 2 * HKV) * D, HID),
+            w(HID, H * D),
+            w(2 * INTER, HID),
+            w(HID, INTER),
+            ones(D),
+            ones(D),
+            torch.randn(slots, HKV, D, device=dev, dtype=dt),
+            torch.randn(slots, HKV, D, device=dev, dtype=dt),
+        )
+        for _ in range(n)
+    ]
 
 
 class Chain:
@@ -77,14 +91,16 @@ class Chain:
 
 def torch_attend(indptr: np.ndarray, idx: torch.Tensor):
     """Reference decode attention over page-1 slot lists (the CPU check's stand-in for FlashInfer)."""
+
     def attend(_: int, q: torch.Tensor, L: Layer) -> torch.Tensor:
         out = []
         for r in range(q.shape[0]):
-            s = idx[indptr[r]:indptr[r + 1]].long()
+            s = idx[indptr[r] : indptr[r + 1]].long()
             k, v = L.k[s].float().repeat_interleave(H // HKV, 1), L.v[s].float().repeat_interleave(H // HKV, 1)
-            p = torch.softmax(torch.einsum("hd,thd->ht", q[r].float(), k) / D ** 0.5, dim=-1)
+            p = torch.softmax(torch.einsum("hd,thd->ht", q[r].float(), k) / D**0.5, dim=-1)
             out.append(torch.einsum("ht,thd->hd", p, v).to(q.dtype))
         return torch.stack(out)
+
     return attend
 
 
@@ -92,16 +108,32 @@ def flashinfer_attend(indptr: np.ndarray, idx: torch.Tensor, layers: list[Layer]
     """A graph-mode FlashInfer decode wrapper with its own workspace, planned once for these rows
     (the engine's rule: tensor cores without split-KV from 80 requests)."""
     import flashinfer
+
     from nanovllmx.attention.flashinfer_backend import _TC_MIN_BATCH, FlashInferBackend
+
     b = len(indptr) - 1
     tc = b >= _TC_MIN_BATCH
     w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-        torch.zeros(256 << 20, dtype=torch.uint8, device=dev), "NHD", use_cuda_graph=True, use_tensor_cores=tc,
+        torch.zeros(256 << 20, dtype=torch.uint8, device=dev),
+        "NHD",
+        use_cuda_graph=True,
+        use_tensor_cores=tc,
         paged_kv_indptr_buffer=torch.zeros(b + 1, dtype=torch.int32, device=dev),
         paged_kv_indices_buffer=torch.zeros(len(idx), dtype=torch.int32, device=dev),
-        paged_kv_last_page_len_buffer=torch.ones(b, dtype=torch.int32, device=dev))
-    w.plan(torch.from_numpy(indptr.astype(np.int32)), idx, torch.ones(b, dtype=torch.int32), H, HKV, D, 1,
-           q_data_type=layers[0].k.dtype, kv_data_type=layers[0].k.dtype, **FlashInferBackend._split_kw(b))
+        paged_kv_last_page_len_buffer=torch.ones(b, dtype=torch.int32, device=dev),
+    )
+    w.plan(
+        torch.from_numpy(indptr.astype(np.int32)),
+        idx,
+        torch.ones(b, dtype=torch.int32),
+        H,
+        HKV,
+        D,
+        1,
+        q_data_type=layers[0].k.dtype,
+        kv_data_type=layers[0].k.dtype,
+        **FlashInferBackend._split_kw(b),
+    )
     pages = [(L.k.unsqueeze(1), L.v.unsqueeze(1)) for L in layers]
     return lambda i, q, L: w.run(q, pages[i])
 
@@ -109,7 +141,7 @@ def flashinfer_attend(indptr: np.ndarray, idx: torch.Tensor, layers: list[Layer]
 def batch(lens: np.ndarray, perm: np.ndarray, dev: torch.device, dt: torch.dtype, attend_of):
     """Chains for rows [0, B) and for the halves [0, B/2) and [B/2, B): the same slots and inputs."""
     indptr = np.concatenate([[0], np.cumsum(lens)])
-    idx = torch.from_numpy(perm[:indptr[-1]].astype(np.int32)).to(dev)
+    idx = torch.from_numpy(perm[: indptr[-1]].astype(np.int32)).to(dev)
     B = len(lens)
     x = torch.randn(B, HID, device=dev, dtype=dt)
     res = torch.randn(B, HID, device=dev, dtype=dt)
@@ -117,9 +149,15 @@ def batch(lens: np.ndarray, perm: np.ndarray, dev: torch.device, dt: torch.dtype
     slots = idx[torch.from_numpy(indptr[1:] - 1).to(dev)]
 
     def chain(lo: int, hi: int) -> Chain:
-        sub = indptr[lo:hi + 1] - indptr[lo]
-        return Chain(x[lo:hi].clone(), res[lo:hi].clone(), pos[lo:hi].clone(), slots[lo:hi].clone(),
-                     attend_of(sub, idx[indptr[lo]:indptr[hi]].clone()))
+        sub = indptr[lo : hi + 1] - indptr[lo]
+        return Chain(
+            x[lo:hi].clone(),
+            res[lo:hi].clone(),
+            pos[lo:hi].clone(),
+            slots[lo:hi].clone(),
+            attend_of(sub, idx[indptr[lo] : indptr[hi]].clone()),
+        )
+
     return chain(0, B), chain(0, B // 2), chain(B // 2, B), int(indptr[-1])
 
 
@@ -131,6 +169,7 @@ def cpu_check() -> None:
     slots = int(lens.sum()) + 8
     layers = make_layers(2, slots, dev, dt)
     from nanovllmx.layers.rotary import RotaryEmbedding
+
     cos_sin = RotaryEmbedding(D, 64, 1e6).cos_sin
     whole, a, b, _ = batch(lens, rng.permutation(slots), dev, dt, torch_attend)
     k0 = [L.k.clone() for L in layers]
@@ -156,6 +195,7 @@ def main() -> None:
     from bench import copy_bandwidth
     from nanovllmx.layers.rotary import RotaryEmbedding
     from nanovllmx.utils.profiling import graph_time
+
     dev, dt = torch.device("cuda"), torch.bfloat16
     bw = copy_bandwidth()
     sizes = [int(s) for s in a.sizes.split(",")]
@@ -166,11 +206,14 @@ def main() -> None:
     s2 = torch.cuda.Stream()
     wbytes = sum(t.numel() * 2 for L in layers for t in (L.qkv, L.o, L.gate_up, L.down))
     print(f"copy bandwidth {bw / 1e12:.3f} TB/s; {a.layers} layers, weights {wbytes / 1e9:.2f} GB")
-    print(f"{'B':>4s} {'ctx':>5s} {'bytes ms':>8s} {'one':>8s} {'two':>8s} {'half':>8s} {'two/one':>8s}  (ms per decode step)")
+    print(
+        f"{'B':>4s} {'ctx':>5s} {'bytes ms':>8s} {'one':>8s} {'two':>8s} {'half':>8s} {'two/one':>8s}  (ms per decode step)"
+    )
     for B in sizes:
         lens = rng.integers(a.ctx_min, a.ctx_max + 1, B)
-        whole, h1, h2, total = batch(lens, rng.permutation(slots), dev, dt,
-                                     lambda ip, ix: flashinfer_attend(ip, ix, layers, dev))
+        whole, h1, h2, total = batch(
+            lens, rng.permutation(slots), dev, dt, lambda ip, ix: flashinfer_attend(ip, ix, layers, dev)
+        )
 
         def two():
             cur = torch.cuda.current_stream()
@@ -179,12 +222,15 @@ def main() -> None:
                 h2.run(layers, cos_sin)
             h1.run(layers, cos_sin)
             cur.wait_stream(s2)
+
         t_one = graph_time(lambda: whole.run(layers, cos_sin), 20) * 1e3
         t_two = graph_time(two, 20) * 1e3
         t_half = graph_time(lambda: h1.run(layers, cos_sin), 20) * 1e3
         byts = wbytes + total * a.layers * HKV * D * 2 * 2
-        print(f"{B:4d} {int(lens.mean()):5d} {byts / bw * 1e3:8.3f} {t_one:8.3f} {t_two:8.3f} {t_half:8.3f} "
-              f"{t_two / t_one:8.3f}")
+        print(
+            f"{B:4d} {int(lens.mean()):5d} {byts / bw * 1e3:8.3f} {t_one:8.3f} {t_two:8.3f} {t_half:8.3f} "
+            f"{t_two / t_one:8.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ Prints microseconds per step and the saving per kernel boundary.
 
     python scripts/pdl_bench.py [--sizes 16,64,128,256]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,13 +51,26 @@ def _norm(x, w, out, eps, stride, N, BLOCK: tl.constexpr, PDL: tl.constexpr):
 
 def norm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, pdl: bool) -> None:
     n = out.shape[1]
-    _norm[(x.shape[0],)](x, w, out, 1e-6, x.stride(0), n, BLOCK=triton.next_power_of_2(n), PDL=pdl, num_warps=4,
-                         launch_pdl=pdl)
+    _norm[(x.shape[0],)](
+        x, w, out, 1e-6, x.stride(0), n, BLOCK=triton.next_power_of_2(n), PDL=pdl, num_warps=4, launch_pdl=pdl
+    )
 
 
 @triton.jit
-def _gemm(x, w, out, part, count, M, N: tl.constexpr, K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-          SPLIT: tl.constexpr, PDL: tl.constexpr):
+def _gemm(
+    x,
+    w,
+    out,
+    part,
+    count,
+    M,
+    N: tl.constexpr,
+    K: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    SPLIT: tl.constexpr,
+    PDL: tl.constexpr,
+):
     """out[M, N] = x[M, K] @ w[N, K]^T. Program (n, s, m) owns a BN x K/SPLIT weight tile, loaded
     first; the last of a tile's SPLIT programs sums their fp32 partials in split order."""
     pn, ps, pm = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -72,15 +86,17 @@ def _gemm(x, w, out, part, count, M, N: tl.constexpr, K: tl.constexpr, BM: tl.co
     _store_split(tl.dot(a, b), out, part, count, rm, rn, M, N, ps, pm, SPLIT)
 
 
-def gemm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, part: torch.Tensor, count: torch.Tensor,
-         pdl: bool) -> None:
+def gemm(
+    x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, part: torch.Tensor, count: torch.Tensor, pdl: bool
+) -> None:
     M, K = x.shape
     N = w.shape[0]
     split = max(1, K // 256)
     bn = 64 if N // 64 * split >= 264 else 32
     bm = min(64, max(16, triton.next_power_of_2(M)))
-    _gemm[(N // bn, split, triton.cdiv(M, bm))](x, w, out, part, count, M, N, K, BM=bm, BN=bn, SPLIT=split,
-                                                 PDL=pdl, num_warps=4, launch_pdl=pdl)
+    _gemm[(N // bn, split, triton.cdiv(M, bm))](
+        x, w, out, part, count, M, N, K, BM=bm, BN=bn, SPLIT=split, PDL=pdl, num_warps=4, launch_pdl=pdl
+    )
 
 
 SHAPES = ((1024, 4096), (2048, 1024), (1024, 6144), (3072, 1024))  # (in, out): qkv, o, gate_up, down
@@ -88,6 +104,7 @@ SHAPES = ((1024, 4096), (2048, 1024), (1024, 6144), (3072, 1024))  # (in, out): 
 
 def main() -> None:
     from nanovllmx.utils.profiling import graph_time
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="16,64,128,256")
     a = ap.parse_args()
@@ -98,7 +115,9 @@ def main() -> None:
     def graph_us(fn) -> float:
         return graph_time(fn, 50) * 1e6
 
-    print(f"{'M':>4s} {'gemm+norm':>10s} {'+PDL':>8s} {'us/bnd':>7s} {'norm+norm':>10s} {'+PDL':>8s} {'us/bnd':>7s}  (us per step)")
+    print(
+        f"{'M':>4s} {'gemm+norm':>10s} {'+PDL':>8s} {'us/bnd':>7s} {'norm+norm':>10s} {'+PDL':>8s} {'us/bnd':>7s}  (us per step)"
+    )
     for m in (int(s) for s in a.sizes.split(",")):
         x = torch.randn(m, H, dtype=dt, device=dev)
         h = torch.empty_like(x)
@@ -109,6 +128,7 @@ def main() -> None:
                 for w in ws:
                     torch.matmul(x, w.t(), out=h)
                     norm(h, nw, x, pdl)
+
             return fn
 
         def norm_norm(pdl: bool):
@@ -116,7 +136,9 @@ def main() -> None:
                 for _ in ws:
                     norm(x, nw, y, pdl)
                     norm(y, nw, x, pdl)
+
             return fn
+
         ref = x.clone()
         gemm_norm(False)()
         plain = x.clone()
@@ -124,11 +146,20 @@ def main() -> None:
         gemm_norm(True)()
         assert torch.equal(plain, x), "PDL changed the result: a wait is missing"
         x.copy_(ref)
-        t = [graph_us(gemm_norm(False)), graph_us(gemm_norm(True)), graph_us(norm_norm(False)), graph_us(norm_norm(True))]
-        print(f"{m:4d} {t[0]:10.1f} {t[1]:8.1f} {(t[0] - t[1]) / LAYERS:7.2f} {t[2]:10.1f} {t[3]:8.1f} "
-              f"{(t[2] - t[3]) / (2 * LAYERS):7.2f}")
-    print(f"{'M':>4s} {'cublas':>8s} {'+PDLnorm':>8s} {'triton':>8s} {'+PDL':>8s} {'us/gemm':>8s}  (us per step of 28 layers x 4 GEMMs,"
-          f" each + a norm; us/gemm: cublas - triton+PDL)")
+        t = [
+            graph_us(gemm_norm(False)),
+            graph_us(gemm_norm(True)),
+            graph_us(norm_norm(False)),
+            graph_us(norm_norm(True)),
+        ]
+        print(
+            f"{m:4d} {t[0]:10.1f} {t[1]:8.1f} {(t[0] - t[1]) / LAYERS:7.2f} {t[2]:10.1f} {t[3]:8.1f} "
+            f"{(t[2] - t[3]) / (2 * LAYERS):7.2f}"
+        )
+    print(
+        f"{'M':>4s} {'cublas':>8s} {'+PDLnorm':>8s} {'triton':>8s} {'+PDL':>8s} {'us/gemm':>8s}  (us per step of 28 layers x 4 GEMMs,"
+        f" each + a norm; us/gemm: cublas - triton+PDL)"
+    )
     part = torch.empty(16 * 256 * 6144, dtype=torch.float32, device=dev)
     count = torch.zeros(1 << 16, dtype=torch.int32, device=dev)
     lw = [[torch.randn(o, i, dtype=dt, device=dev) * 0.02 for i, o in SHAPES] for _ in range(LAYERS)]
@@ -145,7 +176,9 @@ def main() -> None:
                         else:
                             torch.matmul(xs[j], w.t(), out=hs[j])
                         norm(hs[j], nw, xs[(j + 1) % 4], pdl)
+
             return fn
+
         ref = [x.clone() for x in xs]
         res = []
         for tg, pdl in ((False, False), (True, True)):
@@ -155,8 +188,10 @@ def main() -> None:
             res.append([x.float().clone() for x in xs])
         err = max(((p - q).abs().max() / p.abs().max().clamp_min(1e-6)).item() for p, q in zip(*res))
         t = [graph_us(layer(tg, pdl)) for tg, pdl in ((False, False), (False, True), (True, False), (True, True))]
-        print(f"{m:4d} {t[0]:8.1f} {t[1]:8.1f} {t[2]:8.1f} {t[3]:8.1f} {(t[0] - t[3]) / (4 * LAYERS):8.2f}  "
-              f"(triton vs cublas rel. err {err:.1e})")
+        print(
+            f"{m:4d} {t[0]:8.1f} {t[1]:8.1f} {t[2]:8.1f} {t[3]:8.1f} {(t[0] - t[3]) / (4 * LAYERS):8.2f}  "
+            f"(triton vs cublas rel. err {err:.1e})"
+        )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ prefill steps took ~0.5 s of the ~7 s run, where their GEMM FLOPs need ~0.2 s at
 
     python scripts/prefill_bench.py --model /tmp/q06 [--chunk 16384]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,6 +21,7 @@ def main() -> None:
     from bench import standard_workload
     from nanovllmx import LLM, SamplingParams
     from nanovllmx.utils.profiling import format_summary, kernel_summary
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--chunk", type=int, default=None, help="max_num_batched_tokens (default: the engine's)")
@@ -34,15 +36,18 @@ def main() -> None:
     t = time.perf_counter()
     llm.generate(prompts, one, use_tqdm=False)
     dt = time.perf_counter() - t
-    print(f"prefill of {n} prompt tokens (chunk {llm.config.max_num_batched_tokens}): {dt * 1e3:.0f} ms, "
-          f"{n / dt:,.0f} tok/s")
+    print(
+        f"prefill of {n} prompt tokens (chunk {llm.config.max_num_batched_tokens}): {dt * 1e3:.0f} ms, "
+        f"{n / dt:,.0f} tok/s"
+    )
     if not torch.cuda.is_available():
         return llm.shutdown()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         llm.generate(prompts, one, use_tqdm=False)
     print(format_summary(kernel_summary(prof, 1)).replace("/step", "/run"))
-    evs = sorted((e for e in prof.key_averages() if "CUDA" in str(e.device_type)),
-                 key=lambda e: -e.self_device_time_total)
+    evs = sorted(
+        (e for e in prof.key_averages() if "CUDA" in str(e.device_type)), key=lambda e: -e.self_device_time_total
+    )
     for e in evs[:10]:
         print(f"{e.self_device_time_total / 1e3:8.1f} ms {e.count:6d}x  {e.key[:110]}")
     llm.shutdown()

@@ -5,6 +5,7 @@ torch.profiler table by kernel category for the largest and a small batch.
 
     python scripts/step_bench.py --model /tmp/q06 [--sizes 8,32,64,128,256] [--kernels]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,6 +24,7 @@ def main() -> None:
     from nanovllmx import LLM
     from nanovllmx.scheduler.messages import SamplingArrays, ScheduledBatch
     from nanovllmx.utils.profiling import cuda_time, format_summary, kernel_summary
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--sizes", default="1,8,32,64,128,256")
@@ -39,7 +41,9 @@ def main() -> None:
     bw = copy_bandwidth()
     rng = np.random.default_rng(0)
     print(f"copy bandwidth {bw / 1e12:.3f} TB/s, weights {weight_bytes / 1e9:.2f} GB, {n_layers} layers")
-    print(f"{'bs':>4s} {'ctx':>6s} {'step ms':>8s} {'attn ms':>8s} {'rest ms':>8s} {'bound ms':>8s} {'step/bound':>10s} {'attn TB/s':>9s} {'sample ms':>9s} {'host ms':>7s}")
+    print(
+        f"{'bs':>4s} {'ctx':>6s} {'step ms':>8s} {'attn ms':>8s} {'rest ms':>8s} {'bound ms':>8s} {'step/bound':>10s} {'attn TB/s':>9s} {'sample ms':>9s} {'host ms':>7s}"
+    )
     profiled = {}
     sizes = [int(s) for s in a.sizes.split(",")]
     for bs in sizes:
@@ -47,18 +51,33 @@ def main() -> None:
         slots = rng.permutation(kv.num_slots)[: int(lens.sum())] + 1  # scattered, as in a long-running pool
         off = 0
         for i, n in enumerate(lens):
-            runner.req_to_token[i, :n] = torch.from_numpy(slots[off:off + n].astype(np.int32)).cuda()
+            runner.req_to_token[i, :n] = torch.from_numpy(slots[off : off + n].astype(np.int32)).cuda()
             off += n
         gbs = next(s for s in graphs.sizes if s >= bs)
-        sa = SamplingArrays(temperature=np.full(bs, 0.6, np.float32), top_p=np.ones(bs, np.float32),
-                            top_k=np.zeros(bs, np.int32), min_p=np.zeros(bs, np.float32),
-                            seeds=np.full(bs, -1, np.int64), output_lens=np.zeros(bs, np.int32),
-                            needs_filter=False, all_greedy=False)
+        sa = SamplingArrays(
+            temperature=np.full(bs, 0.6, np.float32),
+            top_p=np.ones(bs, np.float32),
+            top_k=np.zeros(bs, np.int32),
+            min_p=np.zeros(bs, np.float32),
+            seeds=np.full(bs, -1, np.int64),
+            output_lens=np.zeros(bs, np.int32),
+            needs_filter=False,
+            all_greedy=False,
+        )
         none = np.zeros(0, np.int32)
-        b = ScheduledBatch(step=0, req_indices=np.arange(bs, dtype=np.int32), start_pos=lens - 1,
-                           q_lens=np.ones(bs, np.int32), input_ids=rng.integers(0, 1000, bs).astype(np.int32),
-                           out_slots=slots[np.cumsum(lens) - 1].astype(np.int32), table_rows=none, table_cols=none,
-                           table_slots=none, sample_rows=np.arange(bs, dtype=np.int32), sampling=sa)
+        b = ScheduledBatch(
+            step=0,
+            req_indices=np.arange(bs, dtype=np.int32),
+            start_pos=lens - 1,
+            q_lens=np.ones(bs, np.int32),
+            input_ids=rng.integers(0, 1000, bs).astype(np.int32),
+            out_slots=slots[np.cumsum(lens) - 1].astype(np.int32),
+            table_rows=none,
+            table_cols=none,
+            table_slots=none,
+            sample_rows=np.arange(bs, dtype=np.int32),
+            sampling=sa,
+        )
         graphs.run(b)  # plans the wrapper for these contexts
         c = graphs.captured[gbs]
         host_s = 0.0
@@ -74,8 +93,10 @@ def main() -> None:
         sample = cuda_time(lambda: runner.sampler(logits, sa))
         kv_bytes = int(lens.sum()) * kv_tok
         bound = (weight_bytes + kv_bytes) / bw
-        print(f"{bs:4d} {int(lens.mean()):6d} {step * 1e3:8.3f} {attn * 1e3:8.3f} {(step - attn) * 1e3:8.3f} "
-              f"{bound * 1e3:8.3f} {step / bound:10.2f} {kv_bytes / attn / 1e12:9.2f} {sample * 1e3:9.3f} {host_s * 1e3:7.3f}")
+        print(
+            f"{bs:4d} {int(lens.mean()):6d} {step * 1e3:8.3f} {attn * 1e3:8.3f} {(step - attn) * 1e3:8.3f} "
+            f"{bound * 1e3:8.3f} {step / bound:10.2f} {kv_bytes / attn / 1e12:9.2f} {sample * 1e3:9.3f} {host_s * 1e3:7.3f}"
+        )
         if a.kernels and bs in (sizes[-1], 32):
             prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
             with prof:

@@ -1,6 +1,7 @@
 """Shared fixtures: one tiny random-weight Qwen3 checkpoint per test session (real Qwen3 tokenizer,
 float32), the `transformers` reference model loaded from the same files, and helpers that compute
 reference logits / greedy continuations with it."""
+
 from __future__ import annotations
 
 import os
@@ -41,8 +42,9 @@ class HFReference:
     def __init__(self, model_dir: Path):
         from transformers import Qwen3ForCausalLM
 
-        self.model = Qwen3ForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
-                                                      attn_implementation="eager").eval()
+        self.model = Qwen3ForCausalLM.from_pretrained(
+            model_dir, dtype=torch.float32, attn_implementation="eager"
+        ).eval()
         self._greedy: dict[tuple[tuple[int, ...], int], list[int]] = {}
 
     @torch.inference_mode()
@@ -84,6 +86,7 @@ def wait_api_server(url: str, proc, log_path: Path, timeout: float = 150.0) -> N
     import time
 
     import httpx
+
     deadline = time.monotonic() + timeout
     while True:
         assert proc.poll() is None, log_path.read_text()[-3000:]

@@ -1,6 +1,7 @@
 """The decode graph's step logic (worker/cuda_graph.py) on the CPU: the step a CUDA graph captures
 (packed inputs, placeholders resolved on the device, req_to_token writes, in-step sampling and its
 record) replayed eagerly, against the eager engine. Same tokens, or the graph path is wrong."""
+
 from __future__ import annotations
 
 from random import randint, seed
@@ -22,12 +23,14 @@ def _torch_gumbel(logits: torch.Tensor, inv_temperature: torch.Tensor, keys: tor
     return x.argmax(-1).to(torch.int32)
 
 
-def _generate(model: str, graphs: bool, prompts: list[list[int]], params: SamplingParams,
-              **engine_kw) -> list[list[int]]:
+def _generate(
+    model: str, graphs: bool, prompts: list[list[int]], params: SamplingParams, **engine_kw
+) -> list[list[int]]:
     llm = LLM(model, device="cpu", max_bs=8, context_len=256, overlap_scheduling=True, **engine_kw)
     try:
         if graphs:
             from nanovllmx.worker.cuda_graph import DecodeGraphs
+
             runner = llm.core.executor.worker.runner
             runner.graphs = DecodeGraphs(runner)  # replayed eagerly off the GPU
         out = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
@@ -42,14 +45,19 @@ def _generate(model: str, graphs: bool, prompts: list[list[int]], params: Sampli
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 
 
-@pytest.mark.parametrize("params,engine_kw", [
-    (GREEDY, {}),  # sampled inside the step
-    (SamplingParams(temperature=0.8, top_k=5, seed=11, max_tokens=10, ignore_eos=True), {}),  # eager sampler
-    # a 3-token budget: one-token steps that hold prompt chunks which sample nothing
-    (GREEDY, {"max_num_batched_tokens": 3}),
-], ids=["greedy-in-step", "seeded-topk-eager", "one-token-prompt-chunks"])
+@pytest.mark.parametrize(
+    "params,engine_kw",
+    [
+        (GREEDY, {}),  # sampled inside the step
+        (SamplingParams(temperature=0.8, top_k=5, seed=11, max_tokens=10, ignore_eos=True), {}),  # eager sampler
+        # a 3-token budget: one-token steps that hold prompt chunks which sample nothing
+        (GREEDY, {"max_num_batched_tokens": 3}),
+    ],
+    ids=["greedy-in-step", "seeded-topk-eager", "one-token-prompt-chunks"],
+)
 def test_graph_step_matches_eager_engine(tiny_model_dir, monkeypatch, params, engine_kw):
     from nanovllmx.kernels import sampling
+
     monkeypatch.setattr(sampling, "gumbel_sample", _torch_gumbel)
     seed(3)
     prompts = [[randint(0, 10000) for _ in range(randint(3, 30))] for _ in range(6)]  # padded to 8 rows

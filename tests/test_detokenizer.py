@@ -1,6 +1,7 @@
 """Incremental detokenization with the real Qwen3 tokenizer: streamed text equals a full decode
 (multi-byte characters split across byte-level tokens included), and stop strings cut the text
 without ever streaming part of a stop string."""
+
 from __future__ import annotations
 
 import random
@@ -28,7 +29,7 @@ def run(tok, ids, stop=None, chunk=1, flush=True):
     i = k = 0
     while i < len(ids) and not d.stopped:
         n = sizes[k % len(sizes)] if sizes else chunk
-        deltas.append(d.add(ids[i:i + n]))
+        deltas.append(d.add(ids[i : i + n]))
         i, k = i + n, k + 1
     if flush:
         deltas.append(d.flush())
@@ -76,8 +77,10 @@ def test_random_ids_including_raw_bytes(tokenizer):
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(text=st.text(st.characters(codec="utf-8"), min_size=1, max_size=40),
-       chunks=st.lists(st.integers(1, 4), min_size=1, max_size=4))
+@given(
+    text=st.text(st.characters(codec="utf-8"), min_size=1, max_size=40),
+    chunks=st.lists(st.integers(1, 4), min_size=1, max_size=4),
+)
 def test_incremental_property(tokenizer, text, chunks):
     ids = tokenizer.encode(text)
     deltas, _ = run(tokenizer, ids, chunk=chunks)
@@ -85,16 +88,19 @@ def test_incremental_property(tokenizer, text, chunks):
 
 
 # ------------------------------------------------------------------ stop strings
-@pytest.mark.parametrize("text,stop,want", [
-    ("Hello world, stop here please", ["stop"], "Hello world, "),
-    ("Hello world, stop here please", ["lo wor"], "Hel"),  # spans tokens
-    ("Hello world, stop here please", ["please", "world"], "Hello "),  # earliest occurrence wins
-    ("Hello world, stop here please", ["Hello"], ""),
-    ("Hello world, stop here please", ["e"], "H"),
-    ("日本語のテキスト、龘靐齉。", ["テキ"], "日本語の"),
-    ("emoji 🦙🤖 end", ["🤖"], "emoji 🦙"),
-    ("abc\n\nUser: hi", ["\n\nUser:"], "abc"),
-])
+@pytest.mark.parametrize(
+    "text,stop,want",
+    [
+        ("Hello world, stop here please", ["stop"], "Hello world, "),
+        ("Hello world, stop here please", ["lo wor"], "Hel"),  # spans tokens
+        ("Hello world, stop here please", ["please", "world"], "Hello "),  # earliest occurrence wins
+        ("Hello world, stop here please", ["Hello"], ""),
+        ("Hello world, stop here please", ["e"], "H"),
+        ("日本語のテキスト、龘靐齉。", ["テキ"], "日本語の"),
+        ("emoji 🦙🤖 end", ["🤖"], "emoji 🦙"),
+        ("abc\n\nUser: hi", ["\n\nUser:"], "abc"),
+    ],
+)
 @pytest.mark.parametrize("chunk", [1, 3])
 def test_stop_strings_cut_and_never_stream_partially(tokenizer, text, stop, want, chunk):
     ids = tokenizer.encode(text)
@@ -112,7 +118,7 @@ def test_stop_string_absent_releases_everything_on_flush(tokenizer):
     streamed = "".join(deltas)
     assert not d.stopped
     # only the last len(stop) - 1 characters are held back while the request runs
-    assert streamed == text[:len(streamed)] and len(streamed) >= len(text) - 5
+    assert streamed == text[: len(streamed)] and len(streamed) >= len(text) - 5
     assert streamed + d.flush() == text
 
 
@@ -126,8 +132,7 @@ def test_stop_held_prefix_released_when_it_turns_out_not_to_be_a_stop(tokenizer)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(text=st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=2, max_size=40),
-       data=st.data())
+@given(text=st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=2, max_size=40), data=st.data())
 def test_stop_property(tokenizer, text, data):
     ids = tokenizer.encode(text)
     full = tokenizer.decode(ids, skip_special_tokens=True)
@@ -137,7 +142,7 @@ def test_stop_property(tokenizer, text, data):
     stop = full[i:j]
     chunks = data.draw(st.lists(st.integers(1, 3), min_size=1, max_size=3))
     deltas, d = run(tokenizer, ids, stop=[stop], chunk=chunks)
-    want = full[:full.find(stop)]
+    want = full[: full.find(stop)]
     assert d.stopped and d.text == want
     assert "".join(deltas) == want
 
@@ -170,7 +175,7 @@ def feed(detok, ids, chunks=(1,), flush=True):
     out, i, k = [], 0, 0
     while i < len(ids) and not detok.stopped:
         n = chunks[k % len(chunks)]
-        out.append(detok.add(ids[i:i + n]))
+        out.append(detok.add(ids[i : i + n]))
         i, k = i + n, k + 1
     if flush:
         out.append(detok.flush())
@@ -195,8 +200,13 @@ def test_fast_path_streams_exactly_like_the_decode_method(tokenizer):
     arbitrary ids: raw bytes, multi-byte characters, special and added tokens (<think>, <tool_call>), ids of
     the padded embedding that are no token at all, with and without skipping special tokens."""
     rng = random.Random(1)
-    pools = [range(256), range(151643, 151669), tokenizer.encode("日本語🦙𓀀 é 𝔘 👩‍👩‍👧 � <think>"),
-             range(151669), range(151669, 151936)]
+    pools = [
+        range(256),
+        range(151643, 151669),
+        tokenizer.encode("日本語🦙𓀀 é 𝔘 👩‍👩‍👧 � <think>"),
+        range(151669),
+        range(151669, 151936),
+    ]
     for _ in range(300):
         weights = [rng.random() for _ in pools]
         ids = [rng.choice(rng.choices(pools, weights)[0]) for _ in range(rng.randrange(1, 32))]
@@ -225,7 +235,7 @@ def test_flush_releases_a_trailing_partial_or_replacement_character(tokenizer, t
     """DecodeStream never emits text ending in U+FFFD (a partial character, or the "�" token itself): flush
     releases it as the full decode does."""
     ids = tokenizer.encode(text)
-    ids = ids[:len(ids) - cut]
+    ids = ids[: len(ids) - cut]
     want = tokenizer.decode(ids)
     assert want.endswith("\ufffd")
     d = IncrementalDetokenizer(tokenizer)
@@ -261,7 +271,7 @@ def test_one_id_per_step_for_older_tokenizers(tokenizer, monkeypatch, after):
             streamed, i, k = "", 0, 0
             while i < len(ids):
                 n = chunks[k % len(chunks)]
-                streamed += d.add(ids[i:i + n])
+                streamed += d.add(ids[i : i + n])
                 i, k = i + n, k + 1
                 so_far = tokenizer.decode(ids[:i])
                 if not so_far.endswith("\ufffd"):  # a whole character ends the chunk: all of it is out

@@ -4,6 +4,7 @@ grid that cannot fit fails fast with a clear error; teardown releases everything
 
 One Ray cluster (two nodes started by ray.cluster_utils.Cluster, with custom resources node_a and
 node_b standing for two machines) serves the whole module."""
+
 from __future__ import annotations
 
 import asyncio
@@ -30,8 +31,14 @@ def _prompt(n: int, seed: int) -> list[int]:
 PREFIX = _prompt(48, 1)
 # first call fills the radix cache with PREFIX; the second call's PREFIX requests then hit it
 WARM = [PREFIX + _prompt(5, 2)]
-MIXED = [PREFIX + _prompt(7, 3), "Hello, my name is", _prompt(90, 4), PREFIX + _prompt(20, 5), _prompt(3, 6),
-         "The capital of France is"]
+MIXED = [
+    PREFIX + _prompt(7, 3),
+    "Hello, my name is",
+    _prompt(90, 4),
+    PREFIX + _prompt(20, 5),
+    _prompt(3, 6),
+    "The capital of France is",
+]
 PREFIXED = [0, 3]  # indices of MIXED that share PREFIX
 # small KV pool: 3 requests of 150 prompt tokens fit, their decodes do not -> preemption
 SMALL_KV = 600
@@ -42,17 +49,21 @@ LONG_PARAMS = SamplingParams(temperature=0, max_tokens=70, ignore_eos=True)
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> str:
     from nanovllmx.utils.make_model import make_model
-    return str(make_model(tmp_path_factory.mktemp("tiny-dist"), preset="tiny", seed=0, dtype="float32",
-                          device="cpu"))
+
+    return str(make_model(tmp_path_factory.mktemp("tiny-dist"), preset="tiny", seed=0, dtype="float32", device="cpu"))
 
 
 @pytest.fixture(scope="module")
 def cluster():
     from ray.cluster_utils import Cluster
+
     if ray.is_initialized():
         ray.shutdown()
-    c = Cluster(initialize_head=True, connect=True,
-                head_node_args=dict(num_cpus=2, resources={"node_a": 1}, include_dashboard=False))
+    c = Cluster(
+        initialize_head=True,
+        connect=True,
+        head_node_args=dict(num_cpus=2, resources={"node_a": 1}, include_dashboard=False),
+    )
     c.add_node(num_cpus=2, resources={"node_b": 1})
     c.wait_for_nodes()
     yield c
@@ -106,13 +117,29 @@ def _check_stats(llm: LLM) -> dict:
     return st
 
 
-@pytest.mark.parametrize("tp,pp,mode,overlap", [(2, 1, "socket", True), (1, 2, "socket", True),
-                                                (2, 2, "socket", True), (2, 1, "ray", False), (1, 1, "socket", True)],
-                         ids=["tp2", "pp2", "tp2xpp2", "tp2-raysteps-sync", "1x1-on-ray"])
+@pytest.mark.parametrize(
+    "tp,pp,mode,overlap",
+    [
+        (2, 1, "socket", True),
+        (1, 2, "socket", True),
+        (2, 2, "socket", True),
+        (2, 1, "ray", False),
+        (1, 1, "socket", True),
+    ],
+    ids=["tp2", "pp2", "tp2xpp2", "tp2-raysteps-sync", "1x1-on-ray"],
+)
 def test_grid_matches_local(cluster, model_dir, reference, tp, pp, mode, overlap):
     # pp > 1: every step, decode included, is split into pp micro-batches (and no overlap scheduling)
-    llm = LLM(model_dir, context_len=CTX, tp_size=tp, pp_size=pp, executor="ray", ray_step_mode=mode,
-              pp_microbatch_min_tokens=1, overlap_scheduling=overlap)
+    llm = LLM(
+        model_dir,
+        context_len=CTX,
+        tp_size=tp,
+        pp_size=pp,
+        executor="ray",
+        ray_step_mode=mode,
+        pp_microbatch_min_tokens=1,
+        overlap_scheduling=overlap,
+    )
     try:
         _check_placement(llm, tp, pp)
         tokens, cached = _run_mixed(llm)
@@ -141,8 +168,14 @@ def test_stages_on_different_nodes(cluster, model_dir, reference):
     node_a, node_b = _node_with("node_a"), _node_with("node_b")
     # stage 0 pinned to node_b (not the head: rank 0's rendezvous address is not the driver's),
     # stage 1 to node_a; STRICT_SPREAD alone would also split them
-    llm = LLM(model_dir, context_len=CTX, tp_size=2, pp_size=2, placement_strategy="STRICT_SPREAD",
-              ray_worker_resources=[{"node_b": 0.1}, {"node_a": 0.1}])
+    llm = LLM(
+        model_dir,
+        context_len=CTX,
+        tp_size=2,
+        pp_size=2,
+        placement_strategy="STRICT_SPREAD",
+        ray_worker_resources=[{"node_b": 0.1}, {"node_a": 0.1}],
+    )
     try:
         _check_placement(llm, 2, 2)
         nodes = {i["pp_rank"]: i["node_id"] for i in llm.core.worker_info}
@@ -155,10 +188,10 @@ def test_stages_on_different_nodes(cluster, model_dir, reference):
 
 def test_unfit_grid_raises_quickly(cluster, model_dir):
     from ray.util import placement_group_table
+
     t0 = time.monotonic()
     with pytest.raises(RuntimeError, match=r"(?s)cannot place.*tp_size=8.*no_such_resource"):
-        LLM(model_dir, context_len=CTX, tp_size=8, ray_worker_resources={"no_such_resource": 1},
-            placement_timeout_s=2)
+        LLM(model_dir, context_len=CTX, tp_size=8, ray_worker_resources={"no_such_resource": 1}, placement_timeout_s=2)
     assert time.monotonic() - t0 < 30
     with pytest.raises(RuntimeError, match="cannot place"):  # a bundle of 8 CPUs fits no 2-CPU node
         LLM(model_dir, context_len=CTX, tp_size=8, ray_num_cpus_per_worker=1, placement_timeout_s=1)
@@ -167,8 +200,10 @@ def test_unfit_grid_raises_quickly(cluster, model_dir):
 
 def _released() -> bool:
     from ray.util import placement_group_table
-    return (all(pg["state"] == "REMOVED" for pg in placement_group_table().values())
-            and ray.available_resources().get("CPU", 0) == ray.cluster_resources().get("CPU"))
+
+    return all(pg["state"] == "REMOVED" for pg in placement_group_table().values()) and ray.available_resources().get(
+        "CPU", 0
+    ) == ray.cluster_resources().get("CPU")
 
 
 async def _first_deltas(llm: LLM, n: int) -> list:
@@ -209,9 +244,13 @@ def test_shutdown_then_second_llm(cluster, model_dir, reference):
     while not _released() and time.monotonic() < deadline:
         time.sleep(0.2)
     from ray.util import placement_group_table
+
     print(f"released after {time.monotonic() - t0:.1f}s")
-    assert _released(), ({k: (v["state"], v["bundles"]) for k, v in placement_group_table().items()},
-                         ray.available_resources().get("CPU"), ray.cluster_resources().get("CPU"))
+    assert _released(), (
+        {k: (v["state"], v["bundles"]) for k, v in placement_group_table().items()},
+        ray.available_resources().get("CPU"),
+        ray.cluster_resources().get("CPU"),
+    )
 
     llm2 = LLM(model_dir, context_len=CTX, tp_size=1, pp_size=2, pp_microbatches=1)  # synchronous pipeline
     try:
@@ -223,20 +262,37 @@ def test_shutdown_then_second_llm(cluster, model_dir, reference):
 
 def test_split_batch():
     import numpy as np
+
     from nanovllmx.distributed.microbatch import split_batch, split_points
     from nanovllmx.scheduler.messages import SamplingArrays, ScheduledBatch
+
     q = np.array([100, 1, 1, 30, 1, 60, 1, 1], np.int32)
     B, T = len(q), int(q.sum())
     sample_rows = np.array([1, 2, 4, 5, 6, 7], np.int32)  # rows 0 and 3 are mid-prefill chunks
     S = len(sample_rows)
-    sa = SamplingArrays(np.arange(S, dtype=np.float32), np.ones(S, np.float32), np.zeros(S, np.int32),
-                        np.zeros(S, np.float32), np.arange(S, dtype=np.int64), np.arange(S, dtype=np.int32),
-                        False, False)
-    b = ScheduledBatch(step=7, req_indices=np.arange(10, 10 + B, dtype=np.int32),
-                       start_pos=np.arange(B, dtype=np.int32) * 3, q_lens=q, input_ids=np.arange(T, dtype=np.int32),
-                       out_slots=np.arange(1000, 1000 + T, dtype=np.int32),
-                       table_rows=np.array([13, 13, 15], np.int32), table_cols=np.array([0, 1, 0], np.int32),
-                       table_slots=np.array([5, 6, 7], np.int32), sample_rows=sample_rows, sampling=sa)
+    sa = SamplingArrays(
+        np.arange(S, dtype=np.float32),
+        np.ones(S, np.float32),
+        np.zeros(S, np.int32),
+        np.zeros(S, np.float32),
+        np.arange(S, dtype=np.int64),
+        np.arange(S, dtype=np.int32),
+        False,
+        False,
+    )
+    b = ScheduledBatch(
+        step=7,
+        req_indices=np.arange(10, 10 + B, dtype=np.int32),
+        start_pos=np.arange(B, dtype=np.int32) * 3,
+        q_lens=q,
+        input_ids=np.arange(T, dtype=np.int32),
+        out_slots=np.arange(1000, 1000 + T, dtype=np.int32),
+        table_rows=np.array([13, 13, 15], np.int32),
+        table_cols=np.array([0, 1, 0], np.int32),
+        table_slots=np.array([5, 6, 7], np.int32),
+        sample_rows=sample_rows,
+        sampling=sa,
+    )
     assert split_points(q, 3) == [0, 1, 4, 8] and split_points(q, 20)[-1] == B
     for m in (1, 2, 3, 8):
         parts = split_batch(b, m)
@@ -274,6 +330,7 @@ class _FakeWorker:
 
     def __init__(self):
         import threading
+
         self.launched: list[int] = []
         self.gates = collections.defaultdict(threading.Event)
         self.fail_launch: set[int] = set()
@@ -281,6 +338,7 @@ class _FakeWorker:
 
     def execute_async(self, batch):
         import numpy as np
+
         if batch.step in self.fail_launch:
             raise RuntimeError(f"launch of step {batch.step} failed")
         self.launched.append(batch.step)
@@ -292,14 +350,17 @@ class _FakeWorker:
                 if fail:
                     raise RuntimeError(f"step {batch.step} failed on the device")
                 return np.array([batch.step], np.int32)
+
         return Handle()
 
 
 def _fake_loop(fake: _FakeWorker):
     """A WorkerActor step loop (overlap on, the result rank) around `fake`, without Ray."""
     from types import SimpleNamespace
+
     from nanovllmx.distributed import control
     from nanovllmx.distributed.ray_executor import WorkerActor
+
     actor = object.__new__(WorkerActor)
     actor.cfg, actor.rank, actor.node_ip, actor.worker = SimpleNamespace(device="cpu"), 0, "127.0.0.1", fake
     actor._loop_error, actor._loop_thread = None, None
@@ -320,6 +381,7 @@ def _until(cond, timeout=10.0) -> bool:
 
 def test_worker_loop_overlaps_launches():
     from nanovllmx.distributed import control
+
     fake = _FakeWorker()
     actor, server, step, result = _fake_loop(fake)
     try:

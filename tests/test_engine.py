@@ -3,6 +3,7 @@ logits of our model (run through the worker's real batch preparation and the tor
 backend) within tolerance, and greedy continuations identical token for token through the offline
 `LLM` API: single requests, mixed-length batches, radix-cache hits, chunked prefill, preemption,
 prefix caching off. Plus the offline API's shape: outputs, streaming, stop strings, errors, abort."""
+
 from __future__ import annotations
 
 import asyncio
@@ -88,7 +89,7 @@ def run_forced(worker, hf_ref, waves: list[dict[str, list[int]]], budget: int, g
             t = 0
             for ri, start, q in zip(b.req_indices.tolist(), b.start_pos.tolist(), b.q_lens.tolist()):
                 r = row_of[ri]
-                ours, ref = logits[t:t + q], ref_logits[r.request_id][start:start + q]
+                ours, ref = logits[t : t + q], ref_logits[r.request_id][start : start + q]
                 diffs[r.request_id] = max(diffs[r.request_id], float((ours - ref).abs().max()))
                 seen["chunks"] += start > 0 and q > 1
                 t += q
@@ -125,8 +126,12 @@ def test_prefill_logits_match_hf(worker, hf_ref):
 
 def test_logits_match_hf_batched_chunked_cached_and_decode(worker, hf_ref):
     shared = random_prompt(120, seed=2)
-    wave1 = {"a": random_prompt(5, seed=3), "b": shared + random_prompt(30, seed=4), "c": random_prompt(200, seed=5),
-             "d": random_prompt(1, seed=6)}
+    wave1 = {
+        "a": random_prompt(5, seed=3),
+        "b": shared + random_prompt(30, seed=4),
+        "c": random_prompt(200, seed=5),
+        "d": random_prompt(1, seed=6),
+    }
     wave2 = {"e": shared + random_prompt(9, seed=7), "f": wave1["a"] + random_prompt(3, seed=8)}
     res = run_forced(worker, hf_ref, [wave1, wave2], budget=64, gen=6)
     # the run exercised what it claims to
@@ -153,8 +158,10 @@ def check_same(outs, prompts, hf_ref, ns):
     for i, (o, p) in enumerate(zip(outs, prompts)):
         n = ns[i] if isinstance(ns, list) else ns
         want = hf_ref.greedy(p, n)
-        assert o.token_ids == want, f"prompt {i} ({len(p)} tokens): first diff at " \
+        assert o.token_ids == want, (
+            f"prompt {i} ({len(p)} tokens): first diff at "
             f"{next(k for k, (x, y) in enumerate(zip(o.token_ids + [-1] * n, want)) if x != y)}"
+        )
 
 
 def test_single_requests_match_hf(llm, hf_ref, tokenizer):
@@ -202,8 +209,10 @@ def test_seeded_sampling_reproducible_across_batches(llm):
     p = random_prompt(20, seed=400)
     sp = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=12, seed=1234, ignore_eos=True)
     (alone,) = llm.generate([p], sp)
-    batch = llm.generate([random_prompt(9, seed=401), p, random_prompt(40, seed=402)],
-                         [greedy(20), sp, SamplingParams(temperature=0.7, top_k=5, max_tokens=3)])
+    batch = llm.generate(
+        [random_prompt(9, seed=401), p, random_prompt(40, seed=402)],
+        [greedy(20), sp, SamplingParams(temperature=0.7, top_k=5, max_tokens=3)],
+    )
     assert batch[1].token_ids == alone.token_ids
     (other,) = llm.generate([p], SamplingParams(temperature=1.0, top_p=0.95, max_tokens=12, seed=99, ignore_eos=True))
     assert other.token_ids != alone.token_ids
@@ -212,8 +221,9 @@ def test_seeded_sampling_reproducible_across_batches(llm):
 @pytest.mark.parametrize("overlap", [False, True])
 @pytest.mark.parametrize("budget", [64, 7])
 def test_chunked_prefill_matches_hf(tiny_model_dir, hf_ref, budget, overlap):
-    engine = LLM(str(tiny_model_dir), context_len=CONTEXT_LEN, max_num_batched_tokens=budget,
-                 overlap_scheduling=overlap)
+    engine = LLM(
+        str(tiny_model_dir), context_len=CONTEXT_LEN, max_num_batched_tokens=budget, overlap_scheduling=overlap
+    )
     steps = []
     execute = engine.core.executor.execute_async
 
@@ -243,8 +253,9 @@ def test_preempted_requests_match_hf(tiny_model_dir, hf_ref, overlap):
     # 256 slots (one full context) for 4 requests of 50 + 60 tokens: decode runs out, requests are
     # preempted and later recomputed (partly from the radix cache); with overlap some are preempted
     # while a token sampled for them is still in flight
-    engine = LLM(str(tiny_model_dir), context_len=256, num_kv_slots=256, max_num_batched_tokens=128,
-                 overlap_scheduling=overlap)
+    engine = LLM(
+        str(tiny_model_dir), context_len=256, num_kv_slots=256, max_num_batched_tokens=128, overlap_scheduling=overlap
+    )
     try:
         prompts = [random_prompt(50, seed=600 + i) for i in range(4)]
         outs = engine.generate(prompts, greedy(60))
@@ -257,8 +268,7 @@ def test_preempted_requests_match_hf(tiny_model_dir, hf_ref, overlap):
 
 
 def test_prefix_caching_disabled_same_tokens(tiny_model_dir, hf_ref):
-    engine = LLM(str(tiny_model_dir), context_len=CONTEXT_LEN, enable_prefix_caching=False,
-                 max_num_batched_tokens=100)
+    engine = LLM(str(tiny_model_dir), context_len=CONTEXT_LEN, enable_prefix_caching=False, max_num_batched_tokens=100)
     try:
         shared = random_prompt(150, seed=700)
         prompts = [shared + random_prompt(5, seed=701), shared + random_prompt(12, seed=702)]
@@ -294,7 +304,7 @@ def test_stop_token_ids_and_eos(llm, hf_ref):
     ref = hf_ref.greedy(p, 20)
     k = next(i for i in range(3, 20) if ref[i] not in ref[:i])
     (o,) = llm.generate([p], SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[ref[k]]))
-    assert o.finish_reason == "stop" and o.token_ids == ref[:k + 1]
+    assert o.finish_reason == "stop" and o.token_ids == ref[: k + 1]
     (o,) = llm.generate([p], greedy(20))
     assert o.finish_reason == "length" and o.token_ids == ref
     # EOS comes from the checkpoint's generation_config (<|im_end|>, <|endoftext|>); the scheduler
@@ -306,9 +316,12 @@ def test_stop_strings_through_llm(llm, hf_ref, tokenizer):
     p = random_prompt(25, seed=900)
     full = tokenizer.decode(hf_ref.greedy(p, 24), skip_special_tokens=True)
     # a stop string from the middle of the greedy text, at its first occurrence
-    stop = next(full[i:i + 3] for i in range(len(full) // 3, len(full) - 3)
-                if full[i:i + 3].isprintable() and "\ufffd" not in full[i:i + 3] and full.find(full[i:i + 3]) == i)
-    want = full[:full.find(stop)]
+    stop = next(
+        full[i : i + 3]
+        for i in range(len(full) // 3, len(full) - 3)
+        if full[i : i + 3].isprintable() and "\ufffd" not in full[i : i + 3] and full.find(full[i : i + 3]) == i
+    )
+    want = full[: full.find(stop)]
     (o,) = llm.generate([p], greedy(24, stop=[stop]))
     assert o.finish_reason == "stop"
     assert o.text == want and stop not in o.text

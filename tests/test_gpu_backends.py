@@ -2,6 +2,7 @@
 wrapper, computes the same attention as the torch reference backend on a mixed batch (prefill
 chunks with cached prefixes plus decodes) and on a pure decode batch; fused kernels match torch
 (the q/k norm + RoPE + K/V store kernel also replayed from a CUDA graph)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,6 +16,7 @@ H, HKV, D, SLOTS, CTX, MAX_BS = 16, 8, 128, 8192, 2048, 8
 
 def _setup(prefix_lens, q_lens, seed=0):
     from nanovllmx.attention.metadata import AttentionMetadata, KVPool
+
     g = torch.Generator(device="cpu").manual_seed(seed)
     pool = KVPool(1, SLOTS, HKV, D, torch.bfloat16, torch.device("cuda"))
     pool.k[0].copy_(torch.randn(pool.k[0].shape, generator=g))
@@ -23,15 +25,19 @@ def _setup(prefix_lens, q_lens, seed=0):
     perm = torch.randperm(SLOTS, generator=g)[: sum(prefix_lens) + sum(q_lens)] + 1
     out_slots, off = [], 0
     for r, (p, q) in enumerate(zip(prefix_lens, q_lens)):
-        table[r, : p + q] = perm[off: off + p + q].to(torch.int32).cuda()
-        out_slots.append(perm[off + p: off + p + q])
+        table[r, : p + q] = perm[off : off + p + q].to(torch.int32).cuda()
+        out_slots.append(perm[off + p : off + p + q])
         off += p + q
     q_np, kv_np = np.array(q_lens, np.int32), np.array(prefix_lens, np.int32) + np.array(q_lens, np.int32)
     meta = AttentionMetadata(
-        q_lens_np=q_np, kv_lens_np=kv_np, req_indices_np=np.arange(len(q_lens), dtype=np.int32),
+        q_lens_np=q_np,
+        kv_lens_np=kv_np,
+        req_indices_np=np.arange(len(q_lens), dtype=np.int32),
         req_indices=torch.arange(len(q_lens), dtype=torch.int32, device="cuda"),
-        out_slots=torch.cat(out_slots).to(torch.int32).cuda(), req_to_token=table,
-        is_decode=bool((q_np == 1).all()))
+        out_slots=torch.cat(out_slots).to(torch.int32).cuda(),
+        req_to_token=table,
+        is_decode=bool((q_np == 1).all()),
+    )
     T = int(q_np.sum())
     q = torch.randn(T, H, D, generator=g).to("cuda", torch.bfloat16)
     k = torch.randn(T, HKV, D, generator=g).to("cuda", torch.bfloat16)
@@ -48,7 +54,7 @@ def _run(backend_cls, prefix_lens, q_lens, graph=False, **kw):
         be.gather_graph_indices(w, meta)  # inside the graph in the engine
     else:
         be.prepare(meta)
-    return be.forward(0, q, k, v, D ** -0.5).float()
+    return be.forward(0, q, k, v, D**-0.5).float()
 
 
 def _rel(a, b):
@@ -56,25 +62,31 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("tc", [False, True])
-@pytest.mark.parametrize("prefix_lens,q_lens", [
-    ([0, 37, 100, 5], [50, 13, 1, 1]),  # prefill chunks with cached prefixes, mixed with decodes
-    ([1, 700, 63, 1500, 3, 99, 256, 12], [1] * 8),  # pure decode
-])
+@pytest.mark.parametrize(
+    "prefix_lens,q_lens",
+    [
+        ([0, 37, 100, 5], [50, 13, 1, 1]),  # prefill chunks with cached prefixes, mixed with decodes
+        ([1, 700, 63, 1500, 3, 99, 256, 12], [1] * 8),  # pure decode
+    ],
+)
 def test_flashinfer_matches_torch(prefix_lens, q_lens, tc):
     from nanovllmx.attention.flashinfer_backend import FlashInferBackend
     from nanovllmx.attention.torch_backend import TorchBackend
+
     ref = _run(TorchBackend, prefix_lens, q_lens)
     out = _run(FlashInferBackend, prefix_lens, q_lens, max_bs=MAX_BS, context_len=CTX, decode_tensor_cores=tc)
     assert _rel(out, ref) < 2e-2
     if all(n == 1 for n in q_lens):
-        out_g = _run(FlashInferBackend, prefix_lens, q_lens, graph=True, max_bs=MAX_BS, context_len=CTX,
-                     decode_tensor_cores=tc)
+        out_g = _run(
+            FlashInferBackend, prefix_lens, q_lens, graph=True, max_bs=MAX_BS, context_len=CTX, decode_tensor_cores=tc
+        )
         assert _rel(out_g, ref) < 2e-2
 
 
 def test_fused_kernels_match_torch():
     from nanovllmx.layers.norm import RMSNorm
     from nanovllmx.layers.rotary import RotaryEmbedding
+
     torch.manual_seed(0)
     x = torch.randn(300, 1024, device="cuda", dtype=torch.bfloat16) * 3
     res = torch.randn_like(x)
@@ -86,6 +98,7 @@ def test_fused_kernels_match_torch():
     assert _rel(norm(x).float(), norm.forward_native(x).float()) < 2e-2
     from nanovllmx.kernels.fused import qk_norm_rope_store, silu_and_mul, store_kv
     from nanovllmx.layers.activation import SiluAndMul
+
     gu = torch.randn(300, 2 * 3072, device="cuda", dtype=torch.bfloat16)
     assert _rel(silu_and_mul(gu).float(), SiluAndMul().forward_native(gu).float()) < 2e-2
     # q/k norm + RoPE + K/V store in one kernel, eagerly and replayed from a CUDA graph with new
@@ -103,8 +116,9 @@ def test_fused_kernels_match_torch():
 
     def check(q):
         qs, ks, vs = qkv.split([2048, 1024, 1024], dim=-1)
-        qr, kr = rope.forward_native(pos.long(), qn.forward_native(qs.reshape(T, 16, 128)),
-                                     kn.forward_native(ks.reshape(T, 8, 128)))
+        qr, kr = rope.forward_native(
+            pos.long(), qn.forward_native(qs.reshape(T, 16, 128)), kn.forward_native(ks.reshape(T, 8, 128))
+        )
         assert _rel(q.float(), qr.float()) < 2e-2 and _rel(kc[slots.long()].float(), kr.float()) < 2e-2
         assert torch.equal(vc[slots.long()], vs.reshape(T, 8, 128))
         assert kc.float().abs().sum(-1).sum(-1).count_nonzero() == T  # nothing else written
@@ -134,6 +148,7 @@ def test_fused_sampler_full_vocab_bf16():
     row): greedy rows are argmax, a dominant token in the last block is always drawn, and a row's
     draws follow its softmax (two tokens in the first and last blocks, mass split 3:1)."""
     from nanovllmx.kernels.sampling import gumbel_sample
+
     V, B = 151936, 256
     g = torch.Generator(device="cuda").manual_seed(0)
     logits = torch.randn(B, V, device="cuda", generator=g).to(torch.bfloat16)

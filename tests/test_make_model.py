@@ -79,10 +79,7 @@ CONV = [
     {"role": "system", "content": "You are a helpful assistant."},
     {"role": "user", "content": "Hi there"},
 ]
-EXPECTED = (
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "<|im_start|>user\nHi there<|im_end|>\n"
-)
+EXPECTED = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
 
 
 def test_chat_template_two_messages(tokenizer) -> None:

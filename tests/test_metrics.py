@@ -5,6 +5,7 @@ interval (metrics reach the export within ~1 s instead of Ray's default 10 s), s
 model through the real app, drives requests with httpx, and polls `/metrics` until the expected
 values show up (or a deadline passes). Ray and Serve are shut down at the end.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -23,12 +24,13 @@ pytestmark = pytest.mark.timeout(300)
 MODEL = "metrics-demo"
 CONTEXT_LEN = 512
 LONG_SYSTEM = " ".join(f"Rule {i}: answer briefly and never mention llamas." for i in range(25))
-_SERIES = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$')
+_SERIES = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$")
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
 def _free_port() -> int:
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -94,13 +96,30 @@ def env():
         serve.shutdown()
         ray.shutdown()
     mport = _free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="metrics",
-             _metrics_export_port=mport, _system_config={"metrics_report_interval_ms": 500})
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        namespace="metrics",
+        _metrics_export_port=mport,
+        _system_config={"metrics_report_interval_ms": 500},
+    )
     assert ray._private.worker.global_worker.node.metrics_export_port == mport
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"model": DEMO_MODEL_NAME, "served_model_name": MODEL, "context_len": CONTEXT_LEN,
-                         "max_bs": 8, "device": "cpu"}), name="test-metrics", route_prefix="/")
+    serve.run(
+        build_app(
+            {
+                "model": DEMO_MODEL_NAME,
+                "served_model_name": MODEL,
+                "context_len": CONTEXT_LEN,
+                "max_bs": 8,
+                "device": "cpu",
+            }
+        ),
+        name="test-metrics",
+        route_prefix="/",
+    )
     e = Env(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{mport}/metrics")
     try:
         yield e
@@ -114,9 +133,14 @@ def env():
 def test_engine_gauges_appear(env):
     """The poller sets the engine gauges within a second or two of the replica starting."""
     series = env.wait_for(lambda s: env.value("ray_nanovllmx_kv_cache_slots", s) > 0, "kv_cache_slots")
-    for name in ("ray_nanovllmx_num_requests_running", "ray_nanovllmx_num_requests_waiting",
-                 "ray_nanovllmx_num_requests_preempted", "ray_nanovllmx_kv_cache_usage",
-                 "ray_nanovllmx_kv_cache_cached_usage", "ray_nanovllmx_prefix_cache_hit_rate"):
+    for name in (
+        "ray_nanovllmx_num_requests_running",
+        "ray_nanovllmx_num_requests_waiting",
+        "ray_nanovllmx_num_requests_preempted",
+        "ray_nanovllmx_kv_cache_usage",
+        "ray_nanovllmx_kv_cache_cached_usage",
+        "ray_nanovllmx_prefix_cache_hit_rate",
+    ):
         assert env.has(name, series), name
     assert 0 <= env.value("ray_nanovllmx_kv_cache_usage", series) <= 1
 
@@ -135,10 +159,13 @@ def test_repeated_prefix_raises_cached_token_counter(env):
     assert cached > 200, usages  # the second request reused the long system prompt
     prompts = sum(u["prompt_tokens"] for u in usages)
     series = env.wait_for(
-        lambda s: (env.value("ray_nanovllmx_cached_prompt_tokens_total", s) - cached0 >= cached
-                   and env.value("ray_nanovllmx_prompt_tokens_total", s) - prompt0 >= prompts
-                   and env.value("ray_nanovllmx_generation_tokens_total", s) - gen0 >= 8),
-        "the prompt / cached / generation token counters advancing")
+        lambda s: (
+            env.value("ray_nanovllmx_cached_prompt_tokens_total", s) - cached0 >= cached
+            and env.value("ray_nanovllmx_prompt_tokens_total", s) - prompt0 >= prompts
+            and env.value("ray_nanovllmx_generation_tokens_total", s) - gen0 >= 8
+        ),
+        "the prompt / cached / generation token counters advancing",
+    )
     assert env.value("ray_nanovllmx_prefix_cache_hit_rate", series) > 0
 
 
@@ -150,8 +177,13 @@ def test_finished_requests_counted_by_reason(env):
     r = env.chat("Say something.", max_tokens=3)
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
     # an aborted stream: close it after the first content chunk
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "Talk for a long time."}], "max_tokens": 300,
-            "ignore_eos": True, "stream": True}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Talk for a long time."}],
+        "max_tokens": 300,
+        "ignore_eos": True,
+        "stream": True,
+    }
     with env.http.stream("POST", "/v1/chat/completions", json=body) as resp:
         assert resp.status_code == 200
         n = 0
@@ -160,8 +192,10 @@ def test_finished_requests_counted_by_reason(env):
                 n += 1
                 if n >= 2:
                     break
-    env.wait_for(lambda s: reasons(s)["length"] >= before["length"] + 1 and reasons(s)["abort"] >= before["abort"] + 1,
-                 "requests_finished{finish_reason=length} and {finish_reason=abort} increments")
+    env.wait_for(
+        lambda s: reasons(s)["length"] >= before["length"] + 1 and reasons(s)["abort"] >= before["abort"] + 1,
+        "requests_finished{finish_reason=length} and {finish_reason=abort} increments",
+    )
 
 
 def test_http_status_counter(env):
@@ -178,28 +212,49 @@ def test_http_status_counter(env):
     assert r.status_code == 400
     assert env.chat("hi").status_code == 200
     assert env.http.get("/no/such/route").status_code == 404
-    env.wait_for(lambda s: count(s, "400") >= b400 + 2 and count(s, "200") >= b200 + 1
-                 and env.value("ray_nanovllmx_http_requests_total", s, status="404", route="other") >= 1,
-                 "http_requests{status=400} +2, {status=200} +1, {status=404,route=other}")
+    env.wait_for(
+        lambda s: (
+            count(s, "400") >= b400 + 2
+            and count(s, "200") >= b200 + 1
+            and env.value("ray_nanovllmx_http_requests_total", s, status="404", route="other") >= 1
+        ),
+        "http_requests{status=400} +2, {status=200} +1, {status=404,route=other}",
+    )
 
 
 def test_latency_histograms_count_requests(env):
-    names = ("ray_nanovllmx_time_to_first_token_seconds_count", "ray_nanovllmx_inter_token_latency_seconds_count",
-             "ray_nanovllmx_e2e_request_latency_seconds_count", "ray_nanovllmx_request_queue_time_seconds_count")
+    names = (
+        "ray_nanovllmx_time_to_first_token_seconds_count",
+        "ray_nanovllmx_inter_token_latency_seconds_count",
+        "ray_nanovllmx_e2e_request_latency_seconds_count",
+        "ray_nanovllmx_request_queue_time_seconds_count",
+    )
     base = env.scrape()
     before = {n: env.value(n, base) for n in names}
     # streaming and not: both go through the same EngineStream
     assert env.chat("One.", max_tokens=5).status_code == 200
-    with env.http.stream("POST", "/v1/chat/completions",
-                         json={"model": MODEL, "messages": [{"role": "user", "content": "Two."}], "max_tokens": 5,
-                               "ignore_eos": True, "stream": True}) as resp:
+    with env.http.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Two."}],
+            "max_tokens": 5,
+            "ignore_eos": True,
+            "stream": True,
+        },
+    ) as resp:
         assert resp.status_code == 200
         assert [x for x in resp.iter_lines() if x][-1] == "data: [DONE]"
     series = env.wait_for(
-        lambda s: (env.value(names[0], s) >= before[names[0]] + 2 and env.value(names[2], s) >= before[names[2]] + 2
-                   and env.value(names[3], s) >= before[names[3]] + 2
-                   and env.value(names[1], s) >= before[names[1]] + 2 * 4),  # 5 tokens: 4 gaps each
-        "TTFT / e2e / queue-time counts +2 and ITL count +8")
+        lambda s: (
+            env.value(names[0], s) >= before[names[0]] + 2
+            and env.value(names[2], s) >= before[names[2]] + 2
+            and env.value(names[3], s) >= before[names[3]] + 2
+            and env.value(names[1], s) >= before[names[1]] + 2 * 4
+        ),  # 5 tokens: 4 gaps each
+        "TTFT / e2e / queue-time counts +2 and ITL count +8",
+    )
     # buckets are cumulative and end with +Inf == count
     inf = env.value("ray_nanovllmx_time_to_first_token_seconds_bucket", series, le="+Inf")
     assert inf == env.value(names[0], series)
@@ -240,8 +295,11 @@ def test_one_log_line_per_finished_request(caplog):
     assert len(out) == 3
     lines = [r.getMessage() for r in caplog.records if "req-x" in r.getMessage()]
     assert len(lines) == 1, lines
-    assert re.search(r"request req-x length: prompt=10 cached=6 generated=3 ttft=\d+\.\d+s total=\d+\.\d+s "
-                     r"queue=0\.002s", lines[0]), lines[0]
+    assert re.search(
+        r"request req-x length: prompt=10 cached=6 generated=3 ttft=\d+\.\d+s total=\d+\.\d+s "
+        r"queue=0\.002s",
+        lines[0],
+    ), lines[0]
 
 
 def test_inter_token_latency_is_per_token():
@@ -282,15 +340,31 @@ def test_engine_stats_line_only_while_busy(caplog):
     from nanovllmx.metrics import EngineStatsMonitor
 
     mon = EngineStatsMonitor(lambda: {}, None, log_interval=5.0)
-    idle = {"num_running": 0, "num_waiting": 0, "num_slots": 1000, "free_slots": 1000, "cached_slots": 0,
-            "prompt_tokens_total": 0, "cached_prompt_tokens_total": 0, "generation_tokens_total": 0,
-            "num_preempted_total": 0, "num_preempted": 0}
+    idle = {
+        "num_running": 0,
+        "num_waiting": 0,
+        "num_slots": 1000,
+        "free_slots": 1000,
+        "cached_slots": 0,
+        "prompt_tokens_total": 0,
+        "cached_prompt_tokens_total": 0,
+        "generation_tokens_total": 0,
+        "num_preempted_total": 0,
+        "num_preempted": 0,
+    }
     root = _capture(caplog)
     try:
         lines = [mon.update(idle, t) for t in range(0, 12)]  # idle: nothing, ever
         assert lines == [None] * 12
-        busy = dict(idle, num_running=2, free_slots=600, cached_slots=100, prompt_tokens_total=400,
-                    cached_prompt_tokens_total=100, generation_tokens_total=250)
+        busy = dict(
+            idle,
+            num_running=2,
+            free_slots=600,
+            cached_slots=100,
+            prompt_tokens_total=400,
+            cached_prompt_tokens_total=100,
+            generation_tokens_total=250,
+        )
         lines = [mon.update(busy, 12 + t) for t in range(0, 6)]
         logged = [x for x in lines if x]
         assert len(logged) == 1, lines  # one line per 5 s window, not one per poll
@@ -311,6 +385,7 @@ def test_metrics_disabled_without_ray(monkeypatch):
     import ray
 
     from nanovllmx.metrics import EngineStatsMonitor, ServeMetrics
+
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     assert ServeMetrics.create("x") is None
     mon = EngineStatsMonitor(lambda: {}, None, log_interval=1.0)
@@ -320,14 +395,22 @@ def test_metrics_disabled_without_ray(monkeypatch):
 
 def test_grafana_dashboard_references_exported_names():
     from pathlib import Path
+
     root = Path(__file__).resolve().parent.parent
     dash = json.loads((root / "dashboards" / "nanovllmx_grafana.json").read_text())
     exprs = " ".join(t["expr"] for p in dash["panels"] for t in p.get("targets", []))
-    for name in ("ray_nanovllmx_num_requests_running", "ray_nanovllmx_kv_cache_usage",
-                 "ray_nanovllmx_cached_prompt_tokens_total", "ray_nanovllmx_generation_tokens_total",
-                 "ray_nanovllmx_time_to_first_token_seconds_bucket", "ray_nanovllmx_inter_token_latency_seconds_bucket",
-                 "ray_nanovllmx_e2e_request_latency_seconds_bucket", "ray_nanovllmx_request_queue_time_seconds_bucket",
-                 "ray_nanovllmx_requests_finished_total", "ray_nanovllmx_http_requests_total"):
+    for name in (
+        "ray_nanovllmx_num_requests_running",
+        "ray_nanovllmx_kv_cache_usage",
+        "ray_nanovllmx_cached_prompt_tokens_total",
+        "ray_nanovllmx_generation_tokens_total",
+        "ray_nanovllmx_time_to_first_token_seconds_bucket",
+        "ray_nanovllmx_inter_token_latency_seconds_bucket",
+        "ray_nanovllmx_e2e_request_latency_seconds_bucket",
+        "ray_nanovllmx_request_queue_time_seconds_bucket",
+        "ray_nanovllmx_requests_finished_total",
+        "ray_nanovllmx_http_requests_total",
+    ):
         assert name in exprs, name
     doc = (root / "docs" / "observability.md").read_text()
     for name in re.findall(r"ray_nanovllmx_\w+", exprs):

@@ -1,4 +1,5 @@
 """Tests for the KV slot allocator and the radix-tree prefix cache."""
+
 from __future__ import annotations
 
 import random
@@ -393,8 +394,7 @@ def test_cache_request_unfinished_then_finished() -> None:
 
     toks3 = toks2 + [1]
     last = a.alloc(1)
-    r3 = c.cache_request(toks3, np.concatenate([r2.prefix_slots, last]),
-                         r2.prefix_len, r2.last_node, finished=True)
+    r3 = c.cache_request(toks3, np.concatenate([r2.prefix_slots, last]), r2.prefix_len, r2.last_node, finished=True)
     assert r3.prefix_len == 0 and r3.last_node is c.root
     assert c.protected_size == 0 and c.total_size() == 8
     check_invariants(c, a)

@@ -14,6 +14,7 @@ tests/test_fuzz.py).
 The offline tests use the local engine; the rest share one Ray instance and one Serve instance
 (shut down at the end of the module, so later modules start their own).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -36,7 +37,7 @@ import openai
 import pytest
 from conftest import random_prompt, wait_api_server
 
-from nanovllmx import (LLM, EngineOverloadedError, EngineRequestError, EngineUnavailableError, SamplingParams)
+from nanovllmx import LLM, EngineOverloadedError, EngineRequestError, EngineUnavailableError, SamplingParams
 from nanovllmx.utils.make_model import DEMO_MODEL_NAME
 
 pytestmark = pytest.mark.timeout(300)
@@ -101,6 +102,7 @@ def llm(tiny_model_dir):
 
 def test_max_waiting_requests_config(tiny_model_dir):
     from nanovllmx.config import EngineConfig
+
     for bad in (-1, 1.5, True, "8"):
         with pytest.raises(ValueError, match="max_waiting_requests"):
             EngineConfig(model=str(tiny_model_dir), max_waiting_requests=bad)
@@ -201,6 +203,7 @@ def test_step_exception_fails_inflight_requests_and_loop_keeps_serving(llm, monk
     # the loop survived: same thread, same answers, nothing leaked
     assert llm.core._thread.is_alive()
     from nanovllmx.serve.app import engine_problem
+
     assert engine_problem(llm) is None
     assert llm.generate([probe], greedy(8))[0].token_ids == before
     wait_idle(llm)
@@ -221,8 +224,11 @@ def test_graceful_shutdown(tiny_model_dir):
     def run_stream():
         results["stream"] = asyncio.run(collect(eng.stream(random_prompt(10, seed=31), greedy(240))))
 
-    threads = [threading.Thread(target=run_generate, args=("short", 6)),
-               threading.Thread(target=run_generate, args=("long", 240)), threading.Thread(target=run_stream)]
+    threads = [
+        threading.Thread(target=run_generate, args=("short", 6)),
+        threading.Thread(target=run_generate, args=("long", 240)),
+        threading.Thread(target=run_stream),
+    ]
     for t in threads:
         t.start()
     deadline = time.monotonic() + 20
@@ -252,6 +258,7 @@ def test_graceful_shutdown(tiny_model_dir):
     async def new_stream():
         async for _ in eng.stream("Hello", greedy(2)):
             pass
+
     with pytest.raises(EngineUnavailableError):
         asyncio.run(new_stream())
     assert not eng.core._thread.is_alive() and not eng._out_thread.is_alive()
@@ -300,6 +307,7 @@ def ray_instance():
     finally:
         try:
             from ray import serve
+
             serve.shutdown()
         finally:
             ray.shutdown()
@@ -307,6 +315,7 @@ def ray_instance():
 
 def _raylet_pid() -> int:
     from ray._private import worker
+
     return worker._global_node.all_processes["raylet"][0].process.pid
 
 
@@ -339,6 +348,7 @@ def ray_procs(prefix: str) -> list[int]:
 
 def _placement_groups_removed() -> bool:
     from ray.util import placement_group_table
+
     return all(pg["state"] == "REMOVED" for pg in placement_group_table().values())
 
 
@@ -362,6 +372,7 @@ def _kill_mid_generation(eng: LLM, kill) -> tuple[list, float]:
                 marks.setdefault("t_failed", time.monotonic())
                 return e
             return got
+
         return await asyncio.gather(one(41), one(42))
 
     outs = asyncio.run(asyncio.wait_for(main(), 60))
@@ -370,6 +381,7 @@ def _kill_mid_generation(eng: LLM, kill) -> tuple[list, float]:
 
 def test_ray_worker_killed_mid_generation(ray_instance, tiny_model_dir):
     from nanovllmx.serve.app import engine_problem
+
     eng = LLM(str(tiny_model_dir), executor="ray", context_len=CTX, max_bs=4, device="cpu")
     actors = [eng.core.scheduler] + eng.core.workers
     try:
@@ -397,6 +409,7 @@ def test_ray_worker_killed_mid_generation(ray_instance, tiny_model_dir):
 
 def test_ray_scheduler_actor_killed_mid_generation(ray_instance, tiny_model_dir):
     from nanovllmx.serve.app import engine_problem
+
     eng = LLM(str(tiny_model_dir), executor="ray", context_len=CTX, max_bs=4, device="cpu")
     workers = list(eng.core.workers)
     try:
@@ -444,8 +457,12 @@ class Server:
         deadline = time.monotonic() + timeout
         while True:
             s = self.stats()
-            if (s["num_running"] == 0 and s["num_waiting"] == 0 and s["num_outstanding_requests"] == 0
-                    and s["free_slots"] + s["cached_slots"] == s["num_slots"]):
+            if (
+                s["num_running"] == 0
+                and s["num_waiting"] == 0
+                and s["num_outstanding_requests"] == 0
+                and s["free_slots"] + s["cached_slots"] == s["num_slots"]
+            ):
                 return s
             assert time.monotonic() < deadline, f"engine not idle after {timeout}s: {s}"
             time.sleep(0.05)
@@ -458,6 +475,7 @@ class Server:
 @pytest.fixture(scope="module")
 def serve_url(ray_instance):
     from ray import serve
+
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     return f"http://127.0.0.1:{port}"
@@ -467,8 +485,10 @@ def _deploy(serve_url: str, name: str, **args) -> Server:
     from ray import serve
 
     from nanovllmx.serve import build_app
-    app = build_app({"model": DEMO_MODEL_NAME, "device": "cpu", "context_len": CTX,
-                     "ray_actor_options": {"num_cpus": 1}, **args})
+
+    app = build_app(
+        {"model": DEMO_MODEL_NAME, "device": "cpu", "context_len": CTX, "ray_actor_options": {"num_cpus": 1}, **args}
+    )
     serve.run(app, name=name, route_prefix=f"/{name}")
     return Server(f"{serve_url}/{name}", name)
 
@@ -512,60 +532,189 @@ def _chunks(n: int, size: int):
 
 # (what, path, request kwargs for httpx, status, param, code): cases tests/test_serve.py does not cover
 BAD_INPUT = [
-    ("body over the limit (Content-Length)", "/v1/completions",
-     dict(content=json.dumps({**CMPL, "prompt": "x" * 100_000}).encode()), 413, None, "request_too_large"),
-    ("body over the limit (chunked)", "/v1/completions", dict(content=_chunks(20, 8192)), 413, None,
-     "request_too_large"),
-    ("lone surrogate in a prompt", "/v1/completions", dict(content=b'{"prompt": "a\\ud800b", "max_tokens": 2}'),
-     400, "prompt", "invalid_value"),
-    ("lone surrogate in a message", "/v1/chat/completions",
-     dict(content=b'{"messages": [{"role": "user", "content": "\\udc00"}]}'), 400, "messages", "invalid_value"),
-    ("lone surrogate in the model name", "/v1/completions", dict(content=b'{"model": "\\ud800", "prompt": "x"}'),
-     400, "model", "invalid_value"),
-    ("lone surrogate in a stop string", "/v1/chat/completions",
-     dict(content=b'{"messages": [{"role": "user", "content": "x"}], "stop": ["\\udfff"]}'), 400, "stop",
-     "invalid_value"),
-    ("invalid UTF-8 inside a JSON string", "/v1/completions", dict(content=b'{"prompt": "a\xff\xfeb"}'), 400, None,
-     ...),
-    ("NaN temperature", "/v1/completions", dict(content=b'{"prompt": "x", "temperature": NaN}'), 400, "temperature",
-     "invalid_value"),
-    ("Infinity top_p", "/v1/chat/completions",
-     dict(content=b'{"messages": [{"role": "user", "content": "x"}], "top_p": Infinity}'), 400, "top_p",
-     "invalid_value"),
-    ("temperature 1e400 (inf)", "/v1/completions", dict(content=b'{"prompt": "x", "temperature": 1e400}'), 400,
-     "temperature", "invalid_value"),
+    (
+        "body over the limit (Content-Length)",
+        "/v1/completions",
+        dict(content=json.dumps({**CMPL, "prompt": "x" * 100_000}).encode()),
+        413,
+        None,
+        "request_too_large",
+    ),
+    (
+        "body over the limit (chunked)",
+        "/v1/completions",
+        dict(content=_chunks(20, 8192)),
+        413,
+        None,
+        "request_too_large",
+    ),
+    (
+        "lone surrogate in a prompt",
+        "/v1/completions",
+        dict(content=b'{"prompt": "a\\ud800b", "max_tokens": 2}'),
+        400,
+        "prompt",
+        "invalid_value",
+    ),
+    (
+        "lone surrogate in a message",
+        "/v1/chat/completions",
+        dict(content=b'{"messages": [{"role": "user", "content": "\\udc00"}]}'),
+        400,
+        "messages",
+        "invalid_value",
+    ),
+    (
+        "lone surrogate in the model name",
+        "/v1/completions",
+        dict(content=b'{"model": "\\ud800", "prompt": "x"}'),
+        400,
+        "model",
+        "invalid_value",
+    ),
+    (
+        "lone surrogate in a stop string",
+        "/v1/chat/completions",
+        dict(content=b'{"messages": [{"role": "user", "content": "x"}], "stop": ["\\udfff"]}'),
+        400,
+        "stop",
+        "invalid_value",
+    ),
+    (
+        "invalid UTF-8 inside a JSON string",
+        "/v1/completions",
+        dict(content=b'{"prompt": "a\xff\xfeb"}'),
+        400,
+        None,
+        ...,
+    ),
+    (
+        "NaN temperature",
+        "/v1/completions",
+        dict(content=b'{"prompt": "x", "temperature": NaN}'),
+        400,
+        "temperature",
+        "invalid_value",
+    ),
+    (
+        "Infinity top_p",
+        "/v1/chat/completions",
+        dict(content=b'{"messages": [{"role": "user", "content": "x"}], "top_p": Infinity}'),
+        400,
+        "top_p",
+        "invalid_value",
+    ),
+    (
+        "temperature 1e400 (inf)",
+        "/v1/completions",
+        dict(content=b'{"prompt": "x", "temperature": 1e400}'),
+        400,
+        "temperature",
+        "invalid_value",
+    ),
     ("negative top_p", "/v1/completions", dict(json={**CMPL, "top_p": -0.5}), 400, "top_p", "invalid_value"),
-    ("negative max_tokens (completions)", "/v1/completions", dict(json={**CMPL, "max_tokens": -1}), 400,
-     "max_tokens", "invalid_value"),
-    ("max_tokens beyond int64", "/v1/completions", dict(json={**CMPL, "max_tokens": 2 ** 80}), 400, "max_tokens",
-     "context_length_exceeded"),
-    ("max_tokens as a string", "/v1/chat/completions", dict(json={**CHAT, "max_tokens": "5"}), 400, "max_tokens",
-     "invalid_value"),
-    ("temperature as a boolean", "/v1/completions", dict(json={**CMPL, "temperature": True}), 400, "temperature",
-     "invalid_value"),
+    (
+        "negative max_tokens (completions)",
+        "/v1/completions",
+        dict(json={**CMPL, "max_tokens": -1}),
+        400,
+        "max_tokens",
+        "invalid_value",
+    ),
+    (
+        "max_tokens beyond int64",
+        "/v1/completions",
+        dict(json={**CMPL, "max_tokens": 2**80}),
+        400,
+        "max_tokens",
+        "context_length_exceeded",
+    ),
+    (
+        "max_tokens as a string",
+        "/v1/chat/completions",
+        dict(json={**CHAT, "max_tokens": "5"}),
+        400,
+        "max_tokens",
+        "invalid_value",
+    ),
+    (
+        "temperature as a boolean",
+        "/v1/completions",
+        dict(json={**CMPL, "temperature": True}),
+        400,
+        "temperature",
+        "invalid_value",
+    ),
     ("top_k as a float", "/v1/completions", dict(json={**CMPL, "top_k": 1.5}), 400, "top_k", "invalid_value"),
-    ("stream as a string", "/v1/chat/completions", dict(json={**CHAT, "stream": "yes"}), 400, "stream",
-     "invalid_value"),
-    ("deeply nested JSON", "/v1/completions", dict(content=b'{"prompt": ' + b"[" * 20000 + b"]" * 20000 + b"}"),
-     400, ..., ...),
+    (
+        "stream as a string",
+        "/v1/chat/completions",
+        dict(json={**CHAT, "stream": "yes"}),
+        400,
+        "stream",
+        "invalid_value",
+    ),
+    (
+        "deeply nested JSON",
+        "/v1/completions",
+        dict(content=b'{"prompt": ' + b"[" * 20000 + b"]" * 20000 + b"}"),
+        400,
+        ...,
+        ...,
+    ),
     ("a JSON list as the body", "/v1/chat/completions", dict(json=[CHAT]), 400, ..., "invalid_value"),
     ("a JSON string as the body", "/v1/completions", dict(json="hi"), 400, ..., "invalid_value"),
-    ("messages is a string", "/v1/chat/completions", dict(json={**CHAT, "messages": "hi"}), 400, "messages",
-     "invalid_value"),
-    ("a message without a role", "/v1/chat/completions", dict(json={**CHAT, "messages": [{"content": "hi"}]}),
-     400, "messages", "missing_required_parameter"),
-    ("a user message without content", "/v1/chat/completions",
-     dict(json={**CHAT, "messages": [{"role": "user"}]}), 400, "messages", "missing_required_parameter"),
-    ("a tool call the chat template cannot render", "/v1/chat/completions",
-     dict(json={**CHAT, "messages": [{"role": "assistant", "tool_calls": [{"x": 1}]},
-                                     {"role": "user", "content": "x"}]}), 400, "messages", "invalid_messages"),
-    ("nested token ids out of the vocabulary", "/v1/completions", dict(json={**CMPL, "prompt": [[-1]]}), 400,
-     "prompt", "invalid_value"),
+    (
+        "messages is a string",
+        "/v1/chat/completions",
+        dict(json={**CHAT, "messages": "hi"}),
+        400,
+        "messages",
+        "invalid_value",
+    ),
+    (
+        "a message without a role",
+        "/v1/chat/completions",
+        dict(json={**CHAT, "messages": [{"content": "hi"}]}),
+        400,
+        "messages",
+        "missing_required_parameter",
+    ),
+    (
+        "a user message without content",
+        "/v1/chat/completions",
+        dict(json={**CHAT, "messages": [{"role": "user"}]}),
+        400,
+        "messages",
+        "missing_required_parameter",
+    ),
+    (
+        "a tool call the chat template cannot render",
+        "/v1/chat/completions",
+        dict(
+            json={
+                **CHAT,
+                "messages": [{"role": "assistant", "tool_calls": [{"x": 1}]}, {"role": "user", "content": "x"}],
+            }
+        ),
+        400,
+        "messages",
+        "invalid_messages",
+    ),
+    (
+        "nested token ids out of the vocabulary",
+        "/v1/completions",
+        dict(json={**CMPL, "prompt": [[-1]]}),
+        400,
+        "prompt",
+        "invalid_value",
+    ),
 ]
 
 
 def _replica_log(pid: int) -> Path:
     from ray._private import worker
+
     logs = Path(worker._global_node.get_session_dir_path()) / "logs"
     files = glob.glob(str(logs / f"worker-*-{pid}.err")) or glob.glob(str(logs / f"*{pid}*.err"))
     assert files, f"no log file of process {pid} in {logs}"
@@ -593,8 +742,9 @@ def test_bad_input_gets_4xx_openai_json_logged_once(main_app):
     lines = _refusal_lines(log)[before:]
     assert len(lines) == len(BAD_INPUT), "\n".join(lines)
     # the service keeps serving
-    ok = main_app.client().chat.completions.create(model=DEMO_MODEL_NAME, messages=CHAT["messages"], max_tokens=3,
-                                                   extra_body={"ignore_eos": True})
+    ok = main_app.client().chat.completions.create(
+        model=DEMO_MODEL_NAME, messages=CHAT["messages"], max_tokens=3, extra_body={"ignore_eos": True}
+    )
     assert ok.usage.completion_tokens == 3
     assert main_app.http.get("/health").status_code == 200
     main_app.wait_idle()
@@ -603,21 +753,37 @@ def test_bad_input_gets_4xx_openai_json_logged_once(main_app):
 def test_build_app_body_limit_and_queue_options():
     from nanovllmx.serve import build_app
     from nanovllmx.serve.app import DEFAULT_MAX_REQUEST_BODY_BYTES
+
     dep = build_app({"model": DEMO_MODEL_NAME, "device": "cpu"})._bound_deployment
     assert dep.init_kwargs["max_request_body_bytes"] == DEFAULT_MAX_REQUEST_BODY_BYTES
     # Serve hands the replica all that its engine may hold (256 running + 4096 waiting), so the
     # engine's bound (503 + Retry-After) applies, not an unbounded queue in Serve's router
     assert dep.max_ongoing_requests == 256 + 4096 + 1
-    dep = build_app({"model": DEMO_MODEL_NAME, "device": "cpu", "max_request_body_bytes": "1024",
-                     "max_waiting_requests": 16})._bound_deployment
+    dep = build_app(
+        {"model": DEMO_MODEL_NAME, "device": "cpu", "max_request_body_bytes": "1024", "max_waiting_requests": 16}
+    )._bound_deployment
     assert dep.init_kwargs["max_request_body_bytes"] == 1024 and dep.init_args[2]["max_waiting_requests"] == 16
     for bad in (-1, "lots", 1.5):
         with pytest.raises(ValueError, match="max_request_body_bytes"):
             build_app({"model": DEMO_MODEL_NAME, "device": "cpu", "max_request_body_bytes": bad})
     from nanovllmx.entrypoints.openai import api_server
-    args = api_server.app_args(api_server.parse_args(
-        ["--model", DEMO_MODEL_NAME, "--device", "cpu", "--max-waiting-requests", "8",
-         "--max-request-body-bytes", "100", "--graceful-shutdown-timeout", "5"]))
+
+    args = api_server.app_args(
+        api_server.parse_args(
+            [
+                "--model",
+                DEMO_MODEL_NAME,
+                "--device",
+                "cpu",
+                "--max-waiting-requests",
+                "8",
+                "--max-request-body-bytes",
+                "100",
+                "--graceful-shutdown-timeout",
+                "5",
+            ]
+        )
+    )
     assert args["max_waiting_requests"] == 8 and args["max_request_body_bytes"] == 100
     assert args["graceful_shutdown_timeout_s"] == 5
     dep = build_app(args)._bound_deployment
@@ -626,8 +792,12 @@ def test_build_app_body_limit_and_queue_options():
 
 def _complete(srv: Server, i: int, max_tokens: int, stream: bool = False, prompt_len: int = 12) -> tuple:
     """(status, Retry-After, completion tokens or error code, finish_reason)."""
-    body = {"prompt": random_prompt(prompt_len, seed=1000 + i), "max_tokens": max_tokens, "ignore_eos": True,
-            "temperature": 0}
+    body = {
+        "prompt": random_prompt(prompt_len, seed=1000 + i),
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "temperature": 0,
+    }
     with httpx.Client(base_url=srv.url, timeout=120) as c:
         if not stream:
             r = c.post("/v1/completions", json=body)
@@ -635,8 +805,9 @@ def _complete(srv: Server, i: int, max_tokens: int, stream: bool = False, prompt
             if r.status_code != 200:
                 return r.status_code, r.headers.get("retry-after"), _is_openai_error(r, r.status_code)["code"], None
             return 200, None, j["usage"]["completion_tokens"], j["choices"][0]["finish_reason"]
-        with c.stream("POST", "/v1/completions", json={**body, "stream": True,
-                                                       "stream_options": {"include_usage": True}}) as r:
+        with c.stream(
+            "POST", "/v1/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}}
+        ) as r:
             if r.status_code != 200:
                 r.read()
                 return r.status_code, r.headers.get("retry-after"), _is_openai_error(r, r.status_code)["code"], None
@@ -662,8 +833,13 @@ def test_overload_gets_503_with_retry_after(small_app):
     client = small_app.client(max_retries=8)
 
     def with_retries(i):
-        return client.completions.create(model=DEMO_MODEL_NAME, prompt=random_prompt(8, seed=2000 + i), max_tokens=16,
-                                         extra_body={"ignore_eos": True}).usage.completion_tokens
+        return client.completions.create(
+            model=DEMO_MODEL_NAME,
+            prompt=random_prompt(8, seed=2000 + i),
+            max_tokens=16,
+            extra_body={"ignore_eos": True},
+        ).usage.completion_tokens
+
     with cf.ThreadPoolExecutor(12) as ex:
         assert list(ex.map(with_retries, range(12))) == [16] * 12
     small_app.wait_idle()
@@ -684,9 +860,18 @@ def test_soak_mixed_requests_with_random_disconnects(main_app):
     """60 requests (chat / completions, streaming or not, 6 at a time), a third of the clients
     leave early. Every request gets an outcome, nothing leaks, the replica's memory stays put."""
     rng = random.Random(7)
-    plan = [dict(i=i, chat=rng.random() < 0.5, stream=rng.random() < 0.5, max_tokens=rng.randint(4, 40),
-                 leave=rng.random() < 0.33, leave_after=rng.randint(1, 6), read_timeout=rng.uniform(0.1, 0.4))
-            for i in range(60)]
+    plan = [
+        dict(
+            i=i,
+            chat=rng.random() < 0.5,
+            stream=rng.random() < 0.5,
+            max_tokens=rng.randint(4, 40),
+            leave=rng.random() < 0.33,
+            leave_after=rng.randint(1, 6),
+            read_timeout=rng.uniform(0.1, 0.4),
+        )
+        for i in range(60)
+    ]
     start = main_app.wait_idle()
 
     def one(p) -> str:
@@ -738,9 +923,11 @@ def test_soak_mixed_requests_with_random_disconnects(main_app):
     aborted = end["num_aborted_requests"] - start["num_aborted_requests"]
     assert 1 <= aborted <= left, (aborted, left)  # a client that left after the end aborts nothing
     assert end["free_slots"] + end["cached_slots"] == end["num_slots"]
-    assert rss1 - rss0 < 200 * 2 ** 20, f"replica RSS grew by {(rss1 - rss0) / 2 ** 20:.0f} MiB"
-    print(f"soak: 60 requests, {left} clients left early ({aborted} aborted in the engine) in {took:.1f}s; "
-          f"replica RSS {rss0 / 2 ** 20:.0f} -> {rss1 / 2 ** 20:.0f} MiB")
+    assert rss1 - rss0 < 200 * 2**20, f"replica RSS grew by {(rss1 - rss0) / 2**20:.0f} MiB"
+    print(
+        f"soak: 60 requests, {left} clients left early ({aborted} aborted in the engine) in {took:.1f}s; "
+        f"replica RSS {rss0 / 2**20:.0f} -> {rss1 / 2**20:.0f} MiB"
+    )
     assert took < 60
 
 
@@ -749,6 +936,7 @@ def test_actor_failure_fails_requests_and_serve_replaces_the_replica(serve_url):
     process mid-generation: requests in flight fail at once with a 5xx (streams with an error
     event), /health says 503, Serve's health check replaces the replica, and the new one serves."""
     from ray import serve
+
     before = set(ray_procs("ray::WorkerActor")) | set(ray_procs("ray::SchedulerActor"))
     srv = _deploy(serve_url, "rayapp", executor="ray", max_bs=4, health_check_period_s=1, health_check_timeout_s=10)
     try:
@@ -770,9 +958,11 @@ def test_actor_failure_fails_requests_and_serve_replaces_the_replica(serve_url):
                 result["stream"] = (r.status_code, lines, time.monotonic())
 
         def blocking():
-            r = httpx.post(srv.url + "/v1/chat/completions", timeout=60,
-                           json={"messages": [{"role": "user", "content": "Go on."}], "max_tokens": 200,
-                                 "ignore_eos": True})
+            r = httpx.post(
+                srv.url + "/v1/chat/completions",
+                timeout=60,
+                json={"messages": [{"role": "user", "content": "Go on."}], "max_tokens": 200, "ignore_eos": True},
+            )
             result["plain"] = (r, time.monotonic())
 
         threads = [threading.Thread(target=streaming), threading.Thread(target=blocking)]
@@ -798,8 +988,9 @@ def test_actor_failure_fails_requests_and_serve_replaces_the_replica(serve_url):
         deadline = time.monotonic() + 120
         while True:
             try:
-                r = srv.http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "ignore_eos": True},
-                                  timeout=30)
+                r = srv.http.post(
+                    "/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "ignore_eos": True}, timeout=30
+                )
                 if r.status_code == 200:
                     break
             except httpx.HTTPError:
@@ -846,10 +1037,31 @@ def test_sigterm_drains_in_flight_requests_and_leaves_no_process(tmp_path):
     port = _free_port()
     log_path = tmp_path / "api_server.log"
     log = open(log_path, "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "nanovllmx.entrypoints.openai.api_server", "--model",
-                             DEMO_MODEL_NAME, "--host", "127.0.0.1", "--port", str(port), "--context-len", str(CTX),
-                             "--max-bs", "4", "--device", "cpu", "--graceful-shutdown-timeout", "30"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nanovllmx.entrypoints.openai.api_server",
+            "--model",
+            DEMO_MODEL_NAME,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--context-len",
+            str(CTX),
+            "--max-bs",
+            "4",
+            "--device",
+            "cpu",
+            "--graceful-shutdown-timeout",
+            "30",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=ROOT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_api_server(url, proc, log_path)
@@ -859,8 +1071,13 @@ def test_sigterm_drains_in_flight_requests_and_leaves_no_process(tmp_path):
         started, result = threading.Event(), {}
 
         def streaming():
-            body = {"prompt": "Once upon a time", "max_tokens": 100, "ignore_eos": True, "stream": True,
-                    "stream_options": {"include_usage": True}}
+            body = {
+                "prompt": "Once upon a time",
+                "max_tokens": 100,
+                "ignore_eos": True,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
             with httpx.Client(timeout=60) as c, c.stream("POST", url + "/v1/completions", json=body) as r:
                 lines = []
                 try:

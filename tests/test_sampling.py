@@ -1,4 +1,5 @@
 """SamplingParams validation and the batched Sampler (greedy, temperature, top-k, top-p, min-p, seeds)."""
+
 from __future__ import annotations
 
 import math
@@ -25,18 +26,42 @@ def test_defaults():
     assert SamplingParams(temperature=0).greedy and not SamplingParams(temperature=0.7).greedy
 
 
-@pytest.mark.parametrize("field,value", [
-    ("temperature", -0.1), ("temperature", float("nan")), ("temperature", float("inf")), ("temperature", "1"),
-    ("temperature", None), ("temperature", True),
-    ("top_p", 0.0), ("top_p", 1.01), ("top_p", -1), ("top_p", float("nan")),
-    ("top_k", -2), ("top_k", 1.5), ("top_k", True),
-    ("min_p", -0.01), ("min_p", 1.5), ("min_p", float("nan")),
-    ("max_tokens", 0), ("max_tokens", -5), ("max_tokens", 2.0), ("max_tokens", None),
-    ("stop", [""]), ("stop", [3]), ("stop", ""),
-    ("stop_token_ids", [-1]), ("stop_token_ids", ["a"]), ("stop_token_ids", [1.0]),
-    ("ignore_eos", 1), ("ignore_eos", "yes"),
-    ("seed", 1.5), ("seed", "7"), ("seed", True),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("temperature", -0.1),
+        ("temperature", float("nan")),
+        ("temperature", float("inf")),
+        ("temperature", "1"),
+        ("temperature", None),
+        ("temperature", True),
+        ("top_p", 0.0),
+        ("top_p", 1.01),
+        ("top_p", -1),
+        ("top_p", float("nan")),
+        ("top_k", -2),
+        ("top_k", 1.5),
+        ("top_k", True),
+        ("min_p", -0.01),
+        ("min_p", 1.5),
+        ("min_p", float("nan")),
+        ("max_tokens", 0),
+        ("max_tokens", -5),
+        ("max_tokens", 2.0),
+        ("max_tokens", None),
+        ("stop", [""]),
+        ("stop", [3]),
+        ("stop", ""),
+        ("stop_token_ids", [-1]),
+        ("stop_token_ids", ["a"]),
+        ("stop_token_ids", [1.0]),
+        ("ignore_eos", 1),
+        ("ignore_eos", "yes"),
+        ("seed", 1.5),
+        ("seed", "7"),
+        ("seed", True),
+    ],
+)
 def test_invalid_values_raise_clear_error(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
@@ -51,8 +76,12 @@ def test_validate_rechecks_after_mutation():
 
 def _num_or_junk():
     return st.one_of(
-        st.floats(allow_nan=True, allow_infinity=True), st.integers(-10**6, 10**6), st.booleans(), st.none(),
-        st.text(max_size=3))
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.integers(-(10**6), 10**6),
+        st.booleans(),
+        st.none(),
+        st.text(max_size=3),
+    )
 
 
 def _is_num(x) -> bool:
@@ -64,8 +93,14 @@ def _is_int(x) -> bool:
 
 
 @settings(max_examples=400, deadline=None)
-@given(temperature=_num_or_junk(), top_p=_num_or_junk(), top_k=_num_or_junk(), min_p=_num_or_junk(),
-       max_tokens=_num_or_junk(), seed=_num_or_junk())
+@given(
+    temperature=_num_or_junk(),
+    top_p=_num_or_junk(),
+    top_k=_num_or_junk(),
+    min_p=_num_or_junk(),
+    max_tokens=_num_or_junk(),
+    seed=_num_or_junk(),
+)
 def test_validation_property(temperature, top_p, top_k, min_p, max_tokens, seed):
     """Valid ranges are accepted, everything else is rejected with ValueError (never another error)."""
     valid = {
@@ -88,8 +123,10 @@ def test_validation_property(temperature, top_p, top_k, min_p, max_tokens, seed)
 
 
 @settings(max_examples=200, deadline=None)
-@given(stop=st.one_of(st.text(max_size=4), st.lists(st.one_of(st.text(max_size=4), st.integers()), max_size=3)),
-       stop_token_ids=st.lists(st.one_of(st.integers(-5, 200000), st.floats(), st.booleans()), max_size=3))
+@given(
+    stop=st.one_of(st.text(max_size=4), st.lists(st.one_of(st.text(max_size=4), st.integers()), max_size=3)),
+    stop_token_ids=st.lists(st.one_of(st.integers(-5, 200000), st.floats(), st.booleans()), max_size=3),
+)
 def test_stop_validation_property(stop, stop_token_ids):
     items = [stop] if isinstance(stop, str) else stop
     ok_stop = all(isinstance(s, str) and s for s in items)
@@ -106,10 +143,18 @@ def test_stop_validation_property(stop, stop_token_ids):
 def arrays(B, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, seed=-1, output_len=0) -> SamplingArrays:
     def col(x, dt):
         return np.array(x if isinstance(x, (list, tuple)) else [x] * B, dtype=dt)
+
     t, tp, tk, mp = col(temperature, np.float32), col(top_p, np.float32), col(top_k, np.int32), col(min_p, np.float32)
     return SamplingArrays(
-        temperature=t, top_p=tp, top_k=tk, min_p=mp, seeds=col(seed, np.int64), output_lens=col(output_len, np.int32),
-        needs_filter=bool((tp < 1).any() or (tk > 0).any() or (mp > 0).any()), all_greedy=bool((t == 0).all()))
+        temperature=t,
+        top_p=tp,
+        top_k=tk,
+        min_p=mp,
+        seeds=col(seed, np.int64),
+        output_lens=col(output_len, np.int32),
+        needs_filter=bool((tp < 1).any() or (tk > 0).any() or (mp > 0).any()),
+        all_greedy=bool((t == 0).all()),
+    )
 
 
 class _OnDevice:
@@ -323,11 +368,11 @@ def test_mixed_batch_rows_keep_their_own_filters(sampler):
     a = arrays(3 * n, top_k=[0] * n + [5] * n + [0] * n, top_p=[1.0] * n + [1.0] * n + [0.2] * n)
     out = sampler(logits, a).numpy()
     assert len(set(out[:n].tolist())) > 40
-    assert set(out[n:2 * n].tolist()) == set(row.topk(5).indices.tolist())
+    assert set(out[n : 2 * n].tolist()) == set(row.topk(5).indices.tolist())
     p = torch.softmax(row, -1)
     order = p.argsort(descending=True)
     keep = order[: int(np.searchsorted(p[order].cumsum(0).numpy(), 0.2) + 1)]
-    assert set(out[2 * n:].tolist()) == set(keep.tolist())
+    assert set(out[2 * n :].tolist()) == set(keep.tolist())
 
 
 def test_seeded_top_k_row_independent_of_batch_mates(sampler):

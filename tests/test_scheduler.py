@@ -9,6 +9,7 @@ deterministic function of that context. The tokens a request gets must therefore
 greedy run of the same function, however the scheduler chunks, batches, caches, preempts and
 resumes it.
 """
+
 from __future__ import annotations
 
 import random
@@ -33,7 +34,7 @@ def reference(prompt: list[int], max_tokens: int, lm=fake_lm) -> list[int]:
     seq = list(prompt)
     for _ in range(max_tokens):
         seq.append(lm(tuple(seq)))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 class FakeWorker:
@@ -71,7 +72,7 @@ class FakeWorker:
                 t += 1
             ctx = self.kv[int(self.table[r, start + q - 1])]
             for p in range(start + q):  # attention reads every slot of the context
-                assert self.kv.get(int(self.table[r, p])) == ctx[:p + 1], f"row {r}: slot of position {p} is wrong"
+                assert self.kv.get(int(self.table[r, p])) == ctx[: p + 1], f"row {r}: slot of position {p} is wrong"
             last.append(ctx)
         out = np.array([self.lm(last[i]) for i in b.sample_rows.tolist()], dtype=np.int32)
         self.next_tok[b.req_indices[b.sample_rows]] = out
@@ -98,7 +99,7 @@ def check_slots(s: Scheduler) -> None:
     """Every slot is free, owned by the tree, or privately owned by exactly one running request."""
     private = sum(r.num_computed - r.prefix_len for r in s.running)
     assert s.allocator.num_free + s.tree.total_size() + private == s.num_slots
-    owned = [s.tree.all_slots()] + [s.table[r.req_idx, r.prefix_len:r.num_computed] for r in s.running]
+    owned = [s.tree.all_slots()] + [s.table[r.req_idx, r.prefix_len : r.num_computed] for r in s.running]
     owned = np.concatenate(owned)
     assert len(np.unique(owned)) == len(owned), "a slot has two owners"
     assert s.allocator.is_allocated(owned).all()
@@ -398,8 +399,10 @@ def test_finish_on_max_tokens():
 
 def _lm_emitting(token: int, at: int):
     """A fake LM that emits `token` as its `at`-th generated token (context length `at` beyond 10)."""
+
     def lm(seq):
         return token if len(seq) == 10 + at - 1 else fake_lm(seq)
+
     return lm
 
 
@@ -510,7 +513,7 @@ def test_abort_while_decoding_and_between_schedule_and_update():
     r.until_idle()
     assert r.finish == {"a": "abort", "b": "abort", "c": "length"}
     assert r.tokens["c"] == reference(prompt(14, 2), 10)
-    assert r.tokens["a"] == reference(prompt(10, 0), 30)[:len(r.tokens["a"])]
+    assert r.tokens["a"] == reference(prompt(10, 0), 30)[: len(r.tokens["a"])]
 
 
 def test_abort_all_frees_everything():
@@ -550,8 +553,13 @@ def test_eos_with_overlap_drops_the_step_in_flight():
 def _random_workload(seed: int, overlap: bool) -> None:
     rng = random.Random(seed)
     ctx = 96
-    s, w = make(num_slots=rng.choice([96, 128, 200, 400]), context_len=ctx, budget=rng.choice([1, 7, 16, 64, 200]),
-                max_bs=rng.choice([1, 3, 8]), prefix=rng.random() < 0.8)
+    s, w = make(
+        num_slots=rng.choice([96, 128, 200, 400]),
+        context_len=ctx,
+        budget=rng.choice([1, 7, 16, 64, 200]),
+        max_bs=rng.choice([1, 3, 8]),
+        prefix=rng.random() < 0.8,
+    )
     r = Run(s, w, overlap=overlap)
     shared = prompt(30, 1000 + seed)
     specs: dict[str, tuple[list[int], int]] = {}
@@ -560,8 +568,8 @@ def _random_workload(seed: int, overlap: bool) -> None:
     for i in range(40):
         if rng.random() < 0.5:
             n = rng.randint(1, 60)
-            p = (shared[:rng.randint(1, 30)] if rng.random() < 0.5 else []) + prompt(n, seed * 1000 + i)
-            p = p[:ctx - 1]
+            p = (shared[: rng.randint(1, 30)] if rng.random() < 0.5 else []) + prompt(n, seed * 1000 + i)
+            p = p[: ctx - 1]
             m = rng.randint(1, ctx - len(p))
             rid = f"r{i}"
             specs[rid] = (p, m)
@@ -579,7 +587,7 @@ def _random_workload(seed: int, overlap: bool) -> None:
         ref = reference(p, m)
         if rid in aborted:
             assert r.finish[rid] == "abort"
-            assert r.tokens[rid] == ref[:len(r.tokens[rid])]
+            assert r.tokens[rid] == ref[: len(r.tokens[rid])]
         else:
             assert r.finish[rid] == "length", rid
             assert r.tokens[rid] == ref, rid

@@ -3,6 +3,7 @@ checkpoint, driven with the official `openai` client and raw HTTP (httpx).
 
 One app per module (starting Ray + Serve + a replica takes ~15 s); the tests share it.
 """
+
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -18,8 +19,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from conftest import wait_api_server
 import yaml
+from conftest import wait_api_server
 
 from nanovllmx.utils.make_model import DEMO_MODEL_NAME, demo_model_path
 
@@ -53,8 +54,11 @@ class Server:
         deadline = time.monotonic() + timeout
         while True:
             s = self.stats()
-            if (s["num_running"] == 0 and s["num_waiting"] == 0
-                    and s["free_slots"] + s["cached_slots"] == s["num_slots"]):
+            if (
+                s["num_running"] == 0
+                and s["num_waiting"] == 0
+                and s["free_slots"] + s["cached_slots"] == s["num_slots"]
+            ):
                 return s
             assert time.monotonic() < deadline, f"engine not idle after {timeout}s: {s}"
             time.sleep(0.1)
@@ -73,8 +77,15 @@ def server():
         ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="serve")
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app({"model": DEMO_MODEL_NAME, "served_model_name": [DEMO_MODEL_NAME, ALIAS],
-                     "context_len": CONTEXT_LEN, "max_bs": 16, "device": "cpu"})
+    app = build_app(
+        {
+            "model": DEMO_MODEL_NAME,
+            "served_model_name": [DEMO_MODEL_NAME, ALIAS],
+            "context_len": CONTEXT_LEN,
+            "max_bs": 16,
+            "device": "cpu",
+        }
+    )
     serve.run(app, name="test-serve", route_prefix="/")
     srv = Server(f"http://127.0.0.1:{port}")
     try:
@@ -89,6 +100,7 @@ def server():
 @pytest.fixture(scope="module")
 def tok():
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(demo_model_path())
 
 
@@ -110,15 +122,20 @@ def test_models_health_version(server):
     r = server.http.get("/health")
     assert r.status_code == 200
     import nanovllmx
+
     assert server.http.get("/version").json() == {"version": nanovllmx.__version__}
     assert server.http.get("/openapi.json").status_code == 200
 
 
 def test_chat_non_streaming_usage_and_text(server, tok):
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour 🎨."}]
-    r = server.client.chat.completions.create(model=DEMO_MODEL_NAME, messages=messages, max_tokens=12,
-                                              temperature=0, extra_body={"ignore_eos": True,
-                                                                         "return_token_ids": True})
+    r = server.client.chat.completions.create(
+        model=DEMO_MODEL_NAME,
+        messages=messages,
+        max_tokens=12,
+        temperature=0,
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+    )
     assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model == DEMO_MODEL_NAME
     c = r.choices[0]
     assert c.message.role == "assistant" and c.finish_reason == "length"
@@ -134,8 +151,7 @@ def test_chat_non_streaming_usage_and_text(server, tok):
 
 def test_chat_streaming_matches_non_streaming(server):
     messages = [{"role": "user", "content": "Count to three."}]
-    kw = dict(model=ALIAS, messages=messages, max_completion_tokens=10, temperature=0,
-              extra_body={"ignore_eos": True})
+    kw = dict(model=ALIAS, messages=messages, max_completion_tokens=10, temperature=0, extra_body={"ignore_eos": True})
     full = server.client.chat.completions.create(**kw)
     chunks = list(server.client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -153,22 +169,35 @@ def test_chat_streaming_matches_non_streaming(server):
 def test_completions_text_and_token_ids(server, tok):
     prompt = "The capital of France is"
     ids = tok.encode(prompt)
-    a = server.client.completions.create(model=DEMO_MODEL_NAME, prompt=prompt, max_tokens=8, temperature=0,
-                                         extra_body={"ignore_eos": True, "return_token_ids": True})
+    a = server.client.completions.create(
+        model=DEMO_MODEL_NAME,
+        prompt=prompt,
+        max_tokens=8,
+        temperature=0,
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+    )
     assert a.object == "text_completion" and a.id.startswith("cmpl-")
     assert a.usage.prompt_tokens == len(ids) and a.usage.completion_tokens == 8
     assert a.choices[0].prompt_token_ids == ids and len(a.choices[0].token_ids) == 8
     assert a.choices[0].text == tok.decode(a.choices[0].token_ids, skip_special_tokens=True)
     for p in (ids, [ids], [prompt]):  # token ids, a batch of one, a list of one string
-        b = server.client.completions.create(model=DEMO_MODEL_NAME, prompt=p, max_tokens=8, temperature=0,
-                                             extra_body={"ignore_eos": True})
+        b = server.client.completions.create(
+            model=DEMO_MODEL_NAME, prompt=p, max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+        )
         assert b.choices[0].text == a.choices[0].text
         assert b.usage.prompt_tokens == len(ids)
 
 
 def test_completions_streaming_raw_sse(server):
-    body = {"model": DEMO_MODEL_NAME, "prompt": "Once upon a time", "max_tokens": 6, "temperature": 0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": DEMO_MODEL_NAME,
+        "prompt": "Once upon a time",
+        "max_tokens": 6,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     with server.http.stream("POST", "/v1/completions", json=body) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
@@ -188,55 +217,92 @@ def test_completions_streaming_raw_sse(server):
 def test_n_choices(server):
     """n > 1: one engine request per choice; with a seed, choice i draws as a single request with
     seed + i would, so streaming and non-streaming agree; usage counts the prompt once."""
-    kw = dict(model=DEMO_MODEL_NAME, prompt="Once upon a time", max_tokens=6, temperature=1.0, seed=11,
-              extra_body={"ignore_eos": True})
+    kw = dict(
+        model=DEMO_MODEL_NAME,
+        prompt="Once upon a time",
+        max_tokens=6,
+        temperature=1.0,
+        seed=11,
+        extra_body={"ignore_eos": True},
+    )
     full = server.client.completions.create(**kw, n=3)
     assert [c.index for c in full.choices] == [0, 1, 2]
-    assert full.usage.completion_tokens == 18 and full.usage.prompt_tokens == server.client.completions.create(
-        **kw).usage.prompt_tokens
+    assert (
+        full.usage.completion_tokens == 18
+        and full.usage.prompt_tokens == server.client.completions.create(**kw).usage.prompt_tokens
+    )
     texts = [c.text for c in full.choices]
     assert len(set(texts)) > 1  # different seeds, different draws
     assert texts[1] == server.client.completions.create(**{**kw, "seed": 12}).choices[0].text
     chunks = list(server.client.completions.create(**kw, n=3, stream=True, stream_options={"include_usage": True}))
-    streamed = ["".join(ch.choices[0].text for ch in chunks if ch.choices and ch.choices[0].index == i)
-                for i in range(3)]
+    streamed = [
+        "".join(ch.choices[0].text for ch in chunks if ch.choices and ch.choices[0].index == i) for i in range(3)
+    ]
     assert streamed == texts
     assert sorted({ch.choices[0].index for ch in chunks if ch.choices}) == [0, 1, 2]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 18
     assert sum(1 for ch in chunks if ch.usage is not None) == 1
     # chat: one choice per index, each with its role chunk and one finish reason
-    chat = list(server.client.chat.completions.create(
-        model=DEMO_MODEL_NAME, messages=CHAT["messages"], max_completion_tokens=5, n=2, stream=True,
-        extra_body={"ignore_eos": True}))
+    chat = list(
+        server.client.chat.completions.create(
+            model=DEMO_MODEL_NAME,
+            messages=CHAT["messages"],
+            max_completion_tokens=5,
+            n=2,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
     for i in range(2):
         mine = [ch.choices[0] for ch in chat if ch.choices and ch.choices[0].index == i]
         assert mine[0].delta.role == "assistant"
         assert [c.finish_reason for c in mine if c.finish_reason] == ["length"]
-    one = server.client.chat.completions.create(model=DEMO_MODEL_NAME, messages=CHAT["messages"], n=2,
-                                                max_completion_tokens=5, extra_body={"ignore_eos": True})
+    one = server.client.chat.completions.create(
+        model=DEMO_MODEL_NAME, messages=CHAT["messages"], n=2, max_completion_tokens=5, extra_body={"ignore_eos": True}
+    )
     assert [c.index for c in one.choices] == [0, 1] and one.usage.completion_tokens == 10
     server.wait_idle()  # no choice left running, every slot back
 
 
 def test_stop_string_seed_and_stop_token_ids(server):
-    base = dict(model=DEMO_MODEL_NAME, prompt="Hello", max_tokens=16, temperature=0,
-                extra_body={"ignore_eos": True, "return_token_ids": True})
+    base = dict(
+        model=DEMO_MODEL_NAME,
+        prompt="Hello",
+        max_tokens=16,
+        temperature=0,
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+    )
     ref = server.client.completions.create(**base).choices[0]
     text = ref.text
     assert len(text) > 4
-    stop = text[len(text) // 2:len(text) // 2 + 2]
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
     cut = server.client.completions.create(**base, stop=[stop]).choices[0]
-    assert cut.finish_reason == "stop" and cut.text == text[:text.find(stop)]
+    assert cut.finish_reason == "stop" and cut.text == text[: text.find(stop)]
     # a stop token id ends generation at that token (the token itself is not shown)
     sid = ref.token_ids[3]
-    st = server.client.completions.create(**{**base, "extra_body": {"ignore_eos": False, "return_token_ids": True,
-                                                                    "stop_token_ids": [sid]}}).choices[0]
+    st = server.client.completions.create(
+        **{**base, "extra_body": {"ignore_eos": False, "return_token_ids": True, "stop_token_ids": [sid]}}
+    ).choices[0]
     assert st.finish_reason == "stop" and st.token_ids[-1] == sid and len(st.token_ids) == ref.token_ids.index(sid) + 1
     # seeded sampling is reproducible
-    s1 = server.client.completions.create(model=DEMO_MODEL_NAME, prompt="Hi", max_tokens=8, temperature=1.0,
-                                          seed=1234, top_p=0.9, extra_body={"top_k": 50, "min_p": 0.01})
-    s2 = server.client.completions.create(model=DEMO_MODEL_NAME, prompt="Hi", max_tokens=8, temperature=1.0,
-                                          seed=1234, top_p=0.9, extra_body={"top_k": 50, "min_p": 0.01})
+    s1 = server.client.completions.create(
+        model=DEMO_MODEL_NAME,
+        prompt="Hi",
+        max_tokens=8,
+        temperature=1.0,
+        seed=1234,
+        top_p=0.9,
+        extra_body={"top_k": 50, "min_p": 0.01},
+    )
+    s2 = server.client.completions.create(
+        model=DEMO_MODEL_NAME,
+        prompt="Hi",
+        max_tokens=8,
+        temperature=1.0,
+        seed=1234,
+        top_p=0.9,
+        extra_body={"top_k": 50, "min_p": 0.01},
+    )
     assert s1.choices[0].text == s2.choices[0].text
 
 
@@ -244,8 +310,9 @@ def test_cached_tokens_on_repeated_prefix(server, tok):
     n = len(tok.encode(LONG_PROMPT))
     assert 200 < n < CONTEXT_LEN - 16
     first = server.client.completions.create(model=DEMO_MODEL_NAME, prompt=LONG_PROMPT, max_tokens=2)
-    second = server.client.completions.create(model=DEMO_MODEL_NAME, prompt=LONG_PROMPT + " And one more.",
-                                              max_tokens=2)
+    second = server.client.completions.create(
+        model=DEMO_MODEL_NAME, prompt=LONG_PROMPT + " And one more.", max_tokens=2
+    )
     assert first.usage.prompt_tokens == n
     assert second.usage.prompt_tokens_details.cached_tokens >= n // 2
     assert second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
@@ -261,14 +328,24 @@ def test_chat_template_options_and_tools(server, tok):
     plain = server.client.chat.completions.create(model=DEMO_MODEL_NAME, messages=msgs, max_tokens=2)
     assert plain.usage.prompt_tokens == len(chat_prompt_ids(tok, [{**msgs[0], "role": "system"}, msgs[1]]))
     # template variables (Qwen3: enable_thinking=False pre-fills an empty think block)
-    no_think = server.client.chat.completions.create(model=DEMO_MODEL_NAME, messages=msgs, max_tokens=2,
-                                                     extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    no_think = server.client.chat.completions.create(
+        model=DEMO_MODEL_NAME,
+        messages=msgs,
+        max_tokens=2,
+        extra_body={"chat_template_kwargs": {"enable_thinking": False}},
+    )
     assert no_think.usage.prompt_tokens > plain.usage.prompt_tokens
-    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
-                                               "parameters": {"type": "object",
-                                                              "properties": {"city": {"type": "string"}}}}}]
-    with_tools = server.client.chat.completions.create(model=DEMO_MODEL_NAME, messages=msgs, max_tokens=2,
-                                                       tools=tools)
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Weather of a city",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
+    with_tools = server.client.chat.completions.create(model=DEMO_MODEL_NAME, messages=msgs, max_tokens=2, tools=tools)
     assert with_tools.usage.prompt_tokens > plain.usage.prompt_tokens + 20
     # content given as a list of text parts
     parts = [{"role": "user", "content": [{"type": "text", "text": "Weather"}, {"type": "text", "text": "in Paris?"}]}]
@@ -294,12 +371,20 @@ def test_tokens_stream_before_the_end(server):
 def test_concurrent_requests(server):
     def one(i: int) -> int:
         if i % 2:
-            r = server.client.completions.create(model=DEMO_MODEL_NAME, prompt=f"Request {i}:", max_tokens=16,
-                                                 extra_body={"ignore_eos": True})
+            r = server.client.completions.create(
+                model=DEMO_MODEL_NAME, prompt=f"Request {i}:", max_tokens=16, extra_body={"ignore_eos": True}
+            )
             return r.usage.completion_tokens
-        chunks = list(server.client.chat.completions.create(
-            model=DEMO_MODEL_NAME, messages=[{"role": "user", "content": f"Request {i}"}], max_tokens=16,
-            stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+        chunks = list(
+            server.client.chat.completions.create(
+                model=DEMO_MODEL_NAME,
+                messages=[{"role": "user", "content": f"Request {i}"}],
+                max_tokens=16,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"ignore_eos": True},
+            )
+        )
         return chunks[-1].usage.completion_tokens
 
     t0 = time.monotonic()
@@ -341,27 +426,42 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {**CHAT, "max_tokens": 0}, "max_tokens", "invalid_value"),
     ("/v1/chat/completions", {**CHAT, "max_completion_tokens": -3}, "max_completion_tokens", "invalid_value"),
     ("/v1/chat/completions", {**CHAT, "max_tokens": 1.5}, "max_tokens", "invalid_value"),
-    ("/v1/chat/completions", {**CHAT, "max_tokens": 10 ** 9}, "max_tokens", "context_length_exceeded"),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": 10**9}, "max_tokens", "context_length_exceeded"),
     ("/v1/chat/completions", {**CHAT, "stop": [""]}, "stop", "invalid_value"),
     ("/v1/chat/completions", {**CHAT, "stop": 5}, "stop", "invalid_value"),
     ("/v1/chat/completions", {**CHAT, "stop_token_ids": [-1]}, "stop_token_ids", "invalid_value"),
-    ("/v1/chat/completions", {**CHAT, "seed": 2 ** 70}, "seed", "invalid_value"),
+    ("/v1/chat/completions", {**CHAT, "seed": 2**70}, "seed", "invalid_value"),
     ("/v1/chat/completions", {**CHAT, "ignore_eos": "yes"}, "ignore_eos", "invalid_value"),
     ("/v1/chat/completions", {**CHAT, "n": 0}, "n", "invalid_value"),
     ("/v1/chat/completions", {**CHAT, "logprobs": True}, "logprobs", "unsupported_parameter"),
     ("/v1/chat/completions", {**CHAT, "presence_penalty": 0.5}, "presence_penalty", "unsupported_parameter"),
     ("/v1/chat/completions", {**CHAT, "messages": []}, "messages", "invalid_value"),
-    ("/v1/chat/completions", {k: v for k, v in CHAT.items() if k != "messages"}, "messages",
-     "missing_required_parameter"),
+    (
+        "/v1/chat/completions",
+        {k: v for k, v in CHAT.items() if k != "messages"},
+        "messages",
+        "missing_required_parameter",
+    ),
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "wizard", "content": "hi"}]}, "messages", "invalid_value"),
-    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, "messages", "unsupported_content"),
-    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": TOO_LONG}]}, "messages",
-     "context_length_exceeded"),
+    (
+        "/v1/chat/completions",
+        {
+            **CHAT,
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}],
+        },
+        "messages",
+        "unsupported_content",
+    ),
+    (
+        "/v1/chat/completions",
+        {**CHAT, "messages": [{"role": "user", "content": TOO_LONG}]},
+        "messages",
+        "context_length_exceeded",
+    ),
     ("/v1/completions", {**CMPL, "prompt": TOO_LONG}, "prompt", "context_length_exceeded"),
     ("/v1/completions", {**CMPL, "prompt": ""}, "prompt", "empty_prompt"),
     ("/v1/completions", {**CMPL, "prompt": []}, "prompt", "empty_prompt"),
-    ("/v1/completions", {**CMPL, "prompt": [10 ** 7]}, "prompt", "invalid_value"),
+    ("/v1/completions", {**CMPL, "prompt": [10**7]}, "prompt", "invalid_value"),
     ("/v1/completions", {**CMPL, "prompt": [1, "a"]}, "prompt", "invalid_value"),
     ("/v1/completions", {**CMPL, "prompt": ["a", "b"]}, "prompt", "unsupported_parameter"),
     ("/v1/completions", {**CMPL, "logprobs": 1}, "logprobs", "unsupported_parameter"),
@@ -371,8 +471,11 @@ BAD_REQUESTS = [
 ]
 
 
-@pytest.mark.parametrize("path,body,param,code", BAD_REQUESTS,
-                         ids=[f"{i}-{p.split('/')[-1]}-{param}" for i, (p, _, param, _c) in enumerate(BAD_REQUESTS)])
+@pytest.mark.parametrize(
+    "path,body,param,code",
+    BAD_REQUESTS,
+    ids=[f"{i}-{p.split('/')[-1]}-{param}" for i, (p, _, param, _c) in enumerate(BAD_REQUESTS)],
+)
 def test_bad_request_400(server, path, body, param, code):
     _err(server.http.post(path, json=body), 400, param, code)
 
@@ -382,8 +485,11 @@ def test_malformed_and_odd_bodies(server):
         _err(server.http.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"}), 400)
     _err(server.http.post("/v1/completions", content=b"[1, 2]", headers={"content-type": "application/json"}), 400)
     # curl -d without a JSON content type still works
-    r = server.http.post("/v1/completions", content=json.dumps(CMPL).encode(),
-                         headers={"content-type": "application/x-www-form-urlencoded"})
+    r = server.http.post(
+        "/v1/completions",
+        content=json.dumps(CMPL).encode(),
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
     assert r.status_code == 200, r.text
 
 
@@ -414,8 +520,13 @@ def _abort_case(server, make_request, aborted: int = 1) -> None:
 
 
 def test_aborted_stream_releases_slots(server):
-    body = {"model": DEMO_MODEL_NAME, "prompt": "Tell me a long story.", "max_tokens": 480, "ignore_eos": True,
-            "stream": True}
+    body = {
+        "model": DEMO_MODEL_NAME,
+        "prompt": "Tell me a long story.",
+        "max_tokens": 480,
+        "ignore_eos": True,
+        "stream": True,
+    }
 
     def streamed_then_closed():
         with httpx.Client(base_url=server.url, timeout=60) as c:
@@ -427,16 +538,23 @@ def test_aborted_stream_releases_slots(server):
                     if got >= 3:
                         break
             # leaving the blocks closes the connection mid-stream
+
     _abort_case(server, streamed_then_closed)
 
-    chat = {"model": DEMO_MODEL_NAME, "messages": [{"role": "user", "content": "Go on forever."}],
-            "max_tokens": 480, "ignore_eos": True, "stream": True}
+    chat = {
+        "model": DEMO_MODEL_NAME,
+        "messages": [{"role": "user", "content": "Go on forever."}],
+        "max_tokens": 480,
+        "ignore_eos": True,
+        "stream": True,
+    }
 
     def chat_streamed_then_closed():
         with httpx.Client(base_url=server.url, timeout=60) as c:
             with c.stream("POST", "/v1/chat/completions", json=chat) as r:
                 assert r.status_code == 200
                 next(r.iter_lines())
+
     _abort_case(server, chat_streamed_then_closed)
 
     def three_choices_streamed_then_closed():  # n=3: every choice is aborted
@@ -444,6 +562,7 @@ def test_aborted_stream_releases_slots(server):
             with c.stream("POST", "/v1/completions", json={**body, "n": 3}) as r:
                 assert r.status_code == 200
                 next(r.iter_lines())
+
     _abort_case(server, three_choices_streamed_then_closed, aborted=3)
 
 
@@ -454,18 +573,21 @@ def test_aborted_non_streaming_request_releases_slots(server):
         with httpx.Client(base_url=server.url, timeout=httpx.Timeout(60, read=1.5)) as c:
             with pytest.raises(httpx.ReadTimeout):
                 c.post("/v1/completions", json=body)
+
     _abort_case(server, timed_out)
 
     def two_choices_timed_out():
         with httpx.Client(base_url=server.url, timeout=httpx.Timeout(60, read=1.5)) as c:
             with pytest.raises(httpx.ReadTimeout):
                 c.post("/v1/completions", json={**body, "n": 2})
+
     _abort_case(server, two_choices_timed_out, aborted=2)
 
 
 def test_still_serving_after_aborts(server):
-    r = server.client.chat.completions.create(model=DEMO_MODEL_NAME, messages=CHAT["messages"], max_tokens=5,
-                                              extra_body={"ignore_eos": True})
+    r = server.client.chat.completions.create(
+        model=DEMO_MODEL_NAME, messages=CHAT["messages"], max_tokens=5, extra_body={"ignore_eos": True}
+    )
     assert r.usage.completion_tokens == 5
     assert server.http.get("/health").status_code == 200
     server.wait_idle()
@@ -514,8 +636,15 @@ def test_build_app_options():
     assert d.ray_actor_options["num_gpus"] == 0 and d.init_args[2]["executor"] == "local"
     d = dep({"model": DEMO_MODEL_NAME, "device": "cuda", "tp_size": 2})
     assert d.ray_actor_options["num_gpus"] == 0  # the engine starts its own GPU actors
-    d = dep({"model": DEMO_MODEL_NAME, "device": "cpu", "ray_actor_options": {"num_cpus": 2},
-             "autoscaling_config": {"min_replicas": 1, "max_replicas": 2}, "max_ongoing_requests": 7})
+    d = dep(
+        {
+            "model": DEMO_MODEL_NAME,
+            "device": "cpu",
+            "ray_actor_options": {"num_cpus": 2},
+            "autoscaling_config": {"min_replicas": 1, "max_replicas": 2},
+            "max_ongoing_requests": 7,
+        }
+    )
     assert d.ray_actor_options == {"num_cpus": 2, "num_gpus": 0}
     assert d._deployment_config.autoscaling_config.max_replicas == 2
     assert d._deployment_config.autoscaling_config.target_ongoing_requests == 128
@@ -543,6 +672,7 @@ def test_model_resolver(tmp_path, monkeypatch):
     # offline (or unknown repo): a clear error, quickly, not a hang or a traceback from deep inside
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import huggingface_hub.constants as hc
+
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
     with pytest.raises(mr.ModelResolutionError, match="nanovllmx-test/no-such-model"):
         mr.resolve_model("nanovllmx-test/no-such-model")
@@ -565,15 +695,37 @@ def test_api_server_entrypoint(tmp_path):
     with --direct-ingress-port the replica answers on its own port too (no proxy hop)."""
     port, direct = _free_port(), _free_port()
     log = open(tmp_path / "api_server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "nanovllmx.entrypoints.openai.api_server", "--model",
-                             DEMO_MODEL_NAME, "--host", "127.0.0.1", "--port", str(port), "--context-len", "256",
-                             "--max-bs", "4", "--device", "cpu", "--direct-ingress-port", str(direct)],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nanovllmx.entrypoints.openai.api_server",
+            "--model",
+            DEMO_MODEL_NAME,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--context-len",
+            "256",
+            "--max-bs",
+            "4",
+            "--device",
+            "cpu",
+            "--direct-ingress-port",
+            str(direct),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         for url in (f"http://127.0.0.1:{port}", f"http://127.0.0.1:{direct}"):
             wait_api_server(url, proc, tmp_path / "api_server.log")
-            r = httpx.post(url + "/v1/completions", json={"model": DEMO_MODEL_NAME, "prompt": "Hi", "max_tokens": 3,
-                                                           "ignore_eos": True}, timeout=60)
+            r = httpx.post(
+                url + "/v1/completions",
+                json={"model": DEMO_MODEL_NAME, "prompt": "Hi", "max_tokens": 3, "ignore_eos": True},
+                timeout=60,
+            )
             assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -590,16 +742,50 @@ def test_api_server_args():
     from nanovllmx.entrypoints.openai import api_server
     from nanovllmx.serve import build_app
 
-    ns = api_server.parse_args(["--model", DEMO_MODEL_NAME, "--tp-size", "1", "--pp-size", "1", "--host", "127.0.0.1",
-                                "--port", "8123", "--gpu-memory-utilization", "0.5", "--max-bs", "8",
-                                "--context-len", "256", "--enforce-eager", "--stream-interval", "8"])
+    ns = api_server.parse_args(
+        [
+            "--model",
+            DEMO_MODEL_NAME,
+            "--tp-size",
+            "1",
+            "--pp-size",
+            "1",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "8123",
+            "--gpu-memory-utilization",
+            "0.5",
+            "--max-bs",
+            "8",
+            "--context-len",
+            "256",
+            "--enforce-eager",
+            "--stream-interval",
+            "8",
+        ]
+    )
     args = api_server.app_args(ns)
     assert args["max_bs"] == 8 and args["context_len"] == 256 and args["enforce_eager"] is True
-    assert args["stream_interval"] == 8 and "stream_interval" not in api_server.app_args(api_server.parse_args(
-        ["--model", "m"]))
+    assert args["stream_interval"] == 8 and "stream_interval" not in api_server.app_args(
+        api_server.parse_args(["--model", "m"])
+    )
     assert args["gpu_memory_utilization"] == 0.5 and (ns.host, ns.port) == ("127.0.0.1", 8123)
     build_app({**args, "device": "cpu"})
-    vllm_style = api_server.parse_args(["--model", "m", "--tensor-parallel-size", "2", "--max-model-len", "64",
-                                        "--max-num-seqs", "4", "--served-model-name", "a", "b"])
+    vllm_style = api_server.parse_args(
+        [
+            "--model",
+            "m",
+            "--tensor-parallel-size",
+            "2",
+            "--max-model-len",
+            "64",
+            "--max-num-seqs",
+            "4",
+            "--served-model-name",
+            "a",
+            "b",
+        ]
+    )
     a = api_server.app_args(vllm_style)
     assert (a["tp_size"], a["context_len"], a["max_bs"], a["served_model_name"]) == (2, 64, 4, ["a", "b"])

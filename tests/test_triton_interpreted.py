@@ -2,6 +2,7 @@
 interpreter (TRITON_INTERPRET=1, in a subprocess: the variable is read when kernels are defined),
 against their PyTorch twins, so CI checks their logic without a GPU. tests/test_gpu_backends.py
 runs the same comparisons compiled, on a GPU."""
+
 from __future__ import annotations
 
 import os
@@ -13,7 +14,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-CHECKS = textwrap.dedent('''
+CHECKS = textwrap.dedent("""
     import numpy as np, torch
     torch.manual_seed(0)
     def rel(a, b):
@@ -173,7 +174,7 @@ CHECKS = textwrap.dedent('''
     out = s(x, sa)
     assert out[0] == x[0].argmax() and out[1] == out[2], "greedy row; one seed and step, one draw"
     print("ok")
-''')
+""")
 
 
 def test_triton_kernels_match_torch_under_the_interpreter():

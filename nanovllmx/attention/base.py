@@ -1,8 +1,9 @@
 """The attention backend interface and the forward context the Attention layers read."""
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 

@@ -4,6 +4,7 @@ One plan per forward serves every layer: the prefill wrapper for batches with an
 request (prefill chunks mixed with decodes), the decode wrapper (tensor cores) for pure decode.
 The per-request page lists are gathered from the req_to_token table on the GPU by a Triton
 kernel; only the small indptr arrays come from the host, where the batch already is."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -32,19 +33,30 @@ def _gather_kv_indices(req_to_token, req_indices, kv_indptr, out, stride, BLOCK:
 
 
 class FlashInferBackend(AttentionBackend):
-    def __init__(self, kv: KVPool, num_heads: int, num_kv_heads: int, head_dim: int, max_bs: int, context_len: int,
-                 decode_tensor_cores: bool | None = None):
+    def __init__(
+        self,
+        kv: KVPool,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        max_bs: int,
+        context_len: int,
+        decode_tensor_cores: bool | None = None,
+    ):
         super().__init__(kv, num_heads, num_kv_heads, head_dim)
         # decode kernel by batch size (None) or forced (True: tensor cores, False: CUDA cores)
         self.decode_tensor_cores = decode_tensor_cores
         import flashinfer
+
         self.fi = flashinfer
         dev = kv.k[0].device
         self.dtype = kv.k[0].dtype
         self.workspace = torch.zeros(_WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
-        self.decodes = {tc: flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", use_tensor_cores=tc)
-                        for tc in (False, True)}
+        self.decodes = {
+            tc: flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", use_tensor_cores=tc)
+            for tc in (False, True)
+        }
         # a context may repeat shared prefix slots, so size by requests x context, not by pool size
         self.max_kv = (max_bs + 1) * context_len
         self.kv_indices = torch.empty(self.max_kv, dtype=torch.int32, device=dev)
@@ -78,17 +90,20 @@ class FlashInferBackend(AttentionBackend):
         wrapper's size is fixed, so every plan of it agrees with its capture."""
         return {"disable_split_kv": True} if batch_size >= _TC_MIN_BATCH else {}
 
-    def _gather(self, req_to_token: torch.Tensor, req_indices: torch.Tensor, indptr: torch.Tensor,
-                out: torch.Tensor) -> None:
+    def _gather(
+        self, req_to_token: torch.Tensor, req_indices: torch.Tensor, indptr: torch.Tensor, out: torch.Tensor
+    ) -> None:
         """out[indptr[i]:indptr[i+1]] = req_to_token[req_indices[i], :len] for each request i."""
-        _gather_kv_indices[(len(req_indices),)](req_to_token, req_indices, indptr, out, req_to_token.stride(0),
-                                                BLOCK=512)
+        _gather_kv_indices[(len(req_indices),)](
+            req_to_token, req_indices, indptr, out, req_to_token.stride(0), BLOCK=512
+        )
 
     def _indices(self, meta: AttentionMetadata) -> torch.Tensor:
         """The batch's slot lists into self.kv_indices; returns the host indptr."""
         indptr_host = self._indptr(meta.kv_lens_np)
-        self._gather(meta.req_to_token, meta.req_indices, indptr_host.to(self.device, non_blocking=True),
-                     self.kv_indices)
+        self._gather(
+            meta.req_to_token, meta.req_indices, indptr_host.to(self.device, non_blocking=True), self.kv_indices
+        )
         return indptr_host
 
     @staticmethod
@@ -105,15 +120,35 @@ class FlashInferBackend(AttentionBackend):
         total = int(indptr[-1])
         if meta.is_decode:
             decode = self.decodes[self.use_tensor_cores(B)]
-            decode.plan(indptr, self.kv_indices[:total], self.ones[:B], self.num_heads, self.num_kv_heads,
-                        self.head_dim, 1, q_data_type=self.dtype, kv_data_type=self.dtype, **self._split_kw(B))
+            decode.plan(
+                indptr,
+                self.kv_indices[:total],
+                self.ones[:B],
+                self.num_heads,
+                self.num_kv_heads,
+                self.head_dim,
+                1,
+                q_data_type=self.dtype,
+                kv_data_type=self.dtype,
+                **self._split_kw(B),
+            )
             self.active = decode
         else:
             qo = np.zeros(B + 1, dtype=np.int32)
             np.cumsum(meta.q_lens_np, out=qo[1:])
-            self.prefill.plan(torch.from_numpy(qo), indptr, self.kv_indices[:total], self.ones[:B], self.num_heads,
-                              self.num_kv_heads, self.head_dim, 1, causal=True, q_data_type=self.dtype,
-                              kv_data_type=self.dtype)
+            self.prefill.plan(
+                torch.from_numpy(qo),
+                indptr,
+                self.kv_indices[:total],
+                self.ones[:B],
+                self.num_heads,
+                self.num_kv_heads,
+                self.head_dim,
+                1,
+                causal=True,
+                q_data_type=self.dtype,
+                kv_data_type=self.dtype,
+            )
             self.active = self.prefill
         self._planned.record()
 
@@ -125,9 +160,14 @@ class FlashInferBackend(AttentionBackend):
             self._graph_indices = torch.zeros(self.max_kv, dtype=torch.int32, device=self.device)
         indptr = torch.zeros(bs + 1, dtype=torch.int32, device=self.device)
         w = self.fi.BatchDecodeWithPagedKVCacheWrapper(
-            self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=self.use_tensor_cores(bs),
-            paged_kv_indptr_buffer=indptr, paged_kv_indices_buffer=self._graph_indices,
-            paged_kv_last_page_len_buffer=torch.ones(bs, dtype=torch.int32, device=self.device))
+            self.workspace,
+            "NHD",
+            use_cuda_graph=True,
+            use_tensor_cores=self.use_tensor_cores(bs),
+            paged_kv_indptr_buffer=indptr,
+            paged_kv_indices_buffer=self._graph_indices,
+            paged_kv_last_page_len_buffer=torch.ones(bs, dtype=torch.int32, device=self.device),
+        )
         self._graph_indptr[w] = indptr
         return w
 
@@ -144,8 +184,18 @@ class FlashInferBackend(AttentionBackend):
         B = meta.num_reqs
         indptr = self._indptr(meta.kv_lens_np)
         # the indices argument is the wrapper's own buffer, so plan's copy into it is a no-op
-        wrapper.plan(indptr, self._graph_indices[:int(indptr[-1])], self.ones[:B], self.num_heads, self.num_kv_heads,
-                     self.head_dim, 1, q_data_type=self.dtype, kv_data_type=self.dtype, **self._split_kw(B))
+        wrapper.plan(
+            indptr,
+            self._graph_indices[: int(indptr[-1])],
+            self.ones[:B],
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            1,
+            q_data_type=self.dtype,
+            kv_data_type=self.dtype,
+            **self._split_kw(B),
+        )
         self._planned.record()
         self.active = wrapper
 

@@ -11,6 +11,7 @@ CPU are in docs/distributed.md; sockets were the cheapest by 3-10x and need no t
 
 Frame: 16-byte header (kind: int64, payload length: int64), then the payload.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -50,6 +51,7 @@ def _send(sock: socket.socket, kind: int, payload: bytes | memoryview = b"") -> 
 
 def pack_result(step: int, tokens, gap_ns: int, busy_ns: int) -> bytes:
     import numpy as np
+
     t = np.ascontiguousarray(tokens, dtype=np.int32)
     return _RES.pack(step, gap_ns, busy_ns, len(t)) + t.tobytes()
 
@@ -57,6 +59,7 @@ def pack_result(step: int, tokens, gap_ns: int, busy_ns: int) -> bytes:
 def unpack_result(payload: bytes):
     """-> (step, token ids, gap_ns, busy_ns)"""
     import numpy as np
+
     step, gap_ns, busy_ns, n = _RES.unpack_from(payload)
     return step, np.frombuffer(payload, dtype=np.int32, count=n, offset=_RES.size).copy(), gap_ns, busy_ns
 
@@ -85,8 +88,8 @@ class _Reader:
         self._fill(_HDR.size)
         kind, n = _HDR.unpack_from(self.buf)
         self._fill(_HDR.size + n)
-        data = bytes(self.buf[_HDR.size:_HDR.size + n])
-        del self.buf[:_HDR.size + n]
+        data = bytes(self.buf[_HDR.size : _HDR.size + n])
+        del self.buf[: _HDR.size + n]
         return kind, data
 
     def close(self) -> None:
@@ -112,11 +115,13 @@ class ControlServer:
         self.listener.settimeout(1.0)
         while len(self.conns) < world:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"only {len(self.conns)} of {world} workers connected to the control "
-                                   f"socket {self.address} within {timeout:.0f}s")
+                raise TimeoutError(
+                    f"only {len(self.conns)} of {world} workers connected to the control "
+                    f"socket {self.address} within {timeout:.0f}s"
+                )
             try:
                 s, _ = self.listener.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             s.settimeout(None)
             _nodelay(s)
@@ -153,8 +158,9 @@ class ControlServer:
                 try:
                     kind, payload = self.readers[r].read()
                 except (EOFError, OSError) as e:
-                    raise ControlError(f"worker rank {r} closed its control connection ({e}); "
-                                       f"the worker process probably died") from e
+                    raise ControlError(
+                        f"worker rank {r} closed its control connection ({e}); the worker process probably died"
+                    ) from e
                 if kind == ERROR:
                     raise ControlError(f"worker rank {r} failed:\n{payload.decode(errors='replace')}")
                 if kind == RESULT and r == rank:

@@ -7,6 +7,7 @@ times instead of pp. Each micro-batch is a complete ScheduledBatch of its own; t
 the micro-batches, concatenated in order, are the ids of the whole batch (sample rows keep their
 order because the groups are contiguous).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -43,11 +44,20 @@ def split_batch(b: ScheduledBatch, m: int) -> list[ScheduledBatch]:
         tmask = np.isin(b.table_rows, rows) if len(b.table_rows) else np.zeros(0, dtype=bool)
         smask = (b.sample_rows >= lo) & (b.sample_rows < hi)
         ids = b.input_ids[t0:t1]
-        out.append(ScheduledBatch(
-            step=b.step, req_indices=rows, start_pos=b.start_pos[lo:hi], q_lens=b.q_lens[lo:hi],
-            input_ids=ids, out_slots=b.out_slots[t0:t1],
-            table_rows=b.table_rows[tmask], table_cols=b.table_cols[tmask], table_slots=b.table_slots[tmask],
-            sample_rows=(b.sample_rows[smask] - lo).astype(b.sample_rows.dtype),
-            sampling=b.sampling.take(smask),
-            has_placeholders=bool(b.has_placeholders and (ids < 0).any())))
+        out.append(
+            ScheduledBatch(
+                step=b.step,
+                req_indices=rows,
+                start_pos=b.start_pos[lo:hi],
+                q_lens=b.q_lens[lo:hi],
+                input_ids=ids,
+                out_slots=b.out_slots[t0:t1],
+                table_rows=b.table_rows[tmask],
+                table_cols=b.table_cols[tmask],
+                table_slots=b.table_slots[tmask],
+                sample_rows=(b.sample_rows[smask] - lo).astype(b.sample_rows.dtype),
+                sampling=b.sampling.take(smask),
+                has_placeholders=bool(b.has_placeholders and (ids < 0).any()),
+            )
+        )
     return out

@@ -3,6 +3,7 @@
 Layers ask here for their TP rank and size; with no groups set up (one process), every collective
 is a no-op, so the same model code runs single-device, in tests, and sharded across Ray actors.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ class ParallelInfo:
     tp_size: int = 1
     pp_rank: int = 0
     pp_size: int = 1
-    tp_group: "dist.ProcessGroup | None" = None
+    tp_group: dist.ProcessGroup | None = None
     # global ranks of the previous / next pipeline stage with the same tp_rank
     prev_rank: int | None = None
     next_rank: int | None = None
@@ -55,7 +56,11 @@ def init_parallel(tp_size: int, pp_size: int, rank: int, backend: str, init_meth
         if p == pp_rank:
             tp_group = g
     info = ParallelInfo(
-        tp_rank=tp_rank, tp_size=tp_size, pp_rank=pp_rank, pp_size=pp_size, tp_group=tp_group,
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+        pp_rank=pp_rank,
+        pp_size=pp_size,
+        tp_group=tp_group,
         prev_rank=rank - tp_size if pp_rank > 0 else None,
         next_rank=rank + tp_size if pp_rank < pp_size - 1 else None,
     )

@@ -9,6 +9,7 @@ default on CPU, so a 2x2 grid fits a 2-core machine), `accelerator_type`, and an
 in `ray_worker_resources` (one dict for all shards, or a list with one dict per stage, which pins
 stages to nodes that carry a custom resource).
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,6 +26,7 @@ def connect_ray(cfg: EngineConfig) -> bool:
     """Use the Ray this process is connected to, else join cfg.ray_address / $RAY_ADDRESS, else
     start a local Ray. Returns True if this call started or joined Ray."""
     import ray
+
     if ray.is_initialized():
         return False
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
@@ -55,8 +57,9 @@ def stage_extra_resources(cfg: EngineConfig) -> list[dict[str, float]]:
         per_stage = [dict(extra) for _ in range(cfg.pp_size)]
     elif isinstance(extra, (list, tuple)):
         if len(extra) != cfg.pp_size or not all(isinstance(d, dict) for d in extra):
-            raise ValueError(f"ray_worker_resources as a list needs one dict per pipeline stage "
-                             f"({cfg.pp_size}), got {extra!r}")
+            raise ValueError(
+                f"ray_worker_resources as a list needs one dict per pipeline stage ({cfg.pp_size}), got {extra!r}"
+            )
         per_stage = [dict(d) for d in extra]
     else:
         raise TypeError("ray_worker_resources must be a dict, a list of dicts (one per stage) or None")
@@ -74,8 +77,11 @@ def stage_extra_resources(cfg: EngineConfig) -> list[dict[str, float]]:
 
 def shard_options(cfg: EngineConfig, stage: int) -> dict:
     """Ray actor options (resources only) of one worker of `stage`."""
-    return dict(num_cpus=num_cpus_per_worker(cfg), num_gpus=1 if cfg.device == "cuda" else 0,
-                resources=stage_extra_resources(cfg)[stage])
+    return dict(
+        num_cpus=num_cpus_per_worker(cfg),
+        num_gpus=1 if cfg.device == "cuda" else 0,
+        resources=stage_extra_resources(cfg)[stage],
+    )
 
 
 def stage_bundles(cfg: EngineConfig) -> list[dict[str, float]]:
@@ -96,17 +102,26 @@ def stage_bundles(cfg: EngineConfig) -> list[dict[str, float]]:
 
 def _cluster_report() -> str:
     import ray
+
     lines = []
     try:
         for n in ray.nodes():
             if not n.get("Alive"):
                 continue
-            res = {k: v for k, v in n.get("Resources", {}).items()
-                   if not k.startswith("node:") and not k.startswith(("bundle_group", "CPU_group", "GPU_group"))
-                   and "_group_" not in k and k not in ("memory", "object_store_memory")}
+            res = {
+                k: v
+                for k, v in n.get("Resources", {}).items()
+                if not k.startswith("node:")
+                and not k.startswith(("bundle_group", "CPU_group", "GPU_group"))
+                and "_group_" not in k
+                and k not in ("memory", "object_store_memory")
+            }
             lines.append(f"  node {n['NodeID'][:12]} ({n.get('NodeManagerAddress')}): {res}")
-        avail = {k: v for k, v in ray.available_resources().items()
-                 if "_group_" not in k and not k.startswith("node:") and k not in ("memory", "object_store_memory")}
+        avail = {
+            k: v
+            for k, v in ray.available_resources().items()
+            if "_group_" not in k and not k.startswith("node:") and k not in ("memory", "object_store_memory")
+        }
         lines.append(f"  available now: {avail}")
     except Exception as e:  # diagnostics must never hide the real error
         lines.append(f"  (could not list the cluster: {e})")
@@ -116,10 +131,12 @@ def _cluster_report() -> str:
 def _why_not(bundles: list[dict], strategy: str) -> str | None:
     """A reason the grid can never fit the cluster as it is (no autoscaling), or None."""
     import ray
+
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
 
     def fits(node, need):
         return all(node.get(k, 0.0) + 1e-9 >= v for k, v in need.items())
+
     for i, b in enumerate(bundles):
         for k in b:
             if not any(k in n for n in nodes):
@@ -143,6 +160,7 @@ def create_placement_group(cfg: EngineConfig):
     within cfg.placement_timeout_s."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
+
     strategy = (cfg.placement_strategy or "PACK").upper()
     if strategy not in STRATEGIES:
         raise ValueError(f"placement_strategy must be one of {STRATEGIES}, got {cfg.placement_strategy!r}")
@@ -162,14 +180,16 @@ def create_placement_group(cfg: EngineConfig):
         f"cannot place the tp_size={cfg.tp_size} x pp_size={cfg.pp_size} grid within "
         f"{cfg.placement_timeout_s:g}s: asked for {len(bundles)} bundle(s) (one per pipeline stage, each "
         f"holding its {cfg.tp_size} TP shard(s)) {bundles} with strategy {strategy}"
-        + (f"; {why}" if why else "; the cluster is busy or too small") +
-        f".\nThe cluster:\n{_cluster_report()}\n"
+        + (f"; {why}" if why else "; the cluster is busy or too small")
+        + f".\nThe cluster:\n{_cluster_report()}\n"
         f"Lower tp_size/pp_size, free resources, or change ray_num_cpus_per_worker / ray_worker_resources / "
-        f"accelerator_type / placement_strategy (placement_timeout_s sets how long to wait).")
+        f"accelerator_type / placement_strategy (placement_timeout_s sets how long to wait)."
+    )
 
 
 def bundle_node_ids(pg) -> list[str]:
     from ray.util import placement_group_table
+
     table = placement_group_table(pg)
     b2n = table.get("bundles_to_node_id", {})
     return [b2n.get(i) for i in range(len(table.get("bundles", {})))]

@@ -11,13 +11,14 @@ Requests and aborts are fire-and-forget Ray calls carrying a sequence number (th
 them in order even if Ray delivers them out of order); outputs come back by long polling.
 See docs/distributed.md.
 """
+
 from __future__ import annotations
 
 import itertools
 import logging
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import ray
 
@@ -56,6 +57,7 @@ class SchedulerActor:
 
     def start(self, workers: list) -> int:
         from nanovllmx.distributed.ray_executor import RayExecutor
+
         executor = RayExecutor(self.cfg, workers, mode=self.cfg.ray_step_mode)
         self.core = _ActorEngineCore(self.cfg, executor, self._sink)
         executor.overlap = bool(getattr(self.core, "overlap", False))
@@ -139,9 +141,11 @@ class RayEngineClient:
     POLL_S = 0.5
 
     def __init__(self, cfg: EngineConfig, sink: OutputSink):
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
         from nanovllmx.distributed import placement
         from nanovllmx.distributed.ray_executor import WorkerActor
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
         self.cfg, self.sink = cfg, sink
         self.pg = None
         self.workers: list = []
@@ -161,28 +165,40 @@ class RayEngineClient:
             actor_cls = ray.remote(WorkerActor)
             for rank in range(world):
                 opts = placement.shard_options(cfg, rank // tp)
-                self.workers.append(actor_cls.options(
-                    **opts, name=None, max_restarts=0,
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(
-                        self.pg, placement_group_bundle_index=rank // tp),
-                ).remote(cfg, rank, cpus))
+                self.workers.append(
+                    actor_cls.options(
+                        **opts,
+                        name=None,
+                        max_restarts=0,
+                        scheduling_strategy=PlacementGroupSchedulingStrategy(
+                            self.pg, placement_group_bundle_index=rank // tp
+                        ),
+                    ).remote(cfg, rank, cpus)
+                )
             # the scheduler sits next to rank 0 (bundle 0), using none of the bundle's resources
             sched_cls = ray.remote(concurrency_groups={"poll": 2})(SchedulerActor)
             self.scheduler = sched_cls.options(
-                num_cpus=0, max_concurrency=1, max_restarts=0,
+                num_cpus=0,
+                max_concurrency=1,
+                max_restarts=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=0),
             ).remote(cfg)
             init_method = None
             if world > 1:  # the rendezvous address comes from rank 0's own node
                 init_method = ray.get(self.workers[0].rendezvous_address.remote())
-            self.worker_info = _wait_all([w.init_worker.remote(init_method) for w in self.workers],
-                                         "worker initialisation")
+            self.worker_info = _wait_all(
+                [w.init_worker.remote(init_method) for w in self.workers], "worker initialisation"
+            )
             ray.get(self.scheduler.start.remote(self.workers))
         except BaseException:
             self._teardown()
             raise
-        logger.info("Ray engine up: tp_size=%d pp_size=%d on nodes %s", cfg.tp_size, cfg.pp_size,
-                    sorted({i["node_id"][:12] for i in self.worker_info}))
+        logger.info(
+            "Ray engine up: tp_size=%d pp_size=%d on nodes %s",
+            cfg.tp_size,
+            cfg.pp_size,
+            sorted({i["node_id"][:12] for i in self.worker_info}),
+        )
         self._poll_thread = threading.Thread(target=self._poll_loop, name="nanovllmx-ray-poll", daemon=True)
         self._poll_thread.start()
 
@@ -263,6 +279,7 @@ class RayEngineClient:
 
     def _teardown(self) -> None:
         from ray.util.placement_group import remove_placement_group
+
         self._closed = True
         for a in ([self.scheduler] if self.scheduler is not None else []) + self.workers:
             try:

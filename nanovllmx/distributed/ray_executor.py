@@ -6,6 +6,7 @@ scheduler actor (nanovllmx/distributed/control.py), so a step costs one pickle, 
 per worker and one small result frame, not a Ray call per worker. `ray_step_mode="ray"` keeps a
 Ray-call-per-step path for comparison and debugging.
 """
+
 from __future__ import annotations
 
 import collections
@@ -34,6 +35,7 @@ def _iface_for_ip(ip: str) -> str | None:
     try:
         import fcntl
         import struct
+
         for _, name in socket.if_nameindex():
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             try:
@@ -63,6 +65,7 @@ class WorkerActor:
         self.node_ip = ray.util.get_node_ip_address()
         if cfg.device == "cpu":
             import torch
+
             torch.set_num_threads(max(1, int(num_cpus)))
             if "GLOO_SOCKET_IFNAME" not in os.environ:
                 iface = _iface_for_ip(self.node_ip)
@@ -77,8 +80,15 @@ class WorkerActor:
     def node_info(self) -> dict:
         ctx = ray.get_runtime_context()
         tp = self.cfg.tp_size
-        return dict(rank=self.rank, pp_rank=self.rank // tp, tp_rank=self.rank % tp, node_id=ctx.get_node_id(),
-                    ip=self.node_ip, pid=os.getpid(), gpu_ids=[str(g) for g in ray.get_gpu_ids()])
+        return dict(
+            rank=self.rank,
+            pp_rank=self.rank // tp,
+            tp_rank=self.rank % tp,
+            node_id=ctx.get_node_id(),
+            ip=self.node_ip,
+            pid=os.getpid(),
+            gpu_ids=[str(g) for g in ray.get_gpu_ids()],
+        )
 
     def rendezvous_address(self) -> str:
         """Called on rank 0 only: the torch.distributed init address (this node's IP, a free port)."""
@@ -86,6 +96,7 @@ class WorkerActor:
 
     def init_worker(self, init_method: str | None) -> dict:
         from nanovllmx.worker.worker import Worker
+
         self.worker = Worker(self.cfg, self.rank, init_method, 0)  # Ray's CUDA_VISIBLE_DEVICES: our GPU is 0
         return self.node_info()
 
@@ -98,8 +109,12 @@ class WorkerActor:
     # ---- the step loop over the control socket ----
     def start_loop(self, address: tuple[str, int], result_rank: int, overlap: bool = False) -> None:
         conn = control.ControlClient(tuple(address), self.rank)
-        self._loop_thread = threading.Thread(target=self._loop, args=(conn, self.rank == result_rank, overlap),
-                                             name=f"nanovllmx-worker-{self.rank}", daemon=True)
+        self._loop_thread = threading.Thread(
+            target=self._loop,
+            args=(conn, self.rank == result_rank, overlap),
+            name=f"nanovllmx-worker-{self.rank}",
+            daemon=True,
+        )
         self._loop_thread.start()
 
     def _loop(self, conn: control.ControlClient, sends_result: bool, overlap: bool) -> None:
@@ -108,6 +123,7 @@ class WorkerActor:
         this thread reads and launches step N+1 while the device still runs step N."""
         if self.cfg.device == "cuda":
             import torch
+
             torch.cuda.set_device(0)  # the current device is per thread
         lock = threading.Lock()  # this thread (ERROR) and the sender thread share the socket
         sender = _ResultSender(self, conn, lock, threaded=overlap) if sends_result else None
@@ -261,7 +277,7 @@ class _Launched:
 
     __slots__ = ("executor", "step", "refs", "t_launch", "sched_s", "timed")
 
-    def __init__(self, executor: "RayExecutor", step: int, refs, t_launch: float, sched_s: float | None):
+    def __init__(self, executor: RayExecutor, step: int, refs, t_launch: float, sched_s: float | None):
         self.executor, self.step, self.refs, self.t_launch = executor, step, refs, t_launch
         self.sched_s = sched_s
         self.timed = sched_s is not None
@@ -387,6 +403,7 @@ class RayExecutor:
         def ms(d):
             d = tuple(d)  # a snapshot: the engine thread appends concurrently
             return round(1e3 * sum(d) / len(d), 4) if d else None
+
         gap, busy, sched = ms(self._gap), ms(self._busy), ms(self._sched)
         return dict(
             step_mode=self.mode,
@@ -400,8 +417,9 @@ class RayExecutor:
             # the scheduler's own work per step (update, request intake, schedule); without overlap it
             # is part of the gap, with overlap it runs while the workers compute
             scheduler_ms_per_step=sched,
-            transport_ms_per_step=(None if gap is None or sched is None or self.overlap
-                                   else round(max(gap - sched, 0.0), 4)),
+            transport_ms_per_step=(
+                None if gap is None or sched is None or self.overlap else round(max(gap - sched, 0.0), 4)
+            ),
             worker_busy_ms_per_step=busy,  # gap + busy: the worker's step period
             step_wall_ms=ms(self._wall),
             control_plane_share=None if gap is None or gap + busy == 0 else round(gap / (gap + busy), 4),

@@ -3,13 +3,14 @@
 Clients (the offline LLM, the Ray scheduler actor) put requests and aborts in through thread-safe
 methods and receive per-step EngineOutputs through a callback. The same class runs in-process or
 inside the scheduler actor."""
+
 from __future__ import annotations
 
 import logging
 import queue
 import threading
 import traceback
-from typing import Callable
+from collections.abc import Callable
 
 from nanovllmx.config import EngineConfig
 from nanovllmx.engine.executor import Executor
@@ -37,8 +38,14 @@ class EngineCore:
         self.cfg, self.executor, self.sink = cfg, executor, sink
         num_slots = executor.available_kv_slots()
         executor.init_kv_cache(num_slots)
-        self.scheduler = Scheduler(num_slots, cfg.max_bs, cfg.context_len, cfg.max_num_batched_tokens,
-                                   cfg.eos_token_ids, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            num_slots,
+            cfg.max_bs,
+            cfg.context_len,
+            cfg.max_num_batched_tokens,
+            cfg.eos_token_ids,
+            cfg.enable_prefix_caching,
+        )
         self._inbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="nanovllmx-engine", daemon=True)
@@ -54,8 +61,10 @@ class EngineCore:
         if n == 0:
             raise ValueError("prompt is empty")
         if n >= self.cfg.context_len:
-            raise ValueError(f"prompt has {n} tokens, but this model's context is {self.cfg.context_len} tokens "
-                             f"(prompt plus at least one generated token)")
+            raise ValueError(
+                f"prompt has {n} tokens, but this model's context is {self.cfg.context_len} tokens "
+                f"(prompt plus at least one generated token)"
+            )
         vocab = self.cfg.hf_config.vocab_size
         if min(er.prompt_token_ids) < 0 or max(er.prompt_token_ids) >= vocab:  # C speed: runs per request
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
@@ -151,6 +160,7 @@ class EngineCore:
 
     def stats(self) -> dict:
         from dataclasses import asdict
+
         d = asdict(self.scheduler.stats())
         d["step_ms"] = self.timer.summary()
         d["num_steps"] = self.timer.steps

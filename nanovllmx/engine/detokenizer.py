@@ -1,5 +1,6 @@
 """Incremental detokenization with stop strings, on the client side of the engine (never on the
 scheduler's critical path)."""
+
 from __future__ import annotations
 
 import functools
@@ -23,9 +24,14 @@ def _plain_hf_decode(cls: type) -> bool:
             if name in vars(c):
                 owner.setdefault(name, c)
     dec, _dec = owner.get("decode"), owner.get("_decode")
-    return (dec is not None and _dec is not None and dec.__name__ == "PreTrainedTokenizerBase"
-            and _dec.__name__ in ("TokenizersBackend", "PreTrainedTokenizerFast")
-            and dec.__module__.startswith("transformers.") and _dec.__module__.startswith("transformers."))
+    return (
+        dec is not None
+        and _dec is not None
+        and dec.__name__ == "PreTrainedTokenizerBase"
+        and _dec.__name__ in ("TokenizersBackend", "PreTrainedTokenizerFast")
+        and dec.__module__.startswith("transformers.")
+        and _dec.__module__.startswith("transformers.")
+    )
 
 
 def _stream_backend(tokenizer):
@@ -37,9 +43,13 @@ def _stream_backend(tokenizer):
     if isinstance(tokenizer, _RustTokenizer):
         return tokenizer
     backend = getattr(tokenizer, "_tokenizer", None)
-    if (not isinstance(backend, _RustTokenizer) or getattr(tokenizer, "clean_up_tokenization_spaces", False)
-            or "decode" in vars(tokenizer) or "_decode" in vars(tokenizer)  # patched on the instance
-            or not _plain_hf_decode(type(tokenizer))):
+    if (
+        not isinstance(backend, _RustTokenizer)
+        or getattr(tokenizer, "clean_up_tokenization_spaces", False)
+        or "decode" in vars(tokenizer)
+        or "_decode" in vars(tokenizer)  # patched on the instance
+        or not _plain_hf_decode(type(tokenizer))
+    ):
         return None
     return backend
 
@@ -105,11 +115,11 @@ class IncrementalDetokenizer:
         it ends in a partial character (unless final) or adds nothing."""
         if final and self.read_offset == len(self.ids):
             return None
-        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        full = self._decode(self.ids[self.prefix_offset:])
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset :])
         if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            return full[len(prefix):]
+            return full[len(prefix) :]
         return None
 
     def _step_each(self, new_ids) -> str | None:
@@ -192,12 +202,12 @@ class IncrementalDetokenizer:
             visible = n
         else:
             visible = n - hold if n - hold > emitted else emitted
-        delta = recent[emitted - rs:visible - rs] if visible > emitted else ""
+        delta = recent[emitted - rs : visible - rs] if visible > emitted else ""
         self.emitted = visible
         keep_from = n - hold if n > hold else 0  # text[keep_from:] stays in _recent (<= visible)
         if keep_from > rs:
-            self._append(recent[:keep_from - rs])
-            self._recent = recent[keep_from - rs:]
+            self._append(recent[: keep_from - rs])
+            self._recent = recent[keep_from - rs :]
             self._recent_start = keep_from
         return delta
 

@@ -1,5 +1,6 @@
 """Executors run a ScheduledBatch on the workers. The local one calls a Worker in this process;
 the Ray one (nanovllmx/distributed/ray_executor.py) drives one actor per TP x PP shard."""
+
 from __future__ import annotations
 
 from typing import Protocol
@@ -28,6 +29,7 @@ class LocalExecutor:
 
     def __init__(self, cfg: EngineConfig):
         from nanovllmx.worker.worker import Worker  # torch/model imports stay off the scheduler-only path
+
         if cfg.tp_size * cfg.pp_size != 1:
             raise ValueError("LocalExecutor runs one shard; use the Ray executor for tp_size/pp_size > 1")
         self.worker = Worker(cfg)

@@ -1,5 +1,6 @@
 """Client-side request state: collects each request's tokens, detokenizes incrementally, applies
 stop strings, and hands results to whoever waits (a blocking `generate` or an async stream)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -81,8 +82,17 @@ class OutputProcessor:
                 st.finish_reason, st.error = finish, o.error
                 self.pop(o.request_id)
             if st.queue is not None:
-                d = StreamDelta(o.request_id, list(o.new_token_ids), text, finish is not None, finish,
-                                len(st.prompt_token_ids), st.num_cached_tokens, len(st.token_ids), st.queue_time)
+                d = StreamDelta(
+                    o.request_id,
+                    list(o.new_token_ids),
+                    text,
+                    finish is not None,
+                    finish,
+                    len(st.prompt_token_ids),
+                    st.num_cached_tokens,
+                    len(st.token_ids),
+                    st.queue_time,
+                )
                 if o.error:
                     d = (d, o.error)  # the stream raises it
                 deliveries.setdefault(st.loop, []).append((st.queue, d))
@@ -103,5 +113,6 @@ class OutputProcessor:
         text = st.detok.text if st.detok is not None else st.text
         if text is None:
             text = self.tokenizer.decode(st.token_ids, skip_special_tokens=True)
-        return RequestOutput(st.request_id, st.prompt_token_ids, st.token_ids, text, st.finish_reason,
-                             st.num_cached_tokens)
+        return RequestOutput(
+            st.request_id, st.prompt_token_ids, st.token_ids, text, st.finish_reason, st.num_cached_tokens
+        )

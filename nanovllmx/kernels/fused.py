@@ -1,6 +1,7 @@
 """RMSNorm (+ residual add), per-head q/k RMSNorm + RoPE with the K/V store, and SiLU-and-mul as
 single Triton kernels: PyTorch spends 6-10 small kernels on each of these, which dominated decode
 GPU time."""
+
 from __future__ import annotations
 
 import torch
@@ -9,8 +10,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r, N, eps,
-                    HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+def _rmsnorm_kernel(
+    x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r, N, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr
+):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -33,13 +35,15 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.T
     out = torch.empty((x2.shape[0], N), dtype=x.dtype, device=x.device)
     BLOCK = triton.next_power_of_2(N)
     if residual is None:
-        _rmsnorm_kernel[(x2.shape[0],)](x2, x2, weight, out, out, x2.stride(0), 0, N, eps,
-                                        HAS_RES=False, BLOCK=BLOCK, num_warps=4)
+        _rmsnorm_kernel[(x2.shape[0],)](
+            x2, x2, weight, out, out, x2.stride(0), 0, N, eps, HAS_RES=False, BLOCK=BLOCK, num_warps=4
+        )
         return out.view(x.shape)
     r2 = residual.reshape(-1, N)
     res_out = torch.empty_like(out)
-    _rmsnorm_kernel[(x2.shape[0],)](x2, r2, weight, out, res_out, x2.stride(0), r2.stride(0), N, eps,
-                                    HAS_RES=True, BLOCK=BLOCK, num_warps=4)
+    _rmsnorm_kernel[(x2.shape[0],)](
+        x2, r2, weight, out, res_out, x2.stride(0), r2.stride(0), N, eps, HAS_RES=True, BLOCK=BLOCK, num_warps=4
+    )
     return out.view(x.shape), res_out.view(x.shape)
 
 
@@ -62,9 +66,25 @@ def _norm_rope_heads(src, n, w_ptr, cos, sin, dst, eps, R: tl.constexpr, D: tl.c
 
 
 @triton.jit
-def _qk_norm_rope_store_kernel(qkv_ptr, stride_t, qw_ptr, kw_ptr, cos_sin_ptr, pos_ptr, slots_ptr, q_ptr,
-                               k_cache, v_cache, n_heads, n_kv_heads, eps,
-                               RQ: tl.constexpr, RK: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr):
+def _qk_norm_rope_store_kernel(
+    qkv_ptr,
+    stride_t,
+    qw_ptr,
+    kw_ptr,
+    cos_sin_ptr,
+    pos_ptr,
+    slots_ptr,
+    q_ptr,
+    k_cache,
+    v_cache,
+    n_heads,
+    n_kv_heads,
+    eps,
+    RQ: tl.constexpr,
+    RK: tl.constexpr,
+    D: tl.constexpr,
+    HALF: tl.constexpr,
+):
     # program t: token t's query heads and key heads (norm + RoPE, one cos/sin load for all) and its
     # value heads (copy), keys and values into the pool at the token's slot
     t = tl.program_id(0).to(tl.int64)
@@ -78,14 +98,27 @@ def _qk_norm_rope_store_kernel(qkv_ptr, stride_t, qw_ptr, kw_ptr, cos_sin_ptr, p
     kv = slot * n_kv_heads * D
     _norm_rope_heads(row + n_heads * D, n_kv_heads, kw_ptr, cos, sin, k_cache + kv, eps, RK, D, HALF)
     c = tl.arange(0, RK * D)
-    tl.store(v_cache + kv + c, tl.load(row + (n_heads + n_kv_heads) * D + c, mask=c < n_kv_heads * D),
-             mask=c < n_kv_heads * D)
+    tl.store(
+        v_cache + kv + c,
+        tl.load(row + (n_heads + n_kv_heads) * D + c, mask=c < n_kv_heads * D),
+        mask=c < n_kv_heads * D,
+    )
 
 
-def qk_norm_rope_store(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
-                       q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float, cos_sin: torch.Tensor,
-                       positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                       slots: torch.Tensor) -> torch.Tensor:
+def qk_norm_rope_store(
+    qkv: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    eps: float,
+    cos_sin: torch.Tensor,
+    positions: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+) -> torch.Tensor:
     """Everything between the qkv projection and attention, in one launch (three before: q and k
     norm+RoPE, then the K/V store; at 28 layers a decode step spent more on launches than work).
     qkv: [T, (num_heads + 2*num_kv_heads)*head_dim] rows; per-head RMSNorm (q_weight / k_weight)
@@ -106,9 +139,25 @@ def qk_norm_rope_store(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, hea
         # prefill chunk was 393k programs that each reloaded cos/sin, at ~30% of the copy
         # bandwidth; now ~90%, decode steps unchanged (scripts/kernel_bench.py)
         _qk_norm_rope_store_kernel[(T,)](
-            qkv, qkv.stride(0), q_weight, k_weight, cos_sin, positions, slots, q, k_cache, v_cache,
-            num_heads, num_kv_heads, eps, RQ=triton.next_power_of_2(num_heads),
-            RK=triton.next_power_of_2(num_kv_heads), D=head_dim, HALF=head_dim // 2, num_warps=4)
+            qkv,
+            qkv.stride(0),
+            q_weight,
+            k_weight,
+            cos_sin,
+            positions,
+            slots,
+            q,
+            k_cache,
+            v_cache,
+            num_heads,
+            num_kv_heads,
+            eps,
+            RQ=triton.next_power_of_2(num_heads),
+            RK=triton.next_power_of_2(num_kv_heads),
+            D=head_dim,
+            HALF=head_dim // 2,
+            num_warps=4,
+        )
     return q
 
 
@@ -141,8 +190,9 @@ def _store_kv_kernel(k_ptr, v_ptr, stride_k, stride_v, slots_ptr, k_cache, v_cac
     tl.store(v_cache + slot * N + c, tl.load(v_ptr + t * stride_v + c))
 
 
-def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slots: torch.Tensor) -> None:
+def store_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
+) -> None:
     """k_cache[slots] = k; v_cache[slots] = v in one kernel (PyTorch's index_put takes two).
     k, v: [T, Hkv, D] with contiguous heads (a row stride of their own is fine); caches [S, Hkv, D]."""
     T = k.shape[0]

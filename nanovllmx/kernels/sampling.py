@@ -9,6 +9,7 @@ decode step of 256 rows on an H200 for 18 us of logits; 54-64 us now (scripts/ke
 Greedy rows (1/T == 0) take the argmax. Each row's noise comes from Philox keyed by its own seed
 and by column (block choices use the counters from V up), so a seeded row's draw depends neither
 on its batch nor on how its row is split among programs."""
+
 from __future__ import annotations
 
 import torch
@@ -17,8 +18,19 @@ import triton.language as tl
 
 
 @triton.jit
-def _block_lse_kernel(logits_ptr, stride, inv_temp_ptr, lse_ptr, part_v_ptr, part_i_ptr, V, n_blocks, n_parts,
-                      NB: tl.constexpr, BLOCK: tl.constexpr):
+def _block_lse_kernel(
+    logits_ptr,
+    stride,
+    inv_temp_ptr,
+    lse_ptr,
+    part_v_ptr,
+    part_i_ptr,
+    V,
+    n_blocks,
+    n_parts,
+    NB: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """Program (row, part) over NB blocks of BLOCK columns from part * NB * BLOCK: each block's
     log-sum-exp of logits * inv_t, and the part's max logit with its lowest index (greedy rows)."""
     row = tl.program_id(0)
@@ -38,8 +50,22 @@ def _block_lse_kernel(logits_ptr, stride, inv_temp_ptr, lse_ptr, part_v_ptr, par
 
 
 @triton.jit
-def _pick_kernel(logits_ptr, stride, inv_temp_ptr, seed_ptr, lse_ptr, part_v_ptr, part_i_ptr, out_ptr, V,
-                 n_blocks, n_parts, NBP: tl.constexpr, P: tl.constexpr, BLOCK: tl.constexpr):
+def _pick_kernel(
+    logits_ptr,
+    stride,
+    inv_temp_ptr,
+    seed_ptr,
+    lse_ptr,
+    part_v_ptr,
+    part_i_ptr,
+    out_ptr,
+    V,
+    n_blocks,
+    n_parts,
+    NBP: tl.constexpr,
+    P: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0)
     inv_t = tl.load(inv_temp_ptr + row)
     if inv_t > 0:
@@ -75,9 +101,35 @@ def gumbel_sample(logits: torch.Tensor, inv_temperature: torch.Tensor, seeds: to
         lse = torch.empty((B, n_blocks), dtype=torch.float32, device=logits.device)
         part_v = torch.empty((B, n_parts), dtype=torch.float32, device=logits.device)
         part_i = torch.empty((B, n_parts), dtype=torch.int32, device=logits.device)
-        _block_lse_kernel[(B, n_parts)](logits, logits.stride(0), inv_temperature, lse, part_v, part_i, V, n_blocks,
-                                        n_parts, NB=_CHUNK // _BLOCK, BLOCK=_BLOCK, num_warps=8)
-        _pick_kernel[(B,)](logits, logits.stride(0), inv_temperature, seeds, lse, part_v, part_i, out, V, n_blocks,
-                           n_parts, NBP=max(16, triton.next_power_of_2(n_blocks)),
-                           P=max(16, triton.next_power_of_2(n_parts)), BLOCK=_BLOCK, num_warps=4)
+        _block_lse_kernel[(B, n_parts)](
+            logits,
+            logits.stride(0),
+            inv_temperature,
+            lse,
+            part_v,
+            part_i,
+            V,
+            n_blocks,
+            n_parts,
+            NB=_CHUNK // _BLOCK,
+            BLOCK=_BLOCK,
+            num_warps=8,
+        )
+        _pick_kernel[(B,)](
+            logits,
+            logits.stride(0),
+            inv_temperature,
+            seeds,
+            lse,
+            part_v,
+            part_i,
+            out,
+            V,
+            n_blocks,
+            n_parts,
+            NBP=max(16, triton.next_power_of_2(n_blocks)),
+            P=max(16, triton.next_power_of_2(n_parts)),
+            BLOCK=_BLOCK,
+            num_warps=4,
+        )
     return out

@@ -7,6 +7,7 @@ class SiluAndMul(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
             from nanovllmx.kernels.fused import silu_and_mul
+
             return silu_and_mul(x)
         return self.forward_native(x)
 

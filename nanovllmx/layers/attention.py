@@ -27,8 +27,9 @@ class Attention(nn.Module):
         o = get_attention_backend().forward(self.layer_id, q, k, v, self.scale)
         return o.reshape(q.shape[0], self.num_heads * self.head_dim)
 
-    def forward_qkv(self, qkv: torch.Tensor, positions: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm,
-                    rotary: RotaryEmbedding) -> torch.Tensor:
+    def forward_qkv(
+        self, qkv: torch.Tensor, positions: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm, rotary: RotaryEmbedding
+    ) -> torch.Tensor:
         """Attention from the fused qkv projection output [T, (H + 2*Hkv)*D]: per-head RMSNorm of
         q and k, RoPE, K/V store, attention. Returns [T, H*D]."""
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
@@ -38,9 +39,22 @@ class Attention(nn.Module):
             # one kernel instead of three (q norm+RoPE, k norm+RoPE, K/V store): at these sizes
             # each costs its launch more than its work, 3 x num_layers times a step
             from nanovllmx.kernels.fused import qk_norm_rope_store
+
             assert q_norm.eps == k_norm.eps
-            q = qk_norm_rope_store(qkv, H, Hkv, D, q_norm.weight, k_norm.weight, q_norm.eps, rotary.cos_sin,
-                                   positions, kc, vc, be.meta.out_slots)
+            q = qk_norm_rope_store(
+                qkv,
+                H,
+                Hkv,
+                D,
+                q_norm.weight,
+                k_norm.weight,
+                q_norm.eps,
+                rotary.cos_sin,
+                positions,
+                kc,
+                vc,
+                be.meta.out_slots,
+            )
             return be.attend(self.layer_id, q, self.scale).reshape(qkv.shape[0], H * D)
         # CPU: the PyTorch twins, numerically as HF computes them (the tests compare with transformers)
         q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)

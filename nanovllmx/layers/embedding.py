@@ -1,4 +1,5 @@
 """Vocab-parallel embedding and LM head: each TP rank holds a contiguous slice of the vocabulary."""
+
 from __future__ import annotations
 
 import torch

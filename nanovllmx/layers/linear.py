@@ -1,5 +1,6 @@
 """Tensor-parallel linear layers. Each knows its TP rank and loads only its slice of a checkpoint
 tensor through `weight_loader(param, full_tensor, shard_id)`."""
+
 from __future__ import annotations
 
 import torch
@@ -77,8 +78,11 @@ class QKVParallelLinear(ColumnParallelLinear):
             offset = q if shard_id == "k" else q + kv
             size = kv
             # with replication several ranks read the same KV head
-            kv_head = self.tp_rank * self.total_num_kv_heads // self.tp_size if self.total_num_kv_heads < self.tp_size \
+            kv_head = (
+                self.tp_rank * self.total_num_kv_heads // self.tp_size
+                if self.total_num_kv_heads < self.tp_size
                 else self.tp_rank * self.num_kv_heads
+            )
             start = kv_head * self.head_dim
         param.data.narrow(0, offset, size).copy_(loaded.narrow(0, start, size))
 

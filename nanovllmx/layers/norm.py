@@ -21,6 +21,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if x.is_cuda:
             from nanovllmx.kernels.fused import rmsnorm
+
             return rmsnorm(x, self.weight, self.eps, residual)
         return self.forward_native(x, residual)
 

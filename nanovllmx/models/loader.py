@@ -1,5 +1,6 @@
 """Loads a HF safetensors checkpoint into a (possibly sharded) model, tensor by tensor, so each
 rank reads only the slices it holds."""
+
 from __future__ import annotations
 
 import glob
@@ -19,6 +20,7 @@ def load_weights(model: nn.Module, path: str, progress: bool = False) -> None:
     it = files
     if progress:
         from tqdm import tqdm
+
         it = tqdm(files, desc="Loading weights", unit="file")
     for f in it:
         with safe_open(f, "pt", "cpu") as fh:

@@ -1,6 +1,7 @@
 """Qwen3 (dense) written with our tensor-parallel layers. A model instance may hold only a
 contiguous range of decoder layers (one pipeline stage); the first stage embeds, the last one
 norms and owns the LM head."""
+
 from __future__ import annotations
 
 import torch
@@ -19,15 +20,21 @@ class Qwen3Attention(nn.Module):
     def __init__(self, cfg, layer_id: int):
         super().__init__()
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, head_dim, cfg.num_attention_heads,
-                                          cfg.num_key_value_heads, bias=getattr(cfg, "attention_bias", False))
+        self.qkv_proj = QKVParallelLinear(
+            cfg.hidden_size,
+            head_dim,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            bias=getattr(cfg, "attention_bias", False),
+        )
         self.num_heads, self.num_kv_heads, self.head_dim = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim
-        self.o_proj = RowParallelLinear(cfg.num_attention_heads * head_dim, cfg.hidden_size,
-                                        bias=getattr(cfg, "attention_bias", False))
+        self.o_proj = RowParallelLinear(
+            cfg.num_attention_heads * head_dim, cfg.hidden_size, bias=getattr(cfg, "attention_bias", False)
+        )
         self.rotary_emb = RotaryEmbedding(head_dim, cfg.max_position_embeddings, getattr(cfg, "rope_theta", 1e6))
         self.q_norm = RMSNorm(head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(head_dim, cfg.rms_norm_eps)
-        self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim, head_dim ** -0.5, layer_id)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim, head_dim**-0.5, layer_id)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         o = self.attn.forward_qkv(self.qkv_proj(x), positions, self.q_norm, self.k_norm, self.rotary_emb)
@@ -73,8 +80,11 @@ def stage_layer_range(num_layers: int, pp_rank: int, pp_size: int) -> tuple[int,
 class Qwen3ForCausalLM(nn.Module):
     # checkpoint name -> (our fused parameter, shard id)
     packed_modules = {
-        "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
-        "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
     }
 
     def __init__(self, cfg, layer_range: tuple[int, int] | None = None):
@@ -82,15 +92,17 @@ class Qwen3ForCausalLM(nn.Module):
         info = get_parallel_info()
         self.cfg = cfg
         self.start_layer, self.end_layer = layer_range or stage_layer_range(
-            cfg.num_hidden_layers, info.pp_rank, info.pp_size)
+            cfg.num_hidden_layers, info.pp_rank, info.pp_size
+        )
         self.is_first = self.start_layer == 0
         self.is_last = self.end_layer == cfg.num_hidden_layers
         self.tie = bool(getattr(cfg, "tie_word_embeddings", False))
         if self.is_first:
             self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         # local layer ids index the KV pool, global ids name checkpoint tensors
-        self.layers = nn.ModuleDict({
-            str(i): Qwen3DecoderLayer(cfg, i - self.start_layer) for i in range(self.start_layer, self.end_layer)})
+        self.layers = nn.ModuleDict(
+            {str(i): Qwen3DecoderLayer(cfg, i - self.start_layer) for i in range(self.start_layer, self.end_layer)}
+        )
         if self.is_last:
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
@@ -99,8 +111,13 @@ class Qwen3ForCausalLM(nn.Module):
     def num_local_layers(self) -> int:
         return self.end_layer - self.start_layer
 
-    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
-                hidden: torch.Tensor | None = None, residual: torch.Tensor | None = None):
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        hidden: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
+    ):
         """First stage takes input_ids; later stages take (hidden, residual) from the previous one.
         Returns the final normed hidden states on the last stage, else (hidden, residual)."""
         if self.is_first:
@@ -119,7 +136,7 @@ class Qwen3ForCausalLM(nn.Module):
         """Map a checkpoint tensor name to (our parameter name, shard id), or None if this stage
         does not hold it."""
         if name.startswith("model."):
-            name = name[len("model."):]
+            name = name[len("model.") :]
         if name.startswith("layers."):
             idx = int(name.split(".")[1])
             if not self.start_layer <= idx < self.end_layer:

@@ -4,6 +4,7 @@ Slots are 1..num_slots; slot 0 is a reserved padding/dummy row (the pool has
 num_slots + 1 rows) that is never handed out, so padded positions can write to
 it harmlessly.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -45,7 +46,7 @@ class SlotAllocator:
         top = self._top
         # Reverse so freshly initialised pools hand out ascending slots; copy so
         # later pushes onto the stack cannot alias the caller's array.
-        out = self._stack[top - n:top][::-1].copy()
+        out = self._stack[top - n : top][::-1].copy()
         self._top = top - n
         self._in_use[out] = True
         return out
@@ -73,7 +74,7 @@ class SlotAllocator:
         if not (self._scratch[arr] == pos).all():
             raise ValueError("duplicate slots in a single free() call")
         self._in_use[arr] = False
-        self._stack[self._top:self._top + n] = arr
+        self._stack[self._top : self._top + n] = arr
         self._top += n
 
     def is_allocated(self, slots: np.ndarray | list[int]) -> np.ndarray:

@@ -1,6 +1,7 @@
 """The narrow boundary between the scheduler and the workers: one plain, picklable message per
 step in (`ScheduledBatch`), sampled token ids out. Arrays are numpy so building and shipping a
 batch costs no per-request Python work on the worker side."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,13 +20,19 @@ class SamplingArrays:
     needs_filter: bool  # any top_p < 1, top_k > 0 or min_p > 0 in the batch
     all_greedy: bool
 
-    def take(self, rows: np.ndarray) -> "SamplingArrays":
+    def take(self, rows: np.ndarray) -> SamplingArrays:
         """The arrays of a subset of rows (a boolean mask or indices), flags recomputed."""
         t, tp, tk, mp = self.temperature[rows], self.top_p[rows], self.top_k[rows], self.min_p[rows]
-        return SamplingArrays(temperature=t, top_p=tp, top_k=tk, min_p=mp, seeds=self.seeds[rows],
-                              output_lens=self.output_lens[rows],
-                              needs_filter=bool((tp < 1).any() or (tk > 0).any() or (mp > 0).any()),
-                              all_greedy=bool((t == 0).all()))
+        return SamplingArrays(
+            temperature=t,
+            top_p=tp,
+            top_k=tk,
+            min_p=mp,
+            seeds=self.seeds[rows],
+            output_lens=self.output_lens[rows],
+            needs_filter=bool((tp < 1).any() or (tk > 0).any() or (mp > 0).any()),
+            all_greedy=bool((t == 0).all()),
+        )
 
 
 @dataclass

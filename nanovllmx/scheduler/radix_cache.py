@@ -5,12 +5,13 @@ live in (`value`, same length): token i of a cached sequence is in slot value[i]
 The tree owns the slots of every node; a request that matched a prefix borrows
 them while it holds a ref (lock) on the node where its match ends.
 """
+
 from __future__ import annotations
 
 import heapq
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
@@ -48,6 +49,7 @@ class CacheResult:
     own duplicates were freed. `num_cached` is how many leading tokens were
     already in the tree before this insert (handy for stats).
     """
+
     prefix_len: int
     last_node: TreeNode
     prefix_slots: np.ndarray
@@ -145,8 +147,11 @@ class RadixCache:
         # The upper part inherits lock_ref: every locked path through child
         # also passes through it, so protected/evictable sizes are unchanged.
         upper = TreeNode(
-            key=child.key[:m], value=child.value[:m], parent=parent,
-            lock_ref=child.lock_ref, last_access=child.last_access,
+            key=child.key[:m],
+            value=child.value[:m],
+            parent=parent,
+            lock_ref=child.lock_ref,
+            last_access=child.last_access,
         )
         child.key = child.key[m:]
         child.value = child.value[m:]
@@ -192,8 +197,7 @@ class RadixCache:
         now = node.last_access
         if pos < n:
             # Copy so later writes to the caller's arrays cannot corrupt the tree.
-            leaf = TreeNode(key=key[pos:].copy(), value=value[pos:].copy(),
-                            parent=node, last_access=now)
+            leaf = TreeNode(key=key[pos:].copy(), value=value[pos:].copy(), parent=node, last_access=now)
             node.children[int(key[pos])] = leaf
             self._evictable += n - pos
         return pos

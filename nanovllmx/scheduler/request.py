@@ -1,4 +1,5 @@
 """A request as the scheduler sees it: token ids and KV bookkeeping, no text."""
+
 from __future__ import annotations
 
 import enum
@@ -17,6 +18,7 @@ class Status(enum.Enum):
 @dataclass
 class EngineRequest:
     """What a client submits to the engine core (picklable, crosses process boundaries)."""
+
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
@@ -26,6 +28,7 @@ class EngineRequest:
 @dataclass
 class EngineOutput:
     """What the engine core reports per step for one request (picklable)."""
+
     request_id: str
     new_token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
@@ -36,9 +39,24 @@ class EngineOutput:
 
 
 class Request:
-    __slots__ = ("request_id", "tokens", "num_prompt", "params", "arrival_time", "status", "num_computed",
-                 "num_cached", "prefix_len", "last_node", "req_idx", "finish_reason", "num_preemptions",
-                 "stop_ids", "first_scheduled_time", "pending")
+    __slots__ = (
+        "request_id",
+        "tokens",
+        "num_prompt",
+        "params",
+        "arrival_time",
+        "status",
+        "num_computed",
+        "num_cached",
+        "prefix_len",
+        "last_node",
+        "req_idx",
+        "finish_reason",
+        "num_preemptions",
+        "stop_ids",
+        "first_scheduled_time",
+        "pending",
+    )
 
     def __init__(self, er: EngineRequest, eos_ids: list[int]):
         self.request_id = er.request_id

@@ -5,6 +5,7 @@ then waiting requests in arrival order while the token budget, free slots and `m
 When decode runs out of slots the newest running request is preempted: its KV goes to the radix
 tree (evictable) and it is recomputed later, mostly from cache if it survived eviction.
 """
+
 from __future__ import annotations
 
 import time
@@ -36,11 +37,20 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, num_slots: int, max_bs: int, context_len: int, max_num_batched_tokens: int,
-                 eos_ids: list[int], enable_prefix_caching: bool = True):
+    def __init__(
+        self,
+        num_slots: int,
+        max_bs: int,
+        context_len: int,
+        max_num_batched_tokens: int,
+        eos_ids: list[int],
+        enable_prefix_caching: bool = True,
+    ):
         if num_slots < context_len:  # else a long request preempts itself forever
-            raise ValueError(f"the KV pool ({num_slots} token slots) must hold at least one full context "
-                             f"({context_len} tokens): raise num_kv_slots or lower context_len")
+            raise ValueError(
+                f"the KV pool ({num_slots} token slots) must hold at least one full context "
+                f"({context_len} tokens): raise num_kv_slots or lower context_len"
+            )
         self.allocator = SlotAllocator(num_slots)
         self.tree = RadixCache(self.allocator, enabled=enable_prefix_caching)
         self.num_slots, self.max_bs, self.context_len = num_slots, max_bs, context_len
@@ -67,8 +77,10 @@ class Scheduler:
         if n == 0:
             raise ValueError("prompt is empty")
         if n >= self.context_len:
-            raise ValueError(f"prompt has {n} tokens; this engine's context is {self.context_len} tokens "
-                             f"(prompt plus at least one generated token)")
+            raise ValueError(
+                f"prompt has {n} tokens; this engine's context is {self.context_len} tokens "
+                f"(prompt plus at least one generated token)"
+            )
         if er.request_id in self.requests:
             raise ValueError(f"request id {er.request_id!r} is already in use")
         req = Request(er, self.eos_ids)
@@ -109,7 +121,7 @@ class Scheduler:
     def _release(self, req: Request) -> None:
         """Give a running request's KV to the radix tree (finished, aborted or preempted). KV of
         positions whose token is still in flight (unknown here) is freed, not cached."""
-        slots = self.table[req.req_idx, :req.num_computed]
+        slots = self.table[req.req_idx, : req.num_computed]
         n = min(req.num_computed, len(req.tokens))
         self.tree.cache_request(req.tokens[:n], slots[:n], req.prefix_len, req.last_node, True)
         if req.num_computed > n:
@@ -198,8 +210,9 @@ class Scheduler:
             return None
         return self._build(plan, np.concatenate(parts) if len(parts) > 1 else slots, admitted)
 
-    def _build(self, plan: list[tuple[Request, int]], slots: np.ndarray,
-               admitted: list[tuple[Request, np.ndarray]]) -> ScheduledBatch:
+    def _build(
+        self, plan: list[tuple[Request, int]], slots: np.ndarray, admitted: list[tuple[Request, np.ndarray]]
+    ) -> ScheduledBatch:
         B = len(plan)
         reqs = [r for r, _ in plan]
         q_lens = np.fromiter((n for _, n in plan), _I32, B)
@@ -207,12 +220,12 @@ class Scheduler:
         start = np.fromiter((r.num_computed for r in reqs), _I32, B)
         T = int(q_lens.sum())
         if T == B:  # one token each: decodes, or 1-token prefill chunks (token at num_computed, not the last)
-            input_ids = np.fromiter((r.tokens[r.num_computed] if r.num_computed < len(r.tokens) else -1
-                                     for r in reqs), _I32, B)
+            input_ids = np.fromiter(
+                (r.tokens[r.num_computed] if r.num_computed < len(r.tokens) else -1 for r in reqs), _I32, B
+            )
             self.table[req_idx, start] = slots
         else:
-            input_ids = np.fromiter(
-                (t for r, n in plan for t in self._inputs(r, n)), _I32, T)
+            input_ids = np.fromiter((t for r, n in plan for t in self._inputs(r, n)), _I32, T)
             cu = np.zeros(B + 1, _I32)
             np.cumsum(q_lens, out=cu[1:])
             cols = np.repeat(start - cu[:-1], q_lens) + np.arange(T, dtype=_I32)
@@ -233,17 +246,25 @@ class Scheduler:
             r.pending += 1
         self._inflight.append(sampled)
         return ScheduledBatch(
-            step=self.step_id, req_indices=req_idx, start_pos=start, q_lens=q_lens, input_ids=input_ids,
-            out_slots=slots, table_rows=np.concatenate(tr) if tr else np.zeros(0, _I32),
+            step=self.step_id,
+            req_indices=req_idx,
+            start_pos=start,
+            q_lens=q_lens,
+            input_ids=input_ids,
+            out_slots=slots,
+            table_rows=np.concatenate(tr) if tr else np.zeros(0, _I32),
             table_cols=np.concatenate(tc) if tc else np.zeros(0, _I32),
             table_slots=np.concatenate(ts) if ts else np.zeros(0, _I32),
-            sample_rows=sample_rows, sampling=sampling, has_placeholders=bool((input_ids < 0).any()))
+            sample_rows=sample_rows,
+            sampling=sampling,
+            has_placeholders=bool((input_ids < 0).any()),
+        )
 
     @staticmethod
     def _inputs(r: Request, n: int) -> list[int]:
         """Token ids at positions num_computed .. +n; -1 for the one still being sampled."""
         c = r.num_computed
-        known = r.tokens[c:c + n]
+        known = r.tokens[c : c + n]
         return known if len(known) == n else known + [-1] * (n - len(known))
 
     @staticmethod
@@ -252,15 +273,21 @@ class Scheduler:
         ps = [r.params for r in reqs]
         temperature = np.fromiter((p.temperature for p in ps), np.float32, S)
         top_p = np.fromiter((p.top_p for p in ps), np.float32, S)
-        top_k = np.fromiter((min(max(p.top_k, 0), 2 ** 31 - 1) for p in ps), _I32, S)  # >= vocab: no-op
+        top_k = np.fromiter((min(max(p.top_k, 0), 2**31 - 1) for p in ps), _I32, S)  # >= vocab: no-op
         min_p = np.fromiter((p.min_p for p in ps), np.float32, S)
         # any Python int is a valid seed: fold it into int64's non-negative range (-1 marks unseeded)
-        seeds = np.fromiter((-1 if p.seed is None else p.seed % (2 ** 63) for p in ps), np.int64, S)
+        seeds = np.fromiter((-1 if p.seed is None else p.seed % (2**63) for p in ps), np.int64, S)
         out_lens = np.fromiter((r.num_output + r.pending for r in reqs), _I32, S)
         return SamplingArrays(
-            temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seeds=seeds, output_lens=out_lens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            seeds=seeds,
+            output_lens=out_lens,
             needs_filter=bool((top_p < 1).any() or (top_k > 0).any() or (min_p > 0).any()),
-            all_greedy=bool((temperature == 0).all()))
+            all_greedy=bool((temperature == 0).all()),
+        )
 
     def update(self, sampled: np.ndarray) -> list[EngineOutput]:
         """Apply the sampled tokens of the oldest batch in flight; returns this step's outputs."""
@@ -297,11 +324,15 @@ class Scheduler:
     # ------------------------------------------------------------------ introspection
     def stats(self) -> SchedulerStats:
         return SchedulerStats(
-            num_running=len(self.running), num_waiting=len(self.waiting),
-            num_preempted_total=self.num_preempted_total, num_slots=self.num_slots,
-            free_slots=self.allocator.num_free, cached_slots=self.tree.evictable_size,
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            num_preempted_total=self.num_preempted_total,
+            num_slots=self.num_slots,
+            free_slots=self.allocator.num_free,
+            cached_slots=self.tree.evictable_size,
             prompt_tokens_total=self.prompt_tokens_total,
             cached_prompt_tokens_total=self.cached_prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
             # list(): one C-level copy, safe while the engine thread mutates the deque
-            num_preempted=sum(1 for r in list(self.waiting) if r.num_preemptions))
+            num_preempted=sum(1 for r in list(self.waiting) if r.num_preemptions),
+        )

@@ -2,6 +2,7 @@
 
 Serve config contract (`import_path: nanovllmx.serve:build_app`); see docs/serving.md.
 """
+
 from nanovllmx.serve.app import LLMServer, build_app
 from nanovllmx.serve.model_resolver import ModelResolutionError, resolve_model
 

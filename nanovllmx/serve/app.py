@@ -8,6 +8,7 @@ aborts its request in the engine, which frees its KV slots within one step.
 
 `build_app(args)` turns the `args` of a Serve config into the application; see docs/serving.md.
 """
+
 # No `from __future__ import annotations`: FastAPI must see the real parameter types of the
 # class-based routes (Serve rewrites them), or `Request` parameters turn into query parameters.
 import asyncio
@@ -19,8 +20,9 @@ import os
 import time
 import uuid
 import weakref
+from collections.abc import AsyncIterator
 from contextlib import suppress
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -35,9 +37,20 @@ from nanovllmx.metrics import EngineStatsMonitor, HTTPStatusMiddleware, ServeMet
 from nanovllmx.outputs import StreamDelta
 from nanovllmx.sampling_params import SamplingParams
 from nanovllmx.serve import model_resolver
-from nanovllmx.serve.protocol import (ChatCompletionChoice, ChatCompletionMessage, ChatCompletionRequest,
-                                      ChatCompletionResponse, CompletionChoice, CompletionRequest,
-                                      CompletionResponse, ErrorResponse, ModelCard, ModelList, Usage, drop_none)
+from nanovllmx.serve.protocol import (
+    ChatCompletionChoice,
+    ChatCompletionMessage,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    Usage,
+    drop_none,
+)
 
 logger = logging.getLogger("nanovllmx.serve")
 
@@ -45,15 +58,22 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DEFAULT_MAX_REQUEST_BODY_BYTES = 8 * 1024 * 1024  # build_app's max_request_body_bytes
 RETRY_AFTER_S = 1  # Retry-After of a 503 when the engine's queue is full
 MAX_CHOICES = 64  # most `n` per request: each choice is an engine request (they share the prompt's KV)
-_INT64_MAX = 2 ** 63 - 1
+_INT64_MAX = 2**63 - 1
 
 
 # =============================================================================================== errors
 class APIError(Exception):
     """An error with OpenAI's JSON shape: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         # a message may quote the request's text: keep it encodable (lone surrogates) or rendering fails
         message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
@@ -71,16 +91,29 @@ def bad_request(message: str, param: str | None = None, code: str | None = "inva
     return APIError(400, message, "invalid_request_error", param, code)
 
 
-_STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                 404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
-                 415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error"}
+_STATUS_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+}
 
-_ERROR_RESPONSES = {400: {"model": ErrorResponse, "description": "invalid request"},
-                    404: {"model": ErrorResponse, "description": "unknown model"},
-                    500: {"model": ErrorResponse, "description": "engine error"}}
+_ERROR_RESPONSES = {
+    400: {"model": ErrorResponse, "description": "invalid request"},
+    404: {"model": ErrorResponse, "description": "unknown model"},
+    500: {"model": ErrorResponse, "description": "engine error"},
+}
 
-app = FastAPI(title="Nano-vLLM-X OpenAI-compatible API", version=nanovllmx.__version__,
-              description="OpenAI-compatible completions and chat completions served by Nano-vLLM-X on Ray Serve.")
+app = FastAPI(
+    title="Nano-vLLM-X OpenAI-compatible API",
+    version=nanovllmx.__version__,
+    description="OpenAI-compatible completions and chat completions served by Nano-vLLM-X on Ray Serve.",
+)
 
 
 class _JSONBodies:
@@ -94,8 +127,11 @@ class _JSONBodies:
         if scope["type"] == "http" and scope.get("method") == "POST" and "/v1/" in scope.get("path", ""):
             headers = scope.get("headers") or []
             if not any(k == b"content-type" and b"json" in v.lower() for k, v in headers):
-                scope = {**scope, "headers": [(k, v) for k, v in headers if k != b"content-type"]
-                         + [(b"content-type", b"application/json")]}
+                scope = {
+                    **scope,
+                    "headers": [(k, v) for k, v in headers if k != b"content-type"]
+                    + [(b"content-type", b"application/json")],
+                }
         await self.app(scope, receive, send)
 
 
@@ -120,8 +156,9 @@ class _BodyLimit:
             if k == b"content-length" and v.isdigit() and int(v) > limit:
                 msg = f"the request body has {int(v)} bytes; this server accepts at most {limit}"
                 logger.info("%s -> 413 %s", where, msg)
-                return await APIError(413, msg, "invalid_request_error", None,
-                                      "request_too_large").response()(scope, receive, send)
+                return await APIError(413, msg, "invalid_request_error", None, "request_too_large").response()(
+                    scope, receive, send
+                )
         seen = 0
 
         async def limited_receive():
@@ -130,8 +167,9 @@ class _BodyLimit:
             if message.get("type") == "http.request":
                 seen += len(message.get("body") or b"")
                 if seen > limit:  # FastAPI re-raises HTTPExceptions from body reading: our handler answers
-                    raise StarletteHTTPException(413, f"the request body has more than {limit} bytes, the most "
-                                                      "this server accepts")
+                    raise StarletteHTTPException(
+                        413, f"the request body has more than {limit} bytes, the most this server accepts"
+                    )
             return message
 
         await self.app(scope, limited_receive, send)
@@ -145,14 +183,19 @@ def _openapi() -> dict:
     """FastAPI's schema, minus the 422 responses it documents by default: invalid requests get 400."""
     if app.openapi_schema is None:
         from fastapi.openapi.utils import get_openapi
+
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         for ops in schema.get("paths", {}).values():
             for op in ops.values():
                 if isinstance(op, dict) and "422" in op.get("responses", {}):
                     op["responses"].pop("422")
-                    op["responses"].setdefault("400", {"description": "invalid request",
-                                                       "content": {"application/json": {"schema": {
-                                                           "$ref": "#/components/schemas/ErrorResponse"}}}})
+                    op["responses"].setdefault(
+                        "400",
+                        {
+                            "description": "invalid request",
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+                        },
+                    )
         for name in ("HTTPValidationError", "ValidationError"):
             schema.get("components", {}).get("schemas", {}).pop(name, None)
         app.openapi_schema = schema
@@ -176,8 +219,9 @@ async def _validation_error_handler(request: Request, exc: RequestValidationErro
     first = errors[0] if errors else {}
     if first.get("type") == "json_invalid":
         detail = (first.get("ctx") or {}).get("error") or first.get("msg", "invalid JSON")
-        err = bad_request(f"malformed JSON body: {detail} (at character {first.get('loc', ('', '?'))[-1]})",
-                          None, "invalid_json")
+        err = bad_request(
+            f"malformed JSON body: {detail} (at character {first.get('loc', ('', '?'))[-1]})", None, "invalid_json"
+        )
     else:
         parts, param = [], None
         for e in errors[:8]:
@@ -186,8 +230,11 @@ async def _validation_error_handler(request: Request, exc: RequestValidationErro
                 param = loc[0]
             parts.append(f"{'.'.join(loc) or 'body'}: {e.get('msg', 'invalid')}")
         more = f" (and {len(errors) - 8} more)" if len(errors) > 8 else ""
-        err = bad_request("invalid request: " + "; ".join(parts) + more, param,
-                          "missing_required_parameter" if first.get("type") == "missing" else "invalid_value")
+        err = bad_request(
+            "invalid request: " + "; ".join(parts) + more,
+            param,
+            "missing_required_parameter" if first.get("type") == "missing" else "invalid_value",
+        )
     logger.info("%s %s -> 400 %s", request.method, request.url.path, err.message)
     return err.response()
 
@@ -206,8 +253,9 @@ async def _http_error_handler(request: Request, exc: StarletteHTTPException) -> 
 @app.exception_handler(Exception)
 async def _internal_error_handler(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("internal error on %s %s", request.method, request.url.path)
-    return APIError(500, f"internal server error: {type(exc).__name__}: {exc}", "server_error", None,
-                    "internal_error").response()
+    return APIError(
+        500, f"internal server error: {type(exc).__name__}: {exc}", "server_error", None, "internal_error"
+    ).response()
 
 
 # =============================================================================================== helpers
@@ -221,8 +269,11 @@ def _generation_defaults(folder: str) -> dict[str, Any]:
         return {}
     if gc.get("do_sample") is False:
         return {}
-    return {k: gc[k] for k in ("temperature", "top_p", "top_k", "min_p") if isinstance(gc.get(k), (int, float))
-            and not isinstance(gc.get(k), bool)}
+    return {
+        k: gc[k]
+        for k in ("temperature", "top_p", "top_k", "min_p")
+        if isinstance(gc.get(k), (int, float)) and not isinstance(gc.get(k), bool)
+    }
 
 
 def _setup_logging(level: str) -> None:
@@ -264,6 +315,7 @@ def engine_problem(llm) -> str | None:
 def _reject_invalid_text(body) -> None:
     """JSON can escape lone UTF-16 surrogates (`"\\ud800"`): such strings are not Unicode text, no
     tokenizer takes them and they cannot be encoded back to UTF-8. 400, before anything uses them."""
+
     def find(v) -> tuple[str, str] | None:
         """(path, string) of the first invalid string in v, or None. Paths are built only on the
         way back from a hit: a 700-token prompt is a list of ints checked at C speed."""
@@ -297,8 +349,10 @@ def _reject_invalid_text(body) -> None:
         return
     path, text = hit[0].lstrip("."), hit[1]
     e = next(i for i, c in enumerate(text) if 0xD800 <= ord(c) <= 0xDFFF)
-    raise bad_request(f"{path or 'body'} is not valid Unicode text: it holds a lone UTF-16 surrogate "
-                      f"({text[e]!r}) at index {e}", path.split(".")[0].split("[")[0] or None)
+    raise bad_request(
+        f"{path or 'body'} is not valid Unicode text: it holds a lone UTF-16 surrogate ({text[e]!r}) at index {e}",
+        path.split(".")[0].split("[")[0] or None,
+    )
 
 
 def _sse(obj: dict) -> str:
@@ -331,8 +385,15 @@ class EngineStream:
     within one engine step.
     """
 
-    def __init__(self, server: "LLMServer", agen, first: asyncio.Future, request_id: str, num_prompt: int,
-                 t_arrival: float | None = None):
+    def __init__(
+        self,
+        server: "LLMServer",
+        agen,
+        first: asyncio.Future,
+        request_id: str,
+        num_prompt: int,
+        t_arrival: float | None = None,
+    ):
         self.server, self.agen, self.request_id, self.num_prompt = server, agen, request_id, num_prompt
         self._first: asyncio.Future | None = first
         self.finished = False
@@ -403,9 +464,18 @@ class EngineStream:
         d, now = self.last, time.perf_counter()
         ttft = f"{self.t_first_token - self.t_arrival:.3f}s" if self.t_first_token is not None else "-"
         queue = f" queue={d.queue_time:.3f}s" if d is not None and d.queue_time is not None else ""
-        logger.info("request %s %s: prompt=%d cached=%d generated=%d ttft=%s total=%.3fs%s%s", self.request_id,
-                    outcome, self.num_prompt, d.num_cached_tokens if d else 0, d.num_output_tokens if d else 0,
-                    ttft, now - self.t_arrival, queue, f" ({detail})" if detail else "")
+        logger.info(
+            "request %s %s: prompt=%d cached=%d generated=%d ttft=%s total=%.3fs%s%s",
+            self.request_id,
+            outcome,
+            self.num_prompt,
+            d.num_cached_tokens if d else 0,
+            d.num_output_tokens if d else 0,
+            ttft,
+            now - self.t_arrival,
+            queue,
+            f" ({detail})" if detail else "",
+        )
         if self.metrics is not None:
             with suppress(Exception):
                 self.metrics.request_finished(outcome, now - self.t_arrival)
@@ -424,10 +494,18 @@ class EngineStream:
 class LLMServer:
     """One replica = one engine. Constructed by Serve from `build_app`'s arguments."""
 
-    def __init__(self, model: str, served_model_names: list[str], engine_kwargs: dict[str, Any],
-                 generation_config: str = "auto", revision: str | None = None, log_level: str = "INFO",
-                 max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES):
+    def __init__(
+        self,
+        model: str,
+        served_model_names: list[str],
+        engine_kwargs: dict[str, Any],
+        generation_config: str = "auto",
+        revision: str | None = None,
+        log_level: str = "INFO",
+        max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES,
+    ):
         from nanovllmx import LLM
+
         _setup_logging(log_level)
         _BodyLimit.max_bytes = max_request_body_bytes
         self.model = model
@@ -448,12 +526,20 @@ class LLMServer:
         self.metrics = ServeMetrics.create(self.served_model_names[0])
         HTTPStatusMiddleware.metrics = self.metrics
         me = weakref.ref(self)  # the poller must not keep the replica alive
-        self._stats_monitor = EngineStatsMonitor(lambda: me().llm.stats() if me() is not None else None, self.metrics,
-                                                 log_interval=float(os.environ.get("NANOVLLMX_STATS_LOG_INTERVAL", 5))
-                                                 ).start()
-        logger.info("LLMServer ready: model=%s folder=%s served as %s, context %d, %s slots, loaded in %.1fs",
-                    model, self.folder, self.served_model_names, self.context_len,
-                    self.llm.stats().get("num_slots"), time.perf_counter() - t0)
+        self._stats_monitor = EngineStatsMonitor(
+            lambda: me().llm.stats() if me() is not None else None,
+            self.metrics,
+            log_interval=float(os.environ.get("NANOVLLMX_STATS_LOG_INTERVAL", 5)),
+        ).start()
+        logger.info(
+            "LLMServer ready: model=%s folder=%s served as %s, context %d, %s slots, loaded in %.1fs",
+            model,
+            self.folder,
+            self.served_model_names,
+            self.context_len,
+            self.llm.stats().get("num_slots"),
+            time.perf_counter() - t0,
+        )
 
     # ------------------------------------------------------------------------- health
     def _engine_problem(self) -> str | None:
@@ -499,12 +585,17 @@ class LLMServer:
         """Not OpenAI: this replica's engine counters (running/waiting requests, KV slots, cache hits)."""
         stats = await asyncio.to_thread(self.llm.stats)
         ctx = serve.get_replica_context()
-        return {"model": self.served_model_names[0], "replica": ctx.replica_id.unique_id,
-                "num_aborted_requests": self.num_aborted, **stats}
+        return {
+            "model": self.served_model_names[0],
+            "replica": ctx.replica_id.unique_id,
+            "num_aborted_requests": self.num_aborted,
+            **stats,
+        }
 
     def _model_card(self, name: str) -> ModelCard:
-        card = ModelCard(id=name, created=self.created, root=self.model, max_model_len=self.context_len,
-                         owned_by="nanovllmx")
+        card = ModelCard(
+            id=name, created=self.created, root=self.model, max_model_len=self.context_len, owned_by="nanovllmx"
+        )
         if self.is_demo:
             card.owned_by = "nanovllmx-demo (random weights: output is noise)"
             card.random_weights = True
@@ -520,34 +611,60 @@ class LLMServer:
         if body.logprobs or (body.top_logprobs or 0) > 0:
             raise bad_request("logprobs are not supported yet", "logprobs", "unsupported_parameter")
         if body.response_format and body.response_format.get("type", "text") != "text":
-            raise bad_request("response_format other than {'type': 'text'} is not supported yet",
-                              "response_format", "unsupported_parameter")
+            raise bad_request(
+                "response_format other than {'type': 'text'} is not supported yet",
+                "response_format",
+                "unsupported_parameter",
+            )
         if isinstance(body.tool_choice, dict) or body.tool_choice not in (None, "auto", "none"):
-            raise bad_request("tool_choice must be 'auto' or 'none' (forced tool calls are not supported yet)",
-                              "tool_choice", "unsupported_parameter")
+            raise bad_request(
+                "tool_choice must be 'auto' or 'none' (forced tool calls are not supported yet)",
+                "tool_choice",
+                "unsupported_parameter",
+            )
         prompt_ids = await asyncio.to_thread(self._render_chat, body)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        params = self._sampling_params(body, max_tokens, len(prompt_ids),
-                                       "max_completion_tokens" if body.max_completion_tokens is not None
-                                       else "max_tokens", "messages")
+        params = self._sampling_params(
+            body,
+            max_tokens,
+            len(prompt_ids),
+            "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens",
+            "messages",
+        )
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         streams = await self._open_choices(prompt_ids, params, rid, body.n or 1)
         created = int(time.time())
         if body.stream:
-            events = self._merged_sse([self._chat_sse(st, rid, name, created, body, prompt_ids, i)
-                                       for i, st in enumerate(streams)], streams, body, rid, name, created,
-                                      "chat.completion.chunk", len(prompt_ids))
-            return StreamingResponse(self._guarded_sse(events, streams),
-                                     media_type="text/event-stream", headers=SSE_HEADERS)
+            events = self._merged_sse(
+                [self._chat_sse(st, rid, name, created, body, prompt_ids, i) for i, st in enumerate(streams)],
+                streams,
+                body,
+                rid,
+                name,
+                created,
+                "chat.completion.chunk",
+                len(prompt_ids),
+            )
+            return StreamingResponse(
+                self._guarded_sse(events, streams), media_type="text/event-stream", headers=SSE_HEADERS
+            )
         results = await self._collect(streams, raw_request)
         resp = ChatCompletionResponse(
-            id=rid, created=created, model=name,
-            choices=[ChatCompletionChoice(index=i, message=ChatCompletionMessage(content=text),
-                                          finish_reason=last.finish_reason,
-                                          token_ids=token_ids if body.return_token_ids else None)
-                     for i, (text, token_ids, last) in enumerate(results)],
+            id=rid,
+            created=created,
+            model=name,
+            choices=[
+                ChatCompletionChoice(
+                    index=i,
+                    message=ChatCompletionMessage(content=text),
+                    finish_reason=last.finish_reason,
+                    token_ids=token_ids if body.return_token_ids else None,
+                )
+                for i, (text, token_ids, last) in enumerate(results)
+            ],
             usage=_usage_of_choices([r[2] for r in results], len(prompt_ids)),
-            prompt_token_ids=prompt_ids if body.return_token_ids else None).model_dump()
+            prompt_token_ids=prompt_ids if body.return_token_ids else None,
+        ).model_dump()
         drop_none(resp, ("prompt_token_ids",))
         for c in resp["choices"]:
             drop_none(c, ("token_ids",))
@@ -569,8 +686,12 @@ class LLMServer:
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
-                raise bad_request(f"a list of {len(prompt)} prompts was sent; several prompts in one request are "
-                                  "not supported yet: send one request per prompt", "prompt", "unsupported_parameter")
+                raise bad_request(
+                    f"a list of {len(prompt)} prompts was sent; several prompts in one request are "
+                    "not supported yet: send one request per prompt",
+                    "prompt",
+                    "unsupported_parameter",
+                )
             prompt = prompt[0]
         if isinstance(prompt, str):
             prompt_ids = await asyncio.to_thread(self.llm.encode, prompt)
@@ -581,18 +702,37 @@ class LLMServer:
         streams = await self._open_choices(prompt_ids, params, rid, body.n or 1)
         created = int(time.time())
         if body.stream:
-            events = self._merged_sse([self._completion_sse(st, rid, name, created, body, prompt_ids, i)
-                                       for i, st in enumerate(streams)], streams, body, rid, name, created,
-                                      "text_completion", len(prompt_ids))
-            return StreamingResponse(self._guarded_sse(events, streams),
-                                     media_type="text/event-stream", headers=SSE_HEADERS)
+            events = self._merged_sse(
+                [self._completion_sse(st, rid, name, created, body, prompt_ids, i) for i, st in enumerate(streams)],
+                streams,
+                body,
+                rid,
+                name,
+                created,
+                "text_completion",
+                len(prompt_ids),
+            )
+            return StreamingResponse(
+                self._guarded_sse(events, streams), media_type="text/event-stream", headers=SSE_HEADERS
+            )
         results = await self._collect(streams, raw_request)
-        choices = [CompletionChoice(index=i, text=text, finish_reason=last.finish_reason,
-                                    token_ids=token_ids if body.return_token_ids else None,
-                                    prompt_token_ids=prompt_ids if body.return_token_ids else None)
-                   for i, (text, token_ids, last) in enumerate(results)]
-        resp = CompletionResponse(id=rid, created=created, model=name, choices=choices,
-                                  usage=_usage_of_choices([r[2] for r in results], len(prompt_ids))).model_dump()
+        choices = [
+            CompletionChoice(
+                index=i,
+                text=text,
+                finish_reason=last.finish_reason,
+                token_ids=token_ids if body.return_token_ids else None,
+                prompt_token_ids=prompt_ids if body.return_token_ids else None,
+            )
+            for i, (text, token_ids, last) in enumerate(results)
+        ]
+        resp = CompletionResponse(
+            id=rid,
+            created=created,
+            model=name,
+            choices=choices,
+            usage=_usage_of_choices([r[2] for r in results], len(prompt_ids)),
+        ).model_dump()
         for c in resp["choices"]:
             drop_none(c, ("token_ids", "prompt_token_ids"))
         return JSONResponse(resp)
@@ -603,9 +743,13 @@ class LLMServer:
             return self.served_model_names[0]
         if requested in self.accepted_names:
             return requested if requested in self.served_model_names else self.served_model_names[0]
-        raise APIError(404, f"The model `{requested}` does not exist. This server serves: "
-                            f"{', '.join(self.served_model_names)}", "invalid_request_error", "model",
-                       "model_not_found")
+        raise APIError(
+            404,
+            f"The model `{requested}` does not exist. This server serves: {', '.join(self.served_model_names)}",
+            "invalid_request_error",
+            "model",
+            "model_not_found",
+        )
 
     @staticmethod
     def _check_common(body) -> None:
@@ -614,8 +758,9 @@ class LLMServer:
         for field, neutral in (("presence_penalty", 0), ("frequency_penalty", 0), ("repetition_penalty", 1)):
             v = getattr(body, field)
             if v is not None and v != neutral:
-                raise bad_request(f"{field} is not supported yet (only {neutral} is accepted)", field,
-                                  "unsupported_parameter")
+                raise bad_request(
+                    f"{field} is not supported yet (only {neutral} is accepted)", field, "unsupported_parameter"
+                )
         if body.logit_bias:
             raise bad_request("logit_bias is not supported yet", "logit_bias", "unsupported_parameter")
 
@@ -630,51 +775,79 @@ class LLMServer:
                 texts = []
                 for j, part in enumerate(content):
                     if part.type != "text" or part.text is None:
-                        raise bad_request(f"messages[{i}].content[{j}]: content parts of type {part.type!r} are not "
-                                          "supported (text only)", "messages", "unsupported_content")
+                        raise bad_request(
+                            f"messages[{i}].content[{j}]: content parts of type {part.type!r} are not "
+                            "supported (text only)",
+                            "messages",
+                            "unsupported_content",
+                        )
                     texts.append(part.text)
                 content = "\n".join(texts)
             if content is None and m.role != "assistant":
-                raise bad_request(f"messages[{i}]: a {m.role} message needs content", "messages",
-                                  "missing_required_parameter")
-            msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
-                                   "content": content if content is not None else ""}
+                raise bad_request(
+                    f"messages[{i}]: a {m.role} message needs content", "messages", "missing_required_parameter"
+                )
+            msg: dict[str, Any] = {
+                "role": "system" if m.role == "developer" else m.role,
+                "content": content if content is not None else "",
+            }
             for extra in ("name", "tool_calls", "tool_call_id", "reasoning_content"):
                 v = getattr(m, extra)
                 if v is not None:
                     msg[extra] = v
             messages.append(msg)
         kwargs = dict(body.chat_template_kwargs or {})
-        for reserved in ("conversation", "messages", "tokenize", "add_generation_prompt", "continue_final_message",
-                         "tools", "return_dict"):
+        for reserved in (
+            "conversation",
+            "messages",
+            "tokenize",
+            "add_generation_prompt",
+            "continue_final_message",
+            "tools",
+            "return_dict",
+        ):
             if reserved in kwargs:
                 raise bad_request(f"chat_template_kwargs may not set {reserved!r}", "chat_template_kwargs")
         tools = body.tools if body.tool_choice != "none" else None
         try:
-            text = tok.apply_chat_template(messages, tools=tools or None, tokenize=False,
-                                           add_generation_prompt=bool(body.add_generation_prompt)
-                                           and not body.continue_final_message,
-                                           continue_final_message=bool(body.continue_final_message), **kwargs)
+            text = tok.apply_chat_template(
+                messages,
+                tools=tools or None,
+                tokenize=False,
+                add_generation_prompt=bool(body.add_generation_prompt) and not body.continue_final_message,
+                continue_final_message=bool(body.continue_final_message),
+                **kwargs,
+            )
         except Exception as e:  # jinja2.TemplateError, ValueError from transformers, ... : the input's fault
-            raise bad_request(f"the chat template could not render these messages: {type(e).__name__}: {e}",
-                              "messages", "invalid_messages") from e
+            raise bad_request(
+                f"the chat template could not render these messages: {type(e).__name__}: {e}",
+                "messages",
+                "invalid_messages",
+            ) from e
         return tok.encode(text, add_special_tokens=False)
 
-    def _sampling_params(self, body, max_tokens: int | None, n_prompt: int, max_param: str,
-                         prompt_param: str) -> SamplingParams:
+    def _sampling_params(
+        self, body, max_tokens: int | None, n_prompt: int, max_param: str, prompt_param: str
+    ) -> SamplingParams:
         if n_prompt == 0:
             raise bad_request("the prompt is empty", prompt_param, "empty_prompt")
         if n_prompt >= self.context_len:
-            raise bad_request(f"This model's maximum context length is {self.context_len} tokens, but the prompt has "
-                              f"{n_prompt} tokens (at least one token must be left for the output).",
-                              prompt_param, "context_length_exceeded")
+            raise bad_request(
+                f"This model's maximum context length is {self.context_len} tokens, but the prompt has "
+                f"{n_prompt} tokens (at least one token must be left for the output).",
+                prompt_param,
+                "context_length_exceeded",
+            )
         if max_tokens is None:
             max_tokens = self.context_len - n_prompt
         elif isinstance(max_tokens, int) and max_tokens >= 1 and n_prompt + max_tokens > self.context_len:
-            raise bad_request(f"This model's maximum context length is {self.context_len} tokens. However, you "
-                              f"requested {n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} "
-                              f"for the completion). Reduce the prompt or {max_param}.",
-                              max_param, "context_length_exceeded")
+            raise bad_request(
+                f"This model's maximum context length is {self.context_len} tokens. However, you "
+                f"requested {n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} "
+                f"for the completion). Reduce the prompt or {max_param}.",
+                max_param,
+                "context_length_exceeded",
+            )
 
         def pick(name: str, default):
             v = getattr(body, name)
@@ -685,13 +858,21 @@ class LLMServer:
             top_k = -1  # no cut-off, and keeps the engine's int32 arrays in range
         seed = body.seed
         if seed is not None:
-            if not -2 ** 63 <= seed <= _INT64_MAX:
+            if not -(2**63) <= seed <= _INT64_MAX:
                 raise bad_request(f"seed must be a 64-bit integer, got {seed}", "seed")
-            seed %= 2 ** 63  # the engine treats negative seeds as "unseeded"
+            seed %= 2**63  # the engine treats negative seeds as "unseeded"
         try:
-            return SamplingParams(temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0), top_k=top_k,
-                                  min_p=pick("min_p", 0.0), max_tokens=max_tokens, stop=body.stop or [],
-                                  stop_token_ids=body.stop_token_ids or [], ignore_eos=bool(body.ignore_eos), seed=seed)
+            return SamplingParams(
+                temperature=pick("temperature", 1.0),
+                top_p=pick("top_p", 1.0),
+                top_k=top_k,
+                min_p=pick("min_p", 0.0),
+                max_tokens=max_tokens,
+                stop=body.stop or [],
+                stop_token_ids=body.stop_token_ids or [],
+                ignore_eos=bool(body.ignore_eos),
+                seed=seed,
+            )
         except ValueError as e:
             msg = str(e)
             param = _param_of(msg)
@@ -712,17 +893,20 @@ class LLMServer:
                 raise bad_request(str(e), _param_of(str(e)) or "prompt") from e
             if isinstance(e, EngineOverloadedError):  # its queue is full: come back later
                 logger.warning("request %s refused: %s", rid, e)
-                raise APIError(503, str(e), "server_error", None, "engine_overloaded",
-                               headers={"Retry-After": str(RETRY_AFTER_S)}) from e
+                raise APIError(
+                    503, str(e), "server_error", None, "engine_overloaded", headers={"Retry-After": str(RETRY_AFTER_S)}
+                ) from e
             if isinstance(e, RuntimeError):  # e.g. the engine is shutting down
                 logger.warning("request %s refused by the engine: %s", rid, e)
-                raise APIError(503, f"the engine cannot take requests: {e}", "server_error", None,
-                               "engine_unavailable") from e
+                raise APIError(
+                    503, f"the engine cannot take requests: {e}", "server_error", None, "engine_unavailable"
+                ) from e
             raise e
         return EngineStream(self, agen, first, rid, len(prompt_ids), t_arrival)
 
-    async def _open_choices(self, prompt_ids: list[int], params: SamplingParams, rid: str,
-                            n: int) -> list["EngineStream"]:
+    async def _open_choices(
+        self, prompt_ids: list[int], params: SamplingParams, rid: str, n: int
+    ) -> list["EngineStream"]:
         """One engine request per choice (they share the prompt's KV through the radix cache). With a
         seed, choice i uses seed + i: reproducible, and the choices differ."""
         streams: list[EngineStream] = []
@@ -736,11 +920,13 @@ class LLMServer:
             raise
         return streams
 
-    async def _collect(self, streams: list["EngineStream"], raw_request: Request
-                       ) -> list[tuple[str, list[int], StreamDelta]]:
+    async def _collect(
+        self, streams: list["EngineStream"], raw_request: Request
+    ) -> list[tuple[str, list[int], StreamDelta]]:
         """Run non-streaming requests (a response's choices) to their end; abort them in the engine if
         the client disconnects (seen by watching the ASGI receive channel, or by Serve cancelling
         this handler)."""
+
         async def consume_one(stream: EngineStream) -> tuple[str, list[int], StreamDelta]:
             texts: list[str] = []
             ids: list[int] = []
@@ -800,8 +986,16 @@ class LLMServer:
         yield "data: [DONE]\n\n"
 
     @staticmethod
-    async def _merged_sse(choices: list[AsyncIterator[str]], streams: list["EngineStream"], body, rid: str,
-                          name: str, created: int, obj: str, n_prompt: int) -> AsyncIterator[str]:
+    async def _merged_sse(
+        choices: list[AsyncIterator[str]],
+        streams: list["EngineStream"],
+        body,
+        rid: str,
+        name: str,
+        created: int,
+        obj: str,
+        n_prompt: int,
+    ) -> AsyncIterator[str]:
         """The events of every choice as they come, then (stream_options.include_usage) one usage
         chunk for the whole response."""
         if len(choices) == 1:
@@ -833,11 +1027,27 @@ class LLMServer:
                 for t in tasks:
                     t.cancel()
         if body.stream_options and body.stream_options.include_usage:
-            yield _sse({"id": rid, "object": obj, "created": created, "model": name, "choices": [],
-                        "usage": _usage_of_choices([st.last for st in streams], n_prompt).model_dump()})
+            yield _sse(
+                {
+                    "id": rid,
+                    "object": obj,
+                    "created": created,
+                    "model": name,
+                    "choices": [],
+                    "usage": _usage_of_choices([st.last for st in streams], n_prompt).model_dump(),
+                }
+            )
 
-    async def _chat_sse(self, stream, rid: str, name: str, created: int, body: ChatCompletionRequest,
-                        prompt_ids: list[int], index: int = 0) -> AsyncIterator[str]:
+    async def _chat_sse(
+        self,
+        stream,
+        rid: str,
+        name: str,
+        created: int,
+        body: ChatCompletionRequest,
+        prompt_ids: list[int],
+        index: int = 0,
+    ) -> AsyncIterator[str]:
         """One choice's chunks (the response's usage chunk comes from _merged_sse)."""
         opts = body.stream_options
         include_usage = bool(opts and opts.include_usage)
@@ -848,8 +1058,7 @@ class LLMServer:
             choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
             if body.return_token_ids and token_ids is not None:
                 choice["token_ids"] = token_ids
-            c = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
-                 "choices": [choice]}
+            c = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name, "choices": [choice]}
             if include_usage:
                 c["usage"] = _usage(last, n_prompt) if continuous else None
             return c
@@ -861,11 +1070,13 @@ class LLMServer:
         async for d in stream:
             last = d
             if d.text or d.finished or (body.return_token_ids and d.token_ids):
-                yield _sse(chunk({"content": d.text} if d.text else {},
-                                 d.finish_reason if d.finished else None, d.token_ids))
+                yield _sse(
+                    chunk({"content": d.text} if d.text else {}, d.finish_reason if d.finished else None, d.token_ids)
+                )
 
-    async def _completion_sse(self, stream, rid: str, name: str, created: int, body: CompletionRequest,
-                              prompt_ids: list[int], index: int = 0) -> AsyncIterator[str]:
+    async def _completion_sse(
+        self, stream, rid: str, name: str, created: int, body: CompletionRequest, prompt_ids: list[int], index: int = 0
+    ) -> AsyncIterator[str]:
         """One choice's chunks (the response's usage chunk comes from _merged_sse)."""
         opts = body.stream_options
         include_usage = bool(opts and opts.include_usage)
@@ -875,8 +1086,12 @@ class LLMServer:
             last = d
             if not (d.text or d.finished or (body.return_token_ids and d.token_ids)):
                 continue
-            choice = {"index": index, "text": d.text, "logprobs": None,
-                      "finish_reason": d.finish_reason if d.finished else None}
+            choice = {
+                "index": index,
+                "text": d.text,
+                "logprobs": None,
+                "finish_reason": d.finish_reason if d.finished else None,
+            }
             if body.return_token_ids:
                 choice["token_ids"] = d.token_ids
                 if not sent_prompt:
@@ -891,17 +1106,21 @@ class LLMServer:
 # Keys of `args` that configure the app itself rather than the engine or the Serve deployment.
 APP_KEYS = ("model", "served_model_name", "generation_config", "revision", "log_level", "max_request_body_bytes")
 # Serve deployment options that may be given in `args` (applied with Deployment.options).
-DEPLOYMENT_KEYS = tuple(p for p in inspect.signature(serve.Deployment.options).parameters
-                        if not p.startswith("_") and p not in ("self", "func_or_class", "name", "version",
-                                                                 "user_config"))
+DEPLOYMENT_KEYS = tuple(
+    p
+    for p in inspect.signature(serve.Deployment.options).parameters
+    if not p.startswith("_") and p not in ("self", "func_or_class", "name", "version", "user_config")
+)
 
 
 def engine_arg_names() -> dict[str, str]:
     """Every `LLM(...)` argument by name, with its annotation (as text)."""
     from nanovllmx.config import EngineConfig
     from nanovllmx.llm import LLM
-    names = {f.name: str(f.type) for f in dataclasses.fields(EngineConfig) if f.name not in ("hf_config",
-                                                                                          "eos_token_ids")}
+
+    names = {
+        f.name: str(f.type) for f in dataclasses.fields(EngineConfig) if f.name not in ("hf_config", "eos_token_ids")
+    }
     for p in inspect.signature(LLM.__init__).parameters.values():
         if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
             names.setdefault(p.name, str(p.annotation))
@@ -914,6 +1133,7 @@ def _coerce(value: Any, annotation: str) -> Any:
     if not isinstance(value, str) or "str" in annotation:
         return value
     import yaml
+
     try:
         return yaml.safe_load(value)
     except yaml.YAMLError:
@@ -923,11 +1143,13 @@ def _coerce(value: Any, annotation: str) -> Any:
 def _cluster_has_gpus() -> bool:
     try:
         import ray
+
         if ray.is_initialized():
             return ray.cluster_resources().get("GPU", 0) > 0
     except Exception:  # noqa: BLE001
         pass
     import torch
+
     return torch.cuda.is_available()
 
 
@@ -943,8 +1165,9 @@ def build_app(args: dict) -> serve.Application:
     """
     args = dict(args or {})
     if "model" not in args:
-        raise ValueError("build_app: `model` is required (a local checkpoint folder, a Hugging Face Hub id, or "
-                         "'nanovllmx-demo')")
+        raise ValueError(
+            "build_app: `model` is required (a local checkpoint folder, a Hugging Face Hub id, or 'nanovllmx-demo')"
+        )
     model = str(args.pop("model"))
     model_resolver.check_model(model)
     served = args.pop("served_model_name", None) or model_resolver.default_served_name(model)
@@ -972,8 +1195,10 @@ def build_app(args: dict) -> serve.Application:
         if k in engine_names:
             engine_kwargs[k] = _coerce(args.pop(k), engine_names[k])
     if args:
-        raise ValueError(f"build_app: unknown argument(s) {sorted(args)}. Known: app {list(APP_KEYS)}, "
-                         f"engine {sorted(engine_names)}, deployment {sorted(DEPLOYMENT_KEYS)}")
+        raise ValueError(
+            f"build_app: unknown argument(s) {sorted(args)}. Known: app {list(APP_KEYS)}, "
+            f"engine {sorted(engine_names)}, deployment {sorted(DEPLOYMENT_KEYS)}"
+        )
 
     # GPUs. On GPU the engine runs in its own actors (a scheduler actor and one worker actor per
     # shard), never inside the replica: the replica's Python thread streams every token of every
@@ -997,6 +1222,7 @@ def build_app(args: dict) -> serve.Application:
     # sees all of it (max_bs running + max_waiting_requests waiting), so the engine's own bound applies
     # (503 + Retry-After, OpenAI's error JSON) rather than an unbounded queue in Serve's router.
     from nanovllmx.config import EngineConfig
+
     max_bs = int(engine_kwargs.get("max_bs", 256))
     max_waiting = int(engine_kwargs.get("max_waiting_requests", EngineConfig.max_waiting_requests))
     deploy_opts.setdefault("max_ongoing_requests", max(64, max_bs + max_waiting + 1))
@@ -1005,5 +1231,6 @@ def build_app(args: dict) -> serve.Application:
         # Serve's default target (2 per replica) suits one-request-at-a-time models, not a batching engine
         deploy_opts["autoscaling_config"] = {**auto, "target_ongoing_requests": max(1, max_bs // 2)}
 
-    return LLMServer.options(**deploy_opts).bind(model, served_names, engine_kwargs, generation_config, revision,
-                                                 log_level, max_request_body_bytes=max_body)
+    return LLMServer.options(**deploy_opts).bind(
+        model, served_names, engine_kwargs, generation_config, revision, log_level, max_request_body_bytes=max_body
+    )

@@ -9,6 +9,7 @@
 - a Hugging Face Hub id (`Qwen/Qwen3-0.6B`), downloaded with `huggingface_hub` into the HF cache
   (or found there when offline).
 """
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,10 @@ from nanovllmx.utils.make_model import DEMO_MODEL_NAME
 
 # weight, config and tokenizer files; never the *.bin / *.pth / original/ duplicates
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
-DEMO_DESCRIPTION = ("Demo checkpoint with RANDOM weights (Qwen3 architecture, real Qwen3 tokenizer): "
-                    "its output is random noise, not language. It exists to exercise the serving stack.")
+DEMO_DESCRIPTION = (
+    "Demo checkpoint with RANDOM weights (Qwen3 architecture, real Qwen3 tokenizer): "
+    "its output is random noise, not language. It exists to exercise the serving stack."
+)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
@@ -40,8 +43,9 @@ def _looks_like_path(model: str) -> bool:
 def kind_of(model: str) -> str:
     """'local' | 'demo' | 'hub' (without touching the network or writing anything)."""
     if not isinstance(model, str) or not model.strip():
-        raise ModelResolutionError("`model` must be a non-empty string: a local folder, a Hugging Face Hub id "
-                                   f"or {DEMO_MODEL_NAME!r}")
+        raise ModelResolutionError(
+            f"`model` must be a non-empty string: a local folder, a Hugging Face Hub id or {DEMO_MODEL_NAME!r}"
+        )
     if os.path.isdir(os.path.expanduser(model)):
         return "local"
     if is_demo(model):
@@ -72,10 +76,13 @@ def _check_folder(path: str, model: str) -> str:
     if not os.path.isdir(path):
         raise ModelResolutionError(
             f"model {model!r}: no such folder. `model` is a local checkpoint folder, a Hugging Face Hub id "
-            f"such as 'Qwen/Qwen3-0.6B', or {DEMO_MODEL_NAME!r} for the built-in random-weight demo model")
+            f"such as 'Qwen/Qwen3-0.6B', or {DEMO_MODEL_NAME!r} for the built-in random-weight demo model"
+        )
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ModelResolutionError(f"model folder {model!r} has no config.json; expected a Hugging Face checkpoint "
-                                   "folder (config.json, *.safetensors, tokenizer files)")
+        raise ModelResolutionError(
+            f"model folder {model!r} has no config.json; expected a Hugging Face checkpoint "
+            "folder (config.json, *.safetensors, tokenizer files)"
+        )
     return os.path.abspath(path)
 
 
@@ -86,6 +93,7 @@ def resolve_model(model: str, revision: str | None = None) -> str:
         return _check_folder(os.path.expanduser(model), model)
     if k == "demo":
         from nanovllmx.utils.make_model import demo_model_path
+
         return str(demo_model_path())
     return _download(model, revision)
 
@@ -95,25 +103,31 @@ def _download(repo_id: str, revision: str | None) -> str:
         import huggingface_hub
         from huggingface_hub import errors as hf_errors
     except ImportError as e:  # pragma: no cover - a dependency of the package
-        raise ModelResolutionError(f"model {repo_id!r} looks like a Hugging Face Hub id, but huggingface_hub "
-                                   "is not installed (pip install huggingface_hub)") from e
+        raise ModelResolutionError(
+            f"model {repo_id!r} looks like a Hugging Face Hub id, but huggingface_hub "
+            "is not installed (pip install huggingface_hub)"
+        ) from e
     try:
         path = huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS)
     except (hf_errors.RepositoryNotFoundError, hf_errors.RevisionNotFoundError) as e:
         raise ModelResolutionError(
             f"model {repo_id!r}: no such repository{' or revision ' + repr(revision) if revision else ''} on the "
             f"Hugging Face Hub (or it is private: set HF_TOKEN). It is not a local folder either "
-            f"(cwd: {os.getcwd()}).") from e
+            f"(cwd: {os.getcwd()})."
+        ) from e
     except hf_errors.GatedRepoError as e:
-        raise ModelResolutionError(f"model {repo_id!r} is gated on the Hugging Face Hub: accept its terms and set "
-                                   "HF_TOKEN") from e
+        raise ModelResolutionError(
+            f"model {repo_id!r} is gated on the Hugging Face Hub: accept its terms and set HF_TOKEN"
+        ) from e
     except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled, OSError) as e:
         from huggingface_hub import constants
+
         raise ModelResolutionError(
             f"model {repo_id!r} could not be downloaded from the Hugging Face Hub (offline, or the Hub is "
             f"unreachable: {type(e).__name__}) and is not in the local HF cache ({constants.HF_HUB_CACHE}). "
             f"Connect this machine, or download it elsewhere (`hf download {repo_id} --local-dir DIR`), copy "
-            f"DIR here and pass `model: DIR`. For an offline demo use model: {DEMO_MODEL_NAME}") from e
+            f"DIR here and pass `model: DIR`. For an offline demo use model: {DEMO_MODEL_NAME}"
+        ) from e
     except hf_errors.HfHubHTTPError as e:
         raise ModelResolutionError(f"model {repo_id!r}: the Hugging Face Hub answered with an error: {e}") from e
     return _check_folder(path, repo_id)

@@ -9,10 +9,11 @@ Fields that are accepted but not supported yet (logprobs, penalties, ...) are de
 that the app can answer them with a clear 400 rather than silently ignoring them. Unknown fields
 are ignored, as in vLLM.
 """
+
 from __future__ import annotations
 
 import time
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
@@ -25,78 +26,84 @@ class _Request(BaseModel):
 
 # ------------------------------------------------------------------------------------- requests
 class StreamOptions(_Request):
-    include_usage: Optional[StrictBool] = False
+    include_usage: StrictBool | None = False
     # vLLM extension: a usage object on every chunk, not only on the last one
-    continuous_usage_stats: Optional[StrictBool] = False
+    continuous_usage_stats: StrictBool | None = False
 
 
 class ContentPart(_Request):
     """Only {"type": "text", "text": ...} is supported; other types (image_url, input_audio, ...)
     are parsed so that the app can refuse them with a clear 400."""
+
     type: StrictStr
-    text: Optional[StrictStr] = None
+    text: StrictStr | None = None
 
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Optional[Union[StrictStr, list[ContentPart]]] = None
-    name: Optional[StrictStr] = None
-    tool_calls: Optional[list[dict[str, Any]]] = None
-    tool_call_id: Optional[StrictStr] = None
-    reasoning_content: Optional[StrictStr] = None
+    content: StrictStr | list[ContentPart] | None = None
+    name: StrictStr | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: StrictStr | None = None
+    reasoning_content: StrictStr | None = None
 
 
 class _SamplingFields(_Request):
-    model: Optional[StrictStr] = Field(None, description="A served model name (GET /v1/models); "
-                                                         "optional when one model is served")
-    temperature: Optional[Number] = Field(None, description="default: the checkpoint's generation_config, else 1.0")
-    top_p: Optional[Number] = None
-    top_k: Optional[StrictInt] = Field(None, description="-1 or 0: disabled")
-    min_p: Optional[Number] = None
-    stop: Optional[Union[StrictStr, list[StrictStr]]] = None
-    stop_token_ids: Optional[list[StrictInt]] = None
-    ignore_eos: Optional[StrictBool] = False
-    seed: Optional[StrictInt] = None
-    stream: Optional[StrictBool] = False
-    stream_options: Optional[StreamOptions] = None
-    n: Optional[StrictInt] = Field(1, description="choices to generate for the prompt (1..64); with a seed, "
-                                                   "choice i uses seed + i")
-    user: Optional[StrictStr] = None
+    model: StrictStr | None = Field(
+        None, description="A served model name (GET /v1/models); optional when one model is served"
+    )
+    temperature: Number | None = Field(None, description="default: the checkpoint's generation_config, else 1.0")
+    top_p: Number | None = None
+    top_k: StrictInt | None = Field(None, description="-1 or 0: disabled")
+    min_p: Number | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    stop_token_ids: list[StrictInt] | None = None
+    ignore_eos: StrictBool | None = False
+    seed: StrictInt | None = None
+    stream: StrictBool | None = False
+    stream_options: StreamOptions | None = None
+    n: StrictInt | None = Field(
+        1, description="choices to generate for the prompt (1..64); with a seed, choice i uses seed + i"
+    )
+    user: StrictStr | None = None
     # accepted, only their neutral values are supported
-    presence_penalty: Optional[Number] = 0.0
-    frequency_penalty: Optional[Number] = 0.0
-    repetition_penalty: Optional[Number] = 1.0
-    logit_bias: Optional[dict[str, Number]] = None
+    presence_penalty: Number | None = 0.0
+    frequency_penalty: Number | None = 0.0
+    repetition_penalty: Number | None = 1.0
+    logit_bias: dict[str, Number] | None = None
     # vLLM extension: return the prompt's and the generated token ids
-    return_token_ids: Optional[StrictBool] = False
+    return_token_ids: StrictBool | None = False
 
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_tokens: Optional[StrictInt] = Field(None, description="deprecated alias of max_completion_tokens")
-    max_completion_tokens: Optional[StrictInt] = Field(
-        None, description="default: the rest of the context (context_len - prompt tokens)")
-    logprobs: Optional[StrictBool] = False
-    top_logprobs: Optional[StrictInt] = None
-    tools: Optional[list[dict[str, Any]]] = None
-    tool_choice: Optional[Union[StrictStr, dict[str, Any]]] = None
-    parallel_tool_calls: Optional[StrictBool] = None
-    response_format: Optional[dict[str, Any]] = None
+    max_tokens: StrictInt | None = Field(None, description="deprecated alias of max_completion_tokens")
+    max_completion_tokens: StrictInt | None = Field(
+        None, description="default: the rest of the context (context_len - prompt tokens)"
+    )
+    logprobs: StrictBool | None = False
+    top_logprobs: StrictInt | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: StrictStr | dict[str, Any] | None = None
+    parallel_tool_calls: StrictBool | None = None
+    response_format: dict[str, Any] | None = None
     # vLLM extensions for the chat template
-    add_generation_prompt: Optional[StrictBool] = True
-    continue_final_message: Optional[StrictBool] = False
-    chat_template_kwargs: Optional[dict[str, Any]] = Field(
-        None, description="extra variables for the chat template, e.g. {\"enable_thinking\": false}")
+    add_generation_prompt: StrictBool | None = True
+    continue_final_message: StrictBool | None = False
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description='extra variables for the chat template, e.g. {"enable_thinking": false}'
+    )
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: Union[StrictStr, list[StrictInt], list[StrictStr], list[list[StrictInt]]] = Field(
-        ..., description="text, or token ids; a list of several prompts is not supported yet")
-    max_tokens: Optional[StrictInt] = Field(16, description="default 16, as in OpenAI's API")
-    logprobs: Optional[StrictInt] = None
-    echo: Optional[StrictBool] = False
-    suffix: Optional[StrictStr] = None
-    best_of: Optional[StrictInt] = None
+    prompt: StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]] = Field(
+        ..., description="text, or token ids; a list of several prompts is not supported yet"
+    )
+    max_tokens: StrictInt | None = Field(16, description="default 16, as in OpenAI's API")
+    logprobs: StrictInt | None = None
+    echo: StrictBool | None = False
+    suffix: StrictStr | None = None
+    best_of: StrictInt | None = None
 
 
 # ------------------------------------------------------------------------------------- responses
@@ -111,22 +118,26 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
     @classmethod
-    def of(cls, prompt: int, completion: int, cached: int) -> "Usage":
-        return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                   prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+    def of(cls, prompt: int, completion: int, cached: int) -> Usage:
+        return cls(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+        )
 
 
 class ChatCompletionMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: Optional[str] = None
+    content: str | None = None
 
 
 class ChatCompletionChoice(BaseModel):
     index: int = 0
     message: ChatCompletionMessage
     logprobs: None = None
-    finish_reason: Optional[str] = None
-    token_ids: Optional[list[int]] = None  # with return_token_ids
+    finish_reason: str | None = None
+    token_ids: list[int] | None = None  # with return_token_ids
 
 
 class ChatCompletionResponse(BaseModel):
@@ -136,17 +147,17 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatCompletionChoice]
     usage: Usage
-    system_fingerprint: Optional[str] = None
-    prompt_token_ids: Optional[list[int]] = None  # with return_token_ids
+    system_fingerprint: str | None = None
+    prompt_token_ids: list[int] | None = None  # with return_token_ids
 
 
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     logprobs: None = None
-    finish_reason: Optional[str] = None
-    token_ids: Optional[list[int]] = None  # with return_token_ids
-    prompt_token_ids: Optional[list[int]] = None  # with return_token_ids
+    finish_reason: str | None = None
+    token_ids: list[int] | None = None  # with return_token_ids
+    prompt_token_ids: list[int] | None = None  # with return_token_ids
 
 
 class CompletionResponse(BaseModel):
@@ -156,7 +167,7 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage
-    system_fingerprint: Optional[str] = None
+    system_fingerprint: str | None = None
 
 
 class ModelCard(BaseModel):
@@ -164,11 +175,11 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "nanovllmx"
-    root: Optional[str] = None  # what `model` named: a folder, hub id or the demo name
-    parent: Optional[str] = None
-    max_model_len: Optional[int] = None
+    root: str | None = None  # what `model` named: a folder, hub id or the demo name
+    parent: str | None = None
+    max_model_len: int | None = None
     random_weights: bool = False
-    description: Optional[str] = None
+    description: str | None = None
 
 
 class ModelList(BaseModel):
@@ -179,8 +190,8 @@ class ModelList(BaseModel):
 class ErrorInfo(BaseModel):
     message: str
     type: str
-    param: Optional[str] = None
-    code: Optional[str] = None
+    param: str | None = None
+    code: str | None = None
 
 
 class ErrorResponse(BaseModel):

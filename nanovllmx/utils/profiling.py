@@ -1,14 +1,16 @@
 """Benchmark helpers: time a GPU call with CUDA events, and group a torch.profiler run's kernels by
 what they do (attention, GEMM, norms, ...) so a benchmark can say where a step's device time goes.
 Used by `bench.py --torch-profile`, `scripts/step_bench.py` and `scripts/attn_bench.py`."""
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 
 def cuda_time(fn: Callable[[], object], iters: int = 30) -> float:
     """Seconds per call of fn on the current CUDA stream (3 warm-up calls, then iters timed)."""
     import torch
+
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
@@ -25,6 +27,7 @@ def graph_time(fn: Callable[[], object], iters: int = 30) -> float:
     """Seconds per replay of fn's work captured in a CUDA graph (one warm-up call first, which also
     runs any JIT compile or autotuning outside the capture)."""
     import torch
+
     fn()
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()

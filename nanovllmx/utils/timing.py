@@ -1,4 +1,5 @@
 """Cheap per-step phase timers (perf_counter sums), for `bench.py --profile` and engine stats."""
+
 from __future__ import annotations
 
 import time

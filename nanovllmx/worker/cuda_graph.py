@@ -6,6 +6,7 @@ A graph covers the whole device side of a decode step: resolving the inputs the 
 running) step samples, this step's req_to_token entries, the KV slot lists, the forward, sampling
 (temperature, no filters) and the record of the sampled ids. The host sends one packed int32 array
 per step and plans the attention; a step's CPU cost no longer grows with the kernels it runs."""
+
 from __future__ import annotations
 
 import functools
@@ -46,7 +47,7 @@ class _EagerReplay:
 
 @dataclass
 class _Captured:
-    graph: "torch.cuda.CUDAGraph | _EagerReplay"
+    graph: torch.cuda.CUDAGraph | _EagerReplay
     wrapper: object  # the FlashInfer decode wrapper planned for this size
     inputs: torch.Tensor  # int32 [_FIELDS * bs]: the graph's static inputs, one H2D copy per step
     meta: AttentionMetadata
@@ -61,6 +62,7 @@ class DecodeGraphs:
         cfg, dev = runner.cfg, runner.device
         if dev.type == "cuda":
             from nanovllmx.attention.flashinfer_backend import FlashInferBackend
+
             if not isinstance(be, FlashInferBackend):
                 raise ValueError("CUDA graphs need the flashinfer attention backend (or enforce_eager=True)")
         self.max_bs = cfg.max_bs
@@ -71,7 +73,7 @@ class DecodeGraphs:
         self.captured: dict[int, _Captured] = {}
         pool = None
         for bs in reversed(self.sizes):
-            inputs = self.inputs[:_FIELDS * bs]
+            inputs = self.inputs[: _FIELDS * bs]
             inputs.copy_(torch.from_numpy(self._pack_padding(bs, 0).reshape(-1)))
             w = be.make_graph_wrapper(bs)
             meta = self._meta(inputs, bs, np.full(bs, self.dummy_row, np.int32), np.ones(bs, np.int32))
@@ -100,9 +102,14 @@ class DecodeGraphs:
     def _meta(self, inputs: torch.Tensor, bs: int, req_idx_np: np.ndarray, kv_lens_np: np.ndarray) -> AttentionMetadata:
         rows = inputs.view(_FIELDS, bs)
         return AttentionMetadata(
-            q_lens_np=np.ones(bs, np.int32), kv_lens_np=kv_lens_np, req_indices_np=req_idx_np,
-            req_indices=rows[3], out_slots=rows[2],
-            req_to_token=self.r.req_to_token, is_decode=True)
+            q_lens_np=np.ones(bs, np.int32),
+            kv_lens_np=kv_lens_np,
+            req_indices_np=req_idx_np,
+            req_indices=rows[3],
+            out_slots=rows[2],
+            req_to_token=self.r.req_to_token,
+            is_decode=True,
+        )
 
     def _step(self, inputs: torch.Tensor, wrapper, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         """The captured device work of one decode step."""

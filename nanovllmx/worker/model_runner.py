@@ -1,5 +1,6 @@
 """Turns a ScheduledBatch into device tensors, runs the model (eagerly or through a captured CUDA
 graph), and samples. Knows nothing of requests beyond the arrays in the batch."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,7 +19,7 @@ class SampledTokens:
     """Sampled ids of one step, copied to the host without blocking; `result()` waits for them.
     Lets the engine schedule the next step while this one runs on the GPU."""
 
-    def __init__(self, host: torch.Tensor, event: "torch.cuda.Event | None"):
+    def __init__(self, host: torch.Tensor, event: torch.cuda.Event | None):
         self.host, self.event = host, event
 
     def result(self) -> np.ndarray:
@@ -32,11 +33,14 @@ def make_backend(name: str, kv: KVPool, model: Qwen3ForCausalLM, cfg: EngineConf
     args = (kv, layer0.num_heads, layer0.num_kv_heads, layer0.head_dim)
     if name == "torch":
         from nanovllmx.attention.torch_backend import TorchBackend
+
         return TorchBackend(*args)
     if name == "flashinfer":
         from nanovllmx.attention.flashinfer_backend import FlashInferBackend
-        return FlashInferBackend(*args, max_bs=cfg.max_bs, context_len=cfg.context_len,
-                                decode_tensor_cores=cfg.decode_tensor_cores)
+
+        return FlashInferBackend(
+            *args, max_bs=cfg.max_bs, context_len=cfg.context_len, decode_tensor_cores=cfg.decode_tensor_cores
+        )
     raise ValueError(f"unknown attention backend {name!r}")
 
 
@@ -59,6 +63,7 @@ class ModelRunner:
         # holds only part of the model, so pipeline-parallel workers run eagerly
         if not cfg.enforce_eager and device.type == "cuda" and cfg.pp_size == 1:
             from nanovllmx.worker.cuda_graph import DecodeGraphs
+
             self.graphs = DecodeGraphs(self)
 
     def _to_dev(self, a: np.ndarray) -> torch.Tensor:
@@ -83,7 +88,9 @@ class ModelRunner:
             positions = b.start_pos
             rows = b.req_indices
         else:
-            positions = (np.repeat(b.start_pos - cu[:-1], q_lens) + np.arange(b.num_tokens, dtype=np.int32)).astype(np.int32)
+            positions = (np.repeat(b.start_pos - cu[:-1], q_lens) + np.arange(b.num_tokens, dtype=np.int32)).astype(
+                np.int32
+            )
             rows = np.repeat(b.req_indices, q_lens)
         if len(b.table_rows):
             rows = np.concatenate([b.table_rows, rows])
@@ -95,9 +102,14 @@ class ModelRunner:
         self.write_table(rows, cols, slots)
         kv_lens = (b.start_pos + q_lens).astype(np.int32)
         meta = AttentionMetadata(
-            q_lens_np=q_lens, kv_lens_np=kv_lens, req_indices_np=b.req_indices,
+            q_lens_np=q_lens,
+            kv_lens_np=kv_lens,
+            req_indices_np=b.req_indices,
             req_indices=self._to_dev(b.req_indices),
-            out_slots=out_slots, req_to_token=self.req_to_token, is_decode=b.is_decode)
+            out_slots=out_slots,
+            req_to_token=self.req_to_token,
+            is_decode=b.is_decode,
+        )
         ids = self._to_dev(b.input_ids)
         if b.has_placeholders:
             tok_rows = b.req_indices if b.is_decode else np.repeat(b.req_indices, q_lens)
@@ -129,7 +141,7 @@ class ModelRunner:
             logits = self.model.compute_logits(out[last_tok])
             tm.lap("forward_launch")
             tokens = self.sample(logits, b)
-        host = self._host_bufs[self._flip][:len(tokens)]
+        host = self._host_bufs[self._flip][: len(tokens)]
         self._flip ^= 1
         host.copy_(tokens, non_blocking=True)
         event = None

@@ -1,12 +1,12 @@
 """Batched sampling on the device: greedy, temperature, top-k, top-p, min-p and seeded requests,
 with no per-request Python work except for the (rare) seeded rows."""
+
 from __future__ import annotations
 
 import numpy as np
 import torch
 
 from nanovllmx.scheduler.messages import SamplingArrays
-
 
 _GREEDY_EPS = 1e-5
 
@@ -67,7 +67,7 @@ class Sampler:
         for i in (sa.seeds >= 0).nonzero()[0].tolist():
             n = shape[1] if lengths is None else int(lengths[i])
             g = torch.Generator(device=dev)
-            g.manual_seed((int(sa.seeds[i]) * 1_000_003 + int(sa.output_lens[i])) % (2 ** 63))
+            g.manual_seed((int(sa.seeds[i]) * 1_000_003 + int(sa.output_lens[i])) % (2**63))
             q[i, :n] = torch.empty(n, device=dev).exponential_(generator=g)
         return q
 
@@ -108,23 +108,28 @@ class Sampler:
         # Philox keys of unseeded rows: from torch's device generator, which every worker seeds
         # alike, so TP ranks draw the same tokens (each resolves the next step's inputs from its own
         # samples). Capturable in a CUDA graph (the generator's offset advances at each replay).
-        return torch.randint(0, 2 ** 31 - 1, (n,), dtype=torch.int32, device=dev)
+        return torch.randint(0, 2**31 - 1, (n,), dtype=torch.int32, device=dev)
 
     def sample_unfiltered(self, logits: torch.Tensor, inv_temperature: torch.Tensor) -> torch.Tensor:
         """Unseeded rows without filters, all on the device (the decode CUDA graph captures this):
         inv_temperature float32 [B] (0: greedy). Returns int32 ids."""
         from nanovllmx.kernels.sampling import gumbel_sample
+
         return gumbel_sample(logits, inv_temperature, self._keys(logits.shape[0], logits.device))
 
     def _fused(self, logits: torch.Tensor, sa: SamplingArrays) -> torch.Tensor:
         from nanovllmx.kernels.sampling import gumbel_sample
+
         dev = logits.device
         keys = self._keys(len(sa.temperature), dev)
         seeded = sa.seeds >= 0
         if seeded.any():  # a seeded row's key is (seed, tokens so far), as in the PyTorch path
-            keyed = ((sa.seeds.astype(np.int64) * 1_000_003 + sa.output_lens) % (2 ** 31 - 1)).astype(np.int32)
-            keys = torch.where(torch.from_numpy(seeded).to(dev, non_blocking=True),
-                               torch.from_numpy(keyed).to(dev, non_blocking=True), keys)
+            keyed = ((sa.seeds.astype(np.int64) * 1_000_003 + sa.output_lens) % (2**31 - 1)).astype(np.int32)
+            keys = torch.where(
+                torch.from_numpy(seeded).to(dev, non_blocking=True),
+                torch.from_numpy(keyed).to(dev, non_blocking=True),
+                keys,
+            )
         inv_t = torch.from_numpy(inverse_temperature(sa.temperature)).to(dev, non_blocking=True)
         return gumbel_sample(logits, inv_t, keys).long()
 

@@ -1,5 +1,6 @@
 """One worker per GPU shard (or one CPU process): owns the model slice, its KV pool and the model
 runner. Driven by plain method calls, so a Ray actor can wrap it unchanged."""
+
 from __future__ import annotations
 
 import logging
@@ -61,14 +62,18 @@ class Worker:
         used = total - free
         # activations of the largest prefill chunk, plus logits, with headroom for the allocator
         cfg = self.cfg.hf_config
-        act = self.cfg.max_num_batched_tokens * (cfg.hidden_size * 8 + cfg.intermediate_size * 6) * 2 \
-            + self.cfg.max_bs * cfg.vocab_size * 4 * 4 + (1 << 30)
+        act = (
+            self.cfg.max_num_batched_tokens * (cfg.hidden_size * 8 + cfg.intermediate_size * 6) * 2
+            + self.cfg.max_bs * cfg.vocab_size * 4 * 4
+            + (1 << 30)
+        )
         budget = total * self.cfg.gpu_memory_utilization - used - act
         n = int(budget // per_slot)
         if n < self.cfg.context_len:
             raise RuntimeError(
                 f"not enough GPU memory for the KV cache: room for {max(n, 0)} tokens, a full context needs "
-                f"{self.cfg.context_len}; raise gpu_memory_utilization or lower context_len")
+                f"{self.cfg.context_len}; raise gpu_memory_utilization or lower context_len"
+            )
         return n
 
     def init_kv_cache(self, num_slots: int) -> None:
@@ -104,6 +109,7 @@ class Worker:
         """Release the model, KV pool and graphs (so another engine fits in this process) and leave
         the process group."""
         import gc
+
         self.runner = None
         self.kv = None
         self.model = None

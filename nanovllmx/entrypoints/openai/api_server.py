@@ -9,6 +9,7 @@ and deploys the same application as `serve run serve_configs/*.yaml`. Ctrl-C or 
 Flags that vLLM users know are accepted as aliases (--tensor-parallel-size, --max-model-len,
 --max-num-seqs, ...).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,12 +23,21 @@ from nanovllmx.utils.make_model import DEMO_MODEL_NAME
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m nanovllmx.entrypoints.openai.api_server",
-                                description="Nano-vLLM-X OpenAI-compatible server on Ray Serve")
-    p.add_argument("--model", required=True,
-                   help=f"local checkpoint folder, Hugging Face Hub id, or {DEMO_MODEL_NAME!r} (random weights)")
-    p.add_argument("--served-model-name", nargs="+", default=None,
-                   help="name(s) clients use as `model` (default: the folder / repo name)")
+    p = argparse.ArgumentParser(
+        prog="python -m nanovllmx.entrypoints.openai.api_server",
+        description="Nano-vLLM-X OpenAI-compatible server on Ray Serve",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help=f"local checkpoint folder, Hugging Face Hub id, or {DEMO_MODEL_NAME!r} (random weights)",
+    )
+    p.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        help="name(s) clients use as `model` (default: the folder / repo name)",
+    )
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8000)
@@ -44,41 +54,87 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attention-backend", default=None)
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stream-interval", type=int, default=None,
-                   help="stream a delta every N tokens (the first at once; default 1: every token)")
+    p.add_argument(
+        "--stream-interval",
+        type=int,
+        default=None,
+        help="stream a delta every N tokens (the first at once; default 1: every token)",
+    )
     p.add_argument("--executor", default=None, choices=["auto", "local", "ray"])
-    p.add_argument("--generation-config", default="auto", choices=["auto", "none"],
-                   help="'auto': sampling defaults from the checkpoint's generation_config.json")
+    p.add_argument(
+        "--generation-config",
+        default="auto",
+        choices=["auto", "none"],
+        help="'auto': sampling defaults from the checkpoint's generation_config.json",
+    )
     p.add_argument("--num-replicas", type=int, default=1, help="engines behind the route (one per replica)")
     p.add_argument("--max-ongoing-requests", type=int, default=None, help="per replica")
-    p.add_argument("--max-waiting-requests", type=int, default=None,
-                   help="per engine: beyond max_bs running + this many waiting, requests get 503 + Retry-After")
+    p.add_argument(
+        "--max-waiting-requests",
+        type=int,
+        default=None,
+        help="per engine: beyond max_bs running + this many waiting, requests get 503 + Retry-After",
+    )
     p.add_argument("--max-request-body-bytes", type=int, default=None, help="larger bodies get 413 (0: no limit)")
-    p.add_argument("--graceful-shutdown-timeout", dest="graceful_shutdown_timeout_s", type=float, default=None,
-                   help="on Ctrl-C / SIGTERM, seconds that requests in flight may take to finish (Serve's default: 20)")
-    p.add_argument("--direct-ingress-port", type=int, default=None,
-                   help="also serve HTTP from the replica itself (Serve's direct ingress, no proxy hop) on this port "
-                        "(next ports for more replicas on a node): ~0.95 of offline throughput against 0.76-0.89 "
-                        "through the proxy on an H100 (docs/benchmarks.md). Only when this command starts Ray")
-    p.add_argument("--address", default=None, help="Ray cluster to join, e.g. 'auto' (default: start a new local instance)")
-    p.add_argument("--log-level", default=os.environ.get("NANOVLLMX_LOG_LEVEL", "INFO"),
-                   help="DEBUG, INFO (one line per finished request, engine stats while busy), WARNING, ... "
-                        "(default: $NANOVLLMX_LOG_LEVEL or INFO)")
+    p.add_argument(
+        "--graceful-shutdown-timeout",
+        dest="graceful_shutdown_timeout_s",
+        type=float,
+        default=None,
+        help="on Ctrl-C / SIGTERM, seconds that requests in flight may take to finish (Serve's default: 20)",
+    )
+    p.add_argument(
+        "--direct-ingress-port",
+        type=int,
+        default=None,
+        help="also serve HTTP from the replica itself (Serve's direct ingress, no proxy hop) on this port "
+        "(next ports for more replicas on a node): ~0.95 of offline throughput against 0.76-0.89 "
+        "through the proxy on an H100 (docs/benchmarks.md). Only when this command starts Ray",
+    )
+    p.add_argument(
+        "--address", default=None, help="Ray cluster to join, e.g. 'auto' (default: start a new local instance)"
+    )
+    p.add_argument(
+        "--log-level",
+        default=os.environ.get("NANOVLLMX_LOG_LEVEL", "INFO"),
+        help="DEBUG, INFO (one line per finished request, engine stats while busy), WARNING, ... "
+        "(default: $NANOVLLMX_LOG_LEVEL or INFO)",
+    )
     return p.parse_args(argv)
 
 
 def app_args(ns: argparse.Namespace) -> dict:
     """The `args` of the Serve config this command line stands for."""
-    args = {"model": ns.model, "tp_size": ns.tp_size, "pp_size": ns.pp_size,
-            "gpu_memory_utilization": ns.gpu_memory_utilization, "max_bs": ns.max_bs,
-            "context_len": ns.context_len, "enforce_eager": ns.enforce_eager, "device": ns.device,
-            "dtype": ns.dtype, "generation_config": ns.generation_config, "num_replicas": ns.num_replicas,
-            "log_level": ns.log_level.upper()}
+    args = {
+        "model": ns.model,
+        "tp_size": ns.tp_size,
+        "pp_size": ns.pp_size,
+        "gpu_memory_utilization": ns.gpu_memory_utilization,
+        "max_bs": ns.max_bs,
+        "context_len": ns.context_len,
+        "enforce_eager": ns.enforce_eager,
+        "device": ns.device,
+        "dtype": ns.dtype,
+        "generation_config": ns.generation_config,
+        "num_replicas": ns.num_replicas,
+        "log_level": ns.log_level.upper(),
+    }
     if ns.served_model_name:
         args["served_model_name"] = ns.served_model_name if len(ns.served_model_name) > 1 else ns.served_model_name[0]
-    for k in ("revision", "max_num_batched_tokens", "num_kv_slots", "attention_backend", "enable_prefix_caching",
-              "seed", "executor", "max_ongoing_requests", "max_waiting_requests", "max_request_body_bytes",
-              "graceful_shutdown_timeout_s", "stream_interval"):
+    for k in (
+        "revision",
+        "max_num_batched_tokens",
+        "num_kv_slots",
+        "attention_backend",
+        "enable_prefix_caching",
+        "seed",
+        "executor",
+        "max_ongoing_requests",
+        "max_waiting_requests",
+        "max_request_body_bytes",
+        "graceful_shutdown_timeout_s",
+        "stream_interval",
+    ):
         v = getattr(ns, k)
         if v is not None:
             args[k] = v
@@ -91,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     log = logging.getLogger("nanovllmx.api_server")
 
     from nanovllmx.serve.model_resolver import ModelResolutionError, resolve_model
+
     try:  # fail fast with a clear message (and download once, here, with progress bars)
         folder = resolve_model(ns.model, ns.revision)
     except ModelResolutionError as e:
@@ -99,12 +156,17 @@ def main(argv: list[str] | None = None) -> int:
     log.info("model %s -> %s", ns.model, folder)
     if ns.direct_ingress_port is not None:
         if ns.address is not None:  # the controller reads these when it starts, i.e. with the cluster
-            print("error: --direct-ingress-port needs the Ray instance this command starts; for a cluster, start it "
-                  "with RAY_SERVE_ENABLE_DIRECT_INGRESS=1 (see docs/serving.md)", file=sys.stderr)
+            print(
+                "error: --direct-ingress-port needs the Ray instance this command starts; for a cluster, start it "
+                "with RAY_SERVE_ENABLE_DIRECT_INGRESS=1 (see docs/serving.md)",
+                file=sys.stderr,
+            )
             return 2
-        os.environ.update(RAY_SERVE_ENABLE_DIRECT_INGRESS="1",
-                          RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(ns.direct_ingress_port),
-                          RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(ns.direct_ingress_port + 1000))
+        os.environ.update(
+            RAY_SERVE_ENABLE_DIRECT_INGRESS="1",
+            RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(ns.direct_ingress_port),
+            RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(ns.direct_ingress_port + 1000),
+        )
 
     import ray
     from ray import serve
