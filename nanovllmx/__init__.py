@@ -1,7 +1,6 @@
 """nanovllmx: a lightweight, fast LLM serving system for Qwen3 models, built on Ray."""
 
-from nanovllmx.engine.output_processor import EngineRequestError
-from nanovllmx.errors import EngineOverloadedError, EngineUnavailableError
+from nanovllmx.errors import EngineOverloadedError, EngineRequestError, EngineUnavailableError
 from nanovllmx.llm import LLM
 from nanovllmx.outputs import RequestOutput, StreamDelta
 from nanovllmx.sampling_params import SamplingParams

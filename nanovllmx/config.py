@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from typing import Any, Literal
+
+ExecutorKind = Literal["auto", "local", "ray"]
 
 
 @dataclass
@@ -31,12 +34,16 @@ class EngineConfig:
     # every token. Larger: fewer, larger chunks, which Serve's proxy forwards faster under load
     stream_interval: int = 1
     # schedule step N+1 while step N runs; default on GPU only (on CPU the forward is synchronous,
-    # so it only adds scheduler work competing for the same cores)
+    # so it only adds scheduler work competing for the same cores). Resolved once here; never with
+    # pp_size > 1 (the first stage would need the last stage's samples: not yet)
     overlap_scheduling: bool | None = None
     decode_tensor_cores: bool | None = None  # FlashInfer decode kernel; None: by batch size (measured, see the backend)
     tp_size: int = 1
     pp_size: int = 1
     seed: int = 0
+    # where the engine runs: "local" (this process) or "ray" (a scheduler actor + one worker actor
+    # per shard); "auto": see resolve_executor
+    executor: ExecutorKind = "auto"
     # ---- Ray (executor="ray", the default when tp_size * pp_size > 1); see docs/distributed.md ----
     ray_address: str | None = None  # cluster to join; None: $RAY_ADDRESS if set, else start a local Ray
     ray_init_kwargs: dict | None = None  # extra ray.init() arguments when we start Ray (e.g. num_cpus)
@@ -48,7 +55,7 @@ class EngineConfig:
     ray_step_mode: str = "socket"  # how each step reaches the workers: "socket" (fast) | "ray" (a call per worker)
     pp_microbatches: int | None = None  # most pipeline micro-batches per step; None: pp_size
     pp_microbatch_min_tokens: int = 256  # split a step only if each micro-batch gets this many tokens
-    hf_config: object = field(default=None, repr=False)
+    hf_config: Any = field(default=None, repr=False)
     eos_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -88,6 +95,8 @@ class EngineConfig:
             self.enforce_eager = True
         if self.overlap_scheduling is None:
             self.overlap_scheduling = self.device == "cuda"
+        self.overlap_scheduling = bool(self.overlap_scheduling) and self.pp_size == 1
+        self.executor = resolve_executor(self.executor, self.device, self.tp_size * self.pp_size)
         self.eos_token_ids = self._eos_ids()
 
     def _eos_ids(self) -> list[int]:
@@ -102,7 +111,26 @@ class EngineConfig:
         return ids
 
     @property
+    def vocab_size(self) -> int:
+        return int(self.hf_config.vocab_size)
+
+    @property
     def torch_dtype(self):
         import torch
 
         return getattr(torch, self.dtype)
+
+
+def resolve_executor(executor: str, device: str, world_size: int, serving: bool = False) -> ExecutorKind:
+    """The executor "auto" stands for, decided here only. A grid of several shards needs Ray. A
+    server on GPU runs the engine in Ray actors too, never in the replica's process: the replica's
+    Python thread streams every token of every request, and sharing its GIL with the engine's step
+    loop cost 2/3 of the throughput on an H100 (docs/benchmarks.md). Otherwise (offline, the CPU
+    demo and tests) the in-process engine is cheaper."""
+    if executor not in ("auto", "local", "ray"):
+        raise ValueError(f"executor must be 'auto', 'local' or 'ray', got {executor!r}")
+    if executor == "local" and world_size > 1:
+        raise ValueError("the local executor runs one shard; tp_size * pp_size > 1 needs executor='ray'")
+    if executor != "auto":
+        return executor  # type: ignore[return-value]
+    return "ray" if world_size > 1 or (serving and device == "cuda") else "local"

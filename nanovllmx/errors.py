@@ -1,6 +1,5 @@
 """Typed errors of the client API: what a caller can catch, and what the HTTP app maps to status
-codes (see docs/reliability.md). `EngineRequestError` (a request the engine failed while running
-it) lives in `nanovllmx.engine.output_processor` and is exported from `nanovllmx` too."""
+codes (see docs/reliability.md). A request refused for its content raises ValueError or TypeError."""
 
 from __future__ import annotations
 
@@ -13,3 +12,8 @@ class EngineOverloadedError(RuntimeError):
 class EngineUnavailableError(RuntimeError):
     """The engine takes no new requests: it is shut down or shutting down, or it died (its Ray
     scheduler actor is gone). HTTP: 503."""
+
+
+class EngineRequestError(RuntimeError):
+    """The engine failed this request after accepting it (an error inside a step, a refusal the
+    scheduler made, or the engine dying under it). HTTP: 500, or an error event in a stream."""

@@ -15,34 +15,39 @@ import time
 import uuid
 import weakref
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 from nanovllmx.config import EngineConfig
 from nanovllmx.engine.detokenizer import IncrementalDetokenizer
-from nanovllmx.engine.output_processor import EngineRequestError, OutputProcessor, RequestState
-from nanovllmx.errors import EngineOverloadedError, EngineUnavailableError
+from nanovllmx.engine.output_processor import OutputProcessor, RequestState
+from nanovllmx.engine.protocol import CoreClient, Prompt
+from nanovllmx.errors import EngineOverloadedError, EngineRequestError, EngineUnavailableError
 from nanovllmx.outputs import RequestOutput, StreamDelta
 from nanovllmx.sampling_params import SamplingParams
-from nanovllmx.scheduler.request import EngineRequest
+from nanovllmx.scheduler.request import EngineOutput, EngineRequest, check_prompt
 
 logger = logging.getLogger(__name__)
 
-Prompt = str | list[int]
+_C = EngineConfig  # the defaults below are EngineConfig's: decided there only
 
 
 class LLM:
+    """The engine's client API (`EngineClient`, engine/protocol.py). Every argument is an
+    `EngineConfig` field (config.py documents them all); the common ones are named here."""
+
     def __init__(
         self,
         model: str,
-        device: str = "auto",
-        dtype: str = "auto",
-        gpu_memory_utilization: float = 0.9,
-        max_bs: int = 256,
-        context_len: int | None = None,
-        enforce_eager: bool = False,
-        tp_size: int = 1,
-        pp_size: int = 1,
-        executor: str = "auto",
-        **kwargs,
+        device: str = _C.device,
+        dtype: str = _C.dtype,
+        gpu_memory_utilization: float = _C.gpu_memory_utilization,
+        max_bs: int = _C.max_bs,
+        context_len: int | None = _C.context_len,
+        enforce_eager: bool = _C.enforce_eager,
+        tp_size: int = _C.tp_size,
+        pp_size: int = _C.pp_size,
+        executor: str = _C.executor,
+        **kwargs: Any,
     ):
         from transformers import AutoTokenizer
 
@@ -56,26 +61,24 @@ class LLM:
             enforce_eager=enforce_eager,
             tp_size=tp_size,
             pp_size=pp_size,
+            executor=executor,  # type: ignore[arg-type]  # checked by EngineConfig
             **kwargs,
         )
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.processor = OutputProcessor(self.tokenizer)
-        self._outq: queue.Queue = queue.Queue()
+        self._outq: queue.Queue[list[EngineOutput] | None] = queue.Queue()
         self._ids = itertools.count()
         self._id_prefix = f"req-{uuid.uuid4().hex[:8]}"  # ids unique across LLM instances, one urandom call
-        if executor == "auto":
-            executor = "ray" if tp_size * pp_size > 1 else "local"
-        if executor == "local":
+        self.core: CoreClient
+        if self.config.executor == "local":
             from nanovllmx.engine.core import EngineCore
             from nanovllmx.engine.executor import LocalExecutor
 
             self.core = EngineCore(self.config, LocalExecutor(self.config), self._outq.put)
-        elif executor == "ray":
-            from nanovllmx.distributed.ray_engine import RayEngineClient
-
-            self.core = RayEngineClient(self.config, self._outq.put)
         else:
-            raise ValueError(f"executor must be 'auto', 'local' or 'ray', got {executor!r}")
+            from nanovllmx.distributed.ray_engine import RayCoreClient
+
+            self.core = RayCoreClient(self.config, self._outq.put)
         self._closed = False
         # admission: the closed flag and the outstanding count are checked and a request submitted
         # under one lock, so shutdown() never misses a request that slipped in
@@ -132,8 +135,9 @@ class LLM:
             raise TypeError("sampling params must be a SamplingParams")
         params.validate()
         ids = self.encode(prompt)
+        check_prompt(ids, self.config.context_len, self.config.vocab_size)
         rid = request_id or f"{self._id_prefix}-{next(self._ids)}"
-        er = EngineRequest(rid, ids, params)  # the core's add_request refuses a bad prompt (ValueError)
+        er = EngineRequest(rid, ids, params)
         detok = IncrementalDetokenizer(self.tokenizer, params.stop) if (streaming or params.stop) else None
         st = RequestState(rid, ids, params, detok)
         if streaming:
@@ -215,53 +219,27 @@ class LLM:
                 bar.close()
         return [self.processor.result(st) for st in states]
 
+    def submit(
+        self, prompt: Prompt, sampling_params: SamplingParams | None = None, request_id: str | None = None
+    ) -> RequestStream:
+        """Submit a request now and return its deltas (an async iterator; closing it early aborts the
+        request). Call it on the event loop that consumes the deltas. A refused request raises here:
+        ValueError/TypeError, EngineOverloadedError or EngineUnavailableError."""
+        loop = asyncio.get_running_loop()
+        st = self._submit(prompt, sampling_params or SamplingParams(), request_id, True, loop)
+        return RequestStream(self, st)
+
     async def stream(
         self, prompt: Prompt, sampling_params: SamplingParams | None = None, request_id: str | None = None
     ) -> AsyncIterator[StreamDelta]:
-        """Yield deltas as tokens are sampled. Cancelling the consumer aborts the request."""
-        st = self._submit(prompt, sampling_params or SamplingParams(), request_id, True, asyncio.get_running_loop())
-        finished = False
-        interval, sent, held = self.config.stream_interval, False, []
+        """Yield deltas as tokens are sampled (submitted when first iterated). Cancelling the
+        consumer aborts the request."""
+        rs = self.submit(prompt, sampling_params, request_id)
         try:
-            while True:
-                # a consumer that fell behind takes everything queued as one delta: under load the
-                # stream sends fewer, larger chunks instead of falling further behind
-                items = held + [await st.queue.get()]
-                while not st.queue.empty():
-                    items.append(st.queue.get_nowait())
-                for it in items:
-                    if isinstance(it, tuple):
-                        finished = True
-                        raise EngineRequestError(f"request {st.request_id} failed: {it[1]}")
-                if st.finish_reason == "abort":  # drop what was queued before the abort, keep its final delta
-                    items = [it for it in items if it.finished][:1]
-                    if not items:
-                        continue
-                # stream_interval: hold deltas until that many tokens came (the first goes at once)
-                held = (
-                    items
-                    if sent and not items[-1].finished and sum(len(it.token_ids) for it in items) < interval
-                    else []
-                )
-                if held:
-                    continue
-                sent = True
-                d = (
-                    items[0]
-                    if len(items) == 1
-                    else dataclasses.replace(
-                        items[-1],
-                        token_ids=[t for it in items for t in it.token_ids],
-                        text="".join(it.text for it in items),
-                    )
-                )
-                finished = d.finished
+            async for d in rs:
                 yield d
-                if finished:
-                    return
         finally:
-            if not finished:
-                self.abort(st.request_id)
+            await rs.aclose()
 
     def abort(self, request_id: str) -> None:
         """Stop a request now; its KV slots are freed within one engine step."""
@@ -285,6 +263,14 @@ class LLM:
         d = self.core.stats()
         d["num_outstanding_requests"] = len(self.processor.states)  # submitted here, no outcome yet
         return d
+
+    def check_health(self) -> None:
+        """Return if the engine can serve; else raise EngineUnavailableError saying why."""
+        if self._closed:
+            raise EngineUnavailableError("the engine has been shut down")
+        if not self._out_thread.is_alive():
+            raise EngineUnavailableError("the engine's output loop has stopped")
+        self.core.check_health()
 
     def shutdown(self, timeout: float = 0.0) -> None:
         """Stop the engine gracefully. New requests raise `EngineUnavailableError` at once; requests
@@ -324,10 +310,77 @@ class LLM:
             pass
 
 
+class RequestStream:
+    """One submitted request's deltas (`LLM.submit`). With `stream_interval` N, the first token goes
+    at once, then a delta every N tokens; a consumer that fell behind takes everything queued as one
+    delta, so under load a stream sends fewer, larger chunks instead of falling further behind."""
+
+    def __init__(self, llm: LLM, state: RequestState):
+        self._llm, self._st = llm, state
+        self.request_id = state.request_id
+        self._finished = False
+        self._sent = False  # the first delta went out
+        self._held: list[StreamDelta] = []  # deltas waiting for stream_interval tokens
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> StreamDelta:
+        if self._finished:
+            raise StopAsyncIteration
+        try:
+            return await self._next()
+        except BaseException:  # failed, or cancelled (the consumer went away): stop it in the engine
+            self._close()
+            raise
+
+    async def _next(self) -> StreamDelta:
+        st, interval = self._st, self._llm.config.stream_interval
+        assert st.queue is not None
+        while True:
+            items = [*self._held, await st.queue.get()]
+            self._held = []
+            while not st.queue.empty():
+                items.append(st.queue.get_nowait())
+            for it in items:
+                if isinstance(it, tuple):  # (delta, error): the engine failed the request
+                    self._finished = True
+                    raise EngineRequestError(f"request {st.request_id} failed: {it[1]}")
+            if st.finish_reason == "abort":  # drop what was queued before the abort, keep its final delta
+                items = [it for it in items if it.finished][:1]
+                if not items:
+                    continue
+            if self._sent and not items[-1].finished and sum(len(it.token_ids) for it in items) < interval:
+                self._held = items
+                continue
+            self._sent = True
+            d = items[0]
+            if len(items) > 1:
+                ids = [t for it in items for t in it.token_ids]
+                d = dataclasses.replace(items[-1], token_ids=ids, text="".join(it.text for it in items))
+            self._finished = d.finished
+            return d
+
+    def _close(self) -> None:
+        if not self._finished:
+            self._finished = True
+            self._llm.abort(self.request_id)
+
+    async def aclose(self) -> None:
+        """Abort the request unless it finished. Idempotent."""
+        self._close()
+
+    def __del__(self) -> None:
+        try:
+            self._close()
+        except Exception:  # noqa: BLE001 - interpreter teardown
+            pass
+
+
 def _shutdown_at_exit(ref: weakref.ref[LLM]) -> None:
     llm = ref()
     if llm is not None:
         llm.shutdown()
 
 
-__all__ = ["LLM", "EngineRequestError", "EngineOverloadedError", "EngineUnavailableError"]
+__all__ = ["LLM", "RequestStream", "EngineRequestError", "EngineOverloadedError", "EngineUnavailableError"]

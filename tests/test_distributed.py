@@ -17,7 +17,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from nanovllmx import LLM, SamplingParams  # noqa: E402
-from nanovllmx.engine.output_processor import EngineRequestError  # noqa: E402
+from nanovllmx import EngineRequestError  # noqa: E402
 
 CTX = 512
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)

@@ -202,9 +202,7 @@ def test_step_exception_fails_inflight_requests_and_loop_keeps_serving(llm, monk
     assert calls["n"] >= 4
     # the loop survived: same thread, same answers, nothing leaked
     assert llm.core._thread.is_alive()
-    from nanovllmx.serve.app import engine_problem
-
-    assert engine_problem(llm) is None
+    llm.check_health()  # raises EngineUnavailableError if the engine cannot serve
     assert llm.generate([probe], greedy(8))[0].token_ids == before
     wait_idle(llm)
 
@@ -380,8 +378,6 @@ def _kill_mid_generation(eng: LLM, kill) -> tuple[list, float]:
 
 
 def test_ray_worker_killed_mid_generation(ray_instance, tiny_model_dir):
-    from nanovllmx.serve.app import engine_problem
-
     eng = LLM(str(tiny_model_dir), executor="ray", context_len=CTX, max_bs=4, device="cpu")
     actors = [eng.core.scheduler] + eng.core.workers
     try:
@@ -390,9 +386,10 @@ def test_ray_worker_killed_mid_generation(ray_instance, tiny_model_dir):
         assert all(isinstance(o, EngineRequestError) for o in outs), outs
         print(f"in-flight requests failed {delay:.2f}s after the kill: {outs[0]}")
         assert delay < 10, f"the failure took {delay:.1f}s to reach the requests"
-        with pytest.raises(RuntimeError, match="broken"):
+        with pytest.raises(EngineUnavailableError, match="broken"):
             eng.core.check_health()
-        assert "broken" in engine_problem(eng)  # what the Serve replica's health check raises
+        with pytest.raises(EngineUnavailableError, match="broken"):  # what the Serve replica's health check raises
+            eng.check_health()
         # the next request fails fast too: never a hang
         err, elapsed = within(20, eng.generate, ["Hello"], greedy(4))
         assert isinstance(err, EngineRequestError) and elapsed < 10, (err, elapsed)
@@ -408,17 +405,16 @@ def test_ray_worker_killed_mid_generation(ray_instance, tiny_model_dir):
 
 
 def test_ray_scheduler_actor_killed_mid_generation(ray_instance, tiny_model_dir):
-    from nanovllmx.serve.app import engine_problem
-
     eng = LLM(str(tiny_model_dir), executor="ray", context_len=CTX, max_bs=4, device="cpu")
     workers = list(eng.core.workers)
     try:
         outs, delay = _kill_mid_generation(eng, lambda: ray.kill(eng.core.scheduler, no_restart=True))
         assert all(isinstance(o, EngineRequestError) and "scheduler actor died" in str(o) for o in outs), outs
         assert delay < 10, delay
-        with pytest.raises(RuntimeError, match="scheduler actor died"):
+        with pytest.raises(EngineUnavailableError, match="scheduler actor died"):
             eng.core.check_health()
-        assert engine_problem(eng) is not None
+        with pytest.raises(EngineUnavailableError, match="scheduler actor died"):
+            eng.check_health()
         err, elapsed = within(10, eng.generate, ["Hello"], greedy(4))  # refused at once, not sent to a dead actor
         assert isinstance(err, EngineUnavailableError) and elapsed < 2, (err, elapsed)
     finally:

@@ -678,16 +678,16 @@ def test_model_resolver(tmp_path, monkeypatch):
         mr.resolve_model("nanovllmx-test/no-such-model")
 
 
-def test_engine_problem_reports_a_dead_engine():
-    from nanovllmx import LLM
-    from nanovllmx.serve.app import engine_problem
+def test_check_health_reports_a_dead_engine():
+    from nanovllmx import LLM, EngineUnavailableError
 
     llm = LLM(str(demo_model_path()), context_len=256, device="cpu")
     try:
-        assert engine_problem(llm) is None
+        llm.check_health()  # healthy: returns
     finally:
         llm.shutdown()
-    assert "shut down" in engine_problem(llm)
+    with pytest.raises(EngineUnavailableError, match="shut down"):
+        llm.check_health()
 
 
 def test_api_server_entrypoint(tmp_path):

@@ -1,10 +1,10 @@
 """The engine on Ray: a scheduler actor that owns an EngineCore (scheduler, radix cache, continuous
 batch) driving one worker actor per TP x PP shard, and `RayEngineClient`, the caller-side object
-the LLM uses in place of an in-process EngineCore (same methods: check_request, add_request, abort,
-stats, shutdown; outputs delivered through the sink callback).
+the LLM uses in place of an in-process EngineCore (both implement `CoreClient`, engine/protocol.py;
+outputs are delivered through the sink callback).
 
     caller process                    scheduler actor (bundle 0's node)      worker actors
-    RayEngineClient  --submit(seq)--> EngineCore thread --socket: batch--> loop thread x (tp*pp)
+    RayCoreClient    --submit(seq)--> EngineCore thread --socket: batch--> loop thread x (tp*pp)
       poll thread   <--get_outputs--  outputs buffer    <--socket: ids---  (last stage, tp_rank 0)
 
 Requests and aborts are fire-and-forget Ray calls carrying a sequence number (the actor applies
@@ -18,28 +18,17 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from typing import Any
 
 import ray
 
 from nanovllmx.config import EngineConfig
 from nanovllmx.engine.core import EngineCore
+from nanovllmx.engine.protocol import OutputSink
 from nanovllmx.errors import EngineUnavailableError
-from nanovllmx.scheduler.request import EngineOutput, EngineRequest
+from nanovllmx.scheduler.request import AbortRequest, EngineMessage, EngineOutput, EngineRequest
 
 logger = logging.getLogger(__name__)
-
-OutputSink = Callable[[list[EngineOutput]], None]
-
-
-class _ActorEngineCore(EngineCore):
-    """EngineCore that tells the executor when it waited for work, so idle time is not counted as
-    control-plane time."""
-
-    def _drain(self, block: bool) -> None:
-        if block:
-            self.executor.mark_idle()
-        super()._drain(block)
 
 
 class SchedulerActor:
@@ -53,15 +42,19 @@ class SchedulerActor:
         self._outputs: list[EngineOutput] = []
         self._closed = False
         self._next_seq = 0
-        self._early: dict[int, tuple[str, object]] = {}
+        self._early: dict[int, EngineMessage] = {}
 
-    def start(self, workers: list) -> int:
+    def start(self, workers: list[Any]) -> int:
         from nanovllmx.distributed.ray_executor import RayExecutor
 
         executor = RayExecutor(self.cfg, workers, mode=self.cfg.ray_step_mode)
-        self.core = _ActorEngineCore(self.cfg, executor, self._sink)
-        executor.overlap = bool(getattr(self.core, "overlap", False))
+        self.core = EngineCore(self.cfg, executor, self._sink)
         return self.core.scheduler.num_slots
+
+    def _core(self) -> EngineCore:
+        if self.core is None:
+            raise EngineUnavailableError("the engine has not started")
+        return self.core
 
     def _sink(self, outs: list[EngineOutput]) -> None:
         with self._cond:
@@ -69,19 +62,17 @@ class SchedulerActor:
             self._cond.notify_all()
 
     # ---- requests in ----
-    def submit(self, seq: int, kind: str, arg) -> None:
-        """Apply request `seq` once all earlier ones are applied."""
-        self._early[seq] = (kind, arg)
+    def submit(self, seq: int, msg: EngineMessage) -> None:
+        """Apply message `seq` once all earlier ones are applied."""
+        self._early[seq] = msg
+        core = self._core()
         while self._next_seq in self._early:
-            kind, arg = self._early.pop(self._next_seq)
+            msg = self._early.pop(self._next_seq)
             self._next_seq += 1
-            if kind == "add":
-                try:
-                    self.core.add_request(arg)
-                except ValueError as e:  # the client checked already; report instead of raising
-                    self._sink([EngineOutput(arg.request_id, [], "error", len(arg.prompt_token_ids), 0, str(e))])
-            elif kind == "abort":
-                self.core.abort(arg)
+            if isinstance(msg, EngineRequest):
+                core.add_request(msg)
+            else:
+                core.abort(msg.request_id)
 
     # ---- outputs out ----
     @ray.method(concurrency_group="poll")
@@ -95,10 +86,8 @@ class SchedulerActor:
             outs, self._outputs = self._outputs, []
             return outs
 
-    def stats(self) -> dict:
-        s = self.core.stats()
-        s.update(self.core.executor.metrics())
-        return s
+    def stats(self) -> dict[str, Any]:
+        return self._core().stats()
 
     def shutdown(self) -> None:
         try:
@@ -113,12 +102,12 @@ class SchedulerActor:
         return True
 
     def health(self) -> str | None:
-        """Why this engine cannot serve, or None."""
-        if self.core is None:
-            return "the engine has not started"
-        if not self.core._thread.is_alive():
-            return "the engine's step loop has stopped"
-        return getattr(self.core.executor, "_broken", None)
+        """Why this engine cannot serve, or None (a string: the caller raises it as its own error)."""
+        try:
+            self._core().check_health()
+        except EngineUnavailableError as e:
+            return str(e)
+        return None
 
 
 def _wait_all(refs: list, what: str, timeout: float | None = None) -> list:
@@ -135,8 +124,8 @@ def _wait_all(refs: list, what: str, timeout: float | None = None) -> list:
     return ray.get(refs)
 
 
-class RayEngineClient:
-    """Caller-side stand-in for EngineCore when the engine runs on Ray."""
+class RayCoreClient:
+    """Caller-side stand-in for EngineCore when the engine runs on Ray (a `CoreClient`)."""
 
     POLL_S = 0.5
 
@@ -202,39 +191,40 @@ class RayEngineClient:
         self._poll_thread = threading.Thread(target=self._poll_loop, name="nanovllmx-ray-poll", daemon=True)
         self._poll_thread.start()
 
-    # ---- EngineCore's client API ----
-    def check_request(self, er: EngineRequest) -> None:
-        EngineCore.check_request(self, er)  # the same checks; they only read self.cfg
-
-    def add_request(self, er: EngineRequest) -> None:
+    # ---- CoreClient ----
+    def add_request(self, request: EngineRequest) -> None:
         if self._closed:
             raise EngineUnavailableError("the engine has been shut down")
-        self.check_request(er)
         with self._lock:
             if self._dead:  # a request sent to a dead actor would never get an answer
                 raise EngineUnavailableError(self._dead)
-            self._inflight.add(er.request_id)
-            self.scheduler.submit.remote(next(self._seq), "add", er)
+            self._inflight.add(request.request_id)
+            self.scheduler.submit.remote(next(self._seq), request)
 
     def abort(self, request_id: str) -> None:
         if self._closed:
             return
         with self._lock:
-            self.scheduler.submit.remote(next(self._seq), "abort", request_id)
+            self.scheduler.submit.remote(next(self._seq), AbortRequest(request_id))
 
-    def stats(self) -> dict:
-        return ray.get(self.scheduler.stats.remote())
+    def stats(self) -> dict[str, Any]:
+        return ray.get(self.scheduler.stats.remote())  # type: ignore[no-any-return]
 
     def check_health(self, timeout: float = 10.0) -> None:
-        """Raise if the engine cannot serve: shut down, scheduler actor gone or unresponsive, or a
-        worker failed (the grid is then broken for good)."""
+        """Raise EngineUnavailableError if the engine cannot serve: shut down, scheduler actor gone
+        or unresponsive, or a worker failed (the grid is then broken for good)."""
         if self._closed:
-            raise RuntimeError("the engine has been shut down")
+            raise EngineUnavailableError("the engine has been shut down")
         if self._dead:
-            raise RuntimeError(self._dead)
-        problem = ray.get(self.scheduler.health.remote(), timeout=timeout)
+            raise EngineUnavailableError(self._dead)
+        if self._poll_thread is not None and not self._poll_thread.is_alive():
+            raise EngineUnavailableError("the connection to the scheduler actor has stopped")
+        try:
+            problem = ray.get(self.scheduler.health.remote(), timeout=timeout)
+        except Exception as e:  # noqa: BLE001 - dead or unresponsive actor: unhealthy either way
+            raise EngineUnavailableError(f"the scheduler actor does not answer: {type(e).__name__}: {e}") from e
         if problem:
-            raise RuntimeError(f"the distributed engine is broken: {problem}")
+            raise EngineUnavailableError(f"the distributed engine is broken: {problem}")
 
     # ---- outputs ----
     def _poll_loop(self) -> None:
@@ -261,7 +251,7 @@ class RayEngineClient:
             self._dead = msg
             rids, self._inflight = list(self._inflight), set()
         if rids:
-            self.sink([EngineOutput(r, [], "error", 0, 0, msg) for r in rids])
+            self.sink([EngineOutput.failed(r, msg) for r in rids])
 
     # ---- teardown ----
     def shutdown(self) -> None:

@@ -300,8 +300,6 @@ class RayExecutor:
         self.cfg, self.workers, self.mode = cfg, workers, mode
         # tp_rank 0 of the last stage returns the sampled ids
         self.result_rank = (cfg.pp_size - 1) * cfg.tp_size
-        # with several stages the first one would need the last one's samples: not yet
-        self.supports_overlap = cfg.pp_size == 1
         m = cfg.pp_microbatches if cfg.pp_microbatches is not None else cfg.pp_size
         if not isinstance(m, int) or m < 1:
             raise ValueError(f"pp_microbatches must be a positive integer, got {m!r}")
@@ -321,7 +319,7 @@ class RayExecutor:
         self._idle = True
         self._last_launch: float | None = None
         self._in_executor = 0.0  # seconds spent in launch/collect since the last launch
-        self.overlap = False  # set by the owner: the engine core sends steps ahead (overlap scheduling)
+        self.overlap = bool(cfg.overlap_scheduling)  # the engine core sends steps ahead
 
     # ---- setup ----
     def available_kv_slots(self) -> int:
@@ -331,19 +329,18 @@ class RayExecutor:
         ray.get([w.init_kv_cache.remote(num_slots) for w in self.workers])
         if self.mode == "socket":
             self.server = control.ControlServer(ray.util.get_node_ip_address())
-            # the engine core overlaps exactly when the executor supports it and the config asks for it
-            overlap = self.supports_overlap and bool(self.cfg.overlap_scheduling)
-            ray.get([w.start_loop.remote(self.server.address, self.result_rank, overlap) for w in self.workers])
+            ray.get([w.start_loop.remote(self.server.address, self.result_rank, self.overlap) for w in self.workers])
             self.server.accept(len(self.workers), timeout=120)
 
     def mark_idle(self) -> None:
         """The engine waited for requests: the next gap measures idleness, not the control plane."""
         self._idle = True
 
-    # ---- one step ----
-    def execute(self, batch: ScheduledBatch) -> np.ndarray:
-        return self.execute_async(batch).result()
+    @property
+    def broken(self) -> str | None:
+        return self._broken
 
+    # ---- one step ----
     def _check(self) -> None:
         if self._broken:
             raise RuntimeError(f"the distributed engine is broken: {self._broken}")

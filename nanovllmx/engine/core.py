@@ -1,8 +1,8 @@
 """The engine core: the scheduler plus an executor, stepped by one background thread.
 
-Clients (the offline LLM, the Ray scheduler actor) put requests and aborts in through thread-safe
+Clients (the offline LLM, the Ray scheduler actor) send requests and aborts in through thread-safe
 methods and receive per-step EngineOutputs through a callback. The same class runs in-process or
-inside the scheduler actor."""
+inside the scheduler actor; it implements `CoreClient` (engine/protocol.py)."""
 
 from __future__ import annotations
 
@@ -10,27 +10,18 @@ import logging
 import queue
 import threading
 import traceback
-from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
 
 from nanovllmx.config import EngineConfig
-from nanovllmx.engine.executor import Executor
-from nanovllmx.scheduler.request import EngineOutput, EngineRequest
+from nanovllmx.engine.executor import Executor, StepHandle
+from nanovllmx.engine.protocol import OutputSink
+from nanovllmx.errors import EngineUnavailableError
+from nanovllmx.scheduler.request import AbortRequest, EngineMessage, EngineOutput, EngineRequest
 from nanovllmx.scheduler.scheduler import Scheduler
 from nanovllmx.utils.timing import PhaseTimer
 
 logger = logging.getLogger(__name__)
-
-OutputSink = Callable[[list[EngineOutput]], None]
-
-
-class _Ready:
-    """A result that is already here (executors without an async launch)."""
-
-    def __init__(self, tokens):
-        self.tokens = tokens
-
-    def result(self):
-        return self.tokens
 
 
 class EngineCore:
@@ -45,58 +36,56 @@ class EngineCore:
             cfg.max_num_batched_tokens,
             cfg.eos_token_ids,
             cfg.enable_prefix_caching,
+            cfg.vocab_size,
         )
-        self._inbox: queue.Queue = queue.Queue()
+        # requests and aborts in arrival order; None only wakes the loop (shutdown)
+        self._inbox: queue.Queue[EngineMessage | None] = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="nanovllmx-engine", daemon=True)
         self.timer = PhaseTimer()  # schedule / launch / wait_and_update, per step
-        self.overlap = bool(getattr(executor, "supports_overlap", False)) and cfg.overlap_scheduling
-        self._inflight = None  # the launched step whose tokens are not applied yet
+        self.overlap = bool(cfg.overlap_scheduling)
+        self._inflight: StepHandle | None = None  # the launched step whose tokens are not applied yet
         self._thread.start()
 
-    # ---- thread-safe client API ----
-    def check_request(self, er: EngineRequest) -> None:
-        """Raise ValueError now for a request the scheduler would refuse."""
-        n = len(er.prompt_token_ids)
-        if n == 0:
-            raise ValueError("prompt is empty")
-        if n >= self.cfg.context_len:
-            raise ValueError(
-                f"prompt has {n} tokens, but this model's context is {self.cfg.context_len} tokens "
-                f"(prompt plus at least one generated token)"
-            )
-        vocab = self.cfg.hf_config.vocab_size
-        if min(er.prompt_token_ids) < 0 or max(er.prompt_token_ids) >= vocab:  # C speed: runs per request
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-
-    def add_request(self, er: EngineRequest) -> None:
-        self.check_request(er)
-        self._inbox.put(("add", er))
+    # ---- thread-safe client API (CoreClient) ----
+    def add_request(self, request: EngineRequest) -> None:
+        """Queue a request. A prompt the scheduler refuses ends as an "error" output (the LLM
+        client checks prompts before submitting, so a caller sees that as a ValueError at once)."""
+        self._inbox.put(request)
 
     def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
+        self._inbox.put(AbortRequest(request_id))
+
+    def check_health(self) -> None:
+        if self._stop.is_set():
+            raise EngineUnavailableError("the engine has been shut down")
+        if not self._thread.is_alive():
+            raise EngineUnavailableError("the engine's step loop has stopped")
+        if self.executor.broken:
+            raise EngineUnavailableError(f"the engine's workers are broken: {self.executor.broken}")
 
     def shutdown(self) -> None:
         self._stop.set()
-        self._inbox.put(("wake", None))
+        self._inbox.put(None)
         self._thread.join(timeout=30)
         self.executor.shutdown()
 
     # ---- the loop ----
     def _drain(self, block: bool) -> None:
+        if block:
+            self.executor.mark_idle()
         try:
             item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
         except queue.Empty:
             return
         while True:
-            kind, arg = item
-            if kind == "add":
+            if isinstance(item, EngineRequest):
                 try:
-                    self.scheduler.add_request(arg)
+                    self.scheduler.add_request(item)
                 except ValueError as e:
-                    self.sink([EngineOutput(arg.request_id, [], "error", len(arg.prompt_token_ids), 0, str(e))])
-            elif kind == "abort":
-                self.scheduler.abort(arg)
+                    self.sink([EngineOutput.failed(item.request_id, str(e), len(item.prompt_token_ids))])
+            elif isinstance(item, AbortRequest):
+                self.scheduler.abort(item.request_id)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
@@ -113,7 +102,7 @@ class EngineCore:
         if batch is not None:
             tm.steps += 1
             tm.lap("schedule")
-            handle = self._launch(batch)
+            handle = self.executor.execute_async(batch)
             tm.lap("launch")
         outs: list[EngineOutput] = []
         if self._inflight is not None:
@@ -127,11 +116,6 @@ class EngineCore:
                 outs += s.update(handle.result())
                 tm.lap("wait_and_update")
         return outs + s.take_pending_outputs()
-
-    def _launch(self, batch):
-        if hasattr(self.executor, "execute_async"):
-            return self.executor.execute_async(batch)
-        return _Ready(self.executor.execute(batch))
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -153,18 +137,14 @@ class EngineCore:
         outs = []
         for req in list(s.running) + list(s.waiting):
             s.abort(req.request_id)
-            outs.append(EngineOutput(req.request_id, [], "error", req.num_prompt, req.num_cached, msg))
+            outs.append(EngineOutput.failed(req.request_id, msg, req.num_prompt, req.num_cached))
         s.take_pending_outputs()
         s.drop_inflight()
         return outs
 
-    def stats(self) -> dict:
-        from dataclasses import asdict
-
-        d = asdict(self.scheduler.stats())
+    def stats(self) -> dict[str, Any]:
+        d: dict[str, Any] = asdict(self.scheduler.stats())
         d["step_ms"] = self.timer.summary()
         d["num_steps"] = self.timer.steps
-        worker_timer = getattr(getattr(getattr(self.executor, "worker", None), "runner", None), "timer", None)
-        if worker_timer is not None:
-            d["worker_step_ms"] = worker_timer.summary()
+        d.update(self.executor.metrics())
         return d

@@ -3,7 +3,7 @@ the Ray one (nanovllmx/distributed/ray_executor.py) drives one actor per TP x PP
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -11,21 +11,36 @@ from nanovllmx.config import EngineConfig
 from nanovllmx.scheduler.messages import ScheduledBatch
 
 
+class StepHandle(Protocol):
+    """A launched step. `result()` waits for its sampled token ids (int32 [S], one per sampled row)."""
+
+    def result(self) -> np.ndarray: ...
+
+
 class Executor(Protocol):
-    # True if the workers resolve the scheduler's -1 placeholders (the previous step's samples)
-    # on their own, so the engine may schedule step N+1 before step N's tokens come back
-    supports_overlap: bool
+    """With overlap scheduling (`EngineConfig.overlap_scheduling`) the engine launches step N+1
+    before step N's tokens are back: the workers resolve the scheduler's -1 placeholders from
+    their own buffer of last sampled tokens."""
 
     def available_kv_slots(self) -> int: ...
     def init_kv_cache(self, num_slots: int) -> None: ...
-    def execute(self, batch: ScheduledBatch) -> np.ndarray: ...
+    def execute_async(self, batch: ScheduledBatch) -> StepHandle: ...
+    def mark_idle(self) -> None:
+        """The engine is about to wait for requests: the next gap between steps is idleness."""
+        ...
+
+    def metrics(self) -> dict[str, Any]: ...
+
+    @property
+    def broken(self) -> str | None:
+        """Why the workers cannot run another step (then for good), or None."""
+        ...
+
     def shutdown(self) -> None: ...
 
 
 class LocalExecutor:
     """tp_size = pp_size = 1, the worker in this process."""
-
-    supports_overlap = True
 
     def __init__(self, cfg: EngineConfig):
         from nanovllmx.worker.worker import Worker  # torch/model imports stay off the scheduler-only path
@@ -40,11 +55,19 @@ class LocalExecutor:
     def init_kv_cache(self, num_slots: int) -> None:
         self.worker.init_kv_cache(num_slots)
 
-    def execute(self, batch: ScheduledBatch) -> np.ndarray:
-        return self.worker.execute(batch)
-
-    def execute_async(self, batch: ScheduledBatch):
+    def execute_async(self, batch: ScheduledBatch) -> StepHandle:
         return self.worker.execute_async(batch)
+
+    def mark_idle(self) -> None:
+        pass  # the worker times its own steps; nothing to reset
+
+    def metrics(self) -> dict[str, Any]:
+        runner = self.worker.runner  # None once shut down
+        return {"worker_step_ms": runner.timer.summary()} if runner is not None else {}
+
+    @property
+    def broken(self) -> str | None:
+        return None  # a failed step raises in the engine thread, which fails its requests and goes on
 
     def shutdown(self) -> None:
         self.worker.shutdown()

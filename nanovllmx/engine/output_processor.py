@@ -8,13 +8,10 @@ import threading
 from dataclasses import dataclass, field
 
 from nanovllmx.engine.detokenizer import IncrementalDetokenizer
+from nanovllmx.errors import EngineRequestError
 from nanovllmx.outputs import RequestOutput, StreamDelta
 from nanovllmx.sampling_params import SamplingParams
-from nanovllmx.scheduler.request import EngineOutput
-
-
-class EngineRequestError(RuntimeError):
-    """The engine failed this request (an error inside a step, or a refused request)."""
+from nanovllmx.scheduler.request import EngineOutput, FinishReason
 
 
 @dataclass
@@ -24,7 +21,7 @@ class RequestState:
     params: SamplingParams
     detok: IncrementalDetokenizer | None  # None: decode once at the end (offline, no stop strings)
     token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     error: str | None = None
     num_cached_tokens: int = 0
     queue_time: float | None = None  # arrival to first scheduled (seconds), from the first token on

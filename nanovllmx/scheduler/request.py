@@ -5,8 +5,28 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 from nanovllmx.sampling_params import SamplingParams
+
+# why a request ended: "stop" (EOS, a stop token or a stop string), "length" (max_tokens or the
+# context), "abort" (the client), "error" (the engine failed or refused it)
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+def check_prompt(token_ids: list[int], context_len: int, vocab_size: int | None = None) -> None:
+    """Raise ValueError for a prompt no engine step can take. The one prompt check: the client API
+    runs it before submitting (a caller gets the error at once), the scheduler again on arrival."""
+    n = len(token_ids)
+    if n == 0:
+        raise ValueError("prompt is empty")
+    if n >= context_len:
+        raise ValueError(
+            f"prompt has {n} tokens, but this model's context is {context_len} tokens "
+            f"(prompt plus at least one generated token)"
+        )
+    if vocab_size is not None and (min(token_ids) < 0 or max(token_ids) >= vocab_size):  # C speed: per request
+        raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
 
 
 class Status(enum.Enum):
@@ -25,17 +45,35 @@ class EngineRequest:
     arrival_time: float = field(default_factory=time.time)
 
 
+@dataclass(frozen=True)
+class AbortRequest:
+    """Stop a request and free its KV slots (picklable, crosses process boundaries)."""
+
+    request_id: str
+
+
+# what a client sends the engine core, in order
+EngineMessage = EngineRequest | AbortRequest
+
+
 @dataclass
 class EngineOutput:
     """What the engine core reports per step for one request (picklable)."""
 
     request_id: str
     new_token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    finish_reason: FinishReason | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None
     queue_time: float | None = None  # on a request's first token: seconds from arrival to first scheduled
+
+    @classmethod
+    def failed(
+        cls, request_id: str, error: str, num_prompt_tokens: int = 0, num_cached_tokens: int = 0
+    ) -> EngineOutput:
+        """The request ended with an error (refused on arrival, or failed while running)."""
+        return cls(request_id, [], "error", num_prompt_tokens, num_cached_tokens, error)
 
 
 class Request:
@@ -70,7 +108,7 @@ class Request:
         self.prefix_len = 0  # leading slots owned (and locked) by the radix tree
         self.last_node = None
         self.req_idx: int | None = None  # row of the req_to_token table while running
-        self.finish_reason: str | None = None
+        self.finish_reason: FinishReason | None = None
         self.num_preemptions = 0
         self.first_scheduled_time: float | None = None
         # tokens sampled by steps still in flight (overlap scheduling): their ids are not known

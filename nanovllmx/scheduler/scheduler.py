@@ -17,7 +17,7 @@ import numpy as np
 from nanovllmx.scheduler.allocator import SlotAllocator
 from nanovllmx.scheduler.messages import SamplingArrays, ScheduledBatch
 from nanovllmx.scheduler.radix_cache import RadixCache
-from nanovllmx.scheduler.request import EngineOutput, EngineRequest, Request, Status
+from nanovllmx.scheduler.request import EngineOutput, EngineRequest, FinishReason, Request, Status, check_prompt
 
 _I32 = np.int32
 
@@ -45,6 +45,7 @@ class Scheduler:
         max_num_batched_tokens: int,
         eos_ids: list[int],
         enable_prefix_caching: bool = True,
+        vocab_size: int | None = None,
     ):
         if num_slots < context_len:  # else a long request preempts itself forever
             raise ValueError(
@@ -55,6 +56,7 @@ class Scheduler:
         self.tree = RadixCache(self.allocator, enabled=enable_prefix_caching)
         self.num_slots, self.max_bs, self.context_len = num_slots, max_bs, context_len
         self.budget = max_num_batched_tokens
+        self.vocab_size = vocab_size
         self.eos_ids = list(eos_ids)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -73,14 +75,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------ requests in / out
     def add_request(self, er: EngineRequest) -> None:
-        n = len(er.prompt_token_ids)
-        if n == 0:
-            raise ValueError("prompt is empty")
-        if n >= self.context_len:
-            raise ValueError(
-                f"prompt has {n} tokens; this engine's context is {self.context_len} tokens "
-                f"(prompt plus at least one generated token)"
-            )
+        check_prompt(er.prompt_token_ids, self.context_len, self.vocab_size)
         if er.request_id in self.requests:
             raise ValueError(f"request id {er.request_id!r} is already in use")
         req = Request(er, self.eos_ids)
@@ -137,7 +132,7 @@ class Scheduler:
         self.num_preempted_total += 1
         self.waiting.appendleft(req)
 
-    def _finish(self, req: Request, reason: str) -> None:
+    def _finish(self, req: Request, reason: FinishReason) -> None:
         req.status = Status.FINISHED
         req.finish_reason = reason
         del self.requests[req.request_id]
@@ -300,7 +295,7 @@ class Scheduler:
             req.pending -= 1
             req.tokens.append(tok)
             self.generation_tokens_total += 1
-            reason = None
+            reason: FinishReason | None = None
             if tok in req.stop_ids:
                 reason = "stop"
             elif req.num_output >= req.params.max_tokens or len(req.tokens) >= ctx:

@@ -31,8 +31,8 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import nanovllmx
-from nanovllmx.engine.output_processor import EngineRequestError
-from nanovllmx.errors import EngineOverloadedError
+from nanovllmx.errors import EngineOverloadedError, EngineRequestError, EngineUnavailableError
+from nanovllmx.llm import RequestStream
 from nanovllmx.metrics import EngineStatsMonitor, HTTPStatusMiddleware, ServeMetrics
 from nanovllmx.outputs import StreamDelta
 from nanovllmx.sampling_params import SamplingParams
@@ -288,30 +288,6 @@ def _setup_logging(level: str) -> None:
     root.setLevel(str(level).upper())
 
 
-def engine_problem(llm) -> str | None:
-    """Why this LLM cannot serve, or None. (The LLM API has no health call yet: probe its parts.)"""
-    if getattr(llm, "_closed", False):
-        return "the engine has been shut down"
-    core = llm.core
-    check = getattr(core, "check_health", None)
-    if callable(check):
-        try:
-            check()
-        except Exception as e:  # noqa: BLE001 - any failure means unhealthy
-            return f"engine unhealthy: {type(e).__name__}: {e}"
-    if getattr(core, "_closed", False):
-        return "the engine has been shut down"
-    # the in-process core's step loop; the Ray client's output poller (it ends when the scheduler actor dies)
-    for attr, what in (("_thread", "step loop"), ("_poll_thread", "scheduler actor connection")):
-        t = getattr(core, attr, None)
-        if t is not None and not t.is_alive():
-            return f"the engine's {what} has stopped"
-    t = getattr(llm, "_out_thread", None)
-    if t is not None and not t.is_alive():
-        return "the engine's output loop has stopped"
-    return None
-
-
 def _reject_invalid_text(body) -> None:
     """JSON can escape lone UTF-16 surrogates (`"\\ud800"`): such strings are not Unicode text, no
     tokenizer takes them and they cannot be encoded back to UTF-8. 400, before anything uses them."""
@@ -388,14 +364,12 @@ class EngineStream:
     def __init__(
         self,
         server: "LLMServer",
-        agen,
-        first: asyncio.Future,
-        request_id: str,
+        deltas: RequestStream,
         num_prompt: int,
         t_arrival: float | None = None,
     ):
-        self.server, self.agen, self.request_id, self.num_prompt = server, agen, request_id, num_prompt
-        self._first: asyncio.Future | None = first
+        self.server, self.deltas, self.num_prompt = server, deltas, num_prompt
+        self.request_id = deltas.request_id
         self.finished = False
         self.t_arrival = t_arrival if t_arrival is not None else time.perf_counter()  # submitted to the engine
         self.t_first_token: float | None = None
@@ -410,17 +384,10 @@ class EngineStream:
         if self.finished:
             raise StopAsyncIteration
         try:
-            if self._first is not None:
-                fut, self._first = self._first, None
-                d = await fut
-            else:
-                d = await self.agen.__anext__()
+            d = await self.deltas.__anext__()
         except StopAsyncIteration:
             self.finished = True
             raise
-        except (ValueError, TypeError) as e:  # a refusal that surfaced late: the request never ran
-            self.finished = True
-            raise bad_request(str(e), _param_of(str(e)) or "prompt") from e
         except EngineRequestError as e:  # the engine failed it: nothing left to abort
             self.finished = True
             self._report("error", str(e))
@@ -453,10 +420,6 @@ class EngineStream:
         self.finished = True
         self.server.llm.abort(self.request_id)
         self.server.num_aborted += 1
-        first = self._first
-        if first is not None and not first.done():
-            with suppress(RuntimeError):  # loop closed
-                first.get_loop().call_soon_threadsafe(first.cancel)
         self._report("abort", "client disconnected")
 
     def _report(self, outcome: str | None, detail: str = "") -> None:
@@ -543,7 +506,14 @@ class LLMServer:
 
     # ------------------------------------------------------------------------- health
     def _engine_problem(self) -> str | None:
-        return "the server is shutting down" if self._closed else engine_problem(self.llm)
+        """Why this replica cannot serve, or None."""
+        if self._closed:
+            return "the server is shutting down"
+        try:
+            self.llm.check_health()
+        except EngineUnavailableError as e:
+            return str(e)
+        return None
 
     def check_health(self) -> None:
         """Serve's replica health check: raising marks the replica unhealthy (Serve replaces it)."""
@@ -884,25 +854,21 @@ class LLMServer:
     async def _open(self, prompt_ids: list[int], params: SamplingParams, rid: str) -> "EngineStream":
         """Submit to the engine now; raise APIError(400) for a request it refuses. Returns the deltas."""
         t_arrival = time.perf_counter()
-        agen = self.llm.stream(prompt_ids, params, request_id=rid)
-        first = asyncio.ensure_future(agen.__anext__())
-        await asyncio.sleep(0)  # runs the submission, which validates synchronously
-        if first.done() and not first.cancelled() and first.exception() is not None:
-            e = first.exception()
-            if isinstance(e, (ValueError, TypeError)):
-                raise bad_request(str(e), _param_of(str(e)) or "prompt") from e
-            if isinstance(e, EngineOverloadedError):  # its queue is full: come back later
-                logger.warning("request %s refused: %s", rid, e)
-                raise APIError(
-                    503, str(e), "server_error", None, "engine_overloaded", headers={"Retry-After": str(RETRY_AFTER_S)}
-                ) from e
-            if isinstance(e, RuntimeError):  # e.g. the engine is shutting down
-                logger.warning("request %s refused by the engine: %s", rid, e)
-                raise APIError(
-                    503, f"the engine cannot take requests: {e}", "server_error", None, "engine_unavailable"
-                ) from e
-            raise e
-        return EngineStream(self, agen, first, rid, len(prompt_ids), t_arrival)
+        try:
+            deltas = self.llm.submit(prompt_ids, params, request_id=rid)
+        except (ValueError, TypeError) as e:
+            raise bad_request(str(e), _param_of(str(e)) or "prompt") from e
+        except EngineOverloadedError as e:  # its queue is full: come back later
+            logger.warning("request %s refused: %s", rid, e)
+            raise APIError(
+                503, str(e), "server_error", None, "engine_overloaded", headers={"Retry-After": str(RETRY_AFTER_S)}
+            ) from e
+        except EngineUnavailableError as e:  # shutting down, or dead
+            logger.warning("request %s refused by the engine: %s", rid, e)
+            raise APIError(
+                503, f"the engine cannot take requests: {e}", "server_error", None, "engine_unavailable"
+            ) from e
+        return EngineStream(self, deltas, len(prompt_ids), t_arrival)
 
     async def _open_choices(
         self, prompt_ids: list[int], params: SamplingParams, rid: str, n: int
@@ -1114,17 +1080,13 @@ DEPLOYMENT_KEYS = tuple(
 
 
 def engine_arg_names() -> dict[str, str]:
-    """Every `LLM(...)` argument by name, with its annotation (as text)."""
+    """Every engine argument (`EngineConfig` field, so every `LLM(...)` keyword) by name, with its
+    annotation as text."""
     from nanovllmx.config import EngineConfig
-    from nanovllmx.llm import LLM
 
-    names = {
-        f.name: str(f.type) for f in dataclasses.fields(EngineConfig) if f.name not in ("hf_config", "eos_token_ids")
-    }
-    for p in inspect.signature(LLM.__init__).parameters.values():
-        if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
-            names.setdefault(p.name, str(p.annotation))
-    names.pop("model", None)
+    names = {f.name: str(f.type) for f in dataclasses.fields(EngineConfig) if f.init}
+    for internal in ("model", "hf_config", "eos_token_ids"):
+        names.pop(internal, None)
     return names
 
 
@@ -1200,17 +1162,17 @@ def build_app(args: dict) -> serve.Application:
             f"engine {sorted(engine_names)}, deployment {sorted(DEPLOYMENT_KEYS)}"
         )
 
-    # GPUs. On GPU the engine runs in its own actors (a scheduler actor and one worker actor per
-    # shard), never inside the replica: the replica's Python thread streams every token of every
-    # request, and sharing its GIL with the engine's step loop cost 2/3 of the throughput on an H100
-    # (docs/benchmarks.md). On CPU (the demo, the tests) the in-process engine is cheaper.
+    # GPUs: on GPU the engine runs in Ray actors, never in the replica (resolve_executor says why)
+    from nanovllmx.config import EngineConfig, resolve_executor
+
     device = engine_kwargs.get("device", "auto")
     if device == "auto":  # decide here: a replica without a GPU of its own would otherwise pick the CPU
         device = engine_kwargs["device"] = "cuda" if _cluster_has_gpus() else "cpu"
-    tp, pp = int(engine_kwargs.get("tp_size", 1)), int(engine_kwargs.get("pp_size", 1))
-    executor = engine_kwargs.get("executor", "auto")
-    if executor == "auto":
-        executor = engine_kwargs["executor"] = "ray" if (device == "cuda" or tp * pp > 1) else "local"
+    tp = int(engine_kwargs.get("tp_size", EngineConfig.tp_size))
+    pp = int(engine_kwargs.get("pp_size", EngineConfig.pp_size))
+    executor = engine_kwargs["executor"] = resolve_executor(
+        engine_kwargs.get("executor", EngineConfig.executor), device, tp * pp, serving=True
+    )
     own_workers = executor == "ray"
     actor_opts = dict(deploy_opts.get("ray_actor_options") or {})
     actor_opts.setdefault("num_gpus", 1 if (device == "cuda" and not own_workers) else 0)
@@ -1221,9 +1183,7 @@ def build_app(args: dict) -> serve.Application:
     # Serve's default (5 at once) would starve continuous batching: let the engine see the queue. It
     # sees all of it (max_bs running + max_waiting_requests waiting), so the engine's own bound applies
     # (503 + Retry-After, OpenAI's error JSON) rather than an unbounded queue in Serve's router.
-    from nanovllmx.config import EngineConfig
-
-    max_bs = int(engine_kwargs.get("max_bs", 256))
+    max_bs = int(engine_kwargs.get("max_bs", EngineConfig.max_bs))
     max_waiting = int(engine_kwargs.get("max_waiting_requests", EngineConfig.max_waiting_requests))
     deploy_opts.setdefault("max_ongoing_requests", max(64, max_bs + max_waiting + 1))
     auto = deploy_opts.get("autoscaling_config")

@@ -19,6 +19,7 @@ import signal
 import sys
 import time
 
+from nanovllmx.config import EngineConfig
 from nanovllmx.utils.make_model import DEMO_MODEL_NAME
 
 
@@ -43,8 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--tp-size", "--tensor-parallel-size", dest="tp_size", type=int, default=1)
     p.add_argument("--pp-size", "--pipeline-parallel-size", dest="pp_size", type=int, default=1)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--max-bs", "--max-num-seqs", dest="max_bs", type=int, default=256)
+    p.add_argument("--gpu-memory-utilization", type=float, default=EngineConfig.gpu_memory_utilization)
+    p.add_argument("--max-bs", "--max-num-seqs", dest="max_bs", type=int, default=EngineConfig.max_bs)
     p.add_argument("--context-len", "--max-model-len", dest="context_len", type=int, default=None)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
