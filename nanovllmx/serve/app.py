@@ -1203,7 +1203,7 @@ def build_app(args: dict) -> serve.Application:
     # GPUs. On GPU the engine runs in its own actors (a scheduler actor and one worker actor per
     # shard), never inside the replica: the replica's Python thread streams every token of every
     # request, and sharing its GIL with the engine's step loop cost 2/3 of the throughput on an H100
-    # (docs/benchmarks.md). On CPU (the demo, the tests) the in-process engine is cheaper.
+    # (docs/benchmarks-history.md). On CPU (the demo, the tests) the in-process engine is cheaper.
     device = engine_kwargs.get("device", "auto")
     if device == "auto":  # decide here: a replica without a GPU of its own would otherwise pick the CPU
         device = engine_kwargs["device"] = "cuda" if _cluster_has_gpus() else "cpu"
