@@ -4,24 +4,31 @@ temperature 0.6, ignore_eos, all submitted at once.
 
   python bench.py --model /path/to/qwen3-0.6b                 # offline, through LLM.generate
   python bench.py --model M --bw                              # also measure copy bandwidth + roofline bound
+                                                              # (benchmarks/roofline.py, M's config.json)
   python bench.py --model M --http --start-server --request-rates 1,2,4,8,inf --json r.jsonl --plot r.png
                                                               # online: the Serve app, a sweep of Poisson rates
+  python bench.py --model M --http --start-server --direct-ingress-port 30000
+                                                              # online, to the replica without Serve's proxy
   python bench.py --model M --http --prompts-file chats.jsonl --request-rate 4 --concurrency 64
+
+The GPU runs behind docs/benchmarks.md: benchmarks/gpu_run.sh.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
 import time
 from random import randint, seed
 
+from benchmarks import roofline
+from nanovllmx.config import EngineConfig
+
 
 def standard_workload(num_seqs: int = 256, max_in: int = 1024, max_out: int = 1024):
-    """Same draw order as the seed's bench.py and ../shared/roofline.py."""
+    """Same draw order as the seed's bench.py and benchmarks/roofline.py."""
     from nanovllmx import SamplingParams
 
     seed(0)
@@ -30,34 +37,6 @@ def standard_workload(num_seqs: int = 256, max_in: int = 1024, max_out: int = 10
         SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=randint(100, max_out)) for _ in range(num_seqs)
     ]
     return prompts, params
-
-
-def copy_bandwidth() -> float:
-    """Device memory bandwidth (bytes read + written per second) of a large copy."""
-    import torch
-
-    from nanovllmx.utils.profiling import cuda_time
-
-    n = 1 << 30
-    a = torch.empty(n, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    bw = 2 * n / cuda_time(functools.partial(b.copy_, a), iters=20)
-    del a, b
-    torch.cuda.empty_cache()
-    return bw
-
-
-def roofline_bound(bw: float, path: str | None) -> float | None:
-    """Tokens/s bound from the shared roofline script (output tokens / lower-bound seconds)."""
-    import re
-    import subprocess
-
-    for p in [path, os.path.join(os.path.dirname(__file__), "..", "shared", "roofline.py"), ".device/roofline.py"]:
-        if p and os.path.exists(p):
-            out = subprocess.run([sys.executable, p, "--bw", str(bw)], capture_output=True, text=True).stdout
-            m = re.search(r"= (\d+) output tok/s", out)
-            return float(m.group(1)) if m else None
-    return None
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -231,7 +210,17 @@ def http_bench(a) -> list[dict]:
 
     import httpx
 
-    server = None
+    server, url = None, a.url
+    if a.direct_ingress_port is not None:
+        if not a.start_server:
+            raise SystemExit("--direct-ingress-port needs --start-server (Serve reads it when Ray starts)")
+        # as `api_server --direct-ingress-port`: the replica serves HTTP itself on this port, no proxy hop
+        os.environ.update(
+            RAY_SERVE_ENABLE_DIRECT_INGRESS="1",
+            RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(a.direct_ingress_port),
+            RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(a.direct_ingress_port + 1000),
+        )
+        url = f"http://127.0.0.1:{a.direct_ingress_port}"
     if a.start_server:
         from ray import serve
 
@@ -249,7 +238,14 @@ def http_bench(a) -> list[dict]:
         serve.start(http_options={"host": "127.0.0.1", "port": int(a.url.rsplit(":", 1)[1].split("/")[0])})
         server = serve.run(build_app(args), name="bench", route_prefix="/")
     try:
-        model = httpx.get(a.url + "/v1/models", timeout=60).json()["data"][0]["id"]
+        for attempt in range(60):  # the direct-ingress port can open a little after serve.run returns
+            try:
+                model = httpx.get(url + "/v1/models", timeout=60).json()["data"][0]["id"]
+                break
+            except httpx.TransportError:
+                if attempt == 59 or server is None:
+                    raise
+                time.sleep(1)
         if a.prompts_file:
             requests = http_requests_from_file(
                 a.prompts_file, model, a.num_seqs, a.max_tokens, a.temperature, a.ignore_eos
@@ -259,13 +255,13 @@ def http_bench(a) -> list[dict]:
             requests = http_requests_standard(model, a.num_seqs or 256)
             workload = "standard"
         warm = [("/v1/completions", {"model": model, "prompt": [1, 2, 3], "max_tokens": 8})]
-        asyncio.run(_http_run(a.url, warm, None, None))
+        asyncio.run(_http_run(url, warm, None, None))
         results = []
         for rate in _parse_rates(a):
-            res = asyncio.run(_http_run(a.url, requests, a.concurrency, rate))
+            res = asyncio.run(_http_run(url, requests, a.concurrency, rate))
             res.update(
                 {
-                    "mode": "http",
+                    "mode": "http" if a.direct_ingress_port is None else "http-direct",
                     "workload": workload,
                     "request_rate": rate if rate else "inf",
                     "concurrency": a.concurrency,
@@ -336,7 +332,7 @@ def main() -> None:
     ap.add_argument(
         "--num-seqs", type=int, default=None, help="requests (default 256; with --prompts-file: every line once)"
     )
-    ap.add_argument("--max-bs", type=int, default=256)
+    ap.add_argument("--max-bs", type=int, default=EngineConfig.max_bs)
     ap.add_argument("--tp-size", type=int, default=1)
     ap.add_argument("--pp-size", type=int, default=1)
     ap.add_argument("--executor", default="auto")
@@ -344,8 +340,11 @@ def main() -> None:
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--context-len", type=int, default=4096)
-    ap.add_argument("--bw", action="store_true", help="measure copy bandwidth and print the roofline bound")
-    ap.add_argument("--roofline", default=None, help="path to roofline.py (default: ../shared/roofline.py)")
+    ap.add_argument(
+        "--bw",
+        action="store_true",
+        help="measure the copy bandwidth and report the run against the roofline bound of --model's shape",
+    )
     ap.add_argument("--no-overlap", action="store_true", help="schedule each step only after the previous one")
     ap.add_argument("--decode-tensor-cores", type=int, default=None, choices=[0, 1])
     ap.add_argument("--max-num-batched-tokens", type=int, default=None, help="per-step token budget (prefill chunk)")
@@ -359,6 +358,13 @@ def main() -> None:
     ap.add_argument("--http", action="store_true", help="send the workload through the OpenAI HTTP API")
     ap.add_argument("--url", default="http://127.0.0.1:8000")
     ap.add_argument("--start-server", action="store_true", help="with --http: serve.run the app for --model here")
+    ap.add_argument(
+        "--direct-ingress-port",
+        type=int,
+        default=None,
+        help="with --start-server: Serve's direct ingress (the replica answers HTTP on this port, no proxy "
+        "hop; docs/serving.md, 'Fast path'); the workload goes to this port",
+    )
     ap.add_argument("--request-rate", type=float, default=None, help="with --http: Poisson arrivals per second")
     ap.add_argument("--concurrency", type=int, default=None, help="with --http: most requests in flight")
     ap.add_argument(
@@ -394,7 +400,7 @@ def main() -> None:
 
     from nanovllmx import LLM, SamplingParams
 
-    bw = copy_bandwidth() if a.bw else None
+    bw = roofline.copy_bandwidth() if a.bw else None
     llm = LLM(
         a.model,
         max_bs=a.max_bs,
@@ -457,12 +463,12 @@ def main() -> None:
     stats = llm.stats()
     res.update({k: stats[k] for k in ("num_preempted_total", "num_slots") if k in stats})
     if bw:
-        bound = roofline_bound(bw, a.roofline)
+        bound = roofline.bound(roofline.Shape.from_config(a.model), bw, num_seqs=a.num_seqs).tok_per_s
         res.update(
             {
                 "copy_bw_TBps": round(bw / 1e12, 3),
-                "bound_tok_per_s": bound,
-                "pct_of_bound": round(100 * total / dt / bound, 1) if bound else None,
+                "bound_tok_per_s": round(bound),
+                "pct_of_bound": round(100 * total / dt / bound, 1),
             }
         )
     if a.profile:

@@ -125,7 +125,7 @@ def resolve_executor(executor: str, device: str, world_size: int, serving: bool 
     """The executor "auto" stands for, decided here only. A grid of several shards needs Ray. A
     server on GPU runs the engine in Ray actors too, never in the replica's process: the replica's
     Python thread streams every token of every request, and sharing its GIL with the engine's step
-    loop cost 2/3 of the throughput on an H100 (docs/benchmarks.md). Otherwise (offline, the CPU
+    loop cost 2/3 of the throughput on an H100 (docs/benchmarks-history.md). Otherwise (offline, the CPU
     demo and tests) the in-process engine is cheaper."""
     if executor not in ("auto", "local", "ray"):
         raise ValueError(f"executor must be 'auto', 'local' or 'ray', got {executor!r}")

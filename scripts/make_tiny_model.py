@@ -1,6 +1,9 @@
 #!/usr/bin/env python
 """Write a random-weight Qwen3 checkpoint with the real Qwen3 tokenizer.
 
+Needs nanovllmx importable: installed (`pip install -e .`), or run as a module from the checkout's
+root (`python -m scripts.make_tiny_model /tmp/tiny`).
+
 Examples:
     python scripts/make_tiny_model.py /tmp/tiny
     python scripts/make_tiny_model.py /tmp/qwen3-8b --preset qwen3-8b --dtype bfloat16 --device cuda
@@ -10,14 +13,10 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-# Run from a checkout without installing the package.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from nanovllmx.utils.make_model import PRESETS, make_model  # noqa: E402
+from nanovllmx.utils.make_model import PRESETS, make_model
 
 # CLI flag -> Qwen3Config field
 _OVERRIDES = {

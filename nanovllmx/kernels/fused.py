@@ -137,7 +137,7 @@ def qk_norm_rope_store(
     if T:
         # a program per token, not per head (24 one-warp programs a token before): a 16k-token
         # prefill chunk was 393k programs that each reloaded cos/sin, at ~30% of the copy
-        # bandwidth; now ~90%, decode steps unchanged (scripts/kernel_bench.py)
+        # bandwidth; now ~90%, decode steps unchanged (docs/benchmarks-history.md)
         _qk_norm_rope_store_kernel[(T,)](
             qkv,
             qkv.stride(0),

@@ -5,7 +5,7 @@ A row is drawn exactly from softmax(logits / T) in two stages: pick a block of B
 probability proportional to its mass (Gumbel-max over the blocks' log-sum-exps), then a column of
 that block in proportion to its own (Gumbel-max over the block). Drawing noise for every column
 (one-stage Gumbel-max, the previous kernel) made sampling compute-bound on Philox: 190 us a
-decode step of 256 rows on an H200 for 18 us of logits; 54-64 us now (scripts/kernel_bench.py).
+decode step of 256 rows on an H200 for 18 us of logits; 54-64 us now (docs/benchmarks-history.md).
 Greedy rows (1/T == 0) take the argmax. Each row's noise comes from Philox keyed by its own seed
 and by column (block choices use the counters from V up), so a seeded row's draw depends neither
 on its batch nor on how its row is split among programs."""

@@ -1,6 +1,6 @@
 """Benchmark helpers: time a GPU call with CUDA events, and group a torch.profiler run's kernels by
 what they do (attention, GEMM, norms, ...) so a benchmark can say where a step's device time goes.
-Used by `bench.py --torch-profile`, `scripts/step_bench.py` and `scripts/attn_bench.py`."""
+Used by `bench.py --torch-profile` and the kernel benchmarks in `benchmarks/`."""
 
 from __future__ import annotations
 

@@ -1,5 +1,10 @@
 """GPU correctness check: FlashInfer + CUDA graphs against the torch reference backend (bf16),
-greedy tokens for a batch of mixed prompts including a shared prefix. Prints a short table."""
+greedy tokens for a batch of mixed prompts including a shared prefix. Prints a short table.
+
+    python -m benchmarks.gpu_check --model /tmp/q4s [--with-ray] [--no-hf] [--grids 2x1,1x2]
+
+Run by `benchmarks/gpu_run.sh check` (and `multi` for the grids); what the numbers mean on a
+random-weight checkpoint: docs/benchmarks.md, "Correctness on the GPU"."""
 
 from __future__ import annotations
 
@@ -83,7 +88,8 @@ def main() -> None:
     ref = results["torch-eager"]
     fi = results["flashinfer-graphs"]  # same kernels: a grid or the Ray path should match it exactly
     print(
-        f"{'backend':22s} {'exact':>6s} {'tok-match':>9s} {'first-div(min)':>14s} {'cached':>7s} {'exact vs fi-graphs':>18s}"
+        f"{'backend':22s} {'exact':>6s} {'tok-match':>9s} {'first-div(min)':>14s} {'cached':>7s} "
+        f"{'exact vs fi-graphs':>18s}"
     )
     ok = True
     for name, outs in results.items():

@@ -13,23 +13,19 @@ o GEMM, add+RMSNorm, gate_up GEMM, SiLU-mul, down GEMM), captured in CUDA graphs
   half: one chain of B/2 alone (what each half costs without the other).
 Prints ms per step and two against one. Contexts are uniform in --ctx-min..--ctx-max.
 
-    python scripts/overlap_bench.py [--sizes 64,128,256]
-    TRITON_INTERPRET=1 python scripts/overlap_bench.py --cpu-check   # plumbing only: halves == whole
+    python -m benchmarks.overlap_bench [--sizes 64,128,256]
+    TRITON_INTERPRET=1 python -m benchmarks.overlap_bench --cpu-check   # plumbing only: halves == whole
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from nanovllmx.kernels.fused import qk_norm_rope_store, rmsnorm, silu_and_mul  # noqa: E402
+from nanovllmx.kernels.fused import qk_norm_rope_store, rmsnorm, silu_and_mul
 
 HID, H, HKV, D, INTER, EPS = 1024, 16, 8, 128, 3072, 1e-6
 
@@ -192,7 +188,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.cpu_check:
         return cpu_check()
-    from bench import copy_bandwidth
+    from benchmarks.roofline import copy_bandwidth
     from nanovllmx.layers.rotary import RotaryEmbedding
     from nanovllmx.utils.profiling import graph_time
 
@@ -207,7 +203,8 @@ def main() -> None:
     wbytes = sum(t.numel() * 2 for L in layers for t in (L.qkv, L.o, L.gate_up, L.down))
     print(f"copy bandwidth {bw / 1e12:.3f} TB/s; {a.layers} layers, weights {wbytes / 1e9:.2f} GB")
     print(
-        f"{'B':>4s} {'ctx':>5s} {'bytes ms':>8s} {'one':>8s} {'two':>8s} {'half':>8s} {'two/one':>8s}  (ms per decode step)"
+        f"{'B':>4s} {'ctx':>5s} {'bytes ms':>8s} {'one':>8s} {'two':>8s} {'half':>8s} {'two/one':>8s}"
+        "  (ms per decode step)"
     )
     for B in sizes:
         lens = rng.integers(a.ctx_min, a.ctx_max + 1, B)
@@ -215,7 +212,7 @@ def main() -> None:
             lens, rng.permutation(slots), dev, dt, lambda ip, ix: flashinfer_attend(ip, ix, layers, dev)
         )
 
-        def two():
+        def two(h1=h1, h2=h2):
             cur = torch.cuda.current_stream()
             s2.wait_stream(cur)
             with torch.cuda.stream(s2):
@@ -223,9 +220,9 @@ def main() -> None:
             h1.run(layers, cos_sin)
             cur.wait_stream(s2)
 
-        t_one = graph_time(lambda: whole.run(layers, cos_sin), 20) * 1e3
+        t_one = graph_time(lambda whole=whole: whole.run(layers, cos_sin), 20) * 1e3
         t_two = graph_time(two, 20) * 1e3
-        t_half = graph_time(lambda: h1.run(layers, cos_sin), 20) * 1e3
+        t_half = graph_time(lambda h1=h1: h1.run(layers, cos_sin), 20) * 1e3
         byts = wbytes + total * a.layers * HKV * D * 2 * 2
         print(
             f"{B:4d} {int(lens.mean()):5d} {byts / bw * 1e3:8.3f} {t_one:8.3f} {t_two:8.3f} {t_half:8.3f} "

