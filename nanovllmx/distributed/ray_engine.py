@@ -1,5 +1,5 @@
 """The engine on Ray: a scheduler actor that owns an EngineCore (scheduler, radix cache, continuous
-batch) driving one worker actor per TP x PP shard, and `RayEngineClient`, the caller-side object
+batch) driving one worker actor per TP x PP shard, and `RayCoreClient`, the caller-side object
 the LLM uses in place of an in-process EngineCore (both implement `CoreClient`, engine/protocol.py;
 outputs are delivered through the sink callback).
 
