@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    import torch
 
 ExecutorKind = Literal["auto", "local", "ray"]
 
@@ -46,12 +49,14 @@ class EngineConfig:
     executor: ExecutorKind = "auto"
     # ---- Ray (executor="ray", the default when tp_size * pp_size > 1); see docs/distributed.md ----
     ray_address: str | None = None  # cluster to join; None: $RAY_ADDRESS if set, else start a local Ray
-    ray_init_kwargs: dict | None = None  # extra ray.init() arguments when we start Ray (e.g. num_cpus)
+    ray_init_kwargs: dict[str, Any] | None = None  # extra ray.init() arguments when we start Ray (e.g. num_cpus)
     placement_strategy: str = "PACK"  # between PP stages: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
     placement_timeout_s: float = 60.0  # raise if the grid cannot be placed by then
     accelerator_type: str | None = None  # e.g. "H100": every shard on that accelerator type
     ray_num_cpus_per_worker: float | None = None  # None: 0.25 on CPU, 0 on CUDA (1 GPU per shard)
-    ray_worker_resources: dict | list | None = None  # extra Ray resources per shard; a list: one dict per stage
+    ray_worker_resources: dict[str, float] | list[dict[str, float]] | None = (
+        None  # extra Ray resources per shard; a list: one dict per stage
+    )
     ray_step_mode: str = "socket"  # how each step reaches the workers: "socket" (fast) | "ray" (a call per worker)
     pp_microbatches: int | None = None  # most pipeline micro-batches per step; None: pp_size
     pp_microbatch_min_tokens: int = 256  # split a step only if each micro-batch gets this many tokens
@@ -111,11 +116,17 @@ class EngineConfig:
         return ids
 
     @property
+    def max_len(self) -> int:
+        """context_len as resolved by __post_init__ (never None on a constructed config)."""
+        assert self.context_len is not None
+        return self.context_len
+
+    @property
     def vocab_size(self) -> int:
         return int(self.hf_config.vocab_size)
 
     @property
-    def torch_dtype(self):
+    def torch_dtype(self) -> torch.dtype:
         import torch
 
         return getattr(torch, self.dtype)

@@ -15,11 +15,11 @@ import time
 import uuid
 import weakref
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 from nanovllmx.config import EngineConfig
 from nanovllmx.engine.detokenizer import IncrementalDetokenizer
-from nanovllmx.engine.output_processor import OutputProcessor, RequestState
+from nanovllmx.engine.output_processor import OutputProcessor, RequestState, StreamItem
 from nanovllmx.engine.protocol import CoreClient, Prompt
 from nanovllmx.errors import EngineOverloadedError, EngineRequestError, EngineUnavailableError
 from nanovllmx.outputs import RequestOutput, StreamDelta
@@ -135,7 +135,7 @@ class LLM:
             raise TypeError("sampling params must be a SamplingParams")
         params.validate()
         ids = self.encode(prompt)
-        check_prompt(ids, self.config.context_len, self.config.vocab_size)
+        check_prompt(ids, self.config.max_len, self.config.vocab_size)
         rid = request_id or f"{self._id_prefix}-{next(self._ids)}"
         er = EngineRequest(rid, ids, params)
         detok = IncrementalDetokenizer(self.tokenizer, params.stop) if (streaming or params.stop) else None
@@ -171,17 +171,19 @@ class LLM:
         use_tqdm: bool | None = None,
     ) -> list[RequestOutput]:
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        prompts = list(prompts)
+            prompts = [cast(Prompt, prompts)]  # one prompt
+        prompts = list(cast(Sequence[Prompt], prompts))
         if sampling_params is None:
             sampling_params = SamplingParams()
-        params = (
-            list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
+        params: list[SamplingParams] = (
+            list(sampling_params)
+            if isinstance(sampling_params, (list, tuple))
+            else [cast(SamplingParams, sampling_params)] * len(prompts)
         )
         if len(params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
-        for p in params:  # fail before anything is submitted
-            p.validate()
+        for sp in params:  # fail before anything is submitted
+            sp.validate()
         token_prompts = [self.encode(p) for p in prompts]
         states: list[RequestState] = []
         oldest = 0  # states[:oldest] are done
@@ -251,6 +253,7 @@ class LLM:
         if st.queue is None:
             st.done.set()
         else:  # end the stream with a final delta, or its consumer waits forever
+            assert st.loop is not None  # a stream's queue and loop are set together
             d = StreamDelta(
                 request_id, [], "", True, "abort", len(st.prompt_token_ids), st.num_cached_tokens, len(st.token_ids)
             )
@@ -338,14 +341,15 @@ class RequestStream:
         st, interval = self._st, self._llm.config.stream_interval
         assert st.queue is not None
         while True:
-            items = [*self._held, await st.queue.get()]
+            got: list[StreamItem] = [*self._held, await st.queue.get()]
             self._held = []
             while not st.queue.empty():
-                items.append(st.queue.get_nowait())
-            for it in items:
+                got.append(st.queue.get_nowait())
+            for it in got:
                 if isinstance(it, tuple):  # (delta, error): the engine failed the request
                     self._finished = True
                     raise EngineRequestError(f"request {st.request_id} failed: {it[1]}")
+            items = cast("list[StreamDelta]", got)  # no (delta, error) among them: checked above
             if st.finish_reason == "abort":  # drop what was queued before the abort, keep its final delta
                 items = [it for it in items if it.finished][:1]
                 if not items:

@@ -413,6 +413,7 @@ class EngineStatsMonitor:
         return (
             f"engine {who}stats: generation {win['generation_tokens_total'] / dt:.1f} tok/s, prompt "
             f"{pt / dt:.1f} tok/s, running {s.get('num_running', 0)}, waiting {s.get('num_waiting', 0)}, "
-            f"preempted {s.get('num_preempted', 0)} (preemptions {win['num_preempted_total']}), KV {100 * used:.1f}% used + "
+            f"preempted {s.get('num_preempted', 0)} (preemptions {win['num_preempted_total']}), "
+            f"KV {100 * used:.1f}% used + "
             f"{100 * cached / n if n else 0:.1f}% cached, prefix hit {hit} (last {dt:.0f}s), {hit_all} (total)"
         )

@@ -28,7 +28,7 @@ class SamplingParams:
         def bad(msg: str) -> None:
             raise ValueError(msg)
 
-        def is_num(x) -> bool:
+        def is_num(x: object) -> bool:
             return isinstance(x, (int, float)) and not isinstance(x, bool)
 
         if not is_num(self.temperature) or not (0.0 <= self.temperature < float("inf")):

@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Sequence
+from typing import Any
 
 
-def main(argv=None) -> dict:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
     ap.add_argument("--tp", type=int, default=2)
@@ -32,7 +34,7 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv)
     from nanovllmx import LLM, SamplingParams
 
-    kw = {"ray_init_kwargs": {"num_cpus": a.num_cpus}} if a.num_cpus else {}
+    kw: dict[str, Any] = {"ray_init_kwargs": {"num_cpus": a.num_cpus}} if a.num_cpus else {}
     kw["overlap_scheduling"] = not a.no_overlap
     t0 = time.perf_counter()
     if a.executor == "ray":

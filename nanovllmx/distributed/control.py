@@ -18,6 +18,11 @@ import pickle
 import select
 import socket
 import struct
+from typing import TYPE_CHECKING, cast
+
+if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import ArrayLike, NDArray
 import time
 
 _HDR = struct.Struct("<qq")
@@ -49,14 +54,14 @@ def _send(sock: socket.socket, kind: int, payload: bytes | memoryview = b"") -> 
         sock.sendall(payload)
 
 
-def pack_result(step: int, tokens, gap_ns: int, busy_ns: int) -> bytes:
+def pack_result(step: int, tokens: ArrayLike, gap_ns: int, busy_ns: int) -> bytes:
     import numpy as np
 
     t = np.ascontiguousarray(tokens, dtype=np.int32)
     return _RES.pack(step, gap_ns, busy_ns, len(t)) + t.tobytes()
 
 
-def unpack_result(payload: bytes):
+def unpack_result(payload: bytes) -> tuple[int, NDArray[np.int32], int, int]:
     """-> (step, token ids, gap_ns, busy_ns)"""
     import numpy as np
 
@@ -82,7 +87,8 @@ class _Reader:
     def has_frame(self) -> bool:
         if len(self.buf) < _HDR.size:
             return False
-        return len(self.buf) >= _HDR.size + _HDR.unpack_from(self.buf)[1]
+        n: int = _HDR.unpack_from(self.buf)[1]
+        return len(self.buf) >= _HDR.size + n
 
     def read(self) -> tuple[int, bytes]:
         self._fill(_HDR.size)
@@ -182,7 +188,8 @@ class ControlClient:
     """Worker side: one connection to the scheduler actor."""
 
     def __init__(self, address: tuple[str, int], rank: int, timeout: float = 60.0):
-        self.sock = socket.create_connection(tuple(address), timeout=timeout)
+        # tuple(): the address may arrive as a list (it crossed Ray)
+        self.sock = socket.create_connection(cast("tuple[str, int]", tuple(address)), timeout=timeout)
         self.sock.settimeout(None)
         _nodelay(self.sock)
         self.reader = _Reader(self.sock)
@@ -198,7 +205,7 @@ class ControlClient:
         self.reader.close()
 
 
-def dumps(obj) -> bytes:
+def dumps(obj: object) -> bytes:
     return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
 
 

@@ -44,7 +44,7 @@ def set_parallel_info(info: ParallelInfo) -> None:
     _INFO = info
 
 
-def init_parallel(tp_size: int, pp_size: int, rank: int, backend: str, init_method: str) -> ParallelInfo:
+def init_parallel(tp_size: int, pp_size: int, rank: int, backend: str, init_method: str | None) -> ParallelInfo:
     """Join the world of tp_size*pp_size ranks (rank = pp_rank * tp_size + tp_rank) and build the
     TP groups. Every rank must call this with the same arguments but its own rank."""
     world = tp_size * pp_size

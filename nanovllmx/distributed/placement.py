@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING, Any
 
 from nanovllmx.config import EngineConfig
+
+if TYPE_CHECKING:
+    from ray.util.placement_group import PlacementGroup
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +38,7 @@ def connect_ray(cfg: EngineConfig) -> bool:
         logger.info("joining the Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)
     else:
-        kwargs = dict(include_dashboard=False)
+        kwargs: dict[str, Any] = dict(include_dashboard=False)
         kwargs.update(cfg.ray_init_kwargs or {})
         ray.init(**kwargs)
     return True
@@ -51,6 +55,7 @@ def num_cpus_per_worker(cfg: EngineConfig) -> float:
 def stage_extra_resources(cfg: EngineConfig) -> list[dict[str, float]]:
     """Extra (custom) Ray resources of one shard, per pipeline stage."""
     extra = cfg.ray_worker_resources
+    per_stage: list[dict[str, float]]
     if extra is None:
         per_stage = [{} for _ in range(cfg.pp_size)]
     elif isinstance(extra, dict):
@@ -75,7 +80,7 @@ def stage_extra_resources(cfg: EngineConfig) -> list[dict[str, float]]:
     return per_stage
 
 
-def shard_options(cfg: EngineConfig, stage: int) -> dict:
+def shard_options(cfg: EngineConfig, stage: int) -> dict[str, Any]:
     """Ray actor options (resources only) of one worker of `stage`."""
     return dict(
         num_cpus=num_cpus_per_worker(cfg),
@@ -86,7 +91,7 @@ def shard_options(cfg: EngineConfig, stage: int) -> dict:
 
 def stage_bundles(cfg: EngineConfig) -> list[dict[str, float]]:
     tp = cfg.tp_size
-    bundles = []
+    bundles: list[dict[str, float]] = []
     for s in range(cfg.pp_size):
         o = shard_options(cfg, s)
         b = {k: v * tp for k, v in o["resources"].items()}
@@ -128,13 +133,13 @@ def _cluster_report() -> str:
     return "\n".join(lines)
 
 
-def _why_not(bundles: list[dict], strategy: str) -> str | None:
+def _why_not(bundles: list[dict[str, float]], strategy: str) -> str | None:
     """A reason the grid can never fit the cluster as it is (no autoscaling), or None."""
     import ray
 
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
 
-    def fits(node, need):
+    def fits(node: dict[str, float], need: dict[str, float]) -> bool:
         return all(node.get(k, 0.0) + 1e-9 >= v for k, v in need.items())
 
     for i, b in enumerate(bundles):
@@ -144,7 +149,7 @@ def _why_not(bundles: list[dict], strategy: str) -> str | None:
         if not any(fits(n, b) for n in nodes):
             return f"no single node can hold stage {i}'s bundle {b}"
     if strategy == "STRICT_PACK":
-        total = {}
+        total: dict[str, float] = {}
         for b in bundles:
             for k, v in b.items():
                 total[k] = total.get(k, 0.0) + v
@@ -155,7 +160,7 @@ def _why_not(bundles: list[dict], strategy: str) -> str | None:
     return None
 
 
-def create_placement_group(cfg: EngineConfig):
+def create_placement_group(cfg: EngineConfig) -> PlacementGroup:
     """Create and wait for the grid's placement group; raise a clear error if it cannot be placed
     within cfg.placement_timeout_s."""
     import ray
@@ -165,7 +170,7 @@ def create_placement_group(cfg: EngineConfig):
     if strategy not in STRATEGIES:
         raise ValueError(f"placement_strategy must be one of {STRATEGIES}, got {cfg.placement_strategy!r}")
     bundles = stage_bundles(cfg)
-    pg = placement_group(bundles, strategy=strategy, name="")
+    pg: PlacementGroup = placement_group(bundles, strategy=strategy, name="")
     ready, _ = ray.wait([pg.ready()], timeout=cfg.placement_timeout_s)
     if ready:
         try:
@@ -187,7 +192,7 @@ def create_placement_group(cfg: EngineConfig):
     )
 
 
-def bundle_node_ids(pg) -> list[str]:
+def bundle_node_ids(pg: PlacementGroup) -> list[str]:
     from ray.util import placement_group_table
 
     table = placement_group_table(pg)

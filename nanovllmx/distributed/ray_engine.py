@@ -18,7 +18,7 @@ import itertools
 import logging
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
@@ -27,6 +27,12 @@ from nanovllmx.engine.core import EngineCore
 from nanovllmx.engine.protocol import OutputSink
 from nanovllmx.errors import EngineUnavailableError
 from nanovllmx.scheduler.request import AbortRequest, EngineMessage, EngineOutput, EngineRequest
+
+if TYPE_CHECKING:
+    from ray.actor import ActorHandle
+    from ray.util.placement_group import PlacementGroup
+
+    from nanovllmx.distributed.ray_executor import WorkerActor
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +116,7 @@ class SchedulerActor:
         return None
 
 
-def _wait_all(refs: list, what: str, timeout: float | None = None) -> list:
+def _wait_all(refs: list[ray.ObjectRef[Any]], what: str, timeout: float | None = None) -> list[Any]:
     """ray.get a list, raising as soon as any of them fails (the others may be blocked waiting on
     the failed one, e.g. in a rendezvous)."""
     pending = list(refs)
@@ -136,10 +142,10 @@ class RayCoreClient:
         from nanovllmx.distributed.ray_executor import WorkerActor
 
         self.cfg, self.sink = cfg, sink
-        self.pg = None
-        self.workers: list = []
-        self.scheduler = None
-        self.worker_info: list[dict] = []
+        self.pg: PlacementGroup | None = None
+        self.workers: list[ActorHandle[WorkerActor]] = []
+        self.scheduler: ActorHandle[SchedulerActor] | None = None
+        self.worker_info: list[dict[str, Any]] = []
         self._seq = itertools.count()
         self._inflight: set[str] = set()
         self._lock = threading.Lock()
@@ -154,8 +160,9 @@ class RayCoreClient:
             actor_cls = ray.remote(WorkerActor)
             for rank in range(world):
                 opts = placement.shard_options(cfg, rank // tp)
+                # ray's stubs type options(...).remote(...) as "handle | the class": it is the handle
                 self.workers.append(
-                    actor_cls.options(
+                    actor_cls.options(  # type: ignore[arg-type]
                         **opts,
                         name=None,
                         max_restarts=0,
@@ -165,7 +172,8 @@ class RayCoreClient:
                     ).remote(cfg, rank, cpus)
                 )
             # the scheduler sits next to rank 0 (bundle 0), using none of the bundle's resources
-            sched_cls = ray.remote(concurrency_groups={"poll": 2})(SchedulerActor)
+            # ray's typed overloads of remote() leave out concurrency_groups, which it takes
+            sched_cls = ray.remote(concurrency_groups={"poll": 2})(SchedulerActor)  # type: ignore[call-overload]
             self.scheduler = sched_cls.options(
                 num_cpus=0,
                 max_concurrency=1,
@@ -198,6 +206,7 @@ class RayCoreClient:
         with self._lock:
             if self._dead:  # a request sent to a dead actor would never get an answer
                 raise EngineUnavailableError(self._dead)
+            assert self.scheduler is not None  # None only once closed
             self._inflight.add(request.request_id)
             self.scheduler.submit.remote(next(self._seq), request)
 
@@ -205,10 +214,13 @@ class RayCoreClient:
         if self._closed:
             return
         with self._lock:
+            assert self.scheduler is not None  # None only once closed
             self.scheduler.submit.remote(next(self._seq), AbortRequest(request_id))
 
     def stats(self) -> dict[str, Any]:
-        return ray.get(self.scheduler.stats.remote())  # type: ignore[no-any-return]
+        assert self.scheduler is not None  # None only once closed
+        stats: dict[str, Any] = ray.get(self.scheduler.stats.remote())
+        return stats
 
     def check_health(self, timeout: float = 10.0) -> None:
         """Raise EngineUnavailableError if the engine cannot serve: shut down, scheduler actor gone
@@ -220,6 +232,7 @@ class RayCoreClient:
         if self._poll_thread is not None and not self._poll_thread.is_alive():
             raise EngineUnavailableError("the connection to the scheduler actor has stopped")
         try:
+            assert self.scheduler is not None  # None only once closed
             problem = ray.get(self.scheduler.health.remote(), timeout=timeout)
         except Exception as e:  # noqa: BLE001 - dead or unresponsive actor: unhealthy either way
             raise EngineUnavailableError(f"the scheduler actor does not answer: {type(e).__name__}: {e}") from e
@@ -230,6 +243,7 @@ class RayCoreClient:
     def _poll_loop(self) -> None:
         while not self._closed:
             try:
+                assert self.scheduler is not None  # None only once closed
                 outs = ray.get(self.scheduler.get_outputs.remote(self.POLL_S))
             except Exception as e:
                 if self._closed:
@@ -284,7 +298,7 @@ class RayCoreClient:
                 pass
             self.pg = None
 
-    def __del__(self):
+    def __del__(self) -> None:
         try:
             self.shutdown()
         except Exception:

@@ -17,14 +17,22 @@ import socket
 import threading
 import time
 import traceback
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import ray
+from numpy.typing import NDArray
+from ray.actor import ActorHandle
 
 from nanovllmx.config import EngineConfig
 from nanovllmx.distributed import control
 from nanovllmx.distributed.microbatch import split_batch
 from nanovllmx.scheduler.messages import ScheduledBatch
+
+if TYPE_CHECKING:
+    from nanovllmx.engine.executor import StepHandle
+    from nanovllmx.worker.worker import Worker
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +62,8 @@ def _iface_for_ip(ip: str) -> str | None:
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 class WorkerActor:
@@ -71,13 +80,13 @@ class WorkerActor:
                 iface = _iface_for_ip(self.node_ip)
                 if iface:
                     os.environ["GLOO_SOCKET_IFNAME"] = iface
-        self.worker = None
+        self.worker: Worker | None = None  # set by init_worker, the first call after the actor starts
         self._loop_thread: threading.Thread | None = None
         self._loop_error: str | None = None
         self._last_end: float | None = None
 
     # ---- setup, through Ray calls ----
-    def node_info(self) -> dict:
+    def node_info(self) -> dict[str, Any]:
         ctx = ray.get_runtime_context()
         tp = self.cfg.tp_size
         return dict(
@@ -94,21 +103,23 @@ class WorkerActor:
         """Called on rank 0 only: the torch.distributed init address (this node's IP, a free port)."""
         return f"tcp://{self.node_ip}:{_free_port()}"
 
-    def init_worker(self, init_method: str | None) -> dict:
+    def init_worker(self, init_method: str | None) -> dict[str, Any]:
         from nanovllmx.worker.worker import Worker
 
         self.worker = Worker(self.cfg, self.rank, init_method, 0)  # Ray's CUDA_VISIBLE_DEVICES: our GPU is 0
         return self.node_info()
 
     def available_kv_slots(self) -> int:
+        assert self.worker is not None
         return self.worker.available_kv_slots()
 
     def init_kv_cache(self, num_slots: int) -> None:
+        assert self.worker is not None
         self.worker.init_kv_cache(num_slots)
 
     # ---- the step loop over the control socket ----
     def start_loop(self, address: tuple[str, int], result_rank: int, overlap: bool = False) -> None:
-        conn = control.ControlClient(tuple(address), self.rank)
+        conn = control.ControlClient(address, self.rank)  # ControlClient makes a list a tuple
         self._loop_thread = threading.Thread(
             target=self._loop,
             args=(conn, self.rank == result_rank, overlap),
@@ -143,6 +154,7 @@ class WorkerActor:
                     continue
                 if sender is not None and not sender.reserve():
                     return  # the sender thread failed and has reported it
+                assert self.worker is not None
                 handle = self.worker.execute_async(batch)
                 if sender is not None:
                     sender.put(batch.step, handle, start)
@@ -170,15 +182,17 @@ class WorkerActor:
             pass
 
     # ---- the step over Ray calls (ray_step_mode="ray") ----
-    def _execute(self, batch: ScheduledBatch | list[ScheduledBatch]):
+    def _execute(self, batch: ScheduledBatch | list[ScheduledBatch]) -> NDArray[np.int32] | None:
         """One step: a batch, or its pipeline micro-batches in order (the last stage returns the
         concatenated sampled ids)."""
+        worker = self.worker
+        assert worker is not None
         if not isinstance(batch, list):
-            return self.worker.execute(batch)
-        outs = [self.worker.execute(b) for b in batch]
-        return None if outs[0] is None else np.concatenate(outs)
+            return worker.execute(batch)
+        outs = [worker.execute(b) for b in batch]
+        return None if outs[0] is None else np.concatenate(cast("list[NDArray[np.int32]]", outs))
 
-    def execute(self, payload: bytes):
+    def execute(self, payload: bytes) -> tuple[NDArray[np.int32], int, int] | None:
         batch = control.loads(payload)
         start = time.perf_counter()
         out = self._execute(batch)
@@ -222,7 +236,7 @@ class _ResultSender:
         self.failed = False
         self._thread: threading.Thread | None = None
         if threaded:
-            self._q: queue.SimpleQueue = queue.SimpleQueue()
+            self._q: queue.SimpleQueue[tuple[int, StepHandle, float] | None] = queue.SimpleQueue()
             # Step N+2 may launch only once step N's ids are read. The scheduler already guarantees
             # it (the engine core sends step N+2 after it has received step N's result, which we
             # send after reading it); the semaphore makes it hold here whatever the scheduler does,
@@ -236,12 +250,13 @@ class _ResultSender:
         self._slots.acquire()
         return not self.failed
 
-    def put(self, step: int, out, start: float) -> None:
-        """`out`: the ids (inline) or a launched step's handle (threaded, after `reserve()`)."""
+    def put(self, step: int, out: NDArray[np.int32] | StepHandle | None, start: float) -> None:
+        """`out`: the ids (inline) or a launched step's handle (threaded, after `reserve()`); never None
+        on the result rank (the last stage)."""
         if self._thread is None:
-            self._send(step, out, start)
+            self._send(step, cast("NDArray[np.int32]", out), start)
         else:
-            self._q.put((step, out, start))
+            self._q.put((step, cast("StepHandle", out), start))
 
     def _send(self, step: int, tokens: np.ndarray, start: float) -> None:
         ready, last = time.perf_counter(), self.last_ready
@@ -277,7 +292,14 @@ class _Launched:
 
     __slots__ = ("executor", "step", "refs", "t_launch", "sched_s", "timed")
 
-    def __init__(self, executor: RayExecutor, step: int, refs, t_launch: float, sched_s: float | None):
+    def __init__(
+        self,
+        executor: RayExecutor,
+        step: int,
+        refs: list[ray.ObjectRef[Any]] | None,
+        t_launch: float,
+        sched_s: float | None,
+    ):
         self.executor, self.step, self.refs, self.t_launch = executor, step, refs, t_launch
         self.sched_s = sched_s
         self.timed = sched_s is not None
@@ -294,7 +316,9 @@ class RayExecutor:
     sampled step N itself, so each resolves the scheduler's -1 placeholders from its own buffer,
     and a worker finds step N+1 waiting on its socket when it finishes step N."""
 
-    def __init__(self, cfg: EngineConfig, workers: list, mode: str = "socket", window: int = 2048):
+    def __init__(
+        self, cfg: EngineConfig, workers: list[ActorHandle[WorkerActor]], mode: str = "socket", window: int = 2048
+    ):
         if mode not in ("socket", "ray"):
             raise ValueError(f"ray_step_mode must be 'socket' or 'ray', got {mode!r}")
         self.cfg, self.workers, self.mode = cfg, workers, mode
@@ -312,10 +336,12 @@ class RayExecutor:
         # step timings (seconds), over the last `window` steps that followed another step directly
         # worker (result rank), see _ResultSender: without overlap, end of step N -> start of step N+1 and
         # start -> end of its execute; with overlap, device idle between steps and step N's own time
-        self._gap = collections.deque(maxlen=window)
-        self._busy = collections.deque(maxlen=window)
-        self._sched = collections.deque(maxlen=window)  # scheduler: its own work between two launches
-        self._wall = collections.deque(maxlen=window)  # scheduler: launch -> sampled ids back
+        self._gap: collections.deque[float] = collections.deque(maxlen=window)
+        self._busy: collections.deque[float] = collections.deque(maxlen=window)
+        self._sched: collections.deque[float] = collections.deque(
+            maxlen=window
+        )  # scheduler: its own work between two launches
+        self._wall: collections.deque[float] = collections.deque(maxlen=window)  # scheduler: launch -> sampled ids back
         self._idle = True
         self._last_launch: float | None = None
         self._in_executor = 0.0  # seconds spent in launch/collect since the last launch
@@ -323,7 +349,8 @@ class RayExecutor:
 
     # ---- setup ----
     def available_kv_slots(self) -> int:
-        return min(ray.get([w.available_kv_slots.remote() for w in self.workers]))
+        slots: list[int] = ray.get([w.available_kv_slots.remote() for w in self.workers])
+        return min(slots)
 
     def init_kv_cache(self, num_slots: int) -> None:
         ray.get([w.init_kv_cache.remote(num_slots) for w in self.workers])
@@ -358,6 +385,7 @@ class RayExecutor:
             m = min(self.microbatches, batch.num_tokens // self.min_microbatch_tokens)
             msg = split_batch(batch, m) if m > 1 else batch
             if self.mode == "socket":
+                assert self.server is not None  # started by init_kv_cache
                 self.server.broadcast(control.STEP, control.dumps(msg))
             else:
                 ref = ray.put(control.dumps(msg))  # bytes: the worker's arrays stay writable
@@ -373,6 +401,7 @@ class RayExecutor:
         t0 = time.perf_counter()
         try:
             if self.mode == "socket":
+                assert self.server is not None  # started by init_kv_cache
                 while True:  # results come in step order; skip those of steps the engine dropped
                     step, tokens, gap_ns, busy_ns = control.unpack_result(self.server.wait_result(self.result_rank))
                     if step >= h.step:
@@ -380,13 +409,14 @@ class RayExecutor:
                 if step != h.step:
                     raise control.ControlError(f"expected the result of step {h.step}, got step {step}")
             else:
+                assert h.refs is not None  # ray mode: one call per worker
                 tokens, gap_ns, busy_ns = ray.get(h.refs)[self.result_rank]
         except Exception as e:
             self._fail(e)
             raise
         t1 = time.perf_counter()
         self._in_executor += t1 - t0
-        if h.timed and gap_ns >= 0:
+        if h.sched_s is not None and gap_ns >= 0:  # h.timed
             self._gap.append(gap_ns * 1e-9)
             self._busy.append(busy_ns * 1e-9)
             self._sched.append(h.sched_s)
@@ -396,8 +426,8 @@ class RayExecutor:
     def _fail(self, e: Exception) -> None:
         self._broken = str(e) if isinstance(e, control.ControlError) else f"{type(e).__name__}: {e}"
 
-    def metrics(self) -> dict:
-        def ms(d):
+    def metrics(self) -> dict[str, Any]:
+        def ms(d: Iterable[float]) -> float | None:
             d = tuple(d)  # a snapshot: the engine thread appends concurrently
             return round(1e3 * sum(d) / len(d), 4) if d else None
 
@@ -419,7 +449,9 @@ class RayExecutor:
             ),
             worker_busy_ms_per_step=busy,  # gap + busy: the worker's step period
             step_wall_ms=ms(self._wall),
-            control_plane_share=None if gap is None or gap + busy == 0 else round(gap / (gap + busy), 4),
+            control_plane_share=None
+            if gap is None or busy is None or gap + busy == 0
+            else round(gap / (gap + busy), 4),
         )
 
     def shutdown(self) -> None:

@@ -32,7 +32,7 @@ class EngineCore:
         self.scheduler = Scheduler(
             num_slots,
             cfg.max_bs,
-            cfg.context_len,
+            cfg.max_len,
             cfg.max_num_batched_tokens,
             cfg.eos_token_ids,
             cfg.enable_prefix_caching,

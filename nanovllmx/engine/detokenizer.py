@@ -4,12 +4,22 @@ scheduler's critical path)."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
+from typing import Protocol, cast
 
 try:  # the Rust incremental decoder of `tokenizers` (fast tokenizers)
     from tokenizers import Tokenizer as _RustTokenizer
     from tokenizers.decoders import DecodeStream as _DecodeStream
 except ImportError:  # pragma: no cover - tokenizers is a dependency of transformers
-    _RustTokenizer = _DecodeStream = None
+    # absent: _stream_backend checks _DecodeStream for None before using either
+    _RustTokenizer = _DecodeStream = None  # type: ignore[misc,assignment]
+
+
+class TokenDecoder(Protocol):
+    """What detokenizing needs of a tokenizer: a transformers tokenizer or a `tokenizers.Tokenizer`."""
+
+    def decode(self, ids: list[int], /, skip_special_tokens: bool = ...) -> str | list[str]: ...
+
 
 _COMPACT_EVERY = 256  # join the text pieces once this many have accumulated (bounded memory, no O(n^2))
 
@@ -34,7 +44,7 @@ def _plain_hf_decode(cls: type) -> bool:
     )
 
 
-def _stream_backend(tokenizer):
+def _stream_backend(tokenizer: TokenDecoder) -> _RustTokenizer | None:
     """The `tokenizers.Tokenizer` whose `decode` is exactly `tokenizer.decode`, or None when the
     Rust incremental decoder cannot be used: a slow (pure Python) tokenizer, a tokenizer whose decode
     post-processes the text (clean_up_tokenization_spaces) or is overridden."""
@@ -80,9 +90,9 @@ class IncrementalDetokenizer:
     (its InvalidPrefix check, odd ids). The text is kept as pieces, so a long output costs O(1) per
     token, not a copy of the whole text."""
 
-    def __init__(self, tokenizer, stop: list[str] | None = None, skip_special_tokens: bool = True):
+    def __init__(self, tokenizer: TokenDecoder, stop: Sequence[str] | None = None, skip_special_tokens: bool = True):
         self.tok = tokenizer
-        self.stop = stop or []
+        self.stop = list(stop or [])
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.skip = skip_special_tokens
         self.ids: list[int] = []
@@ -97,7 +107,9 @@ class IncrementalDetokenizer:
         self._recent_start = 0
         self._len = 0
         self._backend = _stream_backend(tokenizer)
-        self._stream = _DecodeStream(skip_special_tokens=skip_special_tokens) if self._backend is not None else None
+        self._stream: _DecodeStream | None = (
+            _DecodeStream(skip_special_tokens=skip_special_tokens) if self._backend is not None else None
+        )
 
     @property
     def text(self) -> str:
@@ -107,7 +119,7 @@ class IncrementalDetokenizer:
         return (self._pieces[0] if self._pieces else "") + self._recent
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=self.skip)
+        return cast(str, self.tok.decode(ids, skip_special_tokens=self.skip))  # a flat list of ids: one str
 
     def _decode_window(self, final: bool) -> str | None:
         """Prefix-offset method: the text the ids after read_offset add, decoded with the context of
@@ -122,14 +134,16 @@ class IncrementalDetokenizer:
             return full[len(prefix) :]
         return None
 
-    def _step_each(self, new_ids) -> str | None:
+    def _step_each(self, new_ids: list[int]) -> str | None:
         """One DecodeStream.step per id (older tokenizers take one id at a time)."""
+        stream, backend = self._stream, self._backend
+        assert stream is not None and backend is not None  # add() calls this only while the Rust stream is in use
         out = []
         end = len(self.ids) - len(new_ids)
         for t in new_ids:
             end += 1
             try:
-                grown = self._stream.step(self._backend, t)
+                grown = stream.step(backend, t)
             except Exception:  # noqa: BLE001 - as in add(): the Python method takes over
                 self._stream = None
                 grown = self._decode_window(False)  # decodes all pending ids, this one's successors included
@@ -146,7 +160,7 @@ class IncrementalDetokenizer:
         (the text is cut before it)."""
         ids = self.ids
         ids.extend(new_ids)
-        if self._stream is not None and not final:
+        if self._stream is not None and self._backend is not None and not final:  # (one is None iff the other is)
             if not len(new_ids):
                 return ""  # nothing new, and not final: nothing becomes visible
             if len(new_ids) == 1 or _step_takes_lists():

@@ -3,7 +3,7 @@ the Ray one (nanovllmx/distributed/ray_executor.py) drives one actor per TP x PP
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 
@@ -56,7 +56,7 @@ class LocalExecutor:
         self.worker.init_kv_cache(num_slots)
 
     def execute_async(self, batch: ScheduledBatch) -> StepHandle:
-        return self.worker.execute_async(batch)
+        return cast(StepHandle, self.worker.execute_async(batch))  # one stage, the last: never None
 
     def mark_idle(self) -> None:
         pass  # the worker times its own steps; nothing to reset

@@ -6,12 +6,16 @@ from __future__ import annotations
 import asyncio
 import threading
 from dataclasses import dataclass, field
+from typing import cast
 
-from nanovllmx.engine.detokenizer import IncrementalDetokenizer
+from nanovllmx.engine.detokenizer import IncrementalDetokenizer, TokenDecoder
 from nanovllmx.errors import EngineRequestError
 from nanovllmx.outputs import RequestOutput, StreamDelta
 from nanovllmx.sampling_params import SamplingParams
 from nanovllmx.scheduler.request import EngineOutput, FinishReason
+
+# what a stream's queue carries: a delta, or (delta, error) when the engine failed the request
+StreamItem = StreamDelta | tuple[StreamDelta, str]
 
 
 @dataclass
@@ -27,19 +31,19 @@ class RequestState:
     queue_time: float | None = None  # arrival to first scheduled (seconds), from the first token on
     text: str | None = None  # the whole output's text, decoded when it finished (no detok)
     # delivery: an asyncio queue of StreamDelta (streaming) or an event (blocking generate)
-    queue: asyncio.Queue | None = None
+    queue: asyncio.Queue[StreamItem] | None = None
     loop: asyncio.AbstractEventLoop | None = None
     done: threading.Event = field(default_factory=threading.Event)
 
 
-def _deliver(items: list) -> None:
+def _deliver(items: list[tuple[asyncio.Queue[StreamItem], StreamItem]]) -> None:
     """On the stream's event loop: hand each delta to its request's queue."""
     for q, d in items:
         q.put_nowait(d)
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer: TokenDecoder) -> None:
         self.tokenizer = tokenizer
         self.states: dict[str, RequestState] = {}
         self.lock = threading.Lock()
@@ -57,7 +61,7 @@ class OutputProcessor:
         to_abort: list[str] = []
         # stream deltas per event loop: one thread-safe wake-up per loop and call, not one per token
         # (each wake-up is a syscall; per token they were a fifth of the serving process's CPU)
-        deliveries: dict[asyncio.AbstractEventLoop, list] = {}
+        deliveries: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[StreamItem], StreamItem]]] = {}
         for o in outs:
             st = self.states.get(o.request_id)
             if st is None:  # aborted by the client already
@@ -79,6 +83,7 @@ class OutputProcessor:
                 st.finish_reason, st.error = finish, o.error
                 self.pop(o.request_id)
             if st.queue is not None:
+                assert st.loop is not None  # a stream's queue and loop are set together
                 d = StreamDelta(
                     o.request_id,
                     list(o.new_token_ids),
@@ -90,12 +95,11 @@ class OutputProcessor:
                     len(st.token_ids),
                     st.queue_time,
                 )
-                if o.error:
-                    d = (d, o.error)  # the stream raises it
-                deliveries.setdefault(st.loop, []).append((st.queue, d))
+                item: StreamItem = (d, o.error) if o.error else d  # (delta, error): the stream raises it
+                deliveries.setdefault(st.loop, []).append((st.queue, item))
             elif finish is not None:
                 if st.detok is None and not o.error:  # decode here, while the GPU runs the other requests
-                    st.text = self.tokenizer.decode(st.token_ids, skip_special_tokens=True)
+                    st.text = cast(str, self.tokenizer.decode(st.token_ids, skip_special_tokens=True))
                 st.done.set()
         for loop, items in deliveries.items():
             try:
@@ -109,7 +113,7 @@ class OutputProcessor:
             raise EngineRequestError(f"request {st.request_id} failed: {st.error}")
         text = st.detok.text if st.detok is not None else st.text
         if text is None:
-            text = self.tokenizer.decode(st.token_ids, skip_special_tokens=True)
+            text = cast(str, self.tokenizer.decode(st.token_ids, skip_special_tokens=True))
         return RequestOutput(
             st.request_id, st.prompt_token_ids, st.token_ids, text, st.finish_reason, st.num_cached_tokens
         )

@@ -162,7 +162,7 @@ def qk_norm_rope_store(
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, I, BLOCK: tl.constexpr):
+def _silu_mul_kernel(x_ptr, out_ptr, I, BLOCK: tl.constexpr):  # noqa: E741 - I: the intermediate size, as in the math
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = c < I
@@ -173,7 +173,7 @@ def _silu_mul_kernel(x_ptr, out_ptr, I, BLOCK: tl.constexpr):
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     T, I2 = x.shape
-    I = I2 // 2
+    I = I2 // 2  # noqa: E741 - the intermediate size, as in the kernel
     out = torch.empty((T, I), dtype=x.dtype, device=x.device)
     BLOCK = 1024
     if T:

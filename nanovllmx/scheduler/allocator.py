@@ -8,6 +8,7 @@ it harmlessly.
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import NDArray
 
 
 class SlotAllocator:
@@ -21,7 +22,7 @@ class SlotAllocator:
         self.num_slots = num_slots
         # Free slots live in _stack[:_top]; the top is the end. Initialised
         # descending so the first allocations return 1, 2, 3, ... (nicer to debug).
-        self._stack = np.arange(num_slots, 0, -1, dtype=np.int32)
+        self._stack: NDArray[np.int32] = np.arange(num_slots, 0, -1, dtype=np.int32)
         self._top = num_slots
         # Bitmap for cheap double-free / foreign-slot detection. Row 0 is
         # never in use (it is rejected by the range check instead).
@@ -37,7 +38,7 @@ class SlotAllocator:
     def num_used(self) -> int:
         return self.num_slots - self._top
 
-    def alloc(self, n: int) -> np.ndarray | None:
+    def alloc(self, n: int) -> NDArray[np.int32] | None:
         """n distinct free slots (int32), or None if fewer than n are free."""
         if n < 0:
             raise ValueError(f"cannot allocate a negative number of slots ({n})")
@@ -46,7 +47,7 @@ class SlotAllocator:
         top = self._top
         # Reverse so freshly initialised pools hand out ascending slots; copy so
         # later pushes onto the stack cannot alias the caller's array.
-        out = self._stack[top - n : top][::-1].copy()
+        out: NDArray[np.int32] = self._stack[top - n : top][::-1].copy()
         self._top = top - n
         self._in_use[out] = True
         return out

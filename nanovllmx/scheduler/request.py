@@ -5,9 +5,12 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from nanovllmx.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from nanovllmx.scheduler.radix_cache import TreeNode
 
 # why a request ended: "stop" (EOS, a stop token or a stop string), "length" (max_tokens or the
 # context), "abort" (the client), "error" (the engine failed or refused it)
@@ -106,7 +109,7 @@ class Request:
         self.num_computed = 0  # leading tokens whose KV is in the pool
         self.num_cached = 0  # prompt tokens served by the radix cache on first admission
         self.prefix_len = 0  # leading slots owned (and locked) by the radix tree
-        self.last_node = None
+        self.last_node: TreeNode | None = None  # the radix node locking prefix_len slots while running
         self.req_idx: int | None = None  # row of the req_to_token table while running
         self.finish_reason: FinishReason | None = None
         self.num_preemptions = 0

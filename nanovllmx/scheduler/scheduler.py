@@ -116,6 +116,8 @@ class Scheduler:
     def _release(self, req: Request) -> None:
         """Give a running request's KV to the radix tree (finished, aborted or preempted). KV of
         positions whose token is still in flight (unknown here) is freed, not cached."""
+        # a running request has a table row and a locked radix node (set together on admission)
+        assert req.req_idx is not None and req.last_node is not None
         slots = self.table[req.req_idx, : req.num_computed]
         n = min(req.num_computed, len(req.tokens))
         self.tree.cache_request(req.tokens[:n], slots[:n], req.prefix_len, req.last_node, True)
@@ -288,7 +290,7 @@ class Scheduler:
         """Apply the sampled tokens of the oldest batch in flight; returns this step's outputs."""
         outputs = self.take_pending_outputs()
         ctx = self.context_len
-        finished: list[Request] = []
+        finished: list[tuple[Request, FinishReason]] = []
         for req, tok in zip(self._inflight.popleft(), sampled.tolist()):
             if req.status == Status.FINISHED:  # aborted, or stopped by an earlier token, while in flight
                 continue
@@ -302,18 +304,19 @@ class Scheduler:
                 reason = "length"
             if reason is not None:
                 req.finish_reason = reason
-                finished.append(req)
+                finished.append((req, reason))
             out = EngineOutput(req.request_id, [tok], reason, req.num_prompt, req.num_cached)
             if req.num_output == 1:  # the first token: report how long the request queued
+                assert req.first_scheduled_time is not None  # set when it was admitted
                 out.queue_time = req.first_scheduled_time - req.arrival_time
             outputs.append(out)
-        for req in finished:
+        for req, reason in finished:
             if req.status == Status.RUNNING:
                 self.running.remove(req)
                 self._release(req)
             else:  # preempted while its last token was in flight
                 self.waiting.remove(req)
-            self._finish(req, req.finish_reason)
+            self._finish(req, reason)
         return outputs
 
     # ------------------------------------------------------------------ introspection

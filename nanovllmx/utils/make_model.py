@@ -316,7 +316,8 @@ def _random_model(config, seed: int, device: str, dtype: torch.dtype):
     with torch.device("meta"):
         model = Qwen3ForCausalLM(config)
     # Cast while still on meta so big models are allocated once, directly in the target dtype.
-    model = model.to(dtype).to_empty(device=device)
+    # transformers types PreTrainedModel.to through a wrapper that loses its signature
+    model = model.to(dtype).to_empty(device=device)  # type: ignore[arg-type]
     # to_empty gives each parameter fresh storage, which unties lm_head from embed_tokens.
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

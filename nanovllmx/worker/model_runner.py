@@ -39,7 +39,7 @@ def make_backend(name: str, kv: KVPool, model: Qwen3ForCausalLM, cfg: EngineConf
         from nanovllmx.attention.flashinfer_backend import FlashInferBackend
 
         return FlashInferBackend(
-            *args, max_bs=cfg.max_bs, context_len=cfg.context_len, decode_tensor_cores=cfg.decode_tensor_cores
+            *args, max_bs=cfg.max_bs, context_len=cfg.max_len, decode_tensor_cores=cfg.decode_tensor_cores
         )
     raise ValueError(f"unknown attention backend {name!r}")
 
@@ -48,7 +48,7 @@ class ModelRunner:
     def __init__(self, cfg: EngineConfig, model: Qwen3ForCausalLM, kv: KVPool, device: torch.device):
         self.cfg, self.model, self.kv, self.device = cfg, model, kv, device
         # +1 row: padded CUDA-graph entries point at a dummy request row
-        self.req_to_token = torch.zeros((cfg.max_bs + 1, cfg.context_len), dtype=torch.int32, device=device)
+        self.req_to_token = torch.zeros((cfg.max_bs + 1, cfg.max_len), dtype=torch.int32, device=device)
         self.backend = make_backend(cfg.attention_backend, kv, model, cfg)
         self.sampler = Sampler(device)
         # last token sampled for each req_to_token row: the input of the next decode step when the

@@ -57,7 +57,7 @@ class Worker:
         per_slot = KVPool.bytes_per_slot(n_layers, kvh, hd, self.cfg.torch_dtype)
         if self.device.type == "cpu":
             # CPU: enough for a few full contexts, bounded so tests stay small
-            return max(4 * self.cfg.context_len, 4096)
+            return max(4 * self.cfg.max_len, 4096)
         free, total = torch.cuda.mem_get_info(self.device)
         used = total - free
         # activations of the largest prefill chunk, plus logits, with headroom for the allocator
@@ -69,10 +69,10 @@ class Worker:
         )
         budget = total * self.cfg.gpu_memory_utilization - used - act
         n = int(budget // per_slot)
-        if n < self.cfg.context_len:
+        if n < self.cfg.max_len:
             raise RuntimeError(
                 f"not enough GPU memory for the KV cache: room for {max(n, 0)} tokens, a full context needs "
-                f"{self.cfg.context_len}; raise gpu_memory_utilization or lower context_len"
+                f"{self.cfg.max_len}; raise gpu_memory_utilization or lower context_len"
             )
         return n
 
