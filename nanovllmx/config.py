@@ -44,6 +44,10 @@ class EngineConfig:
     tp_size: int = 1
     pp_size: int = 1
     seed: int = 0
+    # per-request bounds, checked before the request costs anything (sampling_params.RequestLimits)
+    max_stop_strings: int = 64
+    max_stop_str_len: int = 1024  # characters
+    max_stop_token_ids: int = 1024
     # where the engine runs: "local" (this process) or "ray" (a scheduler actor + one worker actor
     # per shard); "auto": see resolve_executor
     executor: ExecutorKind = "auto"
@@ -70,7 +74,16 @@ class EngineConfig:
             raise FileNotFoundError(f"{self.model!r} has no config.json; expected a Hugging Face checkpoint folder")
         if not 0.05 <= self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in [0.05, 1], got {self.gpu_memory_utilization}")
-        for name in ("max_bs", "max_num_batched_tokens", "tp_size", "pp_size", "stream_interval"):
+        for name in (
+            "max_bs",
+            "max_num_batched_tokens",
+            "tp_size",
+            "pp_size",
+            "stream_interval",
+            "max_stop_strings",
+            "max_stop_str_len",
+            "max_stop_token_ids",
+        ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         mw = self.max_waiting_requests

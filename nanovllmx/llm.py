@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import dataclasses
 import functools
 import itertools
 import logging
@@ -19,16 +18,22 @@ from typing import Any, cast
 
 from nanovllmx.config import EngineConfig
 from nanovllmx.engine.detokenizer import IncrementalDetokenizer
-from nanovllmx.engine.output_processor import OutputProcessor, RequestState, StreamItem
+from nanovllmx.engine.output_processor import OutputProcessor, RequestState
 from nanovllmx.engine.protocol import CoreClient, Prompt
+from nanovllmx.engine.stream import DeltaStream
 from nanovllmx.errors import EngineOverloadedError, EngineRequestError, EngineUnavailableError
 from nanovllmx.outputs import RequestOutput, StreamDelta
-from nanovllmx.sampling_params import SamplingParams
+from nanovllmx.sampling_params import RequestLimits, SamplingParams
 from nanovllmx.scheduler.request import EngineOutput, EngineRequest, check_prompt
 
 logger = logging.getLogger(__name__)
 
 _C = EngineConfig  # the defaults below are EngineConfig's: decided there only
+# oversized text prompts (LLM._refuse_oversized): texts longer than _BOUND_CHARS characters per context
+# token (a Qwen3 token averages ~4 characters of English) are counted in pieces of _PIECE_CHARS
+_BOUND_CHARS = 8
+_PIECE_CHARS = 65536
+_BOUNDARY_TOKENS = 2
 
 
 class LLM:
@@ -65,6 +70,8 @@ class LLM:
             **kwargs,
         )
         self.tokenizer = AutoTokenizer.from_pretrained(model)
+        c = self.config
+        self.limits = RequestLimits(c.vocab_size, c.max_stop_strings, c.max_stop_str_len, c.max_stop_token_ids)
         self.processor = OutputProcessor(self.tokenizer)
         self._outq: queue.Queue[list[EngineOutput] | None] = queue.Queue()
         self._ids = itertools.count()
@@ -112,6 +119,7 @@ class LLM:
 
     def encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
+            self._refuse_oversized(prompt)
             return self.tokenizer.encode(prompt)
         # the type set first: C speed for the usual plain-int list (the per-item check took ~25 ms
         # for the standard workload's 143k prompt tokens, before the engine's first step)
@@ -120,6 +128,33 @@ class LLM:
         ):
             return list(prompt)
         raise TypeError("a prompt is a string or a list of token ids")
+
+    def _refuse_oversized(self, text: str) -> None:
+        """Raise ValueError for a text that cannot fit the context, without tokenizing all of it: a
+        text over _BOUND_CHARS characters a context token is counted piece by piece, stopping as
+        soon as the count proves it too long (a 7.9 MB prompt cost seconds of CPU before its 400).
+        A piece ends at white space, where the tokenizer's pre-tokenizer splits anyway; each piece
+        boundary may cost at most a few tokens of merging, which the count gives back."""
+        limit = self.config.max_len
+        if len(text) <= _BOUND_CHARS * limit:  # a prompt of ordinary density: tokenized once, as usual
+            return
+        count, pos = 0, 0
+        while pos < len(text):
+            end = len(text) if len(text) - pos <= _PIECE_CHARS else pos + _PIECE_CHARS
+            while end < len(text) and end < pos + _PIECE_CHARS + 256 and not text[end].isspace():
+                end += 1
+            count += len(self.tokenizer.encode(text[pos:end], add_special_tokens=False)) - _BOUNDARY_TOKENS
+            if count >= limit:
+                raise ValueError(
+                    f"prompt has more than {limit} tokens (counted on its first {end} of {len(text)} characters), "
+                    f"but this model's context is {limit} tokens"
+                )
+            pos = end
+
+    def _check_params(self, params: SamplingParams) -> None:
+        if not isinstance(params, SamplingParams):
+            raise TypeError("sampling params must be a SamplingParams")
+        params.validate(self.limits)
 
     def _submit(
         self,
@@ -131,9 +166,7 @@ class LLM:
     ) -> RequestState:
         if self._closed:
             raise EngineUnavailableError("this LLM has been shut down (or is shutting down): it takes no new requests")
-        if not isinstance(params, SamplingParams):
-            raise TypeError("sampling params must be a SamplingParams")
-        params.validate()
+        self._check_params(params)
         ids = self.encode(prompt)
         check_prompt(ids, self.config.max_len, self.config.vocab_size)
         rid = request_id or f"{self._id_prefix}-{next(self._ids)}"
@@ -183,7 +216,7 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
         for sp in params:  # fail before anything is submitted
-            sp.validate()
+            self._check_params(sp)
         token_prompts = [self.encode(p) for p in prompts]
         states: list[RequestState] = []
         oldest = 0  # states[:oldest] are done
@@ -223,13 +256,13 @@ class LLM:
 
     def submit(
         self, prompt: Prompt, sampling_params: SamplingParams | None = None, request_id: str | None = None
-    ) -> RequestStream:
+    ) -> DeltaStream:
         """Submit a request now and return its deltas (an async iterator; closing it early aborts the
         request). Call it on the event loop that consumes the deltas. A refused request raises here:
         ValueError/TypeError, EngineOverloadedError or EngineUnavailableError."""
         loop = asyncio.get_running_loop()
         st = self._submit(prompt, sampling_params or SamplingParams(), request_id, True, loop)
-        return RequestStream(self, st)
+        return DeltaStream(st, self.config.stream_interval, self.abort)
 
     async def stream(
         self, prompt: Prompt, sampling_params: SamplingParams | None = None, request_id: str | None = None
@@ -313,78 +346,10 @@ class LLM:
             pass
 
 
-class RequestStream:
-    """One submitted request's deltas (`LLM.submit`). With `stream_interval` N, the first token goes
-    at once, then a delta every N tokens; a consumer that fell behind takes everything queued as one
-    delta, so under load a stream sends fewer, larger chunks instead of falling further behind."""
-
-    def __init__(self, llm: LLM, state: RequestState):
-        self._llm, self._st = llm, state
-        self.request_id = state.request_id
-        self._finished = False
-        self._sent = False  # the first delta went out
-        self._held: list[StreamDelta] = []  # deltas waiting for stream_interval tokens
-
-    def __aiter__(self) -> RequestStream:
-        return self
-
-    async def __anext__(self) -> StreamDelta:
-        if self._finished:
-            raise StopAsyncIteration
-        try:
-            return await self._next()
-        except BaseException:  # failed, or cancelled (the consumer went away): stop it in the engine
-            self._close()
-            raise
-
-    async def _next(self) -> StreamDelta:
-        st, interval = self._st, self._llm.config.stream_interval
-        assert st.queue is not None
-        while True:
-            got: list[StreamItem] = [*self._held, await st.queue.get()]
-            self._held = []
-            while not st.queue.empty():
-                got.append(st.queue.get_nowait())
-            for it in got:
-                if isinstance(it, tuple):  # (delta, error): the engine failed the request
-                    self._finished = True
-                    raise EngineRequestError(f"request {st.request_id} failed: {it[1]}")
-            items = cast("list[StreamDelta]", got)  # no (delta, error) among them: checked above
-            if st.finish_reason == "abort":  # drop what was queued before the abort, keep its final delta
-                items = [it for it in items if it.finished][:1]
-                if not items:
-                    continue
-            if self._sent and not items[-1].finished and sum(len(it.token_ids) for it in items) < interval:
-                self._held = items
-                continue
-            self._sent = True
-            d = items[0]
-            if len(items) > 1:
-                ids = [t for it in items for t in it.token_ids]
-                d = dataclasses.replace(items[-1], token_ids=ids, text="".join(it.text for it in items))
-            self._finished = d.finished
-            return d
-
-    def _close(self) -> None:
-        if not self._finished:
-            self._finished = True
-            self._llm.abort(self.request_id)
-
-    async def aclose(self) -> None:
-        """Abort the request unless it finished. Idempotent."""
-        self._close()
-
-    def __del__(self) -> None:
-        try:
-            self._close()
-        except Exception:  # noqa: BLE001 - interpreter teardown
-            pass
-
-
 def _shutdown_at_exit(ref: weakref.ref[LLM]) -> None:
     llm = ref()
     if llm is not None:
         llm.shutdown()
 
 
-__all__ = ["LLM", "RequestStream", "EngineRequestError", "EngineOverloadedError", "EngineUnavailableError"]
+__all__ = ["LLM", "EngineRequestError", "EngineOverloadedError", "EngineUnavailableError"]

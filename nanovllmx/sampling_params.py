@@ -18,13 +18,18 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
+        self.validate()
+
+    def validate(self, limits: RequestLimits | None = None) -> None:
+        """Normalise `stop` (a string is one stop string) and raise ValueError for a bad value; the
+        message starts with the field's name. With `limits`, also the engine's per-request bounds."""
+        if isinstance(self.stop, str):  # also when set after construction: never a list of characters
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
-        self.validate()
+        if limits is not None:  # counts first: a huge list is refused before anything walks it
+            limits.check(self)
 
-    def validate(self) -> None:
         def bad(msg: str) -> None:
             raise ValueError(msg)
 
@@ -53,3 +58,31 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Bounds on the work one request may ask for, checked before any is done (each a 400 over
+    HTTP). From `EngineConfig` (max_stop_strings, max_stop_str_len, max_stop_token_ids); the stop
+    strings are matched against the text at every token, so their number and length bound that cost."""
+
+    vocab_size: int
+    max_stop_strings: int
+    max_stop_str_len: int
+    max_stop_token_ids: int
+
+    def check(self, p: SamplingParams) -> None:
+        stop, ids = p.stop, p.stop_token_ids
+        if len(stop) > self.max_stop_strings:
+            raise ValueError(f"stop has {len(stop)} strings; this server accepts at most {self.max_stop_strings}")
+        longest = max((len(s) for s in stop if isinstance(s, str)), default=0)
+        if longest > self.max_stop_str_len:
+            raise ValueError(
+                f"stop has a string of {longest} characters; this server accepts at most {self.max_stop_str_len}"
+            )
+        if len(ids) > self.max_stop_token_ids:
+            raise ValueError(
+                f"stop_token_ids has {len(ids)} ids; this server accepts at most {self.max_stop_token_ids}"
+            )
+        if any(isinstance(t, int) and not isinstance(t, bool) and t >= self.vocab_size for t in ids):
+            raise ValueError(f"stop_token_ids must be token ids of this model, in [0, {self.vocab_size})")
