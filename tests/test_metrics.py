@@ -17,7 +17,7 @@ import time
 import httpx
 import pytest
 
-from nanovllmx.utils.make_model import DEMO_MODEL_NAME
+from nanovllmx.utils.demo import DEMO_MODEL_NAME
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -38,7 +38,7 @@ import pytest
 from conftest import random_prompt, wait_api_server
 
 from nanovllmx import LLM, EngineOverloadedError, EngineRequestError, EngineUnavailableError, SamplingParams
-from nanovllmx.utils.make_model import DEMO_MODEL_NAME
+from nanovllmx.utils.demo import DEMO_MODEL_NAME
 
 pytestmark = pytest.mark.timeout(300)
 
