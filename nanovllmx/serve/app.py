@@ -29,11 +29,16 @@ from ray import serve
 import nanovllmx
 from nanovllmx.engine.protocol import EngineClient
 from nanovllmx.errors import EngineUnavailableError
-from nanovllmx.metrics import EngineStatsMonitor, HTTPStatusMiddleware, ServeMetrics
+from nanovllmx.metrics import EngineStatsMonitor, ServeMetrics
 from nanovllmx.serve import model_resolver
 from nanovllmx.serve.errors import ERROR_RESPONSES, APIError, install_error_handlers, reject_invalid_text
 from nanovllmx.serve.mapping import OpenAIRequest, RequestMapping, full_response, generation_defaults
-from nanovllmx.serve.middleware import DEFAULT_MAX_REQUEST_BODY_BYTES, BodyLimit, install_middleware
+from nanovllmx.serve.middleware import (
+    DEFAULT_MAX_REQUEST_BODY_BYTES,
+    BodyLimit,
+    HTTPStatusMiddleware,
+    install_middleware,
+)
 from nanovllmx.serve.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,

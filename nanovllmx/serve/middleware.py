@@ -1,5 +1,5 @@
 """The app's ASGI middleware: JSON bodies whatever their Content-Type, the request body limit (413),
-and the HTTP status metric (`nanovllmx.metrics.HTTPStatusMiddleware`). Plain ASGI classes: nothing
+and the HTTP status metric (`nanovllmx_http_requests{status, route}`). Plain ASGI classes: nothing
 in the way of streamed responses."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from nanovllmx.metrics import HTTPStatusMiddleware
+from nanovllmx.metrics import ServeMetrics
 from nanovllmx.serve.errors import APIError
 
 logger = logging.getLogger("nanovllmx.serve")
@@ -72,6 +72,67 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+# ================================================================================ HTTP status counts
+_KNOWN_ROUTES = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/models",
+    "/v1/engine/stats",
+    "/health",
+    "/version",
+    "/docs",
+    "/openapi.json",
+)
+
+
+def route_label(path: str) -> str:
+    """A bounded set of route labels (unknown paths would make a series each)."""
+    if path in _KNOWN_ROUTES:
+        return path
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{model}"
+    return "other"
+
+
+class HTTPStatusMiddleware:
+    """Counts every HTTP response by status code and route (`nanovllmx_http_requests`). The replica
+    points `HTTPStatusMiddleware.metrics` at its ServeMetrics (one replica per process)."""
+
+    metrics: ServeMetrics | None = None
+
+    def __init__(self, asgi_app: ASGIApp):
+        self.app = asgi_app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        m = HTTPStatusMiddleware.metrics
+        if m is None or scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        root = scope.get("root_path") or ""
+        if root and path.startswith(root):
+            path = path[len(root) :] or "/"
+        status: list[int] = []
+
+        async def send_status(message: Message) -> None:
+            if message["type"] == "http.response.start" and not status:
+                status.append(message["status"])
+                try:
+                    m.http_response(message["status"], route_label(path))
+                except Exception:  # noqa: BLE001
+                    pass
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        except BaseException:
+            if not status:  # the outer error middleware answers 500
+                try:
+                    m.http_response(500, route_label(path))
+                except Exception:  # noqa: BLE001
+                    pass
+            raise
 
 
 def install_middleware(app: FastAPI) -> None:
