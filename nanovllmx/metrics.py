@@ -8,7 +8,7 @@ Everything here is recorded only when Ray is initialized (a Serve replica always
   token). Counters advance by the difference between two polls;
 - per-request latencies (TTFT, inter-token latency, end-to-end, queue time) and outcomes: the Serve
   app's `EngineStream`, where each delta arrives (one histogram observe per delta, ~3 us);
-- HTTP status counts: `HTTPStatusMiddleware`, an ASGI middleware of the app.
+- HTTP status counts: `nanovllmx.serve.middleware.HTTPStatusMiddleware`, an ASGI middleware of the app.
 
 Ray exports each metric as `ray_<name>` (counters also get `_total`) on every node's metrics
 export port, which Prometheus scrapes; docs/observability.md lists them all.
@@ -143,7 +143,7 @@ class ServeMetrics:
         self.model_name = model_name
         tags = {"model_name": model_name}
 
-        def mk(cls, name: str, desc: str, keys: tuple[str, ...] = (), **kw):
+        def mk(cls: Any, name: str, desc: str, keys: tuple[str, ...] = (), **kw: Any) -> Any:
             m = cls(name, desc, tag_keys=("model_name",) + keys, **kw)
             m.set_default_tags(tags)
             return m
@@ -234,7 +234,7 @@ class ServeMetrics:
         self.http.inc(1, {"status": str(status), "route": route})
 
     # ---- engine state
-    def engine_stats(self, s: dict, d_prompt: int, d_cached: int, d_gen: int, d_preempt: int) -> None:
+    def engine_stats(self, s: dict[str, Any], d_prompt: int, d_cached: int, d_gen: int, d_preempt: int) -> None:
         self.running.set(s.get("num_running", 0))
         self.waiting.set(s.get("num_waiting", 0))
         self.preempted.set(s.get("num_preempted", 0))
@@ -256,68 +256,6 @@ class ServeMetrics:
             self.preemptions.inc(d_preempt)
 
 
-# ================================================================================ HTTP status counts
-_KNOWN_ROUTES = (
-    "/v1/chat/completions",
-    "/v1/completions",
-    "/v1/models",
-    "/v1/engine/stats",
-    "/health",
-    "/version",
-    "/docs",
-    "/openapi.json",
-)
-
-
-def route_label(path: str) -> str:
-    """A bounded set of route labels (unknown paths would make a series each)."""
-    if path in _KNOWN_ROUTES:
-        return path
-    if path.startswith("/v1/models/"):
-        return "/v1/models/{model}"
-    return "other"
-
-
-class HTTPStatusMiddleware:
-    """Counts every HTTP response by status code and route (`nanovllmx_http_requests`). A plain
-    ASGI middleware, so streamed responses pass through untouched. The replica points
-    `HTTPStatusMiddleware.metrics` at its ServeMetrics (one replica per process)."""
-
-    metrics: ServeMetrics | None = None
-
-    def __init__(self, asgi_app):
-        self.app = asgi_app
-
-    async def __call__(self, scope, receive, send):
-        m = HTTPStatusMiddleware.metrics
-        if m is None or scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path = scope.get("path", "")
-        root = scope.get("root_path") or ""
-        if root and path.startswith(root):
-            path = path[len(root) :] or "/"
-        status = []
-
-        async def send_status(message):
-            if message["type"] == "http.response.start" and not status:
-                status.append(message["status"])
-                try:
-                    m.http_response(message["status"], route_label(path))
-                except Exception:  # noqa: BLE001
-                    pass
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        except BaseException:
-            if not status:  # the outer error middleware answers 500
-                try:
-                    m.http_response(500, route_label(path))
-                except Exception:  # noqa: BLE001
-                    pass
-            raise
-
-
 # ================================================================================ engine stats monitor
 class EngineStatsMonitor:
     """Polls `stats_fn()` (an engine's `llm.stats()`) every `interval` seconds in a daemon thread:
@@ -329,7 +267,7 @@ class EngineStatsMonitor:
 
     def __init__(
         self,
-        stats_fn: Callable[[], dict | None],
+        stats_fn: Callable[[], dict[str, Any] | None],
         metrics: ServeMetrics | None = None,
         interval: float = 1.0,
         log_interval: float = 5.0,

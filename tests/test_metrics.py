@@ -13,11 +13,12 @@ import json
 import logging
 import re
 import time
+from types import SimpleNamespace
 
 import httpx
 import pytest
 
-from nanovllmx.utils.make_model import DEMO_MODEL_NAME
+from nanovllmx.utils.demo import DEMO_MODEL_NAME
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -272,7 +273,7 @@ def _capture(caplog):
 
 def test_one_log_line_per_finished_request(caplog):
     from nanovllmx.outputs import StreamDelta
-    from nanovllmx.serve.app import EngineStream
+    from nanovllmx.serve.streaming import EngineStream
 
     class FakeServer:
         metrics = None
@@ -283,9 +284,9 @@ def test_one_log_line_per_finished_request(caplog):
             yield StreamDelta("req-x", [7], "a", i == 3, "length" if i == 3 else None, 10, 6, i, 0.002)
 
     async def run():
-        agen = deltas()
-        first = asyncio.ensure_future(agen.__anext__())
-        return [d async for d in EngineStream(FakeServer(), agen, first, "req-x", 10)]
+        agen = deltas()  # EngineStream reads a RequestStream: its request_id and __anext__
+        stream = SimpleNamespace(request_id="req-x", __anext__=agen.__anext__)
+        return [d async for d in EngineStream(FakeServer(), stream, 10)]
 
     root = _capture(caplog)
     try:
@@ -305,7 +306,7 @@ def test_one_log_line_per_finished_request(caplog):
 def test_inter_token_latency_is_per_token():
     """A delta of 4 tokens 80 ms after the previous one: an inter-token latency of ~20 ms, not 80."""
     from nanovllmx.outputs import StreamDelta
-    from nanovllmx.serve.app import EngineStream
+    from nanovllmx.serve.streaming import EngineStream
 
     class Obs:
         def __init__(self):
@@ -327,9 +328,9 @@ def test_inter_token_latency_is_per_token():
         yield StreamDelta("req-y", [7, 8, 9, 10], "abcd", True, "length", 10, 0, 5)
 
     async def run():
-        agen = deltas()
-        first = asyncio.ensure_future(agen.__anext__())
-        return [d async for d in EngineStream(FakeServer(), agen, first, "req-y", 10)]
+        agen = deltas()  # EngineStream reads a RequestStream: its request_id and __anext__
+        stream = SimpleNamespace(request_id="req-y", __anext__=agen.__anext__)
+        return [d async for d in EngineStream(FakeServer(), stream, 10)]
 
     asyncio.run(run())
     (itl,) = FakeServer.metrics.itl.values

@@ -38,7 +38,7 @@ import pytest
 from conftest import random_prompt, wait_api_server
 
 from nanovllmx import LLM, EngineOverloadedError, EngineRequestError, EngineUnavailableError, SamplingParams
-from nanovllmx.utils.make_model import DEMO_MODEL_NAME
+from nanovllmx.utils.demo import DEMO_MODEL_NAME
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -748,7 +748,7 @@ def test_bad_input_gets_4xx_openai_json_logged_once(main_app):
 
 def test_build_app_body_limit_and_queue_options():
     from nanovllmx.serve import build_app
-    from nanovllmx.serve.app import DEFAULT_MAX_REQUEST_BODY_BYTES
+    from nanovllmx.serve.middleware import DEFAULT_MAX_REQUEST_BODY_BYTES
 
     dep = build_app({"model": DEMO_MODEL_NAME, "device": "cpu"})._bound_deployment
     assert dep.init_kwargs["max_request_body_bytes"] == DEFAULT_MAX_REQUEST_BODY_BYTES

@@ -22,7 +22,7 @@ import pytest
 import yaml
 from conftest import wait_api_server
 
-from nanovllmx.utils.make_model import DEMO_MODEL_NAME, demo_model_path
+from nanovllmx.utils.demo import DEMO_MODEL_NAME, demo_model_path
 
 pytestmark = pytest.mark.timeout(300)
 

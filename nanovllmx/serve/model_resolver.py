@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 
-from nanovllmx.utils.make_model import DEMO_MODEL_NAME
+from nanovllmx.utils.demo import DEMO_MODEL_NAME, demo_model_path
 
 # weight, config and tokenizer files; never the *.bin / *.pth / original/ duplicates
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
@@ -92,8 +92,6 @@ def resolve_model(model: str, revision: str | None = None) -> str:
     if k == "local":
         return _check_folder(os.path.expanduser(model), model)
     if k == "demo":
-        from nanovllmx.utils.make_model import demo_model_path
-
         return str(demo_model_path())
     return _download(model, revision)
 

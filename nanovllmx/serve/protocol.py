@@ -13,11 +13,11 @@ are ignored, as in vLLM.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
-Number = Union[StrictInt, StrictFloat]
+Number = StrictInt | StrictFloat
 
 
 class _Request(BaseModel):
@@ -198,7 +198,7 @@ class ErrorResponse(BaseModel):
     error: ErrorInfo
 
 
-def drop_none(d: dict, keys: tuple[str, ...]) -> dict:
+def drop_none(d: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
     """Remove optional extension keys (e.g. token_ids) that were not asked for."""
     for k in keys:
         if d.get(k) is None:

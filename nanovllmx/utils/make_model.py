@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-DEMO_MODEL_NAME = "nanovllmx-demo"
+from nanovllmx.utils.demo import DEMO_MODEL_NAME
 
 BOS_TOKEN_ID = 151643  # <|endoftext|>; Qwen3 never prepends it, it only serves as bos/pad id
 EOS_TOKEN_ID = 151645  # <|im_end|>: end of a chat turn

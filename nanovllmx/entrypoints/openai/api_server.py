@@ -20,7 +20,7 @@ import sys
 import time
 
 from nanovllmx.config import EngineConfig
-from nanovllmx.utils.make_model import DEMO_MODEL_NAME
+from nanovllmx.utils.demo import DEMO_MODEL_NAME
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

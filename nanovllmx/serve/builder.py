@@ -1,0 +1,146 @@
+"""`build_app(args)`: the Serve application from a config's `args` (`import_path:
+nanovllmx.serve:build_app`). Splits `args` into the app's own keys, engine arguments (`LLM(...)`
+keywords) and Serve deployment options, and sets the deployment's defaults; see docs/serving.md."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+from typing import Any
+
+from ray import serve
+
+from nanovllmx.serve import model_resolver
+from nanovllmx.serve.app import LLMServer
+from nanovllmx.serve.middleware import DEFAULT_MAX_REQUEST_BODY_BYTES
+
+# Keys of `args` that configure the app itself rather than the engine or the Serve deployment.
+APP_KEYS = ("model", "served_model_name", "generation_config", "revision", "log_level", "max_request_body_bytes")
+# Serve deployment options that may be given in `args` (applied with Deployment.options).
+DEPLOYMENT_KEYS = tuple(
+    p
+    for p in inspect.signature(serve.Deployment.options).parameters
+    if not p.startswith("_") and p not in ("self", "func_or_class", "name", "version", "user_config")
+)
+
+
+def engine_arg_names() -> dict[str, str]:
+    """Every engine argument (`EngineConfig` field, so every `LLM(...)` keyword) by name, with its
+    annotation as text."""
+    from nanovllmx.config import EngineConfig
+
+    names = {f.name: str(f.type) for f in dataclasses.fields(EngineConfig) if f.init}
+    for internal in ("model", "hf_config", "eos_token_ids"):
+        names.pop(internal, None)
+    return names
+
+
+def _coerce(value: Any, annotation: str) -> Any:
+    """`serve run nanovllmx.serve:build_app key=value` passes strings: give them their field's type."""
+    if not isinstance(value, str) or "str" in annotation:
+        return value
+    import yaml
+
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+
+
+def _cluster_has_gpus() -> bool:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            gpus: float = ray.cluster_resources().get("GPU", 0)  # type: ignore[no-untyped-call]  # Ray's API is untyped
+            return gpus > 0
+    except Exception:  # noqa: BLE001
+        pass
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Build the Serve application from a config's `args`.
+
+    args: `model` (local folder, hub id or the demo name; required), `served_model_name` (str or list;
+    default: the folder / repo name), `generation_config` ("auto": sampling defaults from the
+    checkpoint's generation_config.json, "none": OpenAI's defaults), `revision` (hub revision),
+    every `LLM(...)` argument by name (tp_size, pp_size, context_len, max_bs, gpu_memory_utilization,
+    ...), and Serve deployment options (num_replicas, autoscaling_config, ray_actor_options,
+    max_ongoing_requests, health_check_period_s, ...).
+    """
+    args = dict(args or {})
+    if "model" not in args:
+        raise ValueError(
+            "build_app: `model` is required (a local checkpoint folder, a Hugging Face Hub id, or 'nanovllmx-demo')"
+        )
+    model = str(args.pop("model"))
+    model_resolver.check_model(model)
+    served = args.pop("served_model_name", None) or model_resolver.default_served_name(model)
+    served_names = [served] if isinstance(served, str) else [str(s) for s in served]
+    if not served_names or not all(served_names):
+        raise ValueError("served_model_name must be a non-empty string or list of strings")
+    generation_config = str(args.pop("generation_config", "auto"))
+    if generation_config not in ("auto", "none"):
+        raise ValueError(f"generation_config must be 'auto' or 'none', got {generation_config!r}")
+    revision = args.pop("revision", None)
+    log_level = str(args.pop("log_level", None) or os.environ.get("NANOVLLMX_LOG_LEVEL") or "INFO").upper()
+    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError(f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {log_level!r}")
+
+    max_body = _coerce(args.pop("max_request_body_bytes", DEFAULT_MAX_REQUEST_BODY_BYTES), "int")
+    if max_body is None:
+        max_body = 0
+    if not isinstance(max_body, int) or isinstance(max_body, bool) or max_body < 0:
+        raise ValueError(f"max_request_body_bytes must be an integer >= 0 (0: no limit), got {max_body!r}")
+
+    engine_names = engine_arg_names()
+    deploy_opts = {k: _coerce(args.pop(k), "Any") for k in DEPLOYMENT_KEYS if k in args}
+    engine_kwargs = {}
+    for k in list(args):
+        if k in engine_names:
+            engine_kwargs[k] = _coerce(args.pop(k), engine_names[k])
+    if args:
+        raise ValueError(
+            f"build_app: unknown argument(s) {sorted(args)}. Known: app {list(APP_KEYS)}, "
+            f"engine {sorted(engine_names)}, deployment {sorted(DEPLOYMENT_KEYS)}"
+        )
+
+    # GPUs: on GPU the engine runs in Ray actors, never in the replica (resolve_executor says why)
+    from nanovllmx.config import EngineConfig, resolve_executor
+
+    device = engine_kwargs.get("device", "auto")
+    if device == "auto":  # decide here: a replica without a GPU of its own would otherwise pick the CPU
+        device = engine_kwargs["device"] = "cuda" if _cluster_has_gpus() else "cpu"
+    tp = int(engine_kwargs.get("tp_size", EngineConfig.tp_size))
+    pp = int(engine_kwargs.get("pp_size", EngineConfig.pp_size))
+    executor = engine_kwargs["executor"] = resolve_executor(
+        engine_kwargs.get("executor", EngineConfig.executor), device, tp * pp, serving=True
+    )
+    own_workers = executor == "ray"
+    actor_opts = dict(deploy_opts.get("ray_actor_options") or {})
+    actor_opts.setdefault("num_gpus", 1 if (device == "cuda" and not own_workers) else 0)
+    actor_opts.setdefault("num_cpus", 1)
+    deploy_opts["ray_actor_options"] = actor_opts
+    # one log line per request, ours (EngineStream._report); Serve's access log would be a second one
+    deploy_opts.setdefault("logging_config", {"enable_access_log": False})
+    # Serve's default (5 at once) would starve continuous batching: let the engine see the queue. It
+    # sees all of it (max_bs running + max_waiting_requests waiting), so the engine's own bound applies
+    # (503 + Retry-After, OpenAI's error JSON) rather than an unbounded queue in Serve's router.
+    max_bs = int(engine_kwargs.get("max_bs", EngineConfig.max_bs))
+    max_waiting = int(engine_kwargs.get("max_waiting_requests", EngineConfig.max_waiting_requests))
+    deploy_opts.setdefault("max_ongoing_requests", max(64, max_bs + max_waiting + 1))
+    auto = deploy_opts.get("autoscaling_config")
+    if isinstance(auto, dict) and "target_ongoing_requests" not in auto:
+        # Serve's default target (2 per replica) suits one-request-at-a-time models, not a batching engine
+        deploy_opts["autoscaling_config"] = {**auto, "target_ongoing_requests": max(1, max_bs // 2)}
+
+    # @serve.deployment made LLMServer a Deployment; Ray's annotations say it is still the class
+    deployment: serve.Deployment = LLMServer  # type: ignore[assignment]
+    app: serve.Application = deployment.options(**deploy_opts).bind(
+        model, served_names, engine_kwargs, generation_config, revision, log_level, max_request_body_bytes=max_body
+    )
+    return app

@@ -1,0 +1,312 @@
+"""One mapping between the OpenAI API and the engine, for chat and completions alike.
+
+A request becomes prompt token ids (the chat template rendered, the text encoded, or the ids as
+sent) and a `SamplingParams` (OpenAI's fields, the checkpoint's generation defaults, the context
+length); what the engine returns becomes a non-streaming response. Where chat and completions
+differ (which fields they refuse, `max_completion_tokens`, the names of their choices' fields),
+the request's type decides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+from typing import Any, cast
+
+from nanovllmx.engine.protocol import EngineClient
+from nanovllmx.outputs import StreamDelta
+from nanovllmx.sampling_params import SamplingParams
+from nanovllmx.serve.errors import APIError, bad_request
+from nanovllmx.serve.protocol import (
+    ChatCompletionChoice,
+    ChatCompletionMessage,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    Usage,
+    drop_none,
+)
+
+OpenAIRequest = ChatCompletionRequest | CompletionRequest
+
+MAX_CHOICES = 64  # most `n` per request: each choice is an engine request (they share the prompt's KV)
+_INT64_MAX = 2**63 - 1
+# keys a client may not set through chat_template_kwargs: the app sets them
+_RESERVED_TEMPLATE_KWARGS = (
+    "conversation",
+    "messages",
+    "tokenize",
+    "add_generation_prompt",
+    "continue_final_message",
+    "tools",
+    "return_dict",
+)
+
+
+def generation_defaults(folder: str) -> dict[str, Any]:
+    """Sampling defaults from the checkpoint's generation_config.json (as vLLM does by default)."""
+    path = os.path.join(folder, "generation_config.json")
+    try:
+        with open(path) as f:
+            gc = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if gc.get("do_sample") is False:
+        return {}
+    return {
+        k: gc[k]
+        for k in ("temperature", "top_p", "top_k", "min_p")
+        if isinstance(gc.get(k), (int, float)) and not isinstance(gc.get(k), bool)
+    }
+
+
+def param_of(message: str) -> str | None:
+    """SamplingParams errors start with the field's name."""
+    word = message.split(" ", 1)[0]
+    return word if word in {f.name for f in dataclasses.fields(SamplingParams)} else None
+
+
+def unsupported(message: str, param: str) -> APIError:
+    return bad_request(message, param, "unsupported_parameter")
+
+
+def usage_of_choices(lasts: list[StreamDelta | None], n_prompt: int) -> Usage:
+    """Usage of a response with one choice per last delta: the prompt counts once (as OpenAI's),
+    completion tokens add up; cached tokens are the first choice's."""
+    done = sum(d.num_output_tokens for d in lasts if d is not None)
+    cached = lasts[0].num_cached_tokens if lasts and lasts[0] is not None else 0
+    return Usage.of(n_prompt, done, cached)
+
+
+class RequestMapping:
+    """Turns a validated OpenAI request into what the engine takes. One per replica."""
+
+    def __init__(self, llm: EngineClient, defaults: dict[str, Any]):
+        self.llm = llm
+        self.tokenizer = llm.tokenizer
+        context_len = llm.config.context_len
+        assert context_len is not None  # EngineConfig resolves it when the engine is built
+        self.context_len: int = context_len
+        self.vocab_size: int = llm.config.hf_config.vocab_size
+        self.defaults = defaults  # generation_defaults(), or {} for OpenAI's
+
+    # ------------------------------------------------------------------------- checks
+    @staticmethod
+    def check(body: OpenAIRequest) -> None:
+        """400 for the fields this server accepts but does not support (yet)."""
+        if body.n is not None and not 1 <= body.n <= MAX_CHOICES:
+            raise bad_request(f"n must be between 1 and {MAX_CHOICES}, got {body.n}", "n")
+        for field, neutral in (("presence_penalty", 0), ("frequency_penalty", 0), ("repetition_penalty", 1)):
+            v = getattr(body, field)
+            if v is not None and v != neutral:
+                raise unsupported(f"{field} is not supported yet (only {neutral} is accepted)", field)
+        if body.logit_bias:
+            raise unsupported("logit_bias is not supported yet", "logit_bias")
+        if isinstance(body, ChatCompletionRequest):
+            if body.logprobs or (body.top_logprobs or 0) > 0:
+                raise unsupported("logprobs are not supported yet", "logprobs")
+            if body.response_format and body.response_format.get("type", "text") != "text":
+                raise unsupported("response_format other than {'type': 'text'} is not supported yet", "response_format")
+            if isinstance(body.tool_choice, dict) or body.tool_choice not in (None, "auto", "none"):
+                raise unsupported(
+                    "tool_choice must be 'auto' or 'none' (forced tool calls are not supported yet)", "tool_choice"
+                )
+        else:
+            if body.logprobs is not None:
+                raise unsupported("logprobs are not supported yet", "logprobs")
+            if body.echo:
+                raise unsupported("echo is not supported yet", "echo")
+            if body.suffix:
+                raise unsupported("suffix is not supported", "suffix")
+            if body.best_of not in (None, 1):
+                raise unsupported("best_of > 1 is not supported yet", "best_of")
+
+    # ------------------------------------------------------------------------- the prompt
+    async def prompt_ids(self, body: OpenAIRequest) -> list[int]:
+        """The prompt's token ids: chat rendered through the chat template, text encoded (both off the
+        event loop), token ids as sent."""
+        if isinstance(body, ChatCompletionRequest):
+            return await asyncio.to_thread(self.render_chat, body)
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise unsupported(
+                    f"a list of {len(prompt)} prompts was sent; several prompts in one request are "
+                    "not supported yet: send one request per prompt",
+                    "prompt",
+                )
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            return await asyncio.to_thread(self.llm.encode, prompt)
+        return list(cast(list[int], prompt))
+
+    def render_chat(self, body: ChatCompletionRequest) -> list[int]:
+        tok = self.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise bad_request("this model has no chat template; use /v1/completions", "messages", "no_chat_template")
+        messages = []
+        for i, m in enumerate(body.messages):
+            content = m.content
+            if isinstance(content, list):
+                texts = []
+                for j, part in enumerate(content):
+                    if part.type != "text" or part.text is None:
+                        raise bad_request(
+                            f"messages[{i}].content[{j}]: content parts of type {part.type!r} are not "
+                            "supported (text only)",
+                            "messages",
+                            "unsupported_content",
+                        )
+                    texts.append(part.text)
+                content = "\n".join(texts)
+            if content is None and m.role != "assistant":
+                raise bad_request(
+                    f"messages[{i}]: a {m.role} message needs content", "messages", "missing_required_parameter"
+                )
+            msg: dict[str, Any] = {
+                "role": "system" if m.role == "developer" else m.role,
+                "content": content if content is not None else "",
+            }
+            for extra in ("name", "tool_calls", "tool_call_id", "reasoning_content"):
+                v = getattr(m, extra)
+                if v is not None:
+                    msg[extra] = v
+            messages.append(msg)
+        kwargs = dict(body.chat_template_kwargs or {})
+        for reserved in _RESERVED_TEMPLATE_KWARGS:
+            if reserved in kwargs:
+                raise bad_request(f"chat_template_kwargs may not set {reserved!r}", "chat_template_kwargs")
+        tools = body.tools if body.tool_choice != "none" else None
+        try:
+            text = tok.apply_chat_template(
+                messages,
+                tools=tools or None,
+                tokenize=False,
+                add_generation_prompt=bool(body.add_generation_prompt) and not body.continue_final_message,
+                continue_final_message=bool(body.continue_final_message),
+                **kwargs,
+            )
+        except Exception as e:  # jinja2.TemplateError, ValueError from transformers, ... : the input's fault
+            raise bad_request(
+                f"the chat template could not render these messages: {type(e).__name__}: {e}",
+                "messages",
+                "invalid_messages",
+            ) from e
+        return cast(list[int], tok.encode(text, add_special_tokens=False))
+
+    # ------------------------------------------------------------------------- sampling
+    def sampling_params(self, body: OpenAIRequest, n_prompt: int) -> SamplingParams:
+        """OpenAI's sampling fields, else the checkpoint's defaults, else OpenAI's; max_tokens by
+        default the rest of the context. 400 for a prompt or output that does not fit."""
+        max_tokens: int | None
+        if isinstance(body, ChatCompletionRequest):
+            prompt_param = "messages"
+            if body.max_completion_tokens is not None:
+                max_tokens, max_param = body.max_completion_tokens, "max_completion_tokens"
+            else:
+                max_tokens, max_param = body.max_tokens, "max_tokens"
+        else:
+            prompt_param, max_tokens, max_param = "prompt", body.max_tokens, "max_tokens"
+        ctx = self.context_len
+        if n_prompt == 0:
+            raise bad_request("the prompt is empty", prompt_param, "empty_prompt")
+        if n_prompt >= ctx:
+            raise bad_request(
+                f"This model's maximum context length is {ctx} tokens, but the prompt has "
+                f"{n_prompt} tokens (at least one token must be left for the output).",
+                prompt_param,
+                "context_length_exceeded",
+            )
+        if max_tokens is None:
+            max_tokens = ctx - n_prompt
+        elif isinstance(max_tokens, int) and max_tokens >= 1 and n_prompt + max_tokens > ctx:
+            raise bad_request(
+                f"This model's maximum context length is {ctx} tokens. However, you "
+                f"requested {n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} "
+                f"for the completion). Reduce the prompt or {max_param}.",
+                max_param,
+                "context_length_exceeded",
+            )
+
+        def pick(name: str, default: Any) -> Any:
+            v = getattr(body, name)
+            return v if v is not None else self.defaults.get(name, default)
+
+        top_k = pick("top_k", -1)
+        if isinstance(top_k, int) and top_k >= self.vocab_size:
+            top_k = -1  # no cut-off, and keeps the engine's int32 arrays in range
+        seed = body.seed
+        if seed is not None:
+            if not -(2**63) <= seed <= _INT64_MAX:
+                raise bad_request(f"seed must be a 64-bit integer, got {seed}", "seed")
+            seed %= 2**63  # the engine treats negative seeds as "unseeded"
+        try:
+            return SamplingParams(
+                temperature=pick("temperature", 1.0),
+                top_p=pick("top_p", 1.0),
+                top_k=top_k,
+                min_p=pick("min_p", 0.0),
+                max_tokens=max_tokens,
+                stop=body.stop or [],
+                stop_token_ids=body.stop_token_ids or [],
+                ignore_eos=bool(body.ignore_eos),
+                seed=seed,
+            )
+        except ValueError as e:
+            msg = str(e)
+            param = param_of(msg)
+            if param == "max_tokens":
+                param, msg = max_param, msg.replace("max_tokens", max_param, 1)
+            raise bad_request(msg, param) from e
+
+
+def full_response(
+    body: OpenAIRequest,
+    rid: str,
+    created: int,
+    name: str,
+    prompt_ids: list[int],
+    results: list[tuple[str, list[int], StreamDelta]],
+) -> dict[str, Any]:
+    """The non-streaming response's JSON: one choice per (text, token ids, last delta)."""
+    ids = bool(body.return_token_ids)
+    usage = usage_of_choices([r[2] for r in results], len(prompt_ids))
+    resp: dict[str, Any]
+    if isinstance(body, ChatCompletionRequest):
+        chat_choices = [
+            ChatCompletionChoice(
+                index=i,
+                message=ChatCompletionMessage(content=text),
+                finish_reason=last.finish_reason,
+                token_ids=token_ids if ids else None,
+            )
+            for i, (text, token_ids, last) in enumerate(results)
+        ]
+        resp = ChatCompletionResponse(
+            id=rid,
+            created=created,
+            model=name,
+            choices=chat_choices,
+            usage=usage,
+            prompt_token_ids=prompt_ids if ids else None,
+        ).model_dump()
+        drop_none(resp, ("prompt_token_ids",))
+    else:
+        choices = [
+            CompletionChoice(
+                index=i,
+                text=text,
+                finish_reason=last.finish_reason,
+                token_ids=token_ids if ids else None,
+                prompt_token_ids=prompt_ids if ids else None,
+            )
+            for i, (text, token_ids, last) in enumerate(results)
+        ]
+        resp = CompletionResponse(id=rid, created=created, model=name, choices=choices, usage=usage).model_dump()
+    for c in resp["choices"]:
+        drop_none(c, ("token_ids", "prompt_token_ids"))
+    return resp
