@@ -53,7 +53,7 @@ def _cluster_has_gpus() -> bool:
         import ray
 
         if ray.is_initialized():
-            gpus: float = ray.cluster_resources().get("GPU", 0)  # type: ignore[no-untyped-call]  # Ray's API is untyped
+            gpus: float = ray.cluster_resources().get("GPU", 0)
             return gpus > 0
     except Exception:  # noqa: BLE001
         pass

@@ -141,7 +141,10 @@ class RequestMapping:
                 )
             prompt = prompt[0]
         if isinstance(prompt, str):
-            return await asyncio.to_thread(self.llm.encode, prompt)
+            try:
+                return await asyncio.to_thread(self.llm.encode, prompt)
+            except ValueError as e:  # e.g. far longer than the context: refused before it is all tokenized
+                raise bad_request(str(e), "prompt", "context_length_exceeded") from e
         return list(cast(list[int], prompt))
 
     def render_chat(self, body: ChatCompletionRequest) -> list[int]:
@@ -196,7 +199,10 @@ class RequestMapping:
                 "messages",
                 "invalid_messages",
             ) from e
-        return cast(list[int], tok.encode(text, add_special_tokens=False))
+        try:
+            return self.llm.encode(text)  # the same bounded encoding as a text prompt
+        except ValueError as e:
+            raise bad_request(str(e), "messages", "context_length_exceeded") from e
 
     # ------------------------------------------------------------------------- sampling
     def sampling_params(self, body: OpenAIRequest, n_prompt: int) -> SamplingParams:
