@@ -1,6 +1,6 @@
 """Reliability (issue 7), on CPU with the tiny checkpoint: what the engine and the OpenAI app do when
 things go wrong. docs/reliability.md maps every failure mode to its test here (fuzzing is in
-tests/test_fuzz.py).
+tests/serve/test_fuzz.py).
 
 - bad input: 4xx with OpenAI's error JSON, one log line each, the service keeps serving;
 - overload: a bounded queue (`max_waiting_requests`), 503 + Retry-After beyond it; KV exhaustion
@@ -35,14 +35,14 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from conftest import random_prompt, wait_api_server
 
 from nanovllmx import LLM, EngineOverloadedError, EngineRequestError, EngineUnavailableError, SamplingParams
 from nanovllmx.utils.make_model import DEMO_MODEL_NAME
+from tests.helpers import random_prompt, wait_api_server
 
 pytestmark = pytest.mark.timeout(300)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CTX = 256
 
 
@@ -530,7 +530,7 @@ def _chunks(n: int, size: int):
         yield b" " * size
 
 
-# (what, path, request kwargs for httpx, status, param, code): cases tests/test_serve.py does not cover
+# (what, path, request kwargs for httpx, status, param, code): cases tests/serve/test_serve.py does not cover
 BAD_INPUT = [
     (
         "body over the limit (Content-Length)",

@@ -20,13 +20,13 @@ import httpx
 import openai
 import pytest
 import yaml
-from conftest import wait_api_server
 
 from nanovllmx.utils.make_model import DEMO_MODEL_NAME, demo_model_path
+from tests.helpers import wait_api_server
 
 pytestmark = pytest.mark.timeout(300)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CONTEXT_LEN = 512
 ALIAS = "demo-alias"
 LONG_PROMPT = " ".join(f"Sentence number {i} of a long shared prefix about llamas." for i in range(30))

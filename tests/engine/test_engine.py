@@ -12,13 +12,13 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import CONTEXT_LEN, EOS_IDS, random_prompt
 
 from nanovllmx import LLM, SamplingParams
 from nanovllmx.attention.base import forward_context
 from nanovllmx.config import EngineConfig
 from nanovllmx.scheduler.request import EngineRequest
 from nanovllmx.scheduler.scheduler import Scheduler
+from tests.helpers import CONTEXT_LEN, EOS_IDS, random_prompt
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 

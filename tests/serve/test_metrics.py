@@ -396,7 +396,7 @@ def test_metrics_disabled_without_ray(monkeypatch):
 def test_grafana_dashboard_references_exported_names():
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     dash = json.loads((root / "dashboards" / "nanovllmx_grafana.json").read_text())
     exprs = " ".join(t["expr"] for p in dash["panels"] for t in p.get("targets", []))
     for name in (

@@ -297,7 +297,7 @@ def test_split_batch():
     for m in (1, 2, 3, 8):
         parts = split_batch(b, m)
         assert len(parts) == min(m, B)
-        cat = lambda f: np.concatenate([getattr(p, f) for p in parts])
+        cat = lambda f, parts=parts: np.concatenate([getattr(p, f) for p in parts])
         for f in ("req_indices", "start_pos", "q_lens", "input_ids", "out_slots"):
             assert (cat(f) == getattr(b, f)).all(), f
         assert sorted(zip(cat("table_rows"), cat("table_slots"))) == [(13, 5), (13, 6), (15, 7)]
