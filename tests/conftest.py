@@ -1,24 +1,36 @@
-"""Shared fixtures: one tiny random-weight Qwen3 checkpoint per test session (real Qwen3 tokenizer,
-float32), the `transformers` reference model loaded from the same files, and helpers that compute
-reference logits / greedy continuations with it."""
+"""Shared by every test area: one tiny random-weight Qwen3 checkpoint per test session (real Qwen3
+tokenizer, float32), the `transformers` reference model loaded from the same files (helpers.py), one
+marker per area folder, and the process-exit workaround at the end."""
 
 from __future__ import annotations
 
 import os
-import random
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 from hypothesis import settings
+
+from tests.helpers import HFReference
 
 # no .hypothesis/ example database in the working tree (failures print their reproducing example)
 settings.register_profile("nanovllmx", database=None, print_blob=True)
 settings.load_profile("nanovllmx")
 
-CONTEXT_LEN = 512  # small context: small KV pools and fast tests
-EOS_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|> (generation_config of the tiny model)
+# ---- one marker per area: tests/<area>/... carries the marker <area> (registered in pyproject.toml),
+# so `pytest -m serve` runs one area and `pytest -m "not serve"` the rest
+AREAS = ("unit", "engine", "distributed", "serve", "gpu")
+_TESTS_DIR = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        try:
+            area = Path(item.fspath).resolve().relative_to(_TESTS_DIR).parts[0]
+        except ValueError:  # not under tests/
+            continue
+        if area in AREAS:
+            item.add_marker(getattr(pytest.mark, area))
 
 
 @pytest.fixture(scope="session")
@@ -35,68 +47,9 @@ def tokenizer(tiny_model_dir: Path):
     return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
-class HFReference:
-    """transformers' own Qwen3ForCausalLM on the tiny checkpoint (float32, CPU, eager attention),
-    with memoised greedy continuations."""
-
-    def __init__(self, model_dir: Path):
-        from transformers import Qwen3ForCausalLM
-
-        self.model = Qwen3ForCausalLM.from_pretrained(
-            model_dir, dtype=torch.float32, attn_implementation="eager"
-        ).eval()
-        self._greedy: dict[tuple[tuple[int, ...], int], list[int]] = {}
-
-    @torch.inference_mode()
-    def logits(self, prompt: list[int]) -> torch.Tensor:
-        """[len(prompt), vocab] float32 logits of every position."""
-        return self.model(torch.tensor([prompt])).logits[0].float()
-
-    @torch.inference_mode()
-    def greedy(self, prompt: list[int], max_tokens: int) -> list[int]:
-        """Greedy continuation of exactly max_tokens tokens (EOS ignored), using HF's KV cache."""
-        key = (tuple(prompt), max_tokens)
-        if key not in self._greedy:
-            out = self.model(torch.tensor([prompt]), use_cache=True)
-            toks: list[int] = []
-            while True:
-                nxt = int(out.logits[0, -1].argmax())
-                toks.append(nxt)
-                if len(toks) == max_tokens:
-                    break
-                out = self.model(torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
-            self._greedy[key] = toks
-        return list(self._greedy[key])
-
-
 @pytest.fixture(scope="session")
 def hf_ref(tiny_model_dir: Path) -> HFReference:
     return HFReference(tiny_model_dir)
-
-
-def random_prompt(n: int, seed: int, vocab: int = 151643) -> list[int]:
-    """n ordinary (non-special) token ids drawn from a seeded generator."""
-    rng = random.Random(seed)
-    return [rng.randrange(vocab) for _ in range(n)]
-
-
-def wait_api_server(url: str, proc, log_path: Path, timeout: float = 150.0) -> None:
-    """Wait until a `python -m nanovllmx.entrypoints.openai.api_server` subprocess answers /health;
-    fail with the tail of its log if it exits or does not come up in time."""
-    import time
-
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while True:
-        assert proc.poll() is None, log_path.read_text()[-3000:]
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "api_server did not come up"
-        time.sleep(0.5)
 
 
 # ---- process exit ----

@@ -10,7 +10,7 @@ from nanovllmx.layers.rotary import RotaryEmbedding
 
 def _fused_qkv(k_cache: torch.Tensor) -> bool:
     """Whether the fused Triton kernel serves a pool: on CUDA. A function so that the interpreter
-    test (tests/test_triton_interpreted.py) can turn it on for a CPU pool."""
+    test (tests/unit/test_triton_interpreted.py) can turn it on for a CPU pool."""
     return k_cache.is_cuda
 
 

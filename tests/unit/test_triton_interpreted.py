@@ -1,6 +1,6 @@
 """The Triton kernels (kernels/fused.py, kernels/sampling.py) on the CPU through Triton's
 interpreter (TRITON_INTERPRET=1, in a subprocess: the variable is read when kernels are defined),
-against their PyTorch twins, so CI checks their logic without a GPU. tests/test_gpu_backends.py
+against their PyTorch twins, so CI checks their logic without a GPU. tests/gpu/test_gpu_backends.py
 runs the same comparisons compiled, on a GPU."""
 
 from __future__ import annotations

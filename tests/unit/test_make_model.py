@@ -51,7 +51,7 @@ def test_tokenizer_is_fast_and_encodes_chatml_like_qwen3(tokenizer) -> None:
 
 
 def test_added_token_ids_and_specialness(tokenizer) -> None:
-    for tid, content, special in QWEN3_ADDED_TOKENS:
+    for tid, content, _special in QWEN3_ADDED_TOKENS:
         assert tokenizer.convert_tokens_to_ids(content) == tid, content
         # Added tokens must be matched whole, never split by BPE.
         assert tokenizer(f"a{content}b", add_special_tokens=False).input_ids[1] == tid

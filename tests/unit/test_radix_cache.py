@@ -496,7 +496,7 @@ def test_randomized(seed: int) -> None:
                 assert contents[tuple(t[: j + 1])] == int(pre[j])
 
     # Unlock everything, release private slots, evict all.
-    for t, pre, node, own in live:
+    for _t, _pre, node, own in live:
         c.dec_ref(node)
         a.free(own)
     live.clear()

@@ -8,7 +8,7 @@
 Every answer is < 500, and every 4xx carries OpenAI's error JSON. A bounded number of examples per
 route (NANOVLLMX_FUZZ_EXAMPLES, default 30), derandomized so CI is reproducible (set
 NANOVLLMX_FUZZ_RANDOM=1 for fresh examples), loopback only. SamplingParams validation itself is
-property-tested in tests/test_sampling.py.
+property-tested in tests/unit/test_sampling.py.
 """
 
 from __future__ import annotations

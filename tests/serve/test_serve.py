@@ -20,13 +20,13 @@ import httpx
 import openai
 import pytest
 import yaml
-from conftest import wait_api_server
 
 from nanovllmx.utils.demo import DEMO_MODEL_NAME, demo_model_path
+from tests.helpers import wait_api_server
 
 pytestmark = pytest.mark.timeout(300)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CONTEXT_LEN = 512
 ALIAS = "demo-alias"
 LONG_PROMPT = " ".join(f"Sentence number {i} of a long shared prefix about llamas." for i in range(30))
@@ -49,7 +49,7 @@ class Server:
         assert r.status_code == 200, r.text
         return r.json()
 
-    def wait_idle(self, timeout: float = 30.0) -> dict:
+    def wait_idle(self, timeout: float = 60.0) -> dict:
         """Poll until no request runs or waits and every KV slot is free or only held by the radix cache."""
         deadline = time.monotonic() + timeout
         while True:
@@ -129,6 +129,7 @@ def test_models_health_version(server):
 
 def test_chat_non_streaming_usage_and_text(server, tok):
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour 🎨."}]
+    before = server.wait_idle()
     r = server.client.chat.completions.create(
         model=DEMO_MODEL_NAME,
         messages=messages,
@@ -144,7 +145,11 @@ def test_chat_non_streaming_usage_and_text(server, tok):
     assert r.usage.prompt_tokens == len(prompt_ids)
     assert r.usage.completion_tokens == 12 == len(c.token_ids)
     assert r.usage.total_tokens == len(prompt_ids) + 12
-    assert r.usage.prompt_tokens_details.cached_tokens >= 0
+    # the cached tokens reported are the ones the engine took from its radix cache for this request
+    after = server.wait_idle()
+    cached = after["cached_prompt_tokens_total"] - before["cached_prompt_tokens_total"]
+    assert after["prompt_tokens_total"] - before["prompt_tokens_total"] == len(prompt_ids)
+    assert r.usage.prompt_tokens_details.cached_tokens == cached < len(prompt_ids), (cached, after)
     # incremental detokenization (multi-byte characters included) equals a full decode
     assert c.message.content == tok.decode(c.token_ids, skip_special_tokens=True)
 
@@ -354,18 +359,20 @@ def test_chat_template_options_and_tools(server, tok):
 
 
 def test_tokens_stream_before_the_end(server):
-    """Each token is sent when it is sampled: the first text arrives long before the last."""
-    body = {"model": DEMO_MODEL_NAME, "prompt": "Stream me", "max_tokens": 96, "ignore_eos": True, "stream": True}
-    stamps = []
-    t0 = time.monotonic()
+    """Each token is sent when it is sampled: the first text arrives while the request is still
+    generating (an ordering, not a wall-clock ratio), and there is about one event per token."""
+    server.wait_idle()
+    body = {"model": DEMO_MODEL_NAME, "prompt": "Stream me", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    events, running_at_first = 0, None
     with server.http.stream("POST", "/v1/completions", json=body) as r:
         for line in r.iter_lines():
             if line.startswith("data: {"):
-                stamps.append(time.monotonic() - t0)
-    assert len(stamps) >= 48  # about one event per token (a few tokens only complete a character later)
-    assert stamps[0] < 0.25 * stamps[-1], (stamps[0], stamps[-1])
-    # events are spread over the generation, not bunched at its end
-    assert stamps[len(stamps) // 2] < 0.75 * stamps[-1], stamps
+                events += 1
+                if events == 1:  # the reader holds the stream here: the engine keeps generating
+                    running_at_first = server.stats()["num_running"]
+    # 400 tokens take seconds; a server that buffered the stream would send its first event after the end
+    assert running_at_first == 1, "the first event came only after the request had finished"
+    assert events >= 10  # incremental: many events (fewer than tokens when a lagging stream merges deltas)
 
 
 def test_concurrent_requests(server):
@@ -512,11 +519,9 @@ def test_unknown_model_404_and_routes(server):
 def _abort_case(server, make_request, aborted: int = 1) -> None:
     before = server.wait_idle()["num_aborted_requests"]
     make_request()
-    t0 = time.monotonic()
-    s = server.wait_idle(timeout=20)
+    s = server.wait_idle()
+    # counted as aborted (a request that ran to its end would finish with "length"): it was stopped
     assert s["num_aborted_requests"] == before + aborted, s
-    # ~480 tokens take far longer than this on CPU: the request was stopped, not run to its end
-    assert time.monotonic() - t0 < 8, s
 
 
 def test_aborted_stream_releases_slots(server):

@@ -1,6 +1,6 @@
 """Reliability (issue 7), on CPU with the tiny checkpoint: what the engine and the OpenAI app do when
 things go wrong. docs/reliability.md maps every failure mode to its test here (fuzzing is in
-tests/test_fuzz.py).
+tests/serve/test_fuzz.py).
 
 - bad input: 4xx with OpenAI's error JSON, one log line each, the service keeps serving;
 - overload: a bounded queue (`max_waiting_requests`), 503 + Retry-After beyond it; KV exhaustion
@@ -35,14 +35,14 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from conftest import random_prompt, wait_api_server
 
 from nanovllmx import LLM, EngineOverloadedError, EngineRequestError, EngineUnavailableError, SamplingParams
 from nanovllmx.utils.demo import DEMO_MODEL_NAME
+from tests.helpers import random_prompt, wait_api_server
 
 pytestmark = pytest.mark.timeout(300)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CTX = 256
 
 
@@ -50,7 +50,7 @@ def greedy(n: int) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
 
 
-def wait_idle(llm: LLM, timeout: float = 20.0) -> dict:
+def wait_idle(llm: LLM, timeout: float = 60.0) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         st = llm.stats()
@@ -132,11 +132,11 @@ def test_overload_refused_before_submission_and_waiting_abort(tiny_model_dir):
                 assert time.monotonic() < deadline
                 await asyncio.sleep(0.01)
             eng.abort("r2")
-            waiting = await asyncio.wait_for(tasks[2], 5)
+            waiting = await asyncio.wait_for(tasks[2], 30)
             assert waiting[-1].finished and waiting[-1].finish_reason == "abort" and waiting[-1].num_output_tokens == 0
             steps = eng.stats()["num_steps"]
-            while eng.stats()["num_waiting"]:  # the engine drops it before its next step
-                assert eng.stats()["num_steps"] - steps <= 2
+            while (st := eng.stats())["num_waiting"]:  # the engine drops it before its next step
+                assert st["num_steps"] - steps <= 2, st  # one snapshot: no steps counted after the drop
                 await asyncio.sleep(0.001)
             for t in tasks[:2]:
                 t.cancel()  # cancelling a consumer aborts its request
@@ -151,7 +151,23 @@ def test_overload_refused_before_submission_and_waiting_abort(tiny_model_dir):
         eng.shutdown()
 
 
-def test_abort_frees_slots_within_one_engine_step(llm):
+def test_abort_frees_slots_within_one_engine_step(llm, monkeypatch):
+    # the engine's step count when the abort is sent and when the scheduler frees the request:
+    # recorded where they happen, so a slow poller cannot count steps that ran after the slots were freed
+    core, marks = llm.core, {}
+    real_send, real_free = core.abort, core.scheduler.abort
+
+    def send(rid):
+        marks.setdefault(("sent", rid), core.timer.steps)
+        return real_send(rid)
+
+    def free(rid):
+        marks.setdefault(("freed", rid), core.timer.steps)
+        return real_free(rid)
+
+    monkeypatch.setattr(core, "abort", send)
+    monkeypatch.setattr(core.scheduler, "abort", free)
+
     async def main():
         victim = llm.stream(random_prompt(30, seed=11), greedy(200), request_id="victim")
         other = asyncio.ensure_future(collect(llm.stream(random_prompt(30, seed=12), greedy(40))))
@@ -159,17 +175,17 @@ def test_abort_frees_slots_within_one_engine_step(llm):
         async for _ in victim:
             n += 1
             if n == 3:
-                steps = llm.stats()["num_steps"]
                 llm.abort("victim")
                 while llm.stats()["num_running"] != 1:  # the other one keeps the engine stepping
                     await asyncio.sleep(0.001)
-                freed_after = llm.stats()["num_steps"] - steps
         rest = await other
-        return n, freed_after, rest
+        return n, rest
 
-    n, freed_after, rest = asyncio.run(asyncio.wait_for(main(), 60))
-    # at most the step in flight when the abort came (+1: stats are read while the engine runs)
-    assert freed_after <= 2, f"the aborted request still ran {freed_after} steps later"
+    n, rest = asyncio.run(asyncio.wait_for(main(), 60))
+    # the engine applies aborts before it launches its next step: at most the step being launched
+    # when the abort was sent starts after it
+    freed_after = marks[("freed", "victim")] - marks[("sent", "victim")]
+    assert 0 <= freed_after <= 1, f"the aborted request still ran {freed_after} steps later"
     assert n <= 4  # its stream ended at once with the final "abort" delta
     assert rest[-1].finish_reason == "length" and rest[-1].num_output_tokens == 40
     wait_idle(llm)
@@ -194,8 +210,8 @@ def test_step_exception_fails_inflight_requests_and_loop_keeps_serving(llm, monk
         return await asyncio.gather(*(collect(llm.stream(random_prompt(15, seed=s), greedy(30))) for s in (22, 23)))
 
     t0 = time.monotonic()
-    results = asyncio.run(asyncio.wait_for(two(), 30))
-    assert time.monotonic() - t0 < 10
+    results = asyncio.run(asyncio.wait_for(two(), 120))
+    assert time.monotonic() - t0 < 60  # failed, not hung (30 tokens take well under a second when idle)
     for r in results:
         assert isinstance(r, EngineRequestError), r
         assert "engine error: RuntimeError: injected fault in the model" in str(r)
@@ -209,8 +225,25 @@ def test_step_exception_fails_inflight_requests_and_loop_keeps_serving(llm, monk
 
 def test_graceful_shutdown(tiny_model_dir):
     """shutdown(timeout): no new requests; short requests finish, long ones end with 'abort' at the
-    timeout (generate returns them, streams get their final delta); everything is released."""
+    timeout (generate returns them, streams get their final delta); everything is released.
+
+    No race with the machine's speed: the engine's steps are gated so that the shutdown starts while
+    all three requests are in one batch (the 6-token one cannot finish before that), and each step
+    takes at least 40 ms, so the 240-token requests cannot finish within the 4 s timeout."""
     eng = LLM(str(tiny_model_dir), context_len=CTX, max_bs=4, device="cpu")
+    worker = eng.core.executor.worker
+    real = worker.execute_async
+    submitted, all_in, release = threading.Event(), threading.Event(), threading.Event()
+
+    def paced(batch):
+        assert submitted.wait(60)  # no step before all three requests are submitted
+        if batch.num_reqs == 3 and not all_in.is_set():
+            all_in.set()  # sticky: the three are in one batch; hold it until the shutdown has begun
+            assert release.wait(60)
+        time.sleep(0.04)
+        return real(batch)
+
+    worker.execute_async = paced
     results: dict = {}
 
     def run_generate(name, n):
@@ -229,24 +262,27 @@ def test_graceful_shutdown(tiny_model_dir):
     ]
     for t in threads:
         t.start()
-    deadline = time.monotonic() + 20
-    while eng.stats()["num_running"] < 3:
+    deadline = time.monotonic() + 60  # no step runs until `submitted`: the count cannot move past 3
+    while eng.stats()["num_outstanding_requests"] < 3:
         assert time.monotonic() < deadline, eng.stats()
         time.sleep(0.01)
-    timeout = 1.5
+    submitted.set()
+    assert all_in.wait(60), eng.stats()
+    timeout = 4.0
     stopper = threading.Thread(target=eng.shutdown, kwargs={"timeout": timeout})
     t0 = time.monotonic()
     stopper.start()
     time.sleep(0.2)
-    assert stopper.is_alive()  # draining
+    assert stopper.is_alive()  # draining (nothing can finish while the step is held)
     with pytest.raises(EngineUnavailableError, match="shut down"):  # refused at once while draining
         eng.generate(["Hello"], greedy(2))
-    stopper.join(30)
+    release.set()
+    stopper.join(60)
     took = time.monotonic() - t0
     for t in threads:
         t.join(10)
         assert not t.is_alive()
-    assert timeout <= took < timeout + 10, took
+    assert timeout <= took < timeout + 30, took
     assert results["short"].finish_reason == "length" and len(results["short"].token_ids) == 6
     long = results["long"]
     assert long.finish_reason == "abort" and 0 < len(long.token_ids) < 240, long
@@ -385,14 +421,14 @@ def test_ray_worker_killed_mid_generation(ray_instance, tiny_model_dir):
         outs, delay = _kill_mid_generation(eng, lambda: ray.kill(eng.core.workers[0], no_restart=True))
         assert all(isinstance(o, EngineRequestError) for o in outs), outs
         print(f"in-flight requests failed {delay:.2f}s after the kill: {outs[0]}")
-        assert delay < 10, f"the failure took {delay:.1f}s to reach the requests"
+        assert delay < 30, f"the failure took {delay:.1f}s to reach the requests"
         with pytest.raises(EngineUnavailableError, match="broken"):
             eng.core.check_health()
         with pytest.raises(EngineUnavailableError, match="broken"):  # what the Serve replica's health check raises
             eng.check_health()
         # the next request fails fast too: never a hang
-        err, elapsed = within(20, eng.generate, ["Hello"], greedy(4))
-        assert isinstance(err, EngineRequestError) and elapsed < 10, (err, elapsed)
+        err, elapsed = within(60, eng.generate, ["Hello"], greedy(4))
+        assert isinstance(err, EngineRequestError) and elapsed < 30, (err, elapsed)
     finally:
         eng.shutdown()
     for a in actors:
@@ -410,13 +446,13 @@ def test_ray_scheduler_actor_killed_mid_generation(ray_instance, tiny_model_dir)
     try:
         outs, delay = _kill_mid_generation(eng, lambda: ray.kill(eng.core.scheduler, no_restart=True))
         assert all(isinstance(o, EngineRequestError) and "scheduler actor died" in str(o) for o in outs), outs
-        assert delay < 10, delay
+        assert delay < 30, delay
         with pytest.raises(EngineUnavailableError, match="scheduler actor died"):
             eng.core.check_health()
         with pytest.raises(EngineUnavailableError, match="scheduler actor died"):
             eng.check_health()
-        err, elapsed = within(10, eng.generate, ["Hello"], greedy(4))  # refused at once, not sent to a dead actor
-        assert isinstance(err, EngineUnavailableError) and elapsed < 2, (err, elapsed)
+        err, elapsed = within(30, eng.generate, ["Hello"], greedy(4))  # refused at once, not sent to a dead actor
+        assert isinstance(err, EngineUnavailableError) and elapsed < 10, (err, elapsed)
     finally:
         _, took = within(60, eng.shutdown)
     assert took < 30
@@ -447,7 +483,7 @@ class Server:
         assert r.status_code == 200, r.text
         return r.json()
 
-    def wait_idle(self, timeout: float = 30.0) -> dict:
+    def wait_idle(self, timeout: float = 60.0) -> dict:
         """No request running, waiting or without an outcome in the replica; every KV slot free or
         held by the radix cache only."""
         deadline = time.monotonic() + timeout
@@ -526,7 +562,7 @@ def _chunks(n: int, size: int):
         yield b" " * size
 
 
-# (what, path, request kwargs for httpx, status, param, code): cases tests/test_serve.py does not cover
+# (what, path, request kwargs for httpx, status, param, code): cases tests/serve/test_serve.py does not cover
 BAD_INPUT = [
     (
         "body over the limit (Content-Length)",
@@ -731,7 +767,7 @@ def test_bad_input_gets_4xx_openai_json_logged_once(main_app):
             _is_openai_error(r, status, param, code)
         except AssertionError as e:
             raise AssertionError(f"{what}: {e}") from None
-    deadline = time.monotonic() + 10  # each refused request is logged exactly once
+    deadline = time.monotonic() + 60  # each refused request is logged exactly once
     while len(_refusal_lines(log)) - before < len(BAD_INPUT) and time.monotonic() < deadline:
         time.sleep(0.1)
     time.sleep(0.3)
@@ -924,7 +960,7 @@ def test_soak_mixed_requests_with_random_disconnects(main_app):
         f"soak: 60 requests, {left} clients left early ({aborted} aborted in the engine) in {took:.1f}s; "
         f"replica RSS {rss0 / 2**20:.0f} -> {rss1 / 2**20:.0f} MiB"
     )
-    assert took < 60
+    assert took < 240  # 60 short requests (about 20 s on an idle 2-core machine): none hangs
 
 
 def test_actor_failure_fails_requests_and_serve_replaces_the_replica(serve_url):
@@ -968,20 +1004,20 @@ def test_actor_failure_fails_requests_and_serve_replaces_the_replica(serve_url):
         t_kill = time.monotonic()
         os.kill(worker_pid, signal.SIGKILL)
         for t in threads:
-            t.join(30)
+            t.join(60)
             assert not t.is_alive(), "a request hangs after its worker died"
         status, lines, t_end = result["stream"]
         assert status == 200 and lines[-1] == "data: [DONE]"
         err = json.loads(lines[-2][6:])
         assert err["error"]["code"] == "engine_error" and err["error"]["type"] == "server_error", err
-        assert t_end - t_kill < 10
+        assert t_end - t_kill < 30
         r, t_end = result["plain"]
         _is_openai_error(r, 500, None, "engine_error")
-        assert t_end - t_kill < 10
+        assert t_end - t_kill < 30
         health = srv.http.get("/health")
         assert health.status_code == 503, health.text  # the dead engine's replica (or none, while replaced)
         # Serve replaces the replica: wait until a request succeeds on a new one
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 180
         while True:
             try:
                 r = srv.http.post(
@@ -991,7 +1027,7 @@ def test_actor_failure_fails_requests_and_serve_replaces_the_replica(serve_url):
                     break
             except httpx.HTTPError:
                 pass
-            assert time.monotonic() < deadline, "no healthy replica after 120s"
+            assert time.monotonic() < deadline, "no healthy replica after 180s"
             time.sleep(0.5)
         assert r.json()["usage"]["completion_tokens"] == 3
         assert srv.stats()["replica"] != old_replica

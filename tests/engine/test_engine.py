@@ -12,13 +12,13 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import CONTEXT_LEN, EOS_IDS, random_prompt
 
 from nanovllmx import LLM, SamplingParams
 from nanovllmx.attention.base import forward_context
 from nanovllmx.config import EngineConfig
 from nanovllmx.scheduler.request import EngineRequest
 from nanovllmx.scheduler.scheduler import Scheduler
+from tests.helpers import CONTEXT_LEN, EOS_IDS, random_prompt
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -27,7 +27,7 @@ def greedy(max_tokens: int, **kw) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, **{**GREEDY, **kw})
 
 
-def wait_idle(llm: LLM, timeout: float = 20.0) -> dict:
+def wait_idle(llm: LLM, timeout: float = 60.0) -> dict:
     """Stats once the engine has nothing running or waiting (aborts are applied asynchronously)."""
     deadline = time.time() + timeout
     while True:
@@ -291,10 +291,12 @@ def test_output_shape(llm, tokenizer):
         assert isinstance(o.token_ids, list) and len(o.token_ids) == 5 and all(isinstance(t, int) for t in o.token_ids)
         assert isinstance(o.text, str) and o.text == tokenizer.decode(o.token_ids, skip_special_tokens=True)
         assert o.finish_reason == "length"
-        assert isinstance(o.num_cached_tokens, int) and o.num_cached_tokens >= 0
+        # the last prompt token is always computed (its logits give the first output token)
+        assert isinstance(o.num_cached_tokens, int) and 0 <= o.num_cached_tokens < len(o.prompt_token_ids)
     assert outs[1].prompt_token_ids == [151644, 872, 198]
     single = llm.generate([151644, 872, 198], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
     assert len(single) == 1 and single[0].token_ids == outs[1].token_ids
+    assert single[0].num_cached_tokens == 2  # the same prompt again: all of it but its last token from the cache
     assert llm.generate([], greedy(3)) == []
     assert outs[0].request_id != outs[1].request_id
 
@@ -358,12 +360,17 @@ def test_lagging_stream_gets_merged_deltas(llm, hf_ref, tokenizer):
 
     async def slow():
         out = []
-        async for d in llm.stream(prompt, greedy(40)):
+        agen = llm.stream(prompt, greedy(40))
+        async for d in agen:
             out.append(d)
             if len(out) == 1:
-                while llm.stats()["num_running"]:  # the whole request finishes while we wait
+                # wait (however long the machine takes) until the request's final delta is queued
+                # for this stream: the whole request finished while this consumer lagged
+                q = agen.ag_frame.f_locals["st"].queue
+                deadline = time.monotonic() + 60
+                while not (q.qsize() and q._queue[-1].finished):
+                    assert time.monotonic() < deadline, q.qsize()
                     await asyncio.sleep(0.02)
-                await asyncio.sleep(0.3)  # and its last outputs reach this loop
         return out
 
     deltas = asyncio.run(slow())
@@ -465,16 +472,32 @@ def test_cancelled_stream_aborts_request(llm):
     assert_no_leak(llm)
 
 
-def test_abort_in_generate_from_another_thread(llm):
+def test_abort_in_generate_from_another_thread(llm, monkeypatch):
     import threading
 
+    # the engine holds its steps once the request has 3 tokens until the abort was sent, so the
+    # 450-token request cannot run to its end before the other thread gets to abort it
+    aborted = threading.Event()
+    worker = llm.core.executor.worker
+    real = worker.execute_async
+
+    def held(batch):
+        with llm.processor.lock:
+            states = list(llm.processor.states.values())
+        if states and len(states[0].token_ids) >= 3:
+            assert aborted.wait(60)
+        return real(batch)
+
+    monkeypatch.setattr(worker, "execute_async", held)
+
     def abort_after_3_tokens():
-        deadline = time.time() + 20
+        deadline = time.time() + 60
         while time.time() < deadline:
             with llm.processor.lock:
                 states = list(llm.processor.states.values())
             if states and len(states[0].token_ids) >= 3:
                 llm.abort(states[0].request_id)
+                aborted.set()
                 return
             time.sleep(0.005)
 
