@@ -238,6 +238,10 @@ class RayCoreClient:
             raise EngineUnavailableError(f"the scheduler actor does not answer: {type(e).__name__}: {e}") from e
         if problem:
             raise EngineUnavailableError(f"the distributed engine is broken: {problem}")
+        try:  # a worker that died while the engine was idle: no step has seen its socket close yet
+            _wait_all([w.__ray_ready__.remote() for w in self.workers], "worker liveness", timeout)
+        except Exception as e:  # noqa: BLE001 - dead or unresponsive worker: the grid cannot serve
+            raise EngineUnavailableError(f"a worker actor does not answer: {type(e).__name__}: {e}") from e
 
     # ---- outputs ----
     def _poll_loop(self) -> None:

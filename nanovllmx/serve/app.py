@@ -31,7 +31,13 @@ from nanovllmx.engine.protocol import EngineClient
 from nanovllmx.errors import EngineUnavailableError
 from nanovllmx.metrics import EngineStatsMonitor, ServeMetrics
 from nanovllmx.serve import model_resolver
-from nanovllmx.serve.errors import ERROR_RESPONSES, APIError, install_error_handlers, reject_invalid_text
+from nanovllmx.serve.errors import (
+    ERROR_RESPONSES,
+    APIError,
+    engine_unavailable,
+    install_error_handlers,
+    reject_invalid_text,
+)
 from nanovllmx.serve.mapping import OpenAIRequest, RequestMapping, full_response, generation_defaults
 from nanovllmx.serve.middleware import (
     DEFAULT_MAX_REQUEST_BODY_BYTES,
@@ -48,7 +54,7 @@ from nanovllmx.serve.protocol import (
     ModelCard,
     ModelList,
 )
-from nanovllmx.serve.streaming import SSE_HEADERS, ChunkHead, collect, open_choices, sse_body
+from nanovllmx.serve.streaming import SSE_HEADERS, ChunkHead, collect, first_deltas, open_choices, sse_body
 
 logger = logging.getLogger("nanovllmx.serve")
 
@@ -87,6 +93,7 @@ class LLMServer:
         revision: str | None = None,
         log_level: str = "INFO",
         max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES,
+        shutdown_timeout_s: float = 30.0,
     ):
         from nanovllmx import LLM
 
@@ -104,6 +111,9 @@ class LLMServer:
         self.created = int(time.time())
         self.num_aborted = 0  # requests stopped early because their client went away
         self._closed = False
+        # __del__: how long requests still in the engine may run (Serve calls __del__ once it has
+        # drained the replica's requests, within graceful_shutdown_timeout_s; build_app passes that)
+        self.shutdown_timeout_s = float(shutdown_timeout_s)
         # metrics (only with Ray up, as in any replica) and the engine stats poller / log line
         self.metrics: ServeMetrics | None = ServeMetrics.create(self.served_model_names[0])
         HTTPStatusMiddleware.metrics = self.metrics
@@ -146,20 +156,24 @@ class LLMServer:
             raise RuntimeError(problem)
 
     def __del__(self) -> None:
+        """Serve calls this when it removes the replica (downscale, redeploy, delete, shutdown, a
+        failed health check), after its drain: requests routed here have finished or the drain timed
+        out. New requests are refused (503 engine_unavailable); requests still in the engine may finish
+        for up to `shutdown_timeout_s`, the rest end with finish_reason "abort"."""
         if getattr(self, "_closed", True):
             return
         self._closed = True
         with suppress(Exception):
             self._stats_monitor.stop()
         with suppress(Exception):
-            self.llm.shutdown()
+            self.llm.shutdown(timeout=self.shutdown_timeout_s)
 
     # ------------------------------------------------------------------------- plain routes
     @app.get("/health", responses={503: {"model": ErrorResponse}})
     async def health(self) -> JSONResponse:
         problem = await asyncio.to_thread(self._engine_problem)
-        if problem:
-            return APIError(503, problem, "server_error", None, "engine_dead").response()
+        if problem:  # the details (addresses, actor ids) go to the log, under the request id
+            return engine_unavailable(problem).response()
         return JSONResponse({})
 
     @app.get("/version")
@@ -230,9 +244,10 @@ class LLMServer:
         streams = open_choices(self, prompt_ids, params, rid, body.n or 1)
         created = int(time.time())
         if body.stream:
+            await first_deltas(self, streams)  # failed before its first token: an HTTP error, not a 200
             head = ChunkHead(rid, chunk_object, created, name)
             return StreamingResponse(
                 sse_body(body, streams, head, prompt_ids), media_type="text/event-stream", headers=SSE_HEADERS
             )
-        results = await collect(streams, raw_request)
+        results = await collect(streams, raw_request, self)
         return JSONResponse(full_response(body, rid, created, name, prompt_ids, results))

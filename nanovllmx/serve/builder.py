@@ -17,6 +17,10 @@ from nanovllmx.serve.middleware import DEFAULT_MAX_REQUEST_BODY_BYTES
 
 # Keys of `args` that configure the app itself rather than the engine or the Serve deployment.
 APP_KEYS = ("model", "served_model_name", "generation_config", "revision", "log_level", "max_request_body_bytes")
+# Serve deployment defaults of build_app (see the comments where they are set)
+DEFAULT_HEALTH_CHECK_PERIOD_S = 2.0
+DEFAULT_HEALTH_CHECK_TIMEOUT_S = 15.0
+DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S = 120.0
 # Serve deployment options that may be given in `args` (applied with Deployment.options).
 DEPLOYMENT_KEYS = tuple(
     p
@@ -138,9 +142,30 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         # Serve's default target (2 per replica) suits one-request-at-a-time models, not a batching engine
         deploy_opts["autoscaling_config"] = {**auto, "target_ongoing_requests": max(1, max_bs // 2)}
 
+    # Failure and drain defaults (docs/reliability.md, "Actor deaths and drains"). Serve 2.60 marks a
+    # replica unhealthy after 3 consecutive failed health checks (REPLICA_HEALTH_CHECK_UNHEALTHY_THRESHOLD)
+    # and then stops it and starts a replacement: with a check every 2 s a dead engine's replica is
+    # replaced ~6 s after its actor died (10 s, Serve's default, made that ~30 s). A check is one small
+    # Ray call to the scheduler actor (and a ping per worker actor).
+    deploy_opts.setdefault("health_check_period_s", DEFAULT_HEALTH_CHECK_PERIOD_S)
+    deploy_opts.setdefault("health_check_timeout_s", DEFAULT_HEALTH_CHECK_TIMEOUT_S)
+    # Removing a replica (downscale, redeploy, delete, shutdown): Serve stops routing to it, waits for
+    # its ongoing requests (polling every graceful_shutdown_wait_loop_s), then calls __del__; it kills
+    # the replica graceful_shutdown_timeout_s after the stop began. Serve's 20 s cuts long generations.
+    deploy_opts.setdefault("graceful_shutdown_timeout_s", DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S)
+    deploy_opts.setdefault("graceful_shutdown_wait_loop_s", 1.0)
+    shutdown_timeout = float(deploy_opts["graceful_shutdown_timeout_s"])
+
     # @serve.deployment made LLMServer a Deployment; Ray's annotations say it is still the class
     deployment: serve.Deployment = LLMServer  # type: ignore[assignment]
     app: serve.Application = deployment.options(**deploy_opts).bind(
-        model, served_names, engine_kwargs, generation_config, revision, log_level, max_request_body_bytes=max_body
+        model,
+        served_names,
+        engine_kwargs,
+        generation_config,
+        revision,
+        log_level,
+        max_request_body_bytes=max_body,
+        shutdown_timeout_s=shutdown_timeout,
     )
     return app

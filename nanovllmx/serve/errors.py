@@ -4,14 +4,18 @@ errors, and the check that request text is valid Unicode."""
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
+import re
+import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from nanovllmx.errors import EngineOverloadedError, EngineRequestError, EngineUnavailableError
 from nanovllmx.serve.protocol import ErrorResponse
@@ -19,6 +23,42 @@ from nanovllmx.serve.protocol import ErrorResponse
 logger = logging.getLogger("nanovllmx.serve")
 
 RETRY_AFTER_S = 1  # Retry-After of a 503 when the engine's queue is full
+# Retry-After of a 503 when the replica's engine is dead or shutting down: by then Serve is replacing
+# the replica (build_app's health check: 3 failures 2 s apart) or routes to another one
+UNAVAILABLE_RETRY_AFTER_S = 2
+
+# ---- request ids: every error names its request, and the log lines about it carry the same id
+_REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("nanovllmx_request_id", default="-")
+_SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def request_id() -> str:
+    """The id of the HTTP request being handled: Serve's `x-request-id` (the proxy sets it, and
+    returns it to the client as the `X-Request-ID` response header), else one made up here."""
+    return _REQUEST_ID.get()
+
+
+class RequestIdContext:
+    """ASGI middleware: sets `request_id()` for the request (and everything it runs, its streamed
+    body included) from the `x-request-id` header, or a new id when there is none or it is odd."""
+
+    def __init__(self, asgi_app: ASGIApp):
+        self.app = asgi_app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rid = ""
+        for k, v in scope.get("headers") or []:
+            if k == b"x-request-id":
+                rid = v.decode("latin-1")
+                break
+        token = _REQUEST_ID.set(rid if _SAFE_ID.fullmatch(rid) else uuid.uuid4().hex)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _REQUEST_ID.reset(token)
+
 
 _STATUS_TYPES = {
     400: "invalid_request_error",
@@ -69,20 +109,38 @@ def bad_request(message: str, param: str | None = None, code: str | None = "inva
     return APIError(400, message, "invalid_request_error", param, code)
 
 
-def engine_failed(e: EngineRequestError) -> APIError:
-    """The engine failed a request it had accepted: 500."""
-    return APIError(500, str(e), "server_error", None, "engine_error")
+# Client-facing 5xx messages are generic: the engine's own messages name nodes, PIDs, actor ids and
+# the Ray namespace. The details go to the replica's log, under the same request id.
+def engine_unavailable(detail: str, rid: str | None = None) -> APIError:
+    """The engine is dead or shutting down: 503 + Retry-After (a retry lands on a healthy replica,
+    or on this one's replacement)."""
+    rid = rid or request_id()
+    logger.warning("request %s: the engine is unavailable: %s", rid, detail)
+    return APIError(
+        503,
+        f"the engine is unavailable; request id {rid}",
+        "server_error",
+        None,
+        "engine_unavailable",
+        headers={"Retry-After": str(UNAVAILABLE_RETRY_AFTER_S)},
+    )
+
+
+def engine_failed(e: EngineRequestError, rid: str | None = None) -> APIError:
+    """The engine failed a request it had accepted while it kept running: 500."""
+    rid = rid or request_id()
+    logger.error("request %s: the engine failed it: %s", rid, e)
+    return APIError(500, f"the engine failed this request; request id {rid}", "server_error", None, "engine_error")
 
 
 def engine_refused(rid: str, e: EngineOverloadedError | EngineUnavailableError) -> APIError:
-    """The engine refused a request at submission: 503 (with Retry-After when only its queue is full)."""
+    """The engine refused a request at submission: 503 + Retry-After."""
     if isinstance(e, EngineOverloadedError):  # its queue is full: come back later
-        logger.warning("request %s refused: %s", rid, e)
+        logger.warning("request %s (%s) refused: %s", request_id(), rid, e)
         return APIError(
             503, str(e), "server_error", None, "engine_overloaded", headers={"Retry-After": str(RETRY_AFTER_S)}
         )
-    logger.warning("request %s refused by the engine: %s", rid, e)  # shutting down, or dead
-    return APIError(503, f"the engine cannot take requests: {e}", "server_error", None, "engine_unavailable")
+    return engine_unavailable(f"{e} (engine request {rid})")  # shutting down, or dead
 
 
 def reject_invalid_text(body: Any) -> None:
@@ -176,10 +234,9 @@ async def _http_error_handler(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _internal_error_handler(request: Request, exc: Exception) -> JSONResponse:
-    logger.exception("internal error on %s %s", request.method, request.url.path)
-    return APIError(
-        500, f"internal server error: {type(exc).__name__}: {exc}", "server_error", None, "internal_error"
-    ).response()
+    rid = request_id()
+    logger.exception("request %s: internal error on %s %s", rid, request.method, request.url.path)
+    return APIError(500, f"internal server error; request id {rid}", "server_error", None, "internal_error").response()
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -188,6 +245,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, _http_error_handler)
     app.add_exception_handler(Exception, _internal_error_handler)
+    app.add_middleware(RequestIdContext)  # outermost: every response, and its log lines, have their id
 
     def openapi() -> dict[str, Any]:
         """FastAPI's schema, minus the 422 responses it documents by default: invalid requests get 400."""

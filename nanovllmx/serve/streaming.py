@@ -21,7 +21,7 @@ from nanovllmx.errors import EngineOverloadedError, EngineRequestError, EngineUn
 from nanovllmx.metrics import ServeMetrics
 from nanovllmx.outputs import StreamDelta
 from nanovllmx.sampling_params import SamplingParams
-from nanovllmx.serve.errors import APIError, bad_request, engine_failed, engine_refused
+from nanovllmx.serve.errors import APIError, bad_request, engine_failed, engine_refused, engine_unavailable
 from nanovllmx.serve.mapping import OpenAIRequest, param_of, usage_of_choices
 from nanovllmx.serve.protocol import ChatCompletionRequest
 
@@ -55,11 +55,20 @@ class EngineStream:
         self.t_last_token: float | None = None
         self.last: StreamDelta | None = None
         self.metrics: ServeMetrics | None = getattr(server, "metrics", None)
+        self.peeked: StreamDelta | None = None  # the first delta, read before the response started
 
     def __aiter__(self) -> EngineStream:
         return self
 
+    async def peek(self) -> None:
+        """Read the first delta now (see `first_deltas`); __anext__ returns it first."""
+        if self.peeked is None and not self.finished:
+            self.peeked = await self.__anext__()
+
     async def __anext__(self) -> StreamDelta:
+        if self.peeked is not None:
+            d, self.peeked = self.peeked, None
+            return d
         if self.finished:
             raise StopAsyncIteration
         try:
@@ -162,7 +171,49 @@ def open_choices(
     return streams
 
 
-async def collect(streams: list[EngineStream], raw_request: Request) -> list[tuple[str, list[int], StreamDelta]]:
+async def engine_is_down(server: StreamOwner) -> str | None:
+    """Why the engine cannot serve (dead, or shutting down), or None. Off the event loop: on Ray it
+    asks the scheduler actor (at once when the actor is known dead)."""
+
+    def check() -> str | None:
+        try:
+            server.llm.check_health()
+        except EngineUnavailableError as e:
+            return str(e)
+        except Exception as e:  # noqa: BLE001 - a check that cannot run: the engine cannot serve either
+            return f"{type(e).__name__}: {e}"
+        return None
+
+    return await asyncio.to_thread(check)
+
+
+async def request_failed(server: StreamOwner, e: EngineRequestError) -> APIError:
+    """The HTTP error for a request the engine failed before anything reached the client: 503 +
+    Retry-After when the engine died under it (a retry is safe and lands on a healthy replica), else
+    500 (the engine runs on, but failed this request)."""
+    down = await engine_is_down(server)
+    if down is not None:
+        return engine_unavailable(f"{e} (the engine: {down})")
+    return engine_failed(e)
+
+
+async def first_deltas(server: StreamOwner, streams: list[EngineStream]) -> None:
+    """Wait for each stream's first delta before a streamed response starts (it could not send a
+    token earlier anyway), so that a request the engine fails before its first token gets an HTTP
+    error (503 when the engine died) rather than a 200 and an error event."""
+    try:
+        await asyncio.gather(*(st.peek() for st in streams))
+    except BaseException as e:
+        for st in streams:
+            st.close()
+        if isinstance(e, EngineRequestError):
+            raise await request_failed(server, e) from e
+        raise
+
+
+async def collect(
+    streams: list[EngineStream], raw_request: Request, server: StreamOwner | None = None
+) -> list[tuple[str, list[int], StreamDelta]]:
     """Run non-streaming requests (a response's choices) to their end; abort them in the engine if
     the client disconnects (seen by watching the ASGI receive channel, or by Serve cancelling
     the handler)."""
@@ -206,8 +257,8 @@ async def collect(streams: list[EngineStream], raw_request: Request) -> list[tup
     except BaseException as e:
         for st in streams:  # the other choices are of no use without the failed one
             st.close()
-        if isinstance(e, EngineRequestError):
-            raise engine_failed(e) from e
+        if isinstance(e, EngineRequestError):  # nothing reached the client: 503 if the engine died
+            raise (await request_failed(server, e) if server is not None else engine_failed(e)) from e
         raise
 
 
@@ -330,8 +381,8 @@ async def guarded_events(events: AsyncIterator[str], streams: list[EngineStream]
     try:
         async for e in events:
             yield e
-    except EngineRequestError as e:
-        yield sse(engine_failed(e).body())
+    except EngineRequestError as e:  # 503 engine_unavailable when the engine died, else 500 engine_error
+        yield sse((await request_failed(streams[0].server, e)).body())
     except APIError as e:
         yield sse(e.body())
     finally:

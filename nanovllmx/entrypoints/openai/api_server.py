@@ -82,7 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         dest="graceful_shutdown_timeout_s",
         type=float,
         default=None,
-        help="on Ctrl-C / SIGTERM, seconds that requests in flight may take to finish (Serve's default: 20)",
+        help="on Ctrl-C / SIGTERM (and whenever Serve removes a replica), seconds that requests in flight may "
+        "take to finish (default: build_app's graceful_shutdown_timeout_s, 120)",
     )
     p.add_argument(
         "--direct-ingress-port",
@@ -140,6 +141,35 @@ def app_args(ns: argparse.Namespace) -> dict:
         if v is not None:
             args[k] = v
     return args
+
+
+def graceful_shutdown_timeout(ns: argparse.Namespace) -> float:
+    from nanovllmx.serve.builder import DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S
+
+    t = ns.graceful_shutdown_timeout_s
+    return float(DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S if t is None else t)
+
+
+def drain(log: logging.Logger, timeout: float) -> None:
+    """Replace the app by `Draining` on the same route: Serve stops routing to the LLMServer replicas,
+    which finish what is in flight (up to `timeout`, their graceful_shutdown_timeout_s) while the
+    proxy still delivers their responses; new requests meanwhile get a JSON 503 from `Draining`.
+    Returns once the LLMServer replicas are gone (or a little after `timeout`)."""
+    from ray import serve
+
+    from nanovllmx.serve.drain import Draining
+
+    t0 = time.monotonic()
+    serve.run(Draining.bind(), name="nanovllmx", route_prefix="/", blocking=False)  # type: ignore[attr-defined]
+    log.info("draining: new requests get 503; waiting up to %.0fs for the requests in flight", timeout)
+    deadline = t0 + timeout + 10  # Serve kills the replicas at `timeout`; then they are gone within seconds
+    while time.monotonic() < deadline:
+        app = serve.status().applications.get("nanovllmx")
+        if app is None or "LLMServer" not in app.deployments:
+            break
+        time.sleep(0.5)
+    log.info("drained in %.1fs", time.monotonic() - t0)
+    serve.delete("nanovllmx")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,10 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         try:
             if serve_started:
-                try:  # drain first: Serve stops routing to the replicas, which finish what is in flight
-                    # (up to graceful_shutdown_timeout_s) while the proxy still delivers their responses;
-                    # serve.shutdown() alone would kill the proxy and cut those responses off
-                    serve.delete("nanovllmx")
+                try:  # drain first: serve.shutdown() alone would kill the proxy and cut responses off
+                    drain(log, graceful_shutdown_timeout(ns))
                 except BaseException as e:  # noqa: BLE001 - a second Ctrl-C / SIGTERM: stop now
                     log.warning("draining the app was interrupted: %r", e)
                 serve.shutdown()
