@@ -1008,11 +1008,12 @@ def test_actor_failure_fails_requests_and_serve_replaces_the_replica(serve_url):
             assert not t.is_alive(), "a request hangs after its worker died"
         status, lines, t_end = result["stream"]
         assert status == 200 and lines[-1] == "data: [DONE]"
-        err = json.loads(lines[-2][6:])
-        assert err["error"]["code"] == "engine_error" and err["error"]["type"] == "server_error", err
+        err = json.loads(lines[-2][6:])  # the engine died under it: engine_unavailable (issue 19)
+        assert err["error"]["code"] == "engine_unavailable" and err["error"]["type"] == "server_error", err
         assert t_end - t_kill < 30
         r, t_end = result["plain"]
-        _is_openai_error(r, 500, None, "engine_error")
+        _is_openai_error(r, 503, None, "engine_unavailable")  # nothing reached the client: 503 + Retry-After
+        assert r.headers["retry-after"]
         assert t_end - t_kill < 30
         health = srv.http.get("/health")
         assert health.status_code == 503, health.text  # the dead engine's replica (or none, while replaced)
@@ -1105,7 +1106,7 @@ def test_sigterm_drains_in_flight_requests_and_leaves_no_process(tmp_path):
         def streaming():
             body = {
                 "prompt": "Once upon a time",
-                "max_tokens": 100,
+                "max_tokens": 200,
                 "ignore_eos": True,
                 "stream": True,
                 "stream_options": {"include_usage": True},
@@ -1126,10 +1127,24 @@ def test_sigterm_drains_in_flight_requests_and_leaves_no_process(tmp_path):
         assert started.wait(30)
         t_term = time.monotonic()
         proc.send_signal(signal.SIGTERM)
+        # during the drain a new request gets OpenAI's 503 (the `Draining` app holds the route),
+        # never the proxy's plain-text 404 or a 500; before Draining is up it may still be served
+        refused = None
+        while t.is_alive() and refused is None:
+            try:
+                r = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=30)
+            except httpx.HTTPError:
+                break
+            if r.status_code != 200:
+                refused = r
+                _is_openai_error(r, 503, None, "engine_unavailable")
+                assert r.headers["retry-after"] and r.headers["x-request-id"] in r.json()["error"]["message"]
+            time.sleep(0.3)
         t.join(60)
         lines = result["lines"]
         assert lines[-1] == "data: [DONE]", lines[-3:]  # the stream ran to its end
-        assert json.loads(lines[-2][6:])["usage"]["completion_tokens"] == 100, lines[-3:]
+        assert json.loads(lines[-2][6:])["usage"]["completion_tokens"] == 200, lines[-3:]
+        assert refused is not None, "no request was refused with a 503 during the drain"
         rc = proc.wait(timeout=90)
         took = time.monotonic() - t_term
     finally:
