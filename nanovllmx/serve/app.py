@@ -38,9 +38,17 @@ from nanovllmx.serve.errors import (
     install_error_handlers,
     reject_invalid_text,
 )
-from nanovllmx.serve.mapping import OpenAIRequest, RequestMapping, full_response, generation_defaults
+from nanovllmx.serve.mapping import (
+    DEFAULT_CHAT_TEMPLATE_TIMEOUT_S,
+    DEFAULT_PROMPT_JOB_STUCK_AFTER_S,
+    OpenAIRequest,
+    RequestMapping,
+    full_response,
+    generation_defaults,
+)
 from nanovllmx.serve.middleware import (
     DEFAULT_MAX_REQUEST_BODY_BYTES,
+    ApiKeyAuth,
     BodyLimit,
     HTTPStatusMiddleware,
     install_middleware,
@@ -94,11 +102,17 @@ class LLMServer:
         log_level: str = "INFO",
         max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES,
         shutdown_timeout_s: float = 30.0,
+        trust_request_chat_template: bool = False,
+        chat_template_timeout_s: float = DEFAULT_CHAT_TEMPLATE_TIMEOUT_S,
+        prompt_job_stuck_after_s: float = DEFAULT_PROMPT_JOB_STUCK_AFTER_S,
+        api_key: str | None = None,
     ):
         from nanovllmx import LLM
 
         _setup_logging(log_level)
         BodyLimit.max_bytes = max_request_body_bytes
+        ApiKeyAuth.set_key(api_key)  # never logged
+        self.prompt_job_stuck_after_s = prompt_job_stuck_after_s
         self.model_arg = model  # what the config's `model` named: a folder, hub id or the demo name
         self.served_model_names = list(served_model_names)
         self.accepted_names = set(self.served_model_names) | {model}
@@ -106,7 +120,15 @@ class LLMServer:
         self.folder = model_resolver.resolve_model(model, revision)
         t0 = time.perf_counter()
         self.llm: EngineClient = LLM(self.folder, **engine_kwargs)
-        self.mapping = RequestMapping(self.llm, generation_defaults(self.folder) if generation_config == "auto" else {})
+        self.mapping = RequestMapping(
+            self.llm,
+            generation_defaults(self.folder) if generation_config == "auto" else {},
+            trust_request_chat_template=trust_request_chat_template,
+            chat_template_timeout_s=chat_template_timeout_s,
+        )
+        # /v1/models names the model as served (or its hub id), never the operator's local folder
+        kind = model_resolver.kind_of(model)
+        self.model_root = model if kind in ("hub", "demo") else self.served_model_names[0]
         self.context_len = self.mapping.context_len
         self.created = int(time.time())
         self.num_aborted = 0  # requests stopped early because their client went away
@@ -149,9 +171,13 @@ class LLMServer:
             return str(e)
         return None
 
+    def _stuck_workers(self) -> str | None:
+        """Why the prompt workers (chat template render, encoding) count as stuck, or None. Does not block."""
+        return self.mapping.jobs.stuck(self.prompt_job_stuck_after_s)
+
     async def check_health(self) -> None:
         """Serve's replica health check: raising marks the replica unhealthy (Serve replaces it)."""
-        problem = await asyncio.to_thread(self._engine_problem)
+        problem = self._stuck_workers() or await asyncio.to_thread(self._engine_problem)
         if problem:
             raise RuntimeError(problem)
 
@@ -167,10 +193,15 @@ class LLMServer:
             self._stats_monitor.stop()
         with suppress(Exception):
             self.llm.shutdown(timeout=self.shutdown_timeout_s)
+        with suppress(Exception):
+            self.mapping.jobs.shutdown()
 
     # ------------------------------------------------------------------------- plain routes
     @app.get("/health", responses={503: {"model": ErrorResponse}})
     async def health(self) -> JSONResponse:
+        stuck = self._stuck_workers()
+        if stuck:
+            return APIError(503, stuck, "server_error", None, "prompt_workers_stuck").response()
         problem = await asyncio.to_thread(self._engine_problem)
         if problem:  # the details (addresses, actor ids) go to the log, under the request id
             return engine_unavailable(problem).response()
@@ -202,7 +233,7 @@ class LLMServer:
 
     def _model_card(self, name: str) -> ModelCard:
         card = ModelCard(
-            id=name, created=self.created, root=self.model_arg, max_model_len=self.context_len, owned_by="nanovllmx"
+            id=name, created=self.created, root=self.model_root, max_model_len=self.context_len, owned_by="nanovllmx"
         )
         if self.is_demo:
             card.owned_by = "nanovllmx-demo (random weights: output is noise)"

@@ -13,10 +13,23 @@ from ray import serve
 
 from nanovllmx.serve import model_resolver
 from nanovllmx.serve.app import LLMServer
+from nanovllmx.serve.mapping import DEFAULT_CHAT_TEMPLATE_TIMEOUT_S, DEFAULT_PROMPT_JOB_STUCK_AFTER_S
 from nanovllmx.serve.middleware import DEFAULT_MAX_REQUEST_BODY_BYTES
 
 # Keys of `args` that configure the app itself rather than the engine or the Serve deployment.
-APP_KEYS = ("model", "served_model_name", "generation_config", "revision", "log_level", "max_request_body_bytes")
+APP_KEYS = (
+    "model",
+    "served_model_name",
+    "generation_config",
+    "revision",
+    "log_level",
+    "max_request_body_bytes",
+    "trust_request_chat_template",
+    "chat_template_timeout_s",
+    "prompt_job_stuck_after_s",
+    "api_key",
+)
+API_KEY_ENV = "NANOVLLMX_API_KEY"  # the api_key when `args` gives none
 # Serve deployment defaults of build_app (see the comments where they are set)
 DEFAULT_HEALTH_CHECK_PERIOD_S = 2.0
 DEFAULT_HEALTH_CHECK_TIMEOUT_S = 15.0
@@ -66,6 +79,13 @@ def _cluster_has_gpus() -> bool:
     return torch.cuda.is_available()
 
 
+def _positive_seconds(name: str, value: Any) -> float:
+    value = _coerce(value, "float")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
+    return float(value)
+
+
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Build the Serve application from a config's `args`.
 
@@ -100,6 +120,19 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         max_body = 0
     if not isinstance(max_body, int) or isinstance(max_body, bool) or max_body < 0:
         raise ValueError(f"max_request_body_bytes must be an integer >= 0 (0: no limit), got {max_body!r}")
+
+    trust = _coerce(args.pop("trust_request_chat_template", False), "bool")
+    if not isinstance(trust, bool):
+        raise ValueError(f"trust_request_chat_template must be true or false, got {trust!r}")
+    template_timeout = _positive_seconds(
+        "chat_template_timeout_s", args.pop("chat_template_timeout_s", DEFAULT_CHAT_TEMPLATE_TIMEOUT_S)
+    )
+    stuck_after = _positive_seconds(
+        "prompt_job_stuck_after_s", args.pop("prompt_job_stuck_after_s", DEFAULT_PROMPT_JOB_STUCK_AFTER_S)
+    )
+    api_key = args.pop("api_key", None) or os.environ.get(API_KEY_ENV) or None
+    if api_key is not None and not isinstance(api_key, str):
+        raise ValueError("api_key must be a string")  # the value itself is never shown
 
     engine_names = engine_arg_names()
     deploy_opts = {k: _coerce(args.pop(k), "Any") for k in DEPLOYMENT_KEYS if k in args}
@@ -167,5 +200,9 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         log_level,
         max_request_body_bytes=max_body,
         shutdown_timeout_s=shutdown_timeout,
+        trust_request_chat_template=trust,
+        chat_template_timeout_s=template_timeout,
+        prompt_job_stuck_after_s=stuck_after,
+        api_key=api_key,
     )
     return app

@@ -10,10 +10,19 @@ the request's type decides.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
+import functools
+import itertools
 import json
 import os
-from typing import Any, cast
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from types import FrameType
+from typing import Any, TypeVar, cast
 
 from nanovllmx.engine.protocol import EngineClient
 from nanovllmx.outputs import StreamDelta
@@ -32,6 +41,7 @@ from nanovllmx.serve.protocol import (
 )
 
 OpenAIRequest = ChatCompletionRequest | CompletionRequest
+T = TypeVar("T")
 
 MAX_CHOICES = 64  # most `n` per request: each choice is an engine request (they share the prompt's KV)
 _INT64_MAX = 2**63 - 1
@@ -45,6 +55,89 @@ _RESERVED_TEMPLATE_KWARGS = (
     "tools",
     "return_dict",
 )
+DEFAULT_CHAT_TEMPLATE_TIMEOUT_S = 5.0  # build_app's chat_template_timeout_s: a client template's render budget
+DEFAULT_PROMPT_JOB_STUCK_AFTER_S = 60.0  # build_app's prompt_job_stuck_after_s: the health check fails past it
+CLIENT_TEMPLATE_PARAM = "chat_template_kwargs.chat_template"
+
+
+class RenderTimeout(BaseException):
+    """A client's chat template ran past its budget. A BaseException: no `except Exception` in
+    Jinja or transformers can swallow it (the tracer that raises it is gone once it has raised)."""
+
+
+def call_with_deadline(timeout_s: float, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """fn(*args, **kwargs) in this thread, stopped by RenderTimeout once it has run `timeout_s`. A
+    thread cannot be killed, so the code stops itself: a `sys.settrace` tracer (this thread only)
+    looks at the clock on every Python call and line (a Jinja template is compiled to Python, so
+    every loop iteration is one) and raises past the deadline. Code that spends minutes inside
+    one C call is not stopped: Jinja's sandbox bounds range() (100 000 items); see docs/serving.md.
+    Tracing slows Python several times over: only for templates that clients send."""
+    deadline = time.monotonic() + timeout_s
+
+    def tracer(frame: FrameType, event: str, arg: Any) -> Any:
+        if time.monotonic() > deadline:
+            raise RenderTimeout(f"the chat template ran for more than {timeout_s:g} s")
+        return tracer
+
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        sys.settrace(previous)
+
+
+class PromptJobs:
+    """The replica's prompt jobs (chat template render, text encoding): run off the event loop in a
+    thread pool of their own (the health check never waits behind them), each with its start time.
+    A job that runs far longer than any prompt should means a stuck thread: the health check fails
+    (`stuck()`), so Serve replaces the replica instead of leaving it up with requests that hang."""
+
+    def __init__(self, max_workers: int | None = None, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self._started: dict[int, float] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        workers = max_workers or min(32, (os.cpu_count() or 1) + 4)  # as asyncio's default executor
+        self.executor = ThreadPoolExecutor(workers, thread_name_prefix="nanovllmx-prompt")
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) in the pool (the caller's context variables with it, as asyncio.to_thread)."""
+        ctx = contextvars.copy_context()
+        call = functools.partial(ctx.run, self.timed, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, call)
+
+    def timed(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args), tracked from its start (in its thread: a job queued behind stuck ones has not
+        started) to its end."""
+        key = next(self._ids)
+        with self._lock:
+            self._started[key] = self.clock()
+        try:
+            return fn(*args)
+        finally:
+            with self._lock:
+                self._started.pop(key, None)
+
+    def running(self) -> list[float]:
+        """How long each job in flight has run, in seconds, longest first."""
+        now = self.clock()
+        with self._lock:
+            starts = list(self._started.values())
+        return sorted((now - t for t in starts), reverse=True)
+
+    def stuck(self, after_s: float) -> str | None:
+        """Why the prompt workers count as stuck (a job has run longer than `after_s`), or None."""
+        ages = [a for a in self.running() if a > after_s]
+        if not ages:
+            return None
+        return (
+            f"{len(ages)} prompt job(s) (chat template render / tokenization) running for more than "
+            f"{after_s:g} s (the longest {ages[0]:.0f} s): the replica's prompt workers are stuck"
+        )
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
 
 def generation_defaults(folder: str) -> dict[str, Any]:
@@ -85,8 +178,19 @@ def usage_of_choices(lasts: list[StreamDelta | None], n_prompt: int) -> Usage:
 class RequestMapping:
     """Turns a validated OpenAI request into what the engine takes. One per replica."""
 
-    def __init__(self, llm: EngineClient, defaults: dict[str, Any]):
+    def __init__(
+        self,
+        llm: EngineClient,
+        defaults: dict[str, Any],
+        trust_request_chat_template: bool = False,
+        chat_template_timeout_s: float = DEFAULT_CHAT_TEMPLATE_TIMEOUT_S,
+    ):
         self.llm = llm
+        # a client's own chat template (chat_template_kwargs.chat_template) is refused unless the
+        # operator trusts the clients; then it renders in Jinja's sandbox within chat_template_timeout_s
+        self.trust_request_chat_template = trust_request_chat_template
+        self.chat_template_timeout_s = chat_template_timeout_s
+        self.jobs = PromptJobs()
         self.tokenizer = llm.tokenizer
         context_len = llm.config.context_len
         assert context_len is not None  # EngineConfig resolves it when the engine is built
@@ -130,7 +234,7 @@ class RequestMapping:
         """The prompt's token ids: chat rendered through the chat template, text encoded (both off the
         event loop), token ids as sent."""
         if isinstance(body, ChatCompletionRequest):
-            return await asyncio.to_thread(self.render_chat, body)
+            return await self.jobs.run(self.render_chat, body)
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
@@ -142,7 +246,7 @@ class RequestMapping:
             prompt = prompt[0]
         if isinstance(prompt, str):
             try:
-                return await asyncio.to_thread(self.llm.encode, prompt)
+                return await self.jobs.run(self.llm.encode, prompt)
             except ValueError as e:  # e.g. far longer than the context: refused before it is all tokenized
                 raise bad_request(str(e), "prompt", "context_length_exceeded") from e
         return list(cast(list[int], prompt))
@@ -183,20 +287,39 @@ class RequestMapping:
         for reserved in _RESERVED_TEMPLATE_KWARGS:
             if reserved in kwargs:
                 raise bad_request(f"chat_template_kwargs may not set {reserved!r}", "chat_template_kwargs")
-        tools = body.tools if body.tool_choice != "none" else None
-        try:
-            text = tok.apply_chat_template(
-                messages,
-                tools=tools or None,
-                tokenize=False,
-                add_generation_prompt=bool(body.add_generation_prompt) and not body.continue_final_message,
-                continue_final_message=bool(body.continue_final_message),
-                **kwargs,
+        client_template = kwargs.get("chat_template") is not None
+        if client_template and not self.trust_request_chat_template:
+            raise bad_request(
+                f"{CLIENT_TEMPLATE_PARAM}: this server renders chats with the model's own chat template; "
+                "templates sent by clients are refused (the operator may allow them: trust_request_chat_template)",
+                CLIENT_TEMPLATE_PARAM,
+                "chat_template_not_allowed",
             )
+        tools = body.tools if body.tool_choice != "none" else None
+        render_kwargs = dict(
+            tools=tools or None,
+            tokenize=False,
+            add_generation_prompt=bool(body.add_generation_prompt) and not body.continue_final_message,
+            continue_final_message=bool(body.continue_final_message),
+            **kwargs,
+        )
+        try:
+            if client_template:  # transformers renders in Jinja's ImmutableSandboxedEnvironment; and a budget
+                text = call_with_deadline(
+                    self.chat_template_timeout_s, tok.apply_chat_template, messages, **render_kwargs
+                )
+            else:
+                text = tok.apply_chat_template(messages, **render_kwargs)
+        except RenderTimeout as e:  # the input's fault, as any template error
+            raise bad_request(
+                f"{CLIENT_TEMPLATE_PARAM}: {e} (the budget of a client's template); nothing was generated",
+                CLIENT_TEMPLATE_PARAM,
+                "chat_template_timeout",
+            ) from None
         except Exception as e:  # jinja2.TemplateError, ValueError from transformers, ... : the input's fault
             raise bad_request(
                 f"the chat template could not render these messages: {type(e).__name__}: {e}",
-                "messages",
+                CLIENT_TEMPLATE_PARAM if client_template else "messages",
                 "invalid_messages",
             ) from e
         try:

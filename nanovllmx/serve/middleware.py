@@ -1,9 +1,10 @@
 """The app's ASGI middleware: JSON bodies whatever their Content-Type, the request body limit (413),
-and the HTTP status metric (`nanovllmx_http_requests{status, route}`). Plain ASGI classes: nothing
+the API key (401), and the HTTP status metric (`nanovllmx_http_requests{status, route}`). Plain ASGI classes: nothing
 in the way of streamed responses."""
 
 from __future__ import annotations
 
+import hmac
 import logging
 
 from fastapi import FastAPI
@@ -74,6 +75,54 @@ class BodyLimit:
         await self.app(scope, limited_receive, send)
 
 
+def app_path(scope: Scope) -> str:
+    """The request's path inside the app (without the route prefix Serve mounts it under)."""
+    path: str = scope.get("path", "")
+    root = scope.get("root_path") or ""
+    if root and path.startswith(root):
+        path = path[len(root) :] or "/"
+    return path
+
+
+class ApiKeyAuth:
+    """With an API key set (build_app's `api_key`), every route but /health answers 401 with OpenAI's
+    error JSON unless the request carries `Authorization: Bearer <key>` (compared in constant time).
+    Without a key it lets everything through. The key is never logged, nor echoed."""
+
+    api_key: bytes | None = None  # set by the replica (one per process); None: no key, no check
+    OPEN_PATHS = frozenset({"/health"})
+
+    def __init__(self, asgi_app: ASGIApp):
+        self.app = asgi_app
+
+    @classmethod
+    def set_key(cls, key: str | None) -> None:
+        cls.api_key = key.encode("utf-8") if key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        key = ApiKeyAuth.api_key
+        if key is None or scope["type"] != "http" or app_path(scope) in self.OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        given = b""
+        for k, v in scope.get("headers") or []:
+            if k == b"authorization":
+                given = v
+                break
+        scheme, _, token = given.strip().partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key):
+            return await self.app(scope, receive, send)
+        msg = (
+            "Incorrect API key provided."
+            if given
+            else "You didn't provide an API key. Send it in an Authorization header: `Authorization: Bearer <key>`."
+        )
+        logger.info("%s %s -> 401 %s", scope.get("method"), app_path(scope), msg)
+        err = APIError(
+            401, msg, "invalid_request_error", None, "invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
+        )
+        await err.response()(scope, receive, send)
+
+
 # ================================================================================ HTTP status counts
 _KNOWN_ROUTES = (
     "/v1/chat/completions",
@@ -109,10 +158,7 @@ class HTTPStatusMiddleware:
         m = HTTPStatusMiddleware.metrics
         if m is None or scope["type"] != "http":
             return await self.app(scope, receive, send)
-        path = scope.get("path", "")
-        root = scope.get("root_path") or ""
-        if root and path.startswith(root):
-            path = path[len(root) :] or "/"
+        path = app_path(scope)
         status: list[int] = []
 
         async def send_status(message: Message) -> None:
@@ -137,7 +183,8 @@ class HTTPStatusMiddleware:
 
 def install_middleware(app: FastAPI) -> None:
     """Outermost first on the way in: the status metric (nanovllmx_http_requests{status, route}), the
-    body limit, JSON bodies."""
+    API key (before any body is read), the body limit, JSON bodies."""
     app.add_middleware(JSONBodies)
     app.add_middleware(BodyLimit)
+    app.add_middleware(ApiKeyAuth)
     app.add_middleware(HTTPStatusMiddleware)

@@ -175,7 +175,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "nanovllmx"
-    root: str | None = None  # what `model` named: a folder, hub id or the demo name
+    root: str | None = None  # the hub id or demo name; for a local folder the served name (never its path)
     parent: str | None = None
     max_model_len: int | None = None
     random_weights: bool = False

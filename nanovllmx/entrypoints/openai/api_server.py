@@ -40,7 +40,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="name(s) clients use as `model` (default: the folder / repo name)",
     )
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
-    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1: this machine only); --host 0.0.0.0 listens on all "
+        "interfaces: then put an authenticating proxy in front, or set --api-key (docs/serving.md)",
+    )
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--tp-size", "--tensor-parallel-size", dest="tp_size", type=int, default=1)
     p.add_argument("--pp-size", "--pipeline-parallel-size", dest="pp_size", type=int, default=1)
@@ -77,6 +82,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="per engine: beyond max_bs running + this many waiting, requests get 503 + Retry-After",
     )
     p.add_argument("--max-request-body-bytes", type=int, default=None, help="larger bodies get 413 (0: no limit)")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="every route but /health wants `Authorization: Bearer <key>` (else 401); default: "
+        "$NANOVLLMX_API_KEY (better: a command line is visible to every user of the machine), else no key",
+    )
+    p.add_argument(
+        "--trust-request-chat-template",
+        action="store_true",
+        default=None,
+        help="let clients send their own chat template (chat_template_kwargs.chat_template); by default "
+        "it is refused (400). Rendered in Jinja's sandbox within --chat-template-timeout",
+    )
+    p.add_argument(
+        "--chat-template-timeout",
+        dest="chat_template_timeout_s",
+        type=float,
+        default=None,
+        help="seconds a client's chat template may render (default 5); past it: 400",
+    )
+    p.add_argument(
+        "--prompt-job-stuck-after",
+        dest="prompt_job_stuck_after_s",
+        type=float,
+        default=None,
+        help="a chat render or prompt encoding running longer (seconds, default 60) fails the replica's "
+        "health check, so Serve replaces it",
+    )
     p.add_argument(
         "--graceful-shutdown-timeout",
         dest="graceful_shutdown_timeout_s",
@@ -136,6 +169,10 @@ def app_args(ns: argparse.Namespace) -> dict:
         "max_request_body_bytes",
         "graceful_shutdown_timeout_s",
         "stream_interval",
+        "api_key",
+        "trust_request_chat_template",
+        "chat_template_timeout_s",
+        "prompt_job_stuck_after_s",
     ):
         v = getattr(ns, k)
         if v is not None:
