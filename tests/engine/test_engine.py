@@ -360,13 +360,13 @@ def test_lagging_stream_gets_merged_deltas(llm, hf_ref, tokenizer):
 
     async def slow():
         out = []
-        agen = llm.stream(prompt, greedy(40))
-        async for d in agen:
+        stream = llm.submit(prompt, greedy(40))
+        async for d in stream:
             out.append(d)
             if len(out) == 1:
                 # wait (however long the machine takes) until the request's final delta is queued
                 # for this stream: the whole request finished while this consumer lagged
-                q = agen.ag_frame.f_locals["st"].queue
+                q = stream._st.queue
                 deadline = time.monotonic() + 60
                 while not (q.qsize() and q._queue[-1].finished):
                     assert time.monotonic() < deadline, q.qsize()
