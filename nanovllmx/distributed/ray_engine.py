@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from ray.actor import ActorHandle
     from ray.util.placement_group import PlacementGroup
 
-    from nanovllmx.distributed.ray_executor import WorkerActor
+    from nanovllmx.distributed.worker_actor import WorkerActor
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class RayCoreClient:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from nanovllmx.distributed import placement
-        from nanovllmx.distributed.ray_executor import WorkerActor
+        from nanovllmx.distributed.worker_actor import WorkerActor
 
         self.cfg, self.sink = cfg, sink
         self.pg: PlacementGroup | None = None

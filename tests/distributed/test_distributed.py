@@ -358,7 +358,7 @@ def _fake_loop(fake: _FakeWorker):
     from types import SimpleNamespace
 
     from nanovllmx.distributed import control
-    from nanovllmx.distributed.ray_executor import WorkerActor
+    from nanovllmx.distributed.worker_actor import WorkerActor
 
     actor = object.__new__(WorkerActor)
     actor.cfg, actor.rank, actor.node_ip, actor.worker = SimpleNamespace(device="cpu"), 0, "127.0.0.1", fake

@@ -185,7 +185,7 @@ def test_trusted_client_template_stops_within_its_budget_and_health_reports_it(a
 
 
 def test_prompt_jobs_tracker_with_a_fake_clock():
-    from nanovllmx.serve.mapping import PromptJobs
+    from nanovllmx.serve.prompt_jobs import PromptJobs
 
     now = [100.0]
     jobs = PromptJobs(max_workers=2, clock=lambda: now[0])
@@ -212,7 +212,7 @@ def test_prompt_jobs_tracker_with_a_fake_clock():
 
 
 def test_deadline_stops_a_render_in_this_thread_only():
-    from nanovllmx.serve.mapping import RenderTimeout, call_with_deadline
+    from nanovllmx.serve.prompt_jobs import RenderTimeout, call_with_deadline
 
     def spin() -> None:
         while True:
