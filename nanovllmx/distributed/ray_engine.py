@@ -220,6 +220,8 @@ class RayCoreClient:
     def stats(self) -> dict[str, Any]:
         assert self.scheduler is not None  # None only once closed
         stats: dict[str, Any] = ray.get(self.scheduler.stats.remote())
+        # where the grid runs: one entry per worker (rank = pp_rank * tp_size + tp_rank)
+        stats["workers"] = [{k: i[k] for k in ("rank", "pp_rank", "tp_rank", "node_id")} for i in self.worker_info]
         return stats
 
     def check_health(self, timeout: float = 10.0) -> None:

@@ -22,6 +22,7 @@ import weakref
 from contextlib import suppress
 from typing import Any
 
+import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
@@ -227,6 +228,7 @@ class LLMServer:
         return {
             "model": self.served_model_names[0],
             "replica": ctx.replica_id.unique_id,
+            "replica_node_id": ray.get_runtime_context().get_node_id(),
             "num_aborted_requests": self.num_aborted,
             **stats,
         }
