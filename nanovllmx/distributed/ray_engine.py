@@ -95,6 +95,9 @@ class SchedulerActor:
     def stats(self) -> dict[str, Any]:
         return self._core().stats()
 
+    def prefix_summary(self, limit: int) -> list[int]:
+        return self._core().prefix_summary(limit)
+
     def shutdown(self) -> None:
         try:
             if self.core is not None:
@@ -221,6 +224,11 @@ class RayCoreClient:
         assert self.scheduler is not None  # None only once closed
         stats: dict[str, Any] = ray.get(self.scheduler.stats.remote())
         return stats
+
+    def prefix_summary(self, limit: int) -> list[int]:
+        assert self.scheduler is not None  # None only once closed
+        hashes: list[int] = ray.get(self.scheduler.prefix_summary.remote(limit))
+        return hashes
 
     def check_health(self, timeout: float = 10.0) -> None:
         """Raise EngineUnavailableError if the engine cannot serve: shut down, scheduler actor gone
