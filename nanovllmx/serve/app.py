@@ -88,10 +88,10 @@ def _setup_logging(level: str) -> None:
     root.setLevel(str(level).upper())
 
 
-@serve.deployment(name="LLMServer", max_ongoing_requests=512)
-@serve.ingress(app)
-class LLMServer:
-    """One replica = one engine. Constructed by Serve from `build_app`'s arguments."""
+class LLMServerImpl:
+    """One replica = one engine. Constructed by Serve from `build_app`'s arguments. Two deployments
+    of it (below): `LLMServer` serves the HTTP routes itself (one replica); `LLMBackend` is called by
+    `LLMIngress` through a handle (several replicas: serve/ingress.py)."""
 
     def __init__(
         self,
@@ -375,3 +375,9 @@ class LLMServer:
             }
 
         return await asyncio.to_thread(read)
+
+
+# Serve allows one FastAPI ingress per application: behind LLMIngress the engine replicas are the
+# plain class (same name in Serve, so metrics and logs read the same)
+LLMServer = serve.deployment(name="LLMServer", max_ongoing_requests=512)(serve.ingress(app)(LLMServerImpl))
+LLMBackend = serve.deployment(name="LLMServer", max_ongoing_requests=512)(LLMServerImpl)

@@ -12,7 +12,7 @@ from typing import Any
 from ray import serve
 
 from nanovllmx.serve import model_resolver
-from nanovllmx.serve.app import LLMServer
+from nanovllmx.serve.app import LLMBackend, LLMServer
 from nanovllmx.serve.mapping import DEFAULT_CHAT_TEMPLATE_TIMEOUT_S, DEFAULT_PROMPT_JOB_STUCK_AFTER_S
 from nanovllmx.serve.middleware import DEFAULT_MAX_REQUEST_BODY_BYTES
 
@@ -207,8 +207,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
             "request_routing_stats_timeout_s": 10.0,
         }
 
-    # @serve.deployment made LLMServer a Deployment; Ray's annotations say it is still the class
-    deployment: serve.Deployment = LLMServer  # type: ignore[assignment]
+    deployment: serve.Deployment = LLMBackend if routed else LLMServer
     app: serve.Application = deployment.options(**deploy_opts).bind(
         model,
         served_names,

@@ -29,7 +29,7 @@ SUMMARY_LIMIT = 4096
 # where it sent each prefix itself, so a conversation's next turn does not wait for it)
 SUMMARY_PERIOD_S = 0.5
 # one request in a replica's queue weighs as much as this many tokens of cached prefix
-DEFAULT_TOKENS_PER_REQUEST = 256
+DEFAULT_TOKENS_PER_REQUEST = 128
 DEFAULT_RECENT_TTL_S = 10.0
 _RNG = random.Random()
 
