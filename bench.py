@@ -203,6 +203,60 @@ def _parse_rates(a) -> list[float | None]:
     return [a.request_rate]
 
 
+def multiturn_conversations(n: int, turns: int, seed_: int = 0) -> list[list[str]]:
+    """The user turns of `n` conversations: each turn ~120 words (~130 tokens), distinct per conversation."""
+    import random
+
+    rng = random.Random(seed_)
+    words = "alpha beta gamma delta river stone cloud lamp tiger maple orbit quartz north amber violet".split()
+    return [[" ".join(rng.choice(words) for _ in range(120)) for _ in range(turns)] for _ in range(n)]
+
+
+async def _multiturn_run(base: str, model: str, convs: list[list[str]], max_tokens: int) -> dict:
+    """Conversations interleaved (all at once), turns of each in order: turn t's messages are turn
+    t-1's plus its answer plus a new user turn. Hit rate = cached / prompt tokens (usage)."""
+    import asyncio
+
+    import httpx
+
+    prompt, cached, out, errors = [0], [0], [0], []
+    async with httpx.AsyncClient(base_url=base, timeout=600) as client:
+
+        async def conversation(turns: list[str]) -> None:
+            msgs: list[dict] = []
+            for user in turns:
+                msgs.append({"role": "user", "content": user})
+                body = {"model": model, "messages": msgs, "max_tokens": max_tokens, "temperature": 0}
+                r = await client.post("/v1/chat/completions", json=body)
+                if r.status_code != 200:
+                    errors.append(f"{r.status_code}: {r.text[:200]}")
+                    return
+                res = r.json()
+                u = res["usage"]
+                prompt[0] += u["prompt_tokens"]
+                cached[0] += (u.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+                out[0] += u["completion_tokens"]
+                msgs.append({"role": "assistant", "content": res["choices"][0]["message"]["content"]})
+
+        t = time.perf_counter()
+        await asyncio.gather(*(conversation(c) for c in convs))
+        dt = time.perf_counter() - t
+    return {
+        "workload": "multiturn",
+        "conversations": len(convs),
+        "turns": len(convs[0]) if convs else 0,
+        "requests": sum(map(len, convs)),
+        "seconds": round(dt, 3),
+        "prompt_tokens": prompt[0],
+        "cached_tokens": cached[0],
+        "hit_rate": round(cached[0] / max(prompt[0], 1), 4),
+        "tok_per_s": round(out[0] / dt, 1),
+        "total_tok_per_s": round((out[0] + prompt[0]) / dt, 1),
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
+    }
+
+
 def http_bench(a) -> list[dict]:
     """Through the Serve app: start it here (--start-server) or use one running at --url. One result
     per request rate."""
@@ -235,6 +289,13 @@ def http_bench(a) -> list[dict]:
             "enforce_eager": a.enforce_eager,
             "gpu_memory_utilization": a.gpu_memory_utilization,
         }
+        if a.num_replicas > 1:
+            args["num_replicas"] = a.num_replicas
+            args["prefix_routing"] = a.prefix_routing != "off"
+        if a.num_cpus_per_replica is not None:
+            args["ray_actor_options"] = {"num_cpus": a.num_cpus_per_replica}
+        if a.device:
+            args["device"] = a.device
         serve.start(http_options={"host": "127.0.0.1", "port": int(a.url.rsplit(":", 1)[1].split("/")[0])})
         server = serve.run(build_app(args), name="bench", route_prefix="/")
     try:
@@ -246,6 +307,12 @@ def http_bench(a) -> list[dict]:
                 if attempt == 59 or server is None:
                     raise
                 time.sleep(1)
+        if a.workload == "multiturn":
+            convs = multiturn_conversations(a.conversations, a.turns)
+            res = asyncio.run(_multiturn_run(url, model, convs, a.max_tokens))
+            res.update({"num_replicas": a.num_replicas, "router": a.prefix_routing if a.num_replicas > 1 else "-"})
+            print(json.dumps(res), flush=True)
+            return [res]
         if a.prompts_file:
             requests = http_requests_from_file(
                 a.prompts_file, model, a.num_seqs, a.max_tokens, a.temperature, a.ignore_eos
@@ -382,10 +449,33 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.6, help="with --prompts-file: default temperature")
     ap.add_argument("--ignore-eos", action="store_true", help="with --prompts-file: generate max_tokens tokens")
     ap.add_argument("--plot", default=None, help="with --http: PNG of TTFT / ITL p50 and p99 vs request rate")
+    ap.add_argument(
+        "--workload",
+        default="standard",
+        choices=["standard", "multiturn"],
+        help="with --http: multiturn = --conversations chats of --turns turns each (every turn extends the "
+        "previous prompt with its answer and a new user turn), interleaved; reports the prefix-cache hit rate",
+    )
+    ap.add_argument("--conversations", type=int, default=16)
+    ap.add_argument("--turns", type=int, default=4)
+    ap.add_argument("--num-replicas", type=int, default=1, help="with --start-server: Serve replicas")
+    ap.add_argument(
+        "--prefix-routing",
+        default="on",
+        choices=["on", "off"],
+        help="with --num-replicas > 1: the prefix-cache router (on, build_app's default) or Serve's power of two",
+    )
+    ap.add_argument("--num-cpus-per-replica", type=float, default=None)
+    ap.add_argument("--device", default=None, help="with --start-server: the engine's device (cpu, cuda)")
     a = ap.parse_args()
 
     if a.http:
         results = http_bench(a)
+        if a.workload == "multiturn":
+            if a.json:
+                with open(a.json, "a") as f:
+                    f.write(json.dumps(results[0]) + "\n")
+            return
         print_table(results)
         if a.json:
             with open(a.json, "a") as f:

@@ -300,6 +300,12 @@ class LLM:
         d["num_outstanding_requests"] = len(self.processor.states)  # submitted here, no outcome yet
         return d
 
+    def prefix_summary(self, limit: int = 4096) -> list[int]:
+        """The newest `limit` chained hashes of the prefix blocks (64 tokens) held by the engine's
+        radix tree (scheduler/radix_cache.py `block_hashes`): what a Serve replica publishes for the
+        request router (serve/router.py). Not part of `EngineClient`."""
+        return self.core.prefix_summary(limit)
+
     def check_health(self) -> None:
         """Return if the engine can serve; else raise EngineUnavailableError saying why."""
         if self._closed:

@@ -95,6 +95,9 @@ class SchedulerActor:
     def stats(self) -> dict[str, Any]:
         return self._core().stats()
 
+    def prefix_summary(self, limit: int) -> list[int]:
+        return self._core().prefix_summary(limit)
+
     def shutdown(self) -> None:
         try:
             if self.core is not None:
@@ -223,6 +226,11 @@ class RayCoreClient:
         # where the grid runs: one entry per worker (rank = pp_rank * tp_size + tp_rank)
         stats["workers"] = [{k: i[k] for k in ("rank", "pp_rank", "tp_rank", "node_id")} for i in self.worker_info]
         return stats
+
+    def prefix_summary(self, limit: int) -> list[int]:
+        assert self.scheduler is not None  # None only once closed
+        hashes: list[int] = ray.get(self.scheduler.prefix_summary.remote(limit))
+        return hashes
 
     def check_health(self, timeout: float = 10.0) -> None:
         """Raise EngineUnavailableError if the engine cannot serve: shut down, scheduler actor gone

@@ -142,6 +142,10 @@ class EngineCore:
         s.drop_inflight()
         return outs
 
+    def prefix_summary(self, limit: int) -> list[int]:
+        """The radix tree's newest `limit` prefix block hashes (RadixCache.prefix_summary)."""
+        return self.scheduler.tree.prefix_summary(limit)
+
     def stats(self) -> dict[str, Any]:
         d: dict[str, Any] = asdict(self.scheduler.stats())
         d["step_ms"] = self.timer.summary()

@@ -8,6 +8,7 @@ them while it holds a ref (lock) on the node where its match ends.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import itertools
 from collections.abc import Sequence
@@ -19,6 +20,24 @@ from nanovllmx.scheduler.allocator import SlotAllocator
 
 _EMPTY = np.zeros(0, dtype=np.int32)
 _node_ids = itertools.count()
+# Prefix summaries (what a replica publishes for the request router, serve/router.py): every full
+# block of BLOCK_SIZE tokens from the start of a cached sequence, hashed chained (a block's hash
+# covers all tokens before it), so one hash names one prefix. Same in every process (blake2b, not
+# Python's salted hash()).
+BLOCK_SIZE = 64
+
+
+def block_hashes(tokens: Sequence[int] | np.ndarray, block_size: int = BLOCK_SIZE, start: int = 0) -> list[int]:
+    """Chained 64-bit hashes of the full blocks of `tokens`, from block `start` on (the chain is
+    always computed from the first token)."""
+    key = _as_tokens(tokens)
+    out: list[int] = []
+    prev = b""
+    for k in range(len(key) // block_size):
+        prev = hashlib.blake2b(prev + key[k * block_size : (k + 1) * block_size].tobytes(), digest_size=8).digest()
+        if k >= start:
+            out.append(int.from_bytes(prev, "little"))
+    return out
 
 
 @dataclass(slots=True, eq=False)  # eq=False: nodes hash/compare by identity
@@ -30,6 +49,8 @@ class TreeNode:
     lock_ref: int = 0  # number of holders of a path through this node
     last_access: int = 0  # logical clock tick of the last match/insert through it
     id: int = field(default_factory=lambda: next(_node_ids))  # heap tie-breaker
+    # (end depth, hash) of the prefix blocks whose last token is on this edge (block_hashes)
+    blocks: list[tuple[int, int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.key)
@@ -78,6 +99,8 @@ class RadixCache:
         self.root = self._new_root()
         self._evictable = 0
         self._protected = 0
+        # every prefix block hash in the tree, oldest insert first (a dict as an ordered set)
+        self.block_hash_set: dict[int, None] = {}
 
     @staticmethod
     def _new_root() -> TreeNode:
@@ -130,7 +153,7 @@ class RadixCache:
             m = _common_prefix_len(child.key, key[pos:])
             partial = m < len(child.key)
             if partial:
-                child = self._split(child, m)
+                child = self._split(child, m, pos)
             # Stamp after a split: the unmatched lower half was not accessed.
             child.last_access = now
             values.append(child.value)
@@ -140,8 +163,9 @@ class RadixCache:
                 break
         return node, pos, values
 
-    def _split(self, child: TreeNode, m: int) -> TreeNode:
-        """Split `child` after m tokens (0 < m < len); returns the new upper node."""
+    def _split(self, child: TreeNode, m: int, start: int) -> TreeNode:
+        """Split `child` (whose first token is at depth `start`) after m tokens (0 < m < len);
+        returns the new upper node."""
         parent = child.parent
         assert parent is not None and 0 < m < len(child.key)
         # The upper part inherits lock_ref: every locked path through child
@@ -153,6 +177,9 @@ class RadixCache:
             lock_ref=child.lock_ref,
             last_access=child.last_access,
         )
+        if child.blocks:  # blocks ending in the upper half move up with it
+            upper.blocks = [b for b in child.blocks if b[0] <= start + m]
+            child.blocks = [b for b in child.blocks if b[0] > start + m]
         child.key = child.key[m:]
         child.value = child.value[m:]
         child.parent = upper
@@ -200,6 +227,11 @@ class RadixCache:
             leaf = TreeNode(key=key[pos:].copy(), value=value[pos:].copy(), parent=node, last_access=now)
             node.children[int(key[pos])] = leaf
             self._evictable += n - pos
+            first = pos // BLOCK_SIZE  # the first block that ends on the new edge (after depth pos)
+            if n // BLOCK_SIZE > first:
+                hashes = block_hashes(key, BLOCK_SIZE, first)
+                leaf.blocks = [((first + i + 1) * BLOCK_SIZE, h) for i, h in enumerate(hashes)]
+                self.block_hash_set.update(dict.fromkeys(hashes))
         return pos
 
     # ------------------------------------------------------------------ evict
@@ -230,6 +262,8 @@ class RadixCache:
             del parent.children[int(node.key[0])]
             node.parent = None
             freed.append(node.value)
+            for _, h in node.blocks:
+                self.block_hash_set.pop(h, None)
             num_freed += len(node.value)
             self._evictable -= len(node.value)
             if not parent.children and parent.lock_ref == 0:  # root has lock_ref 1
@@ -249,6 +283,13 @@ class RadixCache:
         self.root = self._new_root()
         self._evictable = 0
         self._protected = 0
+        self.block_hash_set = {}
+
+    def prefix_summary(self, limit: int) -> list[int]:
+        """The newest `limit` prefix block hashes (block_hashes) of the tree: the replica's summary
+        for the request router. list(): one C-level copy, safe while the engine thread inserts."""
+        keys = list(self.block_hash_set)
+        return keys[-limit:] if limit < len(keys) else keys
 
     def all_slots(self) -> np.ndarray:
         """Every slot owned by the tree (O(tree); for reset / checks / tests)."""

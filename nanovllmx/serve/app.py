@@ -19,6 +19,7 @@ import os
 import time
 import uuid
 import weakref
+from collections.abc import AsyncIterator
 from contextlib import suppress
 from typing import Any
 
@@ -88,10 +89,10 @@ def _setup_logging(level: str) -> None:
     root.setLevel(str(level).upper())
 
 
-@serve.deployment(name="LLMServer", max_ongoing_requests=512)
-@serve.ingress(app)
-class LLMServer:
-    """One replica = one engine. Constructed by Serve from `build_app`'s arguments."""
+class LLMServerImpl:
+    """One replica = one engine. Constructed by Serve from `build_app`'s arguments. Two deployments
+    of it (below): `LLMServer` serves the HTTP routes itself (one replica); `LLMBackend` is called by
+    `LLMIngress` through a handle (several replicas: serve/ingress.py)."""
 
     def __init__(
         self,
@@ -272,6 +273,19 @@ class LLMServer:
         name = self._served_name(body.model)
         self.mapping.check(body)
         prompt_ids = await self.mapping.prompt_ids(body)
+        return await self._respond(body, prompt_ids, raw_request, id_prefix, chunk_object, name)
+
+    async def _respond(
+        self,
+        body: OpenAIRequest,
+        prompt_ids: list[int],
+        raw_request: Request | None,
+        id_prefix: str,
+        chunk_object: str,
+        name: str,
+    ) -> Response:
+        """A checked request with its prompt's token ids: one engine request per choice, then a
+        streamed (SSE) or a whole response."""
         params = self.mapping.sampling_params(body, len(prompt_ids))
         rid = f"{id_prefix}-{uuid.uuid4().hex}"
         streams = open_choices(self, prompt_ids, params, rid, body.n or 1)
@@ -284,3 +298,88 @@ class LLMServer:
             )
         results = await collect(streams, raw_request, self)
         return JSONResponse(full_response(body, rid, created, name, prompt_ids, results))
+
+    # ------------------------------------------------------------------------- behind LLMIngress
+    async def generate_ids(self, route: str, body: dict[str, Any], prompt_ids: list[int]) -> AsyncIterator[Any]:
+        """A chat or completions request that `LLMIngress` already checked and tokenized (several
+        replicas: docs/serving.md, "Routing across replicas"); the request router read `prompt_ids`
+        to pick this replica. Yields the response's head `(status, headers, media type)`, then its
+        body pieces; errors come back as OpenAI error responses, as on the HTTP routes."""
+        chat = route == "chat"
+        try:
+            req: OpenAIRequest = (
+                ChatCompletionRequest.model_validate(body) if chat else CompletionRequest.model_validate(body)
+            )
+            name = self._served_name(req.model)
+            resp = await self._respond(
+                req,
+                prompt_ids,
+                None,
+                "chatcmpl" if chat else "cmpl",
+                "chat.completion.chunk" if chat else "text_completion",
+                name,
+            )
+        except APIError as e:
+            resp = e.response()
+        except Exception:
+            logger.exception("internal error on a %s request from the ingress", route)
+            resp = APIError(500, "internal server error", "server_error", None, "internal_error").response()
+        headers = [(k, v) for k, v in resp.headers.items() if k.lower() != "content-length"]
+        yield resp.status_code, headers, resp.media_type
+        if isinstance(resp, StreamingResponse):
+            async for piece in resp.body_iterator:
+                yield piece
+        else:
+            yield bytes(resp.body)
+
+    def prompt_config(self) -> dict[str, Any]:
+        """What LLMIngress needs to tokenize for this engine."""
+        return {
+            "context_len": self.context_len,
+            "max_len": self.llm.config.max_len,
+            "vocab_size": self.mapping.vocab_size,
+        }
+
+    async def get_json(self, what: str, arg: str | None = None) -> tuple[int, Any]:
+        """LLMIngress's plain routes: (status, JSON) of /health, /v1/models[/id], /v1/engine/stats."""
+        import json
+
+        try:
+            if what == "health":
+                resp = await self.health()
+                return resp.status_code, json.loads(bytes(resp.body))
+            if what == "models":
+                return 200, await self.models()
+            if what == "model":
+                return 200, await self.model(arg or "")
+            if what == "engine_stats":
+                return 200, await self.engine_stats()
+        except APIError as e:
+            return e.status, json.loads(bytes(e.response().body))
+        return 404, {"error": {"message": f"no such route {what}", "type": "invalid_request_error"}}
+
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """Serve's routing stats of this replica, read by the request router (serve/router.py) every
+        request_routing_stats_period_s: the engine's prefix summary and its load."""
+        from nanovllmx.serve.router import SUMMARY_LIMIT, encode_summary
+
+        summary = getattr(self.llm, "prefix_summary", None)  # not part of EngineClient
+        if summary is None or self._closed:
+            return {}
+
+        def read() -> dict[str, Any]:
+            stats = self.llm.stats()
+            return {
+                "prefix_hashes": encode_summary(summary(SUMMARY_LIMIT)),
+                "num_running": stats.get("num_running", 0),
+                "num_waiting": stats.get("num_waiting", 0),
+                "free_slots": int(stats.get("free_slots", 0)) + int(stats.get("cached_slots", 0)),
+            }
+
+        return await asyncio.to_thread(read)
+
+
+# Serve allows one FastAPI ingress per application: behind LLMIngress the engine replicas are the
+# plain class (same name in Serve, so metrics and logs read the same)
+LLMServer = serve.deployment(name="LLMServer", max_ongoing_requests=512)(serve.ingress(app)(LLMServerImpl))
+LLMBackend = serve.deployment(name="LLMServer", max_ongoing_requests=512)(LLMServerImpl)

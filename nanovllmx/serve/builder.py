@@ -12,7 +12,7 @@ from typing import Any
 from ray import serve
 
 from nanovllmx.serve import model_resolver
-from nanovllmx.serve.app import LLMServer
+from nanovllmx.serve.app import LLMBackend, LLMServer
 from nanovllmx.serve.mapping import DEFAULT_CHAT_TEMPLATE_TIMEOUT_S, DEFAULT_PROMPT_JOB_STUCK_AFTER_S
 from nanovllmx.serve.middleware import DEFAULT_MAX_REQUEST_BODY_BYTES
 
@@ -28,6 +28,8 @@ APP_KEYS = (
     "chat_template_timeout_s",
     "prompt_job_stuck_after_s",
     "api_key",
+    "prefix_routing",
+    "ingress_options",
 )
 API_KEY_ENV = "NANOVLLMX_API_KEY"  # the api_key when `args` gives none
 # Serve deployment defaults of build_app (see the comments where they are set)
@@ -130,6 +132,10 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     stuck_after = _positive_seconds(
         "prompt_job_stuck_after_s", args.pop("prompt_job_stuck_after_s", DEFAULT_PROMPT_JOB_STUCK_AFTER_S)
     )
+    prefix_routing = _coerce(args.pop("prefix_routing", "auto"), "Any")
+    if prefix_routing not in ("auto", True, False):
+        raise ValueError(f"prefix_routing must be auto, true or false, got {prefix_routing!r}")
+    ingress_options = dict(_coerce(args.pop("ingress_options", None), "Any") or {})
     api_key = args.pop("api_key", None) or os.environ.get(API_KEY_ENV) or None
     if api_key is not None and not isinstance(api_key, str):
         raise ValueError("api_key must be a string")  # the value itself is never shown
@@ -189,8 +195,19 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     deploy_opts.setdefault("graceful_shutdown_wait_loop_s", 1.0)
     shutdown_timeout = float(deploy_opts["graceful_shutdown_timeout_s"])
 
-    # @serve.deployment made LLMServer a Deployment; Ray's annotations say it is still the class
-    deployment: serve.Deployment = LLMServer  # type: ignore[assignment]
+    # Several replicas: LLMIngress in front and the prefix-cache router (docs/serving.md, "Routing
+    # across replicas"); one replica: LLMServer serves HTTP itself, no extra hop, Serve's router
+    routed = prefix_routing is True or (prefix_routing == "auto" and can_have_replicas(deploy_opts))
+    if routed and "request_router_config" not in deploy_opts:
+        from nanovllmx.serve.router import SUMMARY_PERIOD_S
+
+        deploy_opts["request_router_config"] = {
+            "request_router_class": "nanovllmx.serve.router.PrefixCacheRouter",
+            "request_routing_stats_period_s": SUMMARY_PERIOD_S,
+            "request_routing_stats_timeout_s": 10.0,
+        }
+
+    deployment: serve.Deployment = LLMBackend if routed else LLMServer
     app: serve.Application = deployment.options(**deploy_opts).bind(
         model,
         served_names,
@@ -205,4 +222,35 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         prompt_job_stuck_after_s=stuck_after,
         api_key=api_key,
     )
-    return app
+    if not routed:
+        return app
+    from nanovllmx.serve.ingress import LLMIngress
+
+    # thin: parsing and tokenizing only (no engine), so no CPU of its own unless asked
+    ingress_options.setdefault("ray_actor_options", {"num_cpus": 0})
+    ingress_options.setdefault("logging_config", {"enable_access_log": False})
+    ingress_options.setdefault("health_check_period_s", DEFAULT_HEALTH_CHECK_PERIOD_S)
+    ingress: serve.Deployment = LLMIngress  # type: ignore[assignment]
+    front: serve.Application = ingress.options(**ingress_options).bind(
+        app,
+        model,
+        revision,
+        log_level,
+        max_request_body_bytes=max_body,
+        trust_request_chat_template=trust,
+        chat_template_timeout_s=template_timeout,
+        prompt_job_stuck_after_s=stuck_after,
+        api_key=api_key,
+    )
+    return front
+
+
+def can_have_replicas(deploy_opts: dict[str, Any]) -> bool:
+    """Whether the deployment may run more than one replica (then build_app routes by prefix)."""
+    n = deploy_opts.get("num_replicas", 1)
+    auto = deploy_opts.get("autoscaling_config")
+    if n == "auto" or auto:
+        if isinstance(auto, dict) and auto.get("max_replicas", 2) == 1:
+            return False
+        return True
+    return isinstance(n, int) and n > 1

@@ -212,7 +212,7 @@ async def first_deltas(server: StreamOwner, streams: list[EngineStream]) -> None
 
 
 async def collect(
-    streams: list[EngineStream], raw_request: Request, server: StreamOwner | None = None
+    streams: list[EngineStream], raw_request: Request | None, server: StreamOwner | None = None
 ) -> list[tuple[str, list[int], StreamDelta]]:
     """Run non-streaming requests (a response's choices) to their end; abort them in the engine if
     the client disconnects (seen by watching the ASGI receive channel, or by Serve cancelling
@@ -233,7 +233,9 @@ async def collect(
         return await asyncio.gather(*(consume_one(st) for st in streams))
 
     async def disconnected() -> None:
-        while True:
+        if raw_request is None:  # called through a handle (LLMIngress): Serve cancels us instead
+            await asyncio.Event().wait()
+        while raw_request is not None:
             message = await raw_request.receive()
             if message.get("type") == "http.disconnect":
                 return
