@@ -628,10 +628,13 @@ def test_build_app_options():
     from nanovllmx.serve import ModelResolutionError, build_app
 
     def dep(args):
-        return build_app(args)._bound_deployment
+        d = build_app(args)._bound_deployment
+        if d.name == "LLMIngress":  # several replicas: the engines sit behind the tokenizing ingress
+            d = d.init_args[0]._bound_deployment
+        return d
 
     d = dep({"model": DEMO_MODEL_NAME, "device": "cuda", "num_replicas": 3, "context_len": "512"})
-    assert d.num_replicas == 3
+    assert d.num_replicas == 3 and d.name == "LLMServer"
     # on GPU the engine runs in its own actors, off the replica's GIL (which streams the tokens)
     assert d.ray_actor_options["num_gpus"] == 0 and d.init_args[2]["executor"] == "ray"
     assert d.init_args[2]["context_len"] == 512  # `serve run ... context_len=512` strings get their types
