@@ -56,6 +56,11 @@ class EngineConfig:
     ray_init_kwargs: dict[str, Any] | None = None  # extra ray.init() arguments when we start Ray (e.g. num_cpus)
     placement_strategy: str = "PACK"  # between PP stages: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
     placement_timeout_s: float = 60.0  # raise if the grid cannot be placed by then
+    # None: the engine creates its own placement group (one bundle per stage) and removes it at
+    # shutdown. An int k: it runs in the placement group its process runs in (a Serve replica's:
+    # build_app sets 1), stage s in bundle k + s, the scheduler actor in bundle 0; that group is
+    # its creator's (Serve's) and is left in place. See distributed/placement.py
+    placement_bundle_offset: int | None = None
     accelerator_type: str | None = None  # e.g. "H100": every shard on that accelerator type
     ray_num_cpus_per_worker: float | None = None  # None: 0.25 on CPU, 0 on CUDA (1 GPU per shard)
     ray_worker_resources: dict[str, float] | list[dict[str, float]] | None = (
@@ -86,6 +91,9 @@ class EngineConfig:
         ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        off = self.placement_bundle_offset
+        if off is not None and (not isinstance(off, int) or isinstance(off, bool) or off < 0):
+            raise ValueError(f"placement_bundle_offset must be None or an integer >= 0, got {off!r}")
         mw = self.max_waiting_requests
         if not isinstance(mw, int) or isinstance(mw, bool) or mw < 0:
             raise ValueError(f"max_waiting_requests must be an integer >= 0, got {mw!r}")

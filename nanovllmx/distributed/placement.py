@@ -8,13 +8,22 @@ node per stage). Per-shard resources: 1 GPU on CUDA, `ray_num_cpus_per_worker` C
 default on CPU, so a 2x2 grid fits a 2-core machine), `accelerator_type`, and any extra resources
 in `ray_worker_resources` (one dict for all shards, or a list with one dict per stage, which pins
 stages to nodes that carry a custom resource).
+
+Who creates the group: offline (`LLM(...)` in a driver) the engine creates it and removes it at
+shutdown. Under Serve, `build_app` declares the replica's own placement group instead
+(`replica_placement`: bundle 0 = the replica and the scheduler actor, then one bundle per stage,
+as here) and sets `placement_bundle_offset=1`: the engine then runs in the group its process runs
+in (`current_placement_group`), stage s in bundle 1 + s, and never removes it (Serve does, when it
+stops the replica). So a replica and its grid are placed together or not at all, and a grid that
+cannot fit shows as a replica Serve cannot schedule (docs/serving.md).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 from nanovllmx.config import EngineConfig
 
@@ -24,6 +33,42 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+class GridSpec(Protocol):
+    """The EngineConfig fields that decide the grid's resources (an EngineConfig is one)."""
+
+    tp_size: int
+    pp_size: int
+    device: str
+    accelerator_type: str | None
+    ray_num_cpus_per_worker: float | None
+    ray_worker_resources: dict[str, float] | list[dict[str, float]] | None
+
+
+@dataclass
+class EngineArgsGrid:
+    """A GridSpec from engine arguments, without building an EngineConfig (which loads the
+    checkpoint's config: build_app runs where the checkpoint may not be)."""
+
+    tp_size: int = EngineConfig.tp_size
+    pp_size: int = EngineConfig.pp_size
+    device: str = "cpu"
+    accelerator_type: str | None = None
+    ray_num_cpus_per_worker: float | None = None
+    ray_worker_resources: dict[str, float] | list[dict[str, float]] | None = None
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict[str, Any]) -> EngineArgsGrid:
+        names = ("tp_size", "pp_size", "device", "accelerator_type", "ray_num_cpus_per_worker", "ray_worker_resources")
+        return cls(**{k: kwargs[k] for k in names if k in kwargs})
+
+
+def check_strategy(strategy: str | None) -> str:
+    s = (strategy or "PACK").upper()
+    if s not in STRATEGIES:
+        raise ValueError(f"placement_strategy must be one of {STRATEGIES}, got {strategy!r}")
+    return s
 
 
 def connect_ray(cfg: EngineConfig) -> bool:
@@ -44,7 +89,7 @@ def connect_ray(cfg: EngineConfig) -> bool:
     return True
 
 
-def num_cpus_per_worker(cfg: EngineConfig) -> float:
+def num_cpus_per_worker(cfg: GridSpec) -> float:
     if cfg.ray_num_cpus_per_worker is not None:
         if cfg.ray_num_cpus_per_worker < 0:
             raise ValueError("ray_num_cpus_per_worker must be >= 0")
@@ -52,7 +97,7 @@ def num_cpus_per_worker(cfg: EngineConfig) -> float:
     return 0.25 if cfg.device == "cpu" else 0.0
 
 
-def stage_extra_resources(cfg: EngineConfig) -> list[dict[str, float]]:
+def stage_extra_resources(cfg: GridSpec) -> list[dict[str, float]]:
     """Extra (custom) Ray resources of one shard, per pipeline stage."""
     extra = cfg.ray_worker_resources
     per_stage: list[dict[str, float]]
@@ -80,7 +125,7 @@ def stage_extra_resources(cfg: EngineConfig) -> list[dict[str, float]]:
     return per_stage
 
 
-def shard_options(cfg: EngineConfig, stage: int) -> dict[str, Any]:
+def shard_options(cfg: GridSpec, stage: int) -> dict[str, Any]:
     """Ray actor options (resources only) of one worker of `stage`."""
     return dict(
         num_cpus=num_cpus_per_worker(cfg),
@@ -89,7 +134,7 @@ def shard_options(cfg: EngineConfig, stage: int) -> dict[str, Any]:
     )
 
 
-def stage_bundles(cfg: EngineConfig) -> list[dict[str, float]]:
+def stage_bundles(cfg: GridSpec) -> list[dict[str, float]]:
     tp = cfg.tp_size
     bundles: list[dict[str, float]] = []
     for s in range(cfg.pp_size):
@@ -166,9 +211,7 @@ def create_placement_group(cfg: EngineConfig) -> PlacementGroup:
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    strategy = (cfg.placement_strategy or "PACK").upper()
-    if strategy not in STRATEGIES:
-        raise ValueError(f"placement_strategy must be one of {STRATEGIES}, got {cfg.placement_strategy!r}")
+    strategy = check_strategy(cfg.placement_strategy)
     bundles = stage_bundles(cfg)
     pg: PlacementGroup = placement_group(bundles, strategy=strategy, name="")
     ready, _ = ray.wait([pg.ready()], timeout=cfg.placement_timeout_s)
@@ -190,6 +233,63 @@ def create_placement_group(cfg: EngineConfig) -> PlacementGroup:
         f"Lower tp_size/pp_size, free resources, or change ray_num_cpus_per_worker / ray_worker_resources / "
         f"accelerator_type / placement_strategy (placement_timeout_s sets how long to wait)."
     )
+
+
+def replica_placement(
+    grid: GridSpec, replica_actor_options: dict[str, Any], strategy: str | None
+) -> tuple[list[dict[str, float]], str]:
+    """A Serve replica's `placement_group_bundles` and `placement_group_strategy` when its engine
+    runs on Ray: bundle 0 holds the replica actor (its ray_actor_options, which Serve requires to
+    fit bundle 0) and the scheduler actor (no resources of its own); bundle 1 + s holds pipeline
+    stage s (stage_bundles: each stage inside one node, stages placed by `strategy`)."""
+    o = replica_actor_options
+    first: dict[str, float] = {}
+    for key, name in (("num_cpus", "CPU"), ("num_gpus", "GPU"), ("memory", "memory")):
+        v = o.get(key)
+        if v:
+            first[name] = float(v)
+    for k, v in (o.get("resources") or {}).items():
+        if v:
+            first[k] = float(v)
+    if o.get("accelerator_type"):
+        first[f"accelerator_type:{o['accelerator_type']}"] = 0.001
+    if not first:  # a bundle may not be empty
+        first["CPU"] = 0.01
+    return [first, *stage_bundles(grid)], check_strategy(strategy)
+
+
+def current_placement_group(cfg: EngineConfig) -> PlacementGroup:
+    """The placement group this process runs in (a Serve replica's), checked to hold the grid:
+    bundle cfg.placement_bundle_offset + s must hold stage s. Raises at once if not (an actor asked
+    for resources its bundle lacks would wait forever)."""
+    from ray.util.placement_group import get_current_placement_group
+
+    offset = cfg.placement_bundle_offset
+    assert offset is not None
+    pg = get_current_placement_group()
+    if pg is None:
+        raise RuntimeError(
+            f"placement_bundle_offset={offset} runs the engine in this process's placement group, but this "
+            "process runs in none (a Serve replica gets one from placement_group_bundles, which build_app sets; "
+            "leave placement_bundle_offset unset for the engine to create its own group)"
+        )
+    have = pg.bundle_specs
+    need = stage_bundles(cfg)
+    if len(have) < offset + len(need):
+        raise RuntimeError(
+            f"the placement group this process runs in has {len(have)} bundle(s) {have}; the "
+            f"tp_size={cfg.tp_size} x pp_size={cfg.pp_size} grid needs bundles {offset}..{offset + len(need) - 1} "
+            f"(one per pipeline stage: {need})"
+        )
+    for s, b in enumerate(need):
+        got = have[offset + s]
+        short = {k: v for k, v in b.items() if got.get(k, 0.0) + 1e-9 < v}
+        if short:
+            raise RuntimeError(
+                f"bundle {offset + s} of this process's placement group {got} cannot hold pipeline stage {s}, "
+                f"which needs {b} ({cfg.tp_size} shard(s) of {shard_options(cfg, s)})"
+            )
+    return pg
 
 
 def bundle_node_ids(pg: PlacementGroup) -> list[str]:

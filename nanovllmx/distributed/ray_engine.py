@@ -146,6 +146,7 @@ class RayCoreClient:
 
         self.cfg, self.sink = cfg, sink
         self.pg: PlacementGroup | None = None
+        self.owns_pg = cfg.placement_bundle_offset is None  # else the group is the replica's (Serve's)
         self.workers: list[ActorHandle[WorkerActor]] = []
         self.scheduler: ActorHandle[SchedulerActor] | None = None
         self.worker_info: list[dict[str, Any]] = []
@@ -157,7 +158,13 @@ class RayCoreClient:
         self._poll_thread: threading.Thread | None = None
         placement.connect_ray(cfg)
         try:
-            self.pg = placement.create_placement_group(cfg)
+            # offline: a group of our own, stage s in bundle s; in a Serve replica (placement_bundle_offset
+            # set by build_app): the replica's group, stage s in bundle offset + s (bundle 0: the replica)
+            if self.owns_pg:
+                self.pg, offset = placement.create_placement_group(cfg), 0
+            else:
+                self.pg = placement.current_placement_group(cfg)
+                offset = cfg.placement_bundle_offset or 0
             tp, world = cfg.tp_size, cfg.tp_size * cfg.pp_size
             cpus = placement.num_cpus_per_worker(cfg)
             actor_cls = ray.remote(WorkerActor)
@@ -170,11 +177,12 @@ class RayCoreClient:
                         name=None,
                         max_restarts=0,
                         scheduling_strategy=PlacementGroupSchedulingStrategy(
-                            self.pg, placement_group_bundle_index=rank // tp
+                            self.pg, placement_group_bundle_index=offset + rank // tp
                         ),
                     ).remote(cfg, rank, cpus)
                 )
-            # the scheduler sits next to rank 0 (bundle 0), using none of the bundle's resources
+            # the scheduler sits in bundle 0 (next to rank 0 offline, next to the replica under Serve),
+            # using none of the bundle's resources
             # ray's typed overloads of remote() leave out concurrency_groups, which it takes
             sched_cls = ray.remote(concurrency_groups={"poll": 2})(SchedulerActor)  # type: ignore[call-overload]
             self.scheduler = sched_cls.options(
@@ -305,12 +313,12 @@ class RayCoreClient:
             except Exception:
                 pass
         self.scheduler, self.workers = None, []
-        if self.pg is not None:
+        if self.pg is not None and self.owns_pg:  # never a group we did not create (Serve removes its own)
             try:
                 remove_placement_group(self.pg)
             except Exception:
                 pass
-            self.pg = None
+        self.pg = None
 
     def __del__(self) -> None:
         try:

@@ -88,6 +88,34 @@ def _positive_seconds(name: str, value: Any) -> float:
     return float(value)
 
 
+def _gang_placement(deploy_opts: dict[str, Any], engine_kwargs: dict[str, Any], actor_opts: dict[str, Any]) -> None:
+    """Gang placement when the engine runs on Ray: the replica's own placement group holds the
+    replica (bundle 0) and its grid (one bundle per pipeline stage), so Serve places a replica and
+    its workers together or not at all, counts the grid in the replica's resources (autoscaling,
+    `serve status`), and removes the group with the replica; the engine runs inside it
+    (placement_bundle_offset=1, distributed/placement.py). `placement_bundle_offset: null` in the
+    args opts out: the engine then creates a group of its own, as offline."""
+    from nanovllmx.distributed import placement
+
+    if "placement_bundle_offset" in engine_kwargs and engine_kwargs["placement_bundle_offset"] is None:
+        return
+    if deploy_opts.get("placement_group_bundles"):  # the operator's own bundles: stage s in bundle offset + s
+        engine_kwargs.setdefault("placement_bundle_offset", 1)
+        return
+    if deploy_opts.get("max_replicas_per_node") is not None:
+        raise ValueError(
+            "max_replicas_per_node cannot be combined with the gang placement group build_app gives a replica "
+            "whose engine runs on Ray (Serve allows one or the other): drop it (the placement strategy decides "
+            "where replicas go), or set placement_bundle_offset: null to place the grid outside the replica's group"
+        )
+    bundles, strategy = placement.replica_placement(
+        placement.EngineArgsGrid.from_kwargs(engine_kwargs), actor_opts, engine_kwargs.get("placement_strategy")
+    )
+    deploy_opts["placement_group_bundles"] = bundles
+    deploy_opts.setdefault("placement_group_strategy", strategy)
+    engine_kwargs["placement_bundle_offset"] = 1
+
+
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Build the Serve application from a config's `args`.
 
@@ -168,6 +196,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     actor_opts.setdefault("num_gpus", 1 if (device == "cuda" and not own_workers) else 0)
     actor_opts.setdefault("num_cpus", 1)
     deploy_opts["ray_actor_options"] = actor_opts
+    if own_workers:
+        _gang_placement(deploy_opts, engine_kwargs, actor_opts)
     # one log line per request, ours (EngineStream._report); Serve's access log would be a second one
     deploy_opts.setdefault("logging_config", {"enable_access_log": False})
     # Serve's default (5 at once) would starve continuous batching: let the engine see the queue. It

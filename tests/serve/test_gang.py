@@ -1,0 +1,232 @@
+"""Gang placement through Serve (issue 20): a replica whose engine runs on Ray gets one placement
+group from Serve (`placement_group_bundles`: bundle 0 = the replica and the scheduler actor, then
+one bundle per pipeline stage) and the engine's actors run inside it; an offline LLM keeps creating
+(and removing) a group of its own; a grid that cannot fit shows as a Serve status message.
+
+One Ray instance for the module (4 logical CPUs on the 2-core machine), with Serve's slow-startup
+warning lowered to 3 s (RAY_SERVE_SLOW_STARTUP_WARNING_S, read by the controller) so the status of
+an unplaceable grid shows quickly; Serve's default is 30 s.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import httpx
+import pytest
+
+from nanovllmx.utils.demo import DEMO_MODEL_NAME
+
+pytestmark = pytest.mark.timeout(240)
+
+ray = pytest.importorskip("ray")
+
+CTX = 256
+SLOW_STARTUP_S = 3
+ENV = {"RAY_SERVE_SLOW_STARTUP_WARNING_S": str(SLOW_STARTUP_S), "RAY_SERVE_SLOW_STARTUP_WARNING_PERIOD_S": "1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ============================================================================ build_app's options (no Ray)
+def _options(**args):
+    from nanovllmx.serve import build_app
+
+    app = build_app({"model": DEMO_MODEL_NAME, **args})
+    d = app._bound_deployment
+    return d._replica_config, d.init_args[2]  # replica config, engine_kwargs
+
+
+def test_build_app_declares_the_gang_bundles():
+    rc, ek = _options(device="cpu", tp_size=2, pp_size=2, ray_actor_options={"num_cpus": 0.5})
+    assert rc.placement_group_bundles == [{"CPU": 0.5}, {"CPU": 0.5}, {"CPU": 0.5}]  # replica, stage 0, stage 1
+    assert rc.placement_group_strategy == "PACK"
+    assert ek["executor"] == "ray" and ek["placement_bundle_offset"] == 1
+    # on GPU: a stage = tp GPUs in one bundle; the replica keeps no GPU; the engine's strategy maps onto Serve's
+    rc, ek = _options(device="cuda", tp_size=2, pp_size=2, placement_strategy="spread")
+    assert rc.placement_group_bundles == [{"CPU": 1.0}, {"GPU": 2.0}, {"GPU": 2.0}]
+    assert rc.placement_group_strategy == "SPREAD" and rc.ray_actor_options["num_gpus"] == 0
+    assert ek["executor"] == "ray" and ek["placement_bundle_offset"] == 1
+    # the local executor (CPU, one shard): no group at all
+    rc, ek = _options(device="cpu")
+    assert rc.placement_group_bundles is None and "placement_bundle_offset" not in ek
+    # opting out: the engine creates its own group, as offline
+    rc, ek = _options(device="cpu", tp_size=2, placement_bundle_offset=None)
+    assert rc.placement_group_bundles is None and ek["placement_bundle_offset"] is None
+    # the operator's own bundles are kept; stages from bundle 1
+    rc, ek = _options(device="cpu", tp_size=2, placement_group_bundles=[{"CPU": 1}, {"CPU": 2}])
+    assert rc.placement_group_bundles == [{"CPU": 1}, {"CPU": 2}] and ek["placement_bundle_offset"] == 1
+    with pytest.raises(ValueError, match="max_replicas_per_node"):
+        _options(device="cpu", tp_size=2, max_replicas_per_node=1)
+
+
+# ============================================================================ on Ray
+@pytest.fixture(scope="module")
+def ray_instance():
+    if ray.is_initialized():
+        ray.shutdown()
+    saved = {k: os.environ.get(k) for k in ENV}
+    os.environ.update(ENV)  # inherited by the Serve controller that ray.init's raylet starts
+    ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="serve")
+    try:
+        yield
+    finally:
+        try:
+            from ray import serve
+
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def serve_url(ray_instance):
+    from ray import serve
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return f"http://127.0.0.1:{port}"
+
+
+def _live_groups() -> dict[str, dict]:
+    from ray.util import placement_group_table
+
+    return {k: v for k, v in placement_group_table().items() if v["state"] != "REMOVED"}
+
+
+def _wait_no_groups(timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while _live_groups():
+        assert time.monotonic() < deadline, f"placement groups left: {_live_groups()}"
+        time.sleep(0.2)
+
+
+def _bundle_used(pg_id: str, index: int) -> float:
+    """CPU of bundle `index` of group `pg_id` that actors hold (Ray's per-bundle resources)."""
+    key = f"CPU_group_{index}_{pg_id}"
+    total = ray.cluster_resources().get(key, 0.0)
+    return total - ray.available_resources().get(key, 0.0)
+
+
+def test_replica_runs_its_grid_in_its_own_group(serve_url):
+    """pp_size=2 on CPU: the replica's group (from Serve) is the only one; its stage bundles are taken
+    by the workers; the app answers; deleting the app leaves no group."""
+    from ray import serve
+
+    from nanovllmx.serve import build_app
+
+    _wait_no_groups()
+    app = build_app(
+        {
+            "model": DEMO_MODEL_NAME,
+            "device": "cpu",
+            "context_len": CTX,
+            "max_bs": 4,
+            "pp_size": 2,
+            "ray_actor_options": {"num_cpus": 0.5},
+        }
+    )
+    t0 = time.monotonic()
+    serve.run(app, name="gang", route_prefix="/gang")
+    print(f"gang app (pp_size=2) up in {time.monotonic() - t0:.1f}s")
+    try:
+        groups = _live_groups()
+        assert len(groups) == 1, groups  # the replica's, no second one from the engine
+        ((pg_id, pg),) = groups.items()
+        assert pg["state"] == "CREATED" and pg["strategy"] == "PACK"
+        assert list(pg["bundles"].values()) == [{"CPU": 0.5}, {"CPU": 0.25}, {"CPU": 0.25}]
+        # bundle 0: the replica (0.5 CPU; the scheduler actor takes none); bundles 1, 2: one worker each
+        assert [_bundle_used(pg_id, i) for i in range(3)] == pytest.approx([0.5, 0.25, 0.25])
+        assert ray.available_resources().get("CPU", 0.0) == pytest.approx(4 - 1.0)  # nothing outside the group
+        r = httpx.post(
+            f"{serve_url}/gang/v1/completions",
+            json={"prompt": "Hello", "max_tokens": 4, "ignore_eos": True},
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 4
+    finally:
+        serve.delete("gang")
+    t0 = time.monotonic()
+    _wait_no_groups()
+    print(f"group removed {time.monotonic() - t0:.1f}s after serve.delete returned")
+
+
+def test_offline_llm_creates_and_removes_its_own_group(ray_instance, tiny_model_dir):
+    from nanovllmx import LLM
+
+    _wait_no_groups()
+    llm = LLM(str(tiny_model_dir), executor="ray", device="cpu", context_len=CTX, max_bs=2, tp_size=2)
+    try:
+        groups = _live_groups()
+        assert len(groups) == 1, groups
+        ((pg_id, pg),) = groups.items()
+        assert list(pg["bundles"].values()) == [{"CPU": 0.5}]  # one stage of 2 shards x 0.25 CPU
+        assert llm.core.owns_pg and llm.core.pg.id.hex() == pg_id
+    finally:
+        llm.shutdown()
+    _wait_no_groups(timeout=10)
+
+
+def test_offset_without_a_group_is_a_clear_error(ray_instance, tiny_model_dir):
+    from nanovllmx import LLM
+
+    with pytest.raises(RuntimeError, match="runs in none"):
+        LLM(str(tiny_model_dir), executor="ray", device="cpu", context_len=CTX, placement_bundle_offset=1)
+    _wait_no_groups(timeout=10)
+
+
+def test_unplaceable_grid_shows_in_serve_status(serve_url):
+    """A stage bundle no node can hold: Serve cannot schedule the replica. serve.status() says so (the
+    deployment stays DEPLOYING with a message naming the bundles) within SLOW_STARTUP_S + a few
+    seconds; the replica never starts, so nothing waits inside it. Deleting the app takes up to
+    graceful_shutdown_timeout_s (Serve kills a replica that never started only then)."""
+    from ray import serve
+    from ray.serve.api import _run
+
+    from nanovllmx.serve import build_app
+
+    app = build_app(
+        {
+            "model": DEMO_MODEL_NAME,
+            "device": "cpu",
+            "context_len": CTX,
+            "tp_size": 2,
+            "ray_num_cpus_per_worker": 8,  # a 16-CPU bundle on a 4-CPU cluster
+            "ray_actor_options": {"num_cpus": 0.5},
+            # Serve force-kills a replica it could never schedule only after this (120 s by default)
+            "graceful_shutdown_timeout_s": 5,
+        }
+    )
+    t0 = time.monotonic()
+    _run(app, name="toobig", route_prefix="/toobig", _blocking=False)  # serve.run would wait for the replica
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            st = serve.status().applications.get("toobig")
+            dep = st.deployments.get("LLMServer") if st else None
+            if dep is not None and "to be scheduled" in dep.message:
+                break
+            assert time.monotonic() < deadline, f"no scheduling message after 60s: {st}"
+            time.sleep(0.5)
+        took = time.monotonic() - t0
+        print(f"unplaceable grid: {st.status} / {dep.status} after {took:.1f}s: {dep.message}")
+        assert str(st.status) in ("DEPLOYING", "ApplicationStatus.DEPLOYING"), st.status
+        assert '"CPU": 16.0' in dep.message, dep.message  # the stage bundle it cannot place
+        assert dep.replica_states.get("RUNNING", 0) == 0
+    finally:
+        t1 = time.monotonic()
+        serve.delete("toobig")
+        print(f"deleted in {time.monotonic() - t1:.1f}s")
+    _wait_no_groups()
