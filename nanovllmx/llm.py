@@ -303,7 +303,7 @@ class LLM:
     def prefix_summary(self, limit: int = 4096) -> list[int]:
         """The newest `limit` chained hashes of the prefix blocks (64 tokens) held by the engine's
         radix tree (scheduler/radix_cache.py `block_hashes`): what a Serve replica publishes for the
-        request router (serve/router.py). Not part of `EngineClient`."""
+        request router (serve/router.py)."""
         return self.core.prefix_summary(limit)
 
     def check_health(self) -> None:

@@ -358,19 +358,24 @@ class LLMServerImpl:
             return e.status, json.loads(bytes(e.response().body))
         return 404, {"error": {"message": f"no such route {what}", "type": "invalid_request_error"}}
 
+
+class LLMBackendImpl(LLMServerImpl):
+    """A replica behind LLMIngress: it also publishes routing stats for the request router (Serve
+    polls `record_routing_stats` on every replica that defines it, so the one-replica LLMServer,
+    which no router reads, does not)."""
+
     async def record_routing_stats(self) -> dict[str, Any]:
         """Serve's routing stats of this replica, read by the request router (serve/router.py) every
         request_routing_stats_period_s: the engine's prefix summary and its load."""
         from nanovllmx.serve.router import SUMMARY_LIMIT, encode_summary
 
-        summary = getattr(self.llm, "prefix_summary", None)  # not part of EngineClient
-        if summary is None or self._closed:
+        if self._closed:
             return {}
 
         def read() -> dict[str, Any]:
             stats = self.llm.stats()
             return {
-                "prefix_hashes": encode_summary(summary(SUMMARY_LIMIT)),
+                "prefix_hashes": encode_summary(self.llm.prefix_summary(SUMMARY_LIMIT)),
                 "num_running": stats.get("num_running", 0),
                 "num_waiting": stats.get("num_waiting", 0),
                 "free_slots": int(stats.get("free_slots", 0)) + int(stats.get("cached_slots", 0)),
@@ -382,4 +387,4 @@ class LLMServerImpl:
 # Serve allows one FastAPI ingress per application: behind LLMIngress the engine replicas are the
 # plain class (same name in Serve, so metrics and logs read the same)
 LLMServer = serve.deployment(name="LLMServer", max_ongoing_requests=512)(serve.ingress(app)(LLMServerImpl))
-LLMBackend = serve.deployment(name="LLMServer", max_ongoing_requests=512)(LLMServerImpl)
+LLMBackend = serve.deployment(name="LLMServer", max_ongoing_requests=512)(LLMBackendImpl)
