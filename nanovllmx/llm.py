@@ -18,6 +18,7 @@ from typing import Any, cast
 
 from nanovllmx.config import EngineConfig
 from nanovllmx.engine.detokenizer import IncrementalDetokenizer
+from nanovllmx.engine.encoder import PromptEncoder
 from nanovllmx.engine.output_processor import OutputProcessor, RequestState
 from nanovllmx.engine.protocol import CoreClient, Prompt
 from nanovllmx.engine.stream import DeltaStream
@@ -29,11 +30,6 @@ from nanovllmx.scheduler.request import EngineOutput, EngineRequest, check_promp
 logger = logging.getLogger(__name__)
 
 _C = EngineConfig  # the defaults below are EngineConfig's: decided there only
-# oversized text prompts (LLM._refuse_oversized): texts longer than _BOUND_CHARS characters per context
-# token (a Qwen3 token averages ~4 characters of English) are counted in pieces of _PIECE_CHARS
-_BOUND_CHARS = 8
-_PIECE_CHARS = 65536
-_BOUNDARY_TOKENS = 2
 
 
 class LLM:
@@ -70,6 +66,7 @@ class LLM:
             **kwargs,
         )
         self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.encoder = PromptEncoder(self.tokenizer, self.config.max_len)
         c = self.config
         self.limits = RequestLimits(c.vocab_size, c.max_stop_strings, c.max_stop_str_len, c.max_stop_token_ids)
         self.processor = OutputProcessor(self.tokenizer)
@@ -118,38 +115,7 @@ class LLM:
                 self.core.abort(rid)
 
     def encode(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            self._refuse_oversized(prompt)
-            return self.tokenizer.encode(prompt)
-        # the type set first: C speed for the usual plain-int list (the per-item check took ~25 ms
-        # for the standard workload's 143k prompt tokens, before the engine's first step)
-        if isinstance(prompt, (list, tuple)) and (
-            set(map(type, prompt)) <= {int} or all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
-        ):
-            return list(prompt)
-        raise TypeError("a prompt is a string or a list of token ids")
-
-    def _refuse_oversized(self, text: str) -> None:
-        """Raise ValueError for a text that cannot fit the context, without tokenizing all of it: a
-        text over _BOUND_CHARS characters a context token is counted piece by piece, stopping as
-        soon as the count proves it too long (a 7.9 MB prompt cost seconds of CPU before its 400).
-        A piece ends at white space, where the tokenizer's pre-tokenizer splits anyway; each piece
-        boundary may cost at most a few tokens of merging, which the count gives back."""
-        limit = self.config.max_len
-        if len(text) <= _BOUND_CHARS * limit:  # a prompt of ordinary density: tokenized once, as usual
-            return
-        count, pos = 0, 0
-        while pos < len(text):
-            end = len(text) if len(text) - pos <= _PIECE_CHARS else pos + _PIECE_CHARS
-            while end < len(text) and end < pos + _PIECE_CHARS + 256 and not text[end].isspace():
-                end += 1
-            count += len(self.tokenizer.encode(text[pos:end], add_special_tokens=False)) - _BOUNDARY_TOKENS
-            if count >= limit:
-                raise ValueError(
-                    f"prompt has more than {limit} tokens (counted on its first {end} of {len(text)} characters), "
-                    f"but this model's context is {limit} tokens"
-                )
-            pos = end
+        return self.encoder.encode(prompt)
 
     def _check_params(self, params: SamplingParams) -> None:
         if not isinstance(params, SamplingParams):

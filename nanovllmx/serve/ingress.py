@@ -22,6 +22,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 import nanovllmx
+from nanovllmx.engine.encoder import PromptEncoder
 from nanovllmx.engine.protocol import EngineClient
 from nanovllmx.serve import model_resolver
 from nanovllmx.serve.app import _setup_logging
@@ -53,25 +54,21 @@ install_middleware(ingress_app)
 install_error_handlers(ingress_app)
 
 
-class PromptEncoder:
+class TokenizerView:
     """What `RequestMapping` needs of an engine to turn a request into token ids (the tokenizer,
-    the context length, `encode`), without an engine: `LLM.encode`'s own code on the tokenizer."""
+    the context length, `encode`), without an engine: the engine's own `PromptEncoder`."""
 
     def __init__(self, folder: str, context_len: int, max_len: int, vocab_size: int):
         from transformers import AutoTokenizer
-
-        from nanovllmx.llm import LLM
 
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.config = SimpleNamespace(
             context_len=context_len, max_len=max_len, hf_config=SimpleNamespace(vocab_size=vocab_size)
         )
-        self._llm_encode = LLM.encode
-        self._refuse_oversized = LLM._refuse_oversized.__get__(self)
+        self._encoder = PromptEncoder(self.tokenizer, max_len)
 
     def encode(self, prompt: Any) -> list[int]:
-        ids: list[int] = self._llm_encode(self, prompt)  # type: ignore[arg-type]  # duck-typed LLM
-        return ids
+        return self._encoder.encode(prompt)
 
 
 @serve.deployment(name="LLMIngress", max_ongoing_requests=4096)
@@ -107,7 +104,7 @@ class LLMIngress:
             if self._mapping is None:
                 cfg = await self.server.prompt_config.remote()
                 enc = await asyncio.to_thread(
-                    PromptEncoder, self.folder, cfg["context_len"], cfg["max_len"], cfg["vocab_size"]
+                    TokenizerView, self.folder, cfg["context_len"], cfg["max_len"], cfg["vocab_size"]
                 )
                 self._mapping = RequestMapping(
                     cast(EngineClient, enc),
