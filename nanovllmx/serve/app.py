@@ -68,13 +68,21 @@ from nanovllmx.serve.streaming import SSE_HEADERS, ChunkHead, collect, first_del
 
 logger = logging.getLogger("nanovllmx.serve")
 
-app = FastAPI(
-    title="Nano-vLLM-X OpenAI-compatible API",
-    version=nanovllmx.__version__,
-    description="OpenAI-compatible completions and chat completions served by Nano-vLLM-X on Ray Serve.",
-)
-install_middleware(app)
-install_error_handlers(app)
+
+def openai_app() -> FastAPI:
+    """A FastAPI app with our middleware and OpenAI-shaped error handling (LLMServer's here, and
+    LLMIngress's in serve/ingress.py)."""
+    fastapi_app = FastAPI(
+        title="Nano-vLLM-X OpenAI-compatible API",
+        version=nanovllmx.__version__,
+        description="OpenAI-compatible completions and chat completions served by Nano-vLLM-X on Ray Serve.",
+    )
+    install_middleware(fastapi_app)
+    install_error_handlers(fastapi_app)
+    return fastapi_app
+
+
+app = openai_app()
 
 
 def _setup_logging(level: str) -> None:

@@ -16,7 +16,7 @@ import logging
 from types import SimpleNamespace
 from typing import Any, cast
 
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -25,15 +25,15 @@ import nanovllmx
 from nanovllmx.engine.encoder import PromptEncoder
 from nanovllmx.engine.protocol import EngineClient
 from nanovllmx.serve import model_resolver
-from nanovllmx.serve.app import _setup_logging
-from nanovllmx.serve.errors import ERROR_RESPONSES, install_error_handlers, reject_invalid_text
+from nanovllmx.serve.app import _setup_logging, openai_app
+from nanovllmx.serve.errors import ERROR_RESPONSES, reject_invalid_text
 from nanovllmx.serve.mapping import (
     DEFAULT_CHAT_TEMPLATE_TIMEOUT_S,
     DEFAULT_PROMPT_JOB_STUCK_AFTER_S,
     OpenAIRequest,
     RequestMapping,
 )
-from nanovllmx.serve.middleware import DEFAULT_MAX_REQUEST_BODY_BYTES, ApiKeyAuth, BodyLimit, install_middleware
+from nanovllmx.serve.middleware import DEFAULT_MAX_REQUEST_BODY_BYTES, ApiKeyAuth, BodyLimit
 from nanovllmx.serve.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -45,13 +45,7 @@ from nanovllmx.serve.protocol import (
 
 logger = logging.getLogger("nanovllmx.serve")
 
-ingress_app = FastAPI(
-    title="Nano-vLLM-X OpenAI-compatible API",
-    version=nanovllmx.__version__,
-    description="OpenAI-compatible completions and chat completions served by Nano-vLLM-X on Ray Serve.",
-)
-install_middleware(ingress_app)
-install_error_handlers(ingress_app)
+ingress_app = openai_app()
 
 
 class TokenizerView:
