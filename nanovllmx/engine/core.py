@@ -106,14 +106,16 @@ class EngineCore:
             tm.lap("launch")
         outs: list[EngineOutput] = []
         if self._inflight is not None:
-            outs = s.update(self._inflight.result())
+            r = self._inflight.result()
+            outs = s.update(r.tokens, r.logprobs)
             tm.lap("wait_and_update")
         self._inflight = None
         if handle is not None:
             if self.overlap:
                 self._inflight = handle
             else:
-                outs += s.update(handle.result())
+                r = handle.result()
+                outs += s.update(r.tokens, r.logprobs)
                 tm.lap("wait_and_update")
         return outs + s.take_pending_outputs()
 

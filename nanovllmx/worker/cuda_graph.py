@@ -18,6 +18,7 @@ import torch
 from nanovllmx.attention.base import forward_context
 from nanovllmx.attention.metadata import AttentionMetadata
 from nanovllmx.scheduler.messages import ScheduledBatch
+from nanovllmx.worker.logits_processing import DeviceLogprobs
 from nanovllmx.worker.sampler import inverse_temperature
 
 _FIELDS = 5  # packed per row: input id, position, KV slot, req_to_token row, 1/temperature (float32 bits)
@@ -127,17 +128,17 @@ class DecodeGraphs:
     def can_run(self, bs: int) -> bool:
         return bs <= self.max_bs
 
-    def run(self, b: ScheduledBatch) -> torch.Tensor:
+    def run(self, b: ScheduledBatch) -> tuple[torch.Tensor, tuple[np.ndarray, DeviceLogprobs] | None]:
         """One step of one token per request. Returns the ids sampled for b.sample_rows (int32, on
         the device): from the graph when every row samples and none has filters or a seed, else
         from the eager sampler over the graph's logits (the graph then samples greedily, cheap,
-        and its ids are overwritten)."""
+        and its ids are overwritten), which also applies logits processing and logprobs."""
         r = self.r
         bs = b.num_reqs
         gbs = next(s for s in self.sizes if s >= bs)
         c = self.captured[gbs]
         sa = b.sampling
-        in_graph = len(b.sample_rows) == bs and not sa.needs_filter and not (sa.seeds >= 0).any()
+        in_graph = len(b.sample_rows) == bs and sa.plain and not sa.needs_filter and not (sa.seeds >= 0).any()
         if len(b.table_rows):  # prefix slots of newly admitted requests (radix-cache hits)
             r.write_table(b.table_rows, b.table_cols, b.table_slots)
         host = self._pack_padding(gbs, bs)
@@ -155,6 +156,6 @@ class DecodeGraphs:
         r.backend.plan_graph(c.wrapper, c.meta)
         c.graph.replay()
         if in_graph:
-            return c.tokens[:bs]
+            return c.tokens[:bs], None
         rows = torch.from_numpy(b.sample_rows.astype(np.int64)).to(r.device, non_blocking=True)
         return r.sample(c.logits[rows], b)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -14,7 +13,7 @@ from nanovllmx.config import EngineConfig
 from nanovllmx.distributed.parallel_state import destroy_parallel, get_parallel_info, init_parallel
 from nanovllmx.models.loader import load_weights
 from nanovllmx.models.qwen3 import Qwen3ForCausalLM
-from nanovllmx.scheduler.messages import ScheduledBatch
+from nanovllmx.scheduler.messages import ScheduledBatch, StepOutput
 from nanovllmx.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -83,7 +82,7 @@ class Worker:
         logger.info("rank %d: KV pool of %d token slots (%d layers, %d KV heads)", self.rank, num_slots, n_layers, kvh)
 
     # ---- one step ----
-    def execute(self, batch: ScheduledBatch) -> np.ndarray | None:
+    def execute(self, batch: ScheduledBatch) -> StepOutput | None:
         """Run a step and wait for it: sampled ids on the last stage, None elsewhere."""
         out = self.execute_async(batch)
         return None if out is None else out.result()
