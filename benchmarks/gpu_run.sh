@@ -7,7 +7,8 @@
 #            every path (FlashInfer eager / CUDA graphs / near-greedy / Ray engine) against the torch
 #            backend on a sharp 4-layer checkpoint: python -m benchmarks.gpu_check --with-ray
 #   offline  the standard workload (bench.py) on the Qwen3-0.6B shape: offline with the copy bandwidth
-#            and the roofline (--bw --profile), and through the Ray engine (--executor ray); then the
+#            and the roofline (--bw --profile), with top-5 logprobs on every request (--logprobs 5, where
+#            bench.py has it; LOGPROBS=0 skips), and through the Ray engine (--executor ray); then the
 #            Qwen3-8B shape offline (--preset qwen3-8b checkpoint; OFFLINE_8B=0 skips it)
 #   http     the standard workload through the Serve app that bench.py starts (--http --start-server):
 #            through Serve's proxy (the default path), then Serve's direct ingress (--direct-ingress-port)
@@ -118,6 +119,10 @@ check() {
 }
 offline() {
   run offline-0.6b 240 "${BENCH[@]}" --model $M $(bw_args $M) --profile
+  # the cost of top-5 logprobs on every request (a tree whose bench.py has --logprobs; LOGPROBS=0 skips it)
+  if [ "${LOGPROBS:-1}" = 1 ] && grep -q -- '"--logprobs"' bench.py; then
+    run offline-0.6b-lp5 240 "${BENCH[@]}" --model $M --logprobs 5
+  fi
   run ray-0.6b 240 "${BENCH[@]}" --model $M --executor ray --profile
   [ "${OFFLINE_8B:-1}" = 0 ] || run offline-8b 300 "${BENCH[@]}" --model $M8 $(bw_args $M8) --profile
 }

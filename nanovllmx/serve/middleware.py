@@ -129,6 +129,8 @@ _KNOWN_ROUTES = (
     "/v1/completions",
     "/v1/models",
     "/v1/engine/stats",
+    "/tokenize",
+    "/detokenize",
     "/health",
     "/version",
     "/docs",
