@@ -107,9 +107,6 @@ class ModelRunner:
         requests' next inputs (the placeholders of a step scheduled ahead). Returns int32 ids and,
         for the rows that ask, (their indices, the logprobs of the raw logits)."""
         sa = b.sampling
-        if b.hist_rows is not None and len(b.hist_rows):
-            assert b.hist_cols is not None and b.hist_ids is not None  # set together
-            self.history.write(b.hist_rows, b.hist_cols, b.hist_ids)
         rows = self._to_dev(b.req_indices[b.sample_rows]).long()
         raw = logits
         if sa.logits is not None:
@@ -183,6 +180,10 @@ class ModelRunner:
         tm = self.timer
         tm.steps += 1
         tm.start()
+        if b.hist_rows is not None and len(b.hist_rows) and self.model.is_last:
+            # admitted requests' ids for the penalties' token table (also in a step that samples nothing)
+            assert b.hist_cols is not None and b.hist_ids is not None  # set together
+            self.history.write(b.hist_rows, b.hist_cols, b.hist_ids)
         sampled_lp = prompt_lp = None
         if self.graphs is not None and b.is_decode and b.prompt_logprobs is None and self.graphs.can_run(b.num_reqs):
             # the graph takes the batch as it comes and samples (and records the samples) itself

@@ -112,12 +112,13 @@ def reference_greedy(hf_ref, prompt: list[int], sp: SamplingParams, stop_ids: se
 
 
 def test_penalties_bias_min_tokens_match_reference(llm, hf_ref):
-    prompts = [random_prompt(n, seed=80 + n) for n in (7, 12, 5, 9, 6, 11)]
-    plain = llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    # the first prompt is prefilled in two chunks, the first of which samples nothing
+    prompts = [random_prompt(n, seed=80 + n) for n in (40, 12, 5, 9, 6, 11)]
+    plain = llm.generate(prompts[2:3], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
     first = plain[0].token_ids[0]
-    # random weights seldom repeat a token: biases make a few tokens (one of them in the prompt) the
-    # likeliest, so that penalties decide between them
-    bias = {11: 30.0, 42: 29.0, 7: 28.0, prompts[1][3]: 31.0}
+    # random weights seldom repeat a token: biases make a few tokens (one of them in the first
+    # prompt's first chunk) the likeliest, so that penalties decide between them
+    bias = {11: 30.0, 42: 29.0, 7: 28.0, prompts[0][3]: 31.0}
     params = [
         SamplingParams(temperature=0, max_tokens=14, ignore_eos=True, logit_bias=bias, repetition_penalty=1.8),
         SamplingParams(
@@ -129,7 +130,7 @@ def test_penalties_bias_min_tokens_match_reference(llm, hf_ref):
         SamplingParams(temperature=0, max_tokens=10, min_tokens=4, stop_token_ids=[first], ignore_eos=True),
         SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),  # a plain row in the same batch
     ]
-    prompts[4] = prompts[0]
+    prompts[4] = prompts[2]
     outs = llm.generate(prompts, params)
     for p, sp, o in zip(prompts, params, outs):
         stop_ids = set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(EOS_IDS))
@@ -138,3 +139,4 @@ def test_penalties_bias_min_tokens_match_reference(llm, hf_ref):
     biased = llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=14, ignore_eos=True, logit_bias=bias))
     for b, o in zip(biased, outs):  # the penalties did change something
         assert b.token_ids != o.token_ids
+    assert biased[0].token_ids[0] == prompts[0][3] != outs[0].token_ids[0]  # the prompt token is penalised
