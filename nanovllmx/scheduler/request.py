@@ -113,6 +113,7 @@ class Request:
         "pending",
         "plp_done",
         "prompt_lps",
+        "special",
     )
 
     def __init__(self, er: EngineRequest, eos_ids: list[int]):
@@ -137,6 +138,10 @@ class Request:
         # the results gathered until the first token's output carries them
         self.plp_done = 0
         self.prompt_lps: list[TokenLogprob] = []
+        p = er.params
+        # logprobs or logits processing: the scheduler's per-step work for them runs only while
+        # such a request exists
+        self.special = p.logprobs is not None or p.prompt_logprobs is not None or p.adjusts_logits
         ids = set(er.params.stop_token_ids)
         if not er.params.ignore_eos:
             ids.update(eos_ids)

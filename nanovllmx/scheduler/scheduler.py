@@ -88,6 +88,9 @@ class Scheduler:
         # sampled requests of each batch not yet updated, and its prompt-logprob rows (request, count)
         self._inflight: deque[tuple[list[Request], list[tuple[Request, int]]]] = deque()
         self._pending: list[EngineOutput] = []  # outputs produced outside a step (aborts)
+        # requests that use logprobs or logits processing: while none does, a step skips every check
+        # for them (the standard workload's fast path)
+        self._num_special = 0
 
     # ------------------------------------------------------------------ requests in / out
     def add_request(self, er: EngineRequest) -> None:
@@ -96,6 +99,8 @@ class Scheduler:
             raise ValueError(f"request id {er.request_id!r} is already in use")
         req = Request(er, self.eos_ids)
         self.requests[req.request_id] = req
+        if req.special:
+            self._num_special += 1
         self.waiting.append(req)
 
     def abort(self, request_id: str) -> bool:
@@ -151,6 +156,8 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
+        if req.special:
+            self._num_special -= 1
         req.status = Status.FINISHED
         req.finish_reason = reason
         del self.requests[req.request_id]
@@ -291,7 +298,7 @@ class Scheduler:
         tr = [np.full(len(ps), r.req_idx, _I32) for r, ps in admitted]
         tc = [np.arange(len(ps), dtype=_I32) for _, ps in admitted]
         ts = [ps for _, ps in admitted]
-        plp, plp_reqs = self._prompt_logprobs(plan)
+        plp, plp_reqs = self._prompt_logprobs(plan) if self._num_special else (None, [])
         # advance bookkeeping now, so the next schedule sees this step's tokens as computed
         end = start + q_lens
         sample_mask = np.fromiter((e == len(r.tokens) + r.pending for r, e in zip(reqs, end.tolist())), bool, B)
@@ -299,7 +306,9 @@ class Scheduler:
             r.num_computed = e
         sample_rows = np.nonzero(sample_mask)[0].astype(_I32)
         sampled = [reqs[i] for i in sample_rows.tolist()]
-        sampling = self._sampling(sampled)  # before pending moves: seeded draws are keyed by output index
+        sampling = self._sampling(
+            sampled, bool(self._num_special)
+        )  # before pending moves: seeded draws are keyed by output index
         for r in sampled:
             r.pending += 1
         self._inflight.append((sampled, plp_reqs))
@@ -327,7 +336,7 @@ class Scheduler:
         return known if len(known) == n else known + [-1] * (n - len(known))
 
     @staticmethod
-    def _sampling(reqs: list[Request]) -> SamplingArrays:
+    def _sampling(reqs: list[Request], special: bool = True) -> SamplingArrays:
         S = len(reqs)
         ps = [r.params for r in reqs]
         temperature = np.fromiter((p.temperature for p in ps), np.float32, S)
@@ -338,7 +347,7 @@ class Scheduler:
         seeds = np.fromiter((-1 if p.seed is None else p.seed % (2**63) for p in ps), np.int64, S)
         out_lens = np.fromiter((r.num_output + r.pending for r in reqs), _I32, S)
         logprobs = None
-        if any(p.logprobs is not None for p in ps):
+        if special and any(p.logprobs is not None for p in ps):
             logprobs = np.fromiter((-1 if p.logprobs is None else p.logprobs for p in ps), _I32, S)
         return SamplingArrays(
             temperature=temperature,
@@ -349,7 +358,7 @@ class Scheduler:
             output_lens=out_lens,
             needs_filter=bool((top_p < 1).any() or (top_k > 0).any() or (min_p > 0).any()),
             all_greedy=bool((temperature == 0).all()),
-            logits=Scheduler._logits_arrays(reqs, out_lens) if any(p.adjusts_logits for p in ps) else None,
+            logits=Scheduler._logits_arrays(reqs, out_lens) if special and any(p.adjusts_logits for p in ps) else None,
             logprobs=logprobs,
         )
 
@@ -420,7 +429,7 @@ class Scheduler:
                 out.queue_time = req.first_scheduled_time - req.arrival_time
                 if req.params.prompt_logprobs is not None:
                     out.prompt_logprobs, req.prompt_lps = req.prompt_lps, []
-            lp_row = sample_lps.get(row)
+            lp_row = sample_lps.get(row) if sample_lps else None
             if lp_row is not None:
                 assert logprobs is not None and logprobs.sampled is not None
                 out.logprobs = [self._token_logprobs(logprobs.sampled, lp_row, req.params.logprobs or 0)]
