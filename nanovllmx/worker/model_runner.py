@@ -199,8 +199,9 @@ class ModelRunner:
                 return out
             if b.prompt_logprobs is not None:
                 prompt_lp = self.prompt_logprobs(out, b).to_host()
-            if len(b.sample_rows) == 0:
-                return SampledTokens(torch.zeros(0, dtype=torch.int32), None, None, prompt_lp)
+            if len(b.sample_rows) == 0:  # nothing to wait for, but prompt logprobs' host copies
+                event = self._event() if prompt_lp is not None else None
+                return SampledTokens(torch.zeros(0, dtype=torch.int32), event, None, prompt_lp)
             last_tok = self._to_dev((np.cumsum(b.q_lens) - 1)[b.sample_rows]).long()
             logits = self.model.compute_logits(out[last_tok])
             tm.lap("forward_launch")
@@ -210,9 +211,14 @@ class ModelRunner:
         host = self._host_bufs[self._flip][: len(tokens)]
         self._flip ^= 1
         host.copy_(tokens, non_blocking=True)
-        event = None
-        if self.device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record()
+        event = self._event()
         tm.lap("sample_launch")
         return SampledTokens(host, event, sampled_lp, prompt_lp)
+
+    def _event(self) -> torch.cuda.Event | None:
+        """A CUDA event after the work queued so far (None on CPU, where it is done already)."""
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event

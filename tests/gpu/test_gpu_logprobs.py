@@ -55,8 +55,14 @@ def test_bias_min_tokens_and_penalties_on_graphs(engines, tiny_model_dir):
         repetition_penalty=0.8,
     )
     with_graphs = [o.token_ids for o in llm.generate(PROMPTS, params)]
-    eager = LLM(str(tiny_model_dir), enforce_eager=True, **kw)
+    plp = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=2)
+    whole = llm.generate(PROMPTS, plp)
+    # eager, and prompts prefilled in chunks of 8 (steps that sample nothing but score prompt tokens)
+    eager = LLM(str(tiny_model_dir), enforce_eager=True, max_num_batched_tokens=8, **kw)
     try:
         assert [o.token_ids for o in eager.generate(PROMPTS, params)] == with_graphs
+        for a, b in zip(whole, eager.generate(PROMPTS, plp)):
+            assert [t and t.token_id for t in a.prompt_logprobs] == [t and t.token_id for t in b.prompt_logprobs]
+            assert all(abs(x.logprob - y.logprob) < 0.05 for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]))
     finally:
         eager.shutdown()

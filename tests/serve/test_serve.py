@@ -540,6 +540,9 @@ def test_tokenize_detokenize(server, tok):
     assert j["tokens"] == chat_prompt_ids(tok, msgs) and j["token_strs"] is None
     d = server.http.post("/detokenize", json={"tokens": tok.encode("Hello world")})
     assert d.json() == {"prompt": "Hello world"}
+    form = {"content-type": "application/x-www-form-urlencoded"}  # curl -d: still JSON
+    d = server.http.post("/detokenize", content=json.dumps({"tokens": tok.encode("Hi")}).encode(), headers=form)
+    assert d.json() == {"prompt": "Hi"}
     _err(server.http.post("/detokenize", json={"tokens": [10**7]}), 400, "tokens")
     _err(server.http.post("/tokenize", json={"model": "nope", "prompt": "x"}), 404, "model")
 
