@@ -317,6 +317,7 @@ class ChoiceChunks:
             self.echo = bool(body.echo)
             if body.logprobs is not None:
                 self.builder = CompletionLogprobsBuilder(texts, body.logprobs)
+        self.wants_lp = self.builder is not None or self.chat_top is not None
 
     def _logprobs(self, d: StreamDelta | None, echoed: bool) -> dict[str, Any] | None:
         if d is None:
@@ -358,8 +359,8 @@ class ChoiceChunks:
         text, echoed = d.text, False
         if self.echo:  # the first chunk of an echoed completion starts with the prompt
             text, echoed, self.echo = echo_text(self.texts, self.prompt_ids) + text, True, False
-        wants_lp = self.builder is not None or self.chat_top is not None
-        if not (text or d.finished or (self.token_ids and d.token_ids) or (wants_lp and d.token_ids)):
+        wants_lp = self.wants_lp
+        if not (text or d.finished or ((self.token_ids or wants_lp) and d.token_ids)):
             return None
         content = ({"delta": {"content": text} if text else {}}) if self.chat else {"text": text}
         lp = self._logprobs(d, echoed) if wants_lp else None
