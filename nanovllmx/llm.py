@@ -139,7 +139,11 @@ class LLM:
         er = EngineRequest(rid, ids, params)
         detok = (
             IncrementalDetokenizer(
-                self.tokenizer, params.stop, params.skip_special_tokens, params.include_stop_str_in_output
+                self.tokenizer,
+                params.stop,
+                params.skip_special_tokens,
+                params.include_stop_str_in_output,
+                params.min_tokens,
             )
             if (streaming or params.stop)
             else None
