@@ -3,7 +3,8 @@
 # minutes, a short table printed last. Run from the root of the tree to measure.
 #
 # Targets
-#   check    GPU tests (tests/gpu/test_gpu_backends.py, tests/unit/test_sampling.py), then the greedy tokens of
+#   check    GPU tests (tests/gpu/test_gpu_backends.py, tests/unit/test_sampling.py, tests/gpu/test_gpu_logprobs.py
+#            where the tree has it), then the greedy tokens of
 #            every path (FlashInfer eager / CUDA graphs / near-greedy / Ray engine) against the torch
 #            backend on a sharp 4-layer checkpoint: python -m benchmarks.gpu_check --with-ray
 #   offline  the standard workload (bench.py) on the Qwen3-0.6B shape: offline with the copy bandwidth
@@ -113,7 +114,8 @@ ray_stop() { [ "${NO_RAY_STOP:-0}" = 1 ] || ray stop --force > /dev/null 2>&1; }
 serve_down() { [ "${NO_RAY_STOP:-0}" = 1 ] || serve shutdown -y > /dev/null 2>&1; ray_stop; sleep 2; }
 
 check() {
-  run gpu-tests 420 python -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_backends.py tests/unit/test_sampling.py
+  run gpu-tests 420 python -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_backends.py tests/unit/test_sampling.py \
+    $(ls tests/gpu/test_gpu_logprobs.py 2> /dev/null)
   note gpu-tests "$(tail -1 "$LOGS/$LABEL-gpu-tests.txt")"
   run gpu-check 300 python $(kit gpu_check) --model $S --with-ray --no-hf
   grep -A12 "^backend" "$LOGS/$LABEL-gpu-check.txt" | sed "s/^/$LABEL  /" >> "$TABLE"

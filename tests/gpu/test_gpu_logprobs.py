@@ -16,9 +16,18 @@ PROMPTS = [random_prompt(n, seed=900 + n) for n in (12, 30, 7, 19)]
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_model_dir):
+def model_dir(tmp_path_factory) -> str:
+    """Tiny, with a head size FlashInfer takes and sharp logits (greedy tokens compare in bf16)."""
+    from nanovllmx.utils.make_model import make_model
+
+    out = tmp_path_factory.mktemp("tiny-gpu")
+    return str(make_model(out, preset="tiny", dtype="bfloat16", device="cuda", head_dim=128, initializer_range=0.3))
+
+
+@pytest.fixture(scope="module")
+def engines(model_dir):
     kw = dict(device="cuda", dtype="bfloat16", context_len=512, gpu_memory_utilization=0.3)
-    graphs = LLM(str(tiny_model_dir), **kw)
+    graphs = LLM(model_dir, **kw)
     yield graphs, kw
     graphs.shutdown()
 
@@ -33,10 +42,10 @@ def test_decode_logprobs_match_prefill_logprobs(engines):
         for i, lp in enumerate(o.logprobs):
             ref = a.prompt_logprobs[len(p) + i]
             assert ref is not None and ref.token_id == lp.token_id
-            assert abs(ref.logprob - lp.logprob) < 0.05  # bf16: decode (graph) vs prefill logits
+            assert abs(ref.logprob - lp.logprob) < 0.05 + 0.01 * abs(lp.logprob)  # bf16: graph decode vs prefill
 
 
-def test_bias_min_tokens_and_penalties_on_graphs(engines, tiny_model_dir):
+def test_bias_min_tokens_and_penalties_on_graphs(engines, model_dir):
     llm, kw = engines
     x = 4242
     (o,) = llm.generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=5, logit_bias={x: 100.0}))
@@ -58,11 +67,12 @@ def test_bias_min_tokens_and_penalties_on_graphs(engines, tiny_model_dir):
     plp = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=2)
     whole = llm.generate(PROMPTS, plp)
     # eager, and prompts prefilled in chunks of 8 (steps that sample nothing but score prompt tokens)
-    eager = LLM(str(tiny_model_dir), enforce_eager=True, max_num_batched_tokens=8, **kw)
+    eager = LLM(model_dir, enforce_eager=True, max_num_batched_tokens=8, **kw)
     try:
         assert [o.token_ids for o in eager.generate(PROMPTS, params)] == with_graphs
         for a, b in zip(whole, eager.generate(PROMPTS, plp)):
             assert [t and t.token_id for t in a.prompt_logprobs] == [t and t.token_id for t in b.prompt_logprobs]
-            assert all(abs(x.logprob - y.logprob) < 0.05 for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]))
+            for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
+                assert abs(x.logprob - y.logprob) < 0.05 + 0.01 * abs(x.logprob)
     finally:
         eager.shutdown()
