@@ -69,6 +69,10 @@ class EngineConfig:
     ray_step_mode: str = "socket"  # how each step reaches the workers: "socket" (fast) | "ray" (a call per worker)
     pp_microbatches: int | None = None  # most pipeline micro-batches per step; None: pp_size
     pp_microbatch_min_tokens: int = 256  # split a step only if each micro-batch gets this many tokens
+    # inter-step pipelining (pp_size > 1): batches of disjoint requests in flight at once, so stage 0
+    # runs batch N+1 while stage 1 runs batch N. None: pp_size + 1 (one more than the stages, so the
+    # scheduler's work between a result and the next batch hides behind a queued batch); 1: off
+    pp_inflight_batches: int | None = None
     hf_config: Any = field(default=None, repr=False)
     eos_token_ids: list[int] = field(default_factory=list)
 
@@ -91,6 +95,9 @@ class EngineConfig:
         ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        ib = self.pp_inflight_batches
+        if ib is not None and (not isinstance(ib, int) or isinstance(ib, bool) or ib < 1):
+            raise ValueError(f"pp_inflight_batches must be None or a positive integer, got {ib!r}")
         off = self.placement_bundle_offset
         if off is not None and (not isinstance(off, int) or isinstance(off, bool) or off < 0):
             raise ValueError(f"placement_bundle_offset must be None or an integer >= 0, got {off!r}")
@@ -141,6 +148,13 @@ class EngineConfig:
         """context_len as resolved by __post_init__ (never None on a constructed config)."""
         assert self.context_len is not None
         return self.context_len
+
+    @property
+    def pipeline_lanes(self) -> int:
+        """Disjoint batches in flight at once: pp_inflight_batches resolved (1 without a pipeline)."""
+        if self.pp_size == 1:
+            return 1
+        return self.pp_inflight_batches if self.pp_inflight_batches is not None else self.pp_size + 1
 
     @property
     def vocab_size(self) -> int:

@@ -46,7 +46,12 @@ class Scheduler:
         eos_ids: list[int],
         enable_prefix_caching: bool = True,
         vocab_size: int | None = None,
+        lanes: int = 1,
     ):
+        """lanes > 1: inter-step pipelining (pp_size > 1). Up to `lanes` batches of disjoint
+        sampling requests are in flight: a request whose sampled token has not come back is not
+        scheduled again (a pipeline's first stage cannot see the last stage's samples), and each
+        batch takes at most 1/lanes of the running requests, so the next one has work too."""
         if num_slots < context_len:  # else a long request preempts itself forever
             raise ValueError(
                 f"the KV pool ({num_slots} token slots) must hold at least one full context "
@@ -56,6 +61,9 @@ class Scheduler:
         self.tree = RadixCache(self.allocator, enabled=enable_prefix_caching)
         self.num_slots, self.max_bs, self.context_len = num_slots, max_bs, context_len
         self.budget = max_num_batched_tokens
+        if not isinstance(lanes, int) or lanes < 1:
+            raise ValueError(f"lanes must be a positive integer, got {lanes!r}")
+        self.lanes = lanes
         self.vocab_size = vocab_size
         self.eos_ids = list(eos_ids)
         self.waiting: deque[Request] = deque()
@@ -144,10 +152,16 @@ class Scheduler:
         self.step_id += 1
         budget = self.budget
         plan: list[tuple[Request, int]] = []
+        # with lanes, a batch takes its share of the running requests (the others go in the next
+        # batches in flight); a request's prompt chunks may follow each other in consecutive
+        # batches, since every stage runs the batches in step order and owns its layers' KV
+        cap = -(-len(self.running) // self.lanes)
         # 1) running requests, oldest first
         for req in self.running:
-            if budget <= 0:
+            if budget <= 0 or len(plan) >= cap:
                 break
+            if req.pending and self.lanes > 1:  # its token is still in flight: not ours to feed yet
+                continue
             total = len(req.tokens) + req.pending
             # its last token is already being sampled: nothing more to compute
             if req.pending and (req.num_output + req.pending >= req.params.max_tokens or total >= self.context_len):
