@@ -55,7 +55,10 @@ class ModelRunner:
         # scheduler runs a step ahead (its -1 placeholders)
         self.next_tokens = torch.zeros(cfg.max_bs + 1, dtype=torch.int32, device=device)
         pin = device.type == "cuda"
-        self._host_bufs = [torch.empty(cfg.max_bs, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
+        # two per micro-batch of a step: the worker may launch step N+1 before step N's ids are read
+        # (worker_actor._HOST_BUFFERS), so step N+2's copy is the first to reuse step N's buffers
+        m = (cfg.pp_microbatches or cfg.pp_size) if cfg.pp_size > 1 else 1
+        self._host_bufs = [torch.empty(cfg.max_bs, dtype=torch.int32, pin_memory=pin) for _ in range(2 * m)]
         self._flip = 0
         self.timer = PhaseTimer()  # prepare / forward (launch) / sample+wait, per step
         self.graphs = None
@@ -142,7 +145,7 @@ class ModelRunner:
             tm.lap("forward_launch")
             tokens = self.sample(logits, b)
         host = self._host_bufs[self._flip][: len(tokens)]
-        self._flip ^= 1
+        self._flip = (self._flip + 1) % len(self._host_bufs)
         host.copy_(tokens, non_blocking=True)
         event = None
         if self.device.type == "cuda":

@@ -163,6 +163,65 @@ def test_grid_preemption_matches_local(cluster, model_dir, reference):
         llm.shutdown()
 
 
+# ---- inter-step pipelining (pp > 1): several batches of disjoint requests in flight ----
+# one engine configuration for the whole mix: a 64-token budget chunks every long prompt, the small
+# pool preempts LONG's decodes, WARM makes MIXED's PREFIX requests radix hits
+PIPE_KW = dict(context_len=CTX, num_kv_slots=SMALL_KV, max_num_batched_tokens=64)
+SEEDED = [
+    SamplingParams(temperature=0.9, top_k=40 if i % 2 else 0, seed=100 + i, max_tokens=10, ignore_eos=True)
+    for i in range(len(MIXED))
+]
+ABORT_KEEP = [_prompt(30 + 7 * i, 40 + i) for i in range(4)]  # run next to a request aborted mid-way
+
+
+async def _with_abort(llm: LLM) -> list[list[int]]:
+    """ABORT_KEEP's greedy tokens, streamed while a long request is aborted after 3 deltas."""
+
+    async def one(p: list[int]) -> list[int]:
+        out: list[int] = []
+        async for d in llm.stream(p, GREEDY):
+            out = list(d.token_ids)
+        return out
+
+    keep = [asyncio.ensure_future(one(p)) for p in ABORT_KEEP]
+    await _first_deltas(llm, 3)
+    return list(await asyncio.gather(*keep))
+
+
+def _run_pipeline_mix(llm: LLM) -> dict:
+    mixed, cached = _run_mixed(llm)
+    seeded = [o.token_ids for o in llm.generate(MIXED, SEEDED)]
+    return dict(mixed=mixed, cached=cached, seeded=seeded, long=_run_long(llm), aborted=asyncio.run(_with_abort(llm)))
+
+
+@pytest.fixture(scope="module")
+def pipe_reference(model_dir) -> dict:
+    llm = LLM(model_dir, executor="local", **PIPE_KW)
+    try:
+        ref = _run_pipeline_mix(llm)
+        assert llm.stats()["num_preempted_total"] > 0, "the mix must preempt"
+    finally:
+        llm.shutdown()
+    return ref
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 2), (1, 4), (2, 2)], ids=["pp2", "pp4", "tp2xpp2"])
+def test_pipeline_lanes_match_local(cluster, model_dir, pipe_reference, tp, pp):
+    """pp + 1 batches in flight (the default): greedy and seeded tokens equal the local tp=1
+    engine's, with chunked prefill, radix hits, preemption and an abort in the mix."""
+    llm = LLM(model_dir, tp_size=tp, pp_size=pp, **PIPE_KW)
+    try:
+        got = _run_pipeline_mix(llm)
+        for k in ("mixed", "seeded", "long", "aborted"):
+            assert got[k] == pipe_reference[k], k
+        assert all(got["cached"][1 + i] > 0 for i in PREFIXED)
+        st = _check_stats(llm)
+        assert st["pipeline_lanes"] == pp + 1 and st["max_inflight_steps"] > 1, st
+        assert st["num_preempted_total"] > 0
+    finally:
+        llm.shutdown()
+
+
 def test_stages_on_different_nodes(cluster, model_dir, reference):
     node_a, node_b = _node_with("node_a"), _node_with("node_b")
     # stage 0 pinned to node_b (not the head: rank 0's rendezvous address is not the driver's),
