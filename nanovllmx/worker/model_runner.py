@@ -62,9 +62,8 @@ class ModelRunner:
         self._flip = 0
         self.timer = PhaseTimer()  # prepare / forward (launch) / sample+wait, per step
         self.graphs = None
-        # graphs capture whole-model decode steps (embedding to sampled ids): one pipeline stage
-        # holds only part of the model, so pipeline-parallel workers run eagerly
-        if not cfg.enforce_eager and device.type == "cuda" and cfg.pp_size == 1:
+        # decode steps of this stage's layers (a pipeline stage captures its own part of the model)
+        if not cfg.enforce_eager and device.type == "cuda":
             from nanovllmx.worker.cuda_graph import DecodeGraphs
 
             self.graphs = DecodeGraphs(self)
@@ -128,8 +127,11 @@ class ModelRunner:
         tm.start()
         if self.graphs is not None and b.is_decode and self.graphs.can_run(b.num_reqs):
             # the graph takes the batch as it comes and samples (and records the samples) itself
-            tokens = self.graphs.run(b)
+            res = self.graphs.run(b, hidden, residual)
             tm.lap("forward_launch")
+            if not self.model.is_last:
+                return res  # (hidden, residual) for the next stage
+            tokens = res
         else:
             ids, positions, meta = self.prepare(b)
             tm.lap("prepare")
