@@ -73,6 +73,10 @@ class EngineConfig:
     # runs batch N+1 while stage 1 runs batch N. None: pp_size + 1 (one more than the stages, so the
     # scheduler's work between a result and the next batch hides behind a queued batch); 1: off
     pp_inflight_batches: int | None = None
+    # TP all-reduce: "nccl", or "one_shot": messages up to 4 MB (decode) through a one-shot all-reduce
+    # over NVLink peer memory (PyTorch symmetric memory, no multicast), NCCL above that and wherever it
+    # cannot be set up (distributed/one_shot_allreduce.py); CUDA only, ignored on CPU
+    tp_allreduce: str = "nccl"
     hf_config: Any = field(default=None, repr=False)
     eos_token_ids: list[int] = field(default_factory=list)
 
@@ -95,6 +99,8 @@ class EngineConfig:
         ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.tp_allreduce not in ("nccl", "one_shot"):
+            raise ValueError(f"tp_allreduce must be 'nccl' or 'one_shot', got {self.tp_allreduce!r}")
         ib = self.pp_inflight_batches
         if ib is not None and (not isinstance(ib, int) or isinstance(ib, bool) or ib < 1):
             raise ValueError(f"pp_inflight_batches must be None or a positive integer, got {ib!r}")

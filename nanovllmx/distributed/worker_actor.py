@@ -105,6 +105,15 @@ class WorkerActor:
         self.worker = Worker(self.cfg, self.rank, init_method, 0)  # Ray's CUDA_VISIBLE_DEVICES: our GPU is 0
         return self.node_info()
 
+    def stage_stats(self) -> dict[str, Any]:
+        """This worker's device busy time per step and busy share (worker/busy_meter.py)."""
+        assert self.worker is not None
+        if self.cfg.device == "cuda":
+            import torch
+
+            torch.cuda.set_device(0)
+        return {"rank": self.rank, "one_shot_allreduce": self.worker.one_shot_allreduce, **self.worker.busy.summary()}
+
     def available_kv_slots(self) -> int:
         assert self.worker is not None
         return self.worker.available_kv_slots()

@@ -11,10 +11,16 @@ import torch.distributed as dist
 
 from nanovllmx.attention.metadata import KVPool
 from nanovllmx.config import EngineConfig
-from nanovllmx.distributed.parallel_state import destroy_parallel, get_parallel_info, init_parallel
+from nanovllmx.distributed.parallel_state import (
+    destroy_parallel,
+    get_parallel_info,
+    init_one_shot_allreduce,
+    init_parallel,
+)
 from nanovllmx.models.loader import load_weights
 from nanovllmx.models.qwen3 import Qwen3ForCausalLM
 from nanovllmx.scheduler.messages import ScheduledBatch
+from nanovllmx.worker.busy_meter import BusyMeter
 from nanovllmx.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -33,6 +39,13 @@ class Worker:
             backend = "nccl" if cfg.device == "cuda" else "gloo"
             init_parallel(cfg.tp_size, cfg.pp_size, rank, backend, init_method)
         self.info = get_parallel_info()
+        # TP all-reduces of small messages over peer memory (opt-in; NCCL when it cannot be set up)
+        self.one_shot_allreduce = (
+            cfg.tp_allreduce == "one_shot"
+            and cfg.tp_size > 1
+            and self.device.type == "cuda"
+            and init_one_shot_allreduce(self.device, cfg.torch_dtype)
+        )
         torch.manual_seed(cfg.seed)
         prev = torch.get_default_dtype()
         torch.set_default_dtype(cfg.torch_dtype)
@@ -44,6 +57,7 @@ class Worker:
         load_weights(self.model, cfg.model, progress=(rank == 0 and cfg.device == "cuda"))
         self.model.eval()
         self.runner: ModelRunner | None = None
+        self.busy = BusyMeter(self.device)  # this stage's device time per step and busy share
 
     # ---- KV pool sizing: every worker proposes, the scheduler takes the minimum ----
     def _layer_shape(self) -> tuple[int, int, int]:
@@ -98,7 +112,9 @@ class Worker:
             residual = torch.empty_like(hidden)
             dist.recv(hidden, src=info.prev_rank)
             dist.recv(residual, src=info.prev_rank)
+        self.busy.begin()  # on CUDA after the recv on the stream: waiting for the previous stage is idle
         out = self.runner.execute(batch, hidden, residual)
+        self.busy.end()
         if not info.is_last_stage:
             dist.send(out[0].contiguous(), dst=info.next_rank)
             dist.send(out[1].contiguous(), dst=info.next_rank)

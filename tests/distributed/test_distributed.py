@@ -218,6 +218,9 @@ def test_pipeline_lanes_match_local(cluster, model_dir, pipe_reference, tp, pp):
         st = _check_stats(llm)
         assert st["pipeline_lanes"] == pp + 1 and st["max_inflight_steps"] > 1, st
         assert st["num_preempted_total"] > 0
+        # every stage reports its busy share (CPU: stages on shared cores, so no bound on the value)
+        assert len(st["stage_busy_share"]) == pp and all(0 < b <= 1 for b in st["stage_busy_share"]), st
+        assert all(ms > 0 for ms in st["stage_busy_ms_per_step"]) and st["tp_one_shot_allreduce"] is False
     finally:
         llm.shutdown()
 
