@@ -37,7 +37,10 @@ class OneShotAllReduce:
         self._copy_op = getattr(torch.ops.symm_mem, "one_shot_all_reduce_copy", None)
 
     def applies(self, x: torch.Tensor) -> bool:
-        return x.dtype == self.dtype and x.numel() <= self.numel and x.is_cuda
+        # whole 16-byte vectors: the kernel moves data in 16-byte loads (a [tokens, hidden] message always is)
+        return (
+            x.dtype == self.dtype and x.numel() <= self.numel and x.is_cuda and x.numel() * x.element_size() % 16 == 0
+        )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The sum over the TP group of x (a new tensor; x is left as it is)."""

@@ -174,31 +174,13 @@ class RayExecutor:
     def _fail(self, e: Exception) -> None:
         self._broken = str(e) if isinstance(e, control.ControlError) else f"{type(e).__name__}: {e}"
 
-    def stage_metrics(self) -> dict[str, Any]:
-        """Each pipeline stage's device busy share and busy ms per step (its tp_rank 0), and whether
-        the TP all-reduces of small messages go one-shot, read from the workers; empty when they do
-        not answer (a broken grid)."""
-        tp = self.cfg.tp_size
-        try:
-            rows = ray.get([self.workers[s * tp].stage_stats.remote() for s in range(self.cfg.pp_size)], timeout=10)
-        except Exception as e:  # never fail stats() over it
-            logger.warning("stage stats unavailable: %s", e)
-            return {}
-        return dict(
-            stage_busy_share=[r["busy_share"] for r in rows],
-            stage_busy_ms_per_step=[r["busy_ms_per_step"] for r in rows],
-            tp_one_shot_allreduce=all(r["one_shot_allreduce"] for r in rows),
-        )
-
     def metrics(self) -> dict[str, Any]:
         def ms(d: Iterable[float]) -> float | None:
             d = tuple(d)  # a snapshot: the engine thread appends concurrently
             return round(1e3 * sum(d) / len(d), 4) if d else None
 
         gap, busy, sched = ms(self._gap), ms(self._busy), ms(self._sched)
-        stages = self.stage_metrics() if self._broken is None else {}
         return dict(
-            **stages,
             step_mode=self.mode,
             overlap=self.overlap,  # steps are sent before the previous one's tokens are back
             pp_microbatches=self.microbatches,
@@ -244,3 +226,19 @@ class RayExecutor:
                 self.server.close()
         if errors:
             logger.warning("worker errors seen during the run:\n%s", "\n".join(errors))
+
+
+def stage_metrics(workers: list[ActorHandle[WorkerActor]], tp_size: int, pp_size: int) -> dict[str, Any]:
+    """Each pipeline stage's device busy share and busy ms per step (its tp_rank 0), and whether the
+    TP all-reduces of small messages go one-shot, read from the workers (Ray calls: the client
+    asks, so the scheduler actor's step loop never waits on them); empty when they do not answer."""
+    try:
+        rows = ray.get([workers[s * tp_size].stage_stats.remote() for s in range(pp_size)], timeout=10)
+    except Exception as e:  # never fail stats() over it (a dead worker: health reports it)
+        logger.warning("stage stats unavailable: %s", e)
+        return {}
+    return dict(
+        stage_busy_share=[r["busy_share"] for r in rows],
+        stage_busy_ms_per_step=[r["busy_ms_per_step"] for r in rows],
+        tp_one_shot_allreduce=all(r["one_shot_allreduce"] for r in rows),
+    )
