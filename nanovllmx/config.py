@@ -37,8 +37,9 @@ class EngineConfig:
     # every token. Larger: fewer, larger chunks, which Serve's proxy forwards faster under load
     stream_interval: int = 1
     # schedule step N+1 while step N runs; default on GPU only (on CPU the forward is synchronous,
-    # so it only adds scheduler work competing for the same cores). Resolved once here; never with
-    # pp_size > 1 (the first stage would need the last stage's samples: not yet)
+    # so it only adds scheduler work competing for the same cores). Resolved once here. With
+    # pp_size > 1 it needs pipeline lanes (pp_inflight_batches != 1): the last stage sends each
+    # step's ids to the first stage (pipeline_overlap)
     overlap_scheduling: bool | None = None
     decode_tensor_cores: bool | None = None  # FlashInfer decode kernel; None: by batch size (measured, see the backend)
     tp_size: int = 1
@@ -70,8 +71,9 @@ class EngineConfig:
     pp_microbatches: int | None = None  # most pipeline micro-batches per step; None: pp_size
     pp_microbatch_min_tokens: int = 256  # split a step only if each micro-batch gets this many tokens
     # inter-step pipelining (pp_size > 1): batches of disjoint requests in flight at once, so stage 0
-    # runs batch N+1 while stage 1 runs batch N. None: pp_size + 1 (one more than the stages, so the
-    # scheduler's work between a result and the next batch hides behind a queued batch); 1: off
+    # runs batch N+1 while stage 1 runs batch N. None: pp_size with overlap scheduling (the engine
+    # sends one batch more, whose placeholders the first stage takes from the last stage), else
+    # pp_size + 1 (the extra lane hides the scheduler's work between a result and the next batch); 1: off
     pp_inflight_batches: int | None = None
     # TP all-reduce: "nccl", or "one_shot": messages up to 4 MB (decode) through a one-shot all-reduce
     # over NVLink peer memory (PyTorch symmetric memory, no multicast), NCCL above that and wherever it
@@ -134,7 +136,8 @@ class EngineConfig:
             self.enforce_eager = True
         if self.overlap_scheduling is None:
             self.overlap_scheduling = self.device == "cuda"
-        self.overlap_scheduling = bool(self.overlap_scheduling) and self.pp_size == 1
+        # a pipeline overlaps through its lanes (pipeline_overlap); one batch at a time it cannot
+        self.overlap_scheduling = bool(self.overlap_scheduling) and (self.pp_size == 1 or self.pp_inflight_batches != 1)
         self.executor = resolve_executor(self.executor, self.device, self.tp_size * self.pp_size)
         self.eos_token_ids = self._eos_ids()
 
@@ -160,7 +163,17 @@ class EngineConfig:
         """Disjoint batches in flight at once: pp_inflight_batches resolved (1 without a pipeline)."""
         if self.pp_size == 1:
             return 1
-        return self.pp_inflight_batches if self.pp_inflight_batches is not None else self.pp_size + 1
+        if self.pp_inflight_batches is not None:
+            return self.pp_inflight_batches
+        # with overlap the first stage gets the ids from the last stage, so pp_size lanes stay fed;
+        # without, one more lane hides the scheduler's work between a result and the next batch
+        return self.pp_size if self.overlap_scheduling else self.pp_size + 1
+
+    @property
+    def pipeline_overlap(self) -> bool:
+        """pp_size > 1 with overlap scheduling: one batch more in flight than the lanes, whose
+        placeholders the first stage takes from the last stage's ids (distributed/sample_channel.py)."""
+        return bool(self.overlap_scheduling) and self.pipeline_lanes > 1
 
     @property
     def vocab_size(self) -> int:

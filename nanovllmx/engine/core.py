@@ -39,6 +39,7 @@ class EngineCore:
             cfg.enable_prefix_caching,
             cfg.vocab_size,
             lanes=cfg.pipeline_lanes,
+            lanes_overlap=cfg.pipeline_overlap,
         )
         # requests and aborts in arrival order; None only wakes the loop (shutdown)
         self._inbox: queue.Queue[EngineMessage | None] = queue.Queue()
@@ -46,9 +47,11 @@ class EngineCore:
         self._thread = threading.Thread(target=self._loop, name="nanovllmx-engine", daemon=True)
         self.timer = PhaseTimer()  # schedule / launch / wait_and_update, per step
         self.overlap = bool(cfg.overlap_scheduling)
-        # most steps launched and not yet applied: the pipeline's lanes (disjoint batches, pp > 1),
-        # else two with overlap scheduling (step N+1 launched before step N's tokens), else one
-        self.depth = cfg.pipeline_lanes if cfg.pipeline_lanes > 1 else (2 if self.overlap else 1)
+        # most steps launched and not yet applied: a pipeline's lanes (disjoint batches, pp > 1), one
+        # more with overlap; else two with overlap scheduling (step N+1 launched before step N's
+        # tokens), else one
+        lanes = cfg.pipeline_lanes
+        self.depth = lanes + int(self.overlap) if lanes > 1 else (2 if self.overlap else 1)
         self._inflight: deque[StepHandle] = deque()  # launched steps whose tokens are not applied yet, oldest first
         self._thread.start()
 

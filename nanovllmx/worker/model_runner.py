@@ -19,8 +19,9 @@ class SampledTokens:
     """Sampled ids of one step, copied to the host without blocking; `result()` waits for them.
     Lets the engine schedule the next step while this one runs on the GPU."""
 
-    def __init__(self, host: torch.Tensor, event: torch.cuda.Event | None):
+    def __init__(self, host: torch.Tensor, event: torch.cuda.Event | None, device_ids: torch.Tensor | None = None):
         self.host, self.event = host, event
+        self.device_ids = device_ids  # the same ids on the device (pipeline overlap sends them on)
 
     def result(self) -> np.ndarray:
         if self.event is not None:
@@ -154,4 +155,4 @@ class ModelRunner:
             event = torch.cuda.Event()
             event.record()
         tm.lap("sample_launch")
-        return SampledTokens(host, event)
+        return SampledTokens(host, event, tokens)

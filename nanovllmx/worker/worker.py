@@ -17,6 +17,7 @@ from nanovllmx.distributed.parallel_state import (
     init_one_shot_allreduce,
     init_parallel,
 )
+from nanovllmx.distributed.sample_channel import SampleChannel, new_channel_groups
 from nanovllmx.models.loader import load_weights
 from nanovllmx.models.qwen3 import Qwen3ForCausalLM
 from nanovllmx.scheduler.messages import ScheduledBatch
@@ -39,6 +40,12 @@ class Worker:
             backend = "nccl" if cfg.device == "cuda" else "gloo"
             init_parallel(cfg.tp_size, cfg.pp_size, rank, backend, init_method)
         self.info = get_parallel_info()
+        # pipeline overlap: the last stage's sampled ids go to the first stage
+        self.channel: SampleChannel | None = None
+        if cfg.pipeline_overlap:
+            groups = new_channel_groups(cfg.tp_size, cfg.pp_size)
+            if self.info.is_first_stage or self.info.is_last_stage:
+                self.channel = SampleChannel(self.info, groups[self.info.tp_rank], self.device)
         # TP all-reduces of small messages over peer memory (opt-in; NCCL when it cannot be set up)
         self.one_shot_allreduce = (
             cfg.tp_allreduce == "one_shot"
@@ -105,6 +112,9 @@ class Worker:
     def execute_async(self, batch: ScheduledBatch):
         """Launch a step; on the last stage returns a SampledTokens handle (result() waits)."""
         info = self.info
+        ch = self.channel
+        if ch is not None and info.is_first_stage:  # the placeholders' ids, from the last stage
+            ch.resolve(batch.resolve_until, self.runner.next_tokens)
         hidden = residual = None
         if not info.is_first_stage:
             h = self.cfg.hf_config.hidden_size
@@ -115,6 +125,10 @@ class Worker:
         self.busy.begin()  # on CUDA after the recv on the stream: waiting for the previous stage is idle
         out = self.runner.execute(batch, hidden, residual)
         self.busy.end()
+        if ch is not None and info.is_first_stage:
+            ch.expect(batch.step, batch.req_indices[batch.sample_rows])
+        if ch is not None and info.is_last_stage and len(batch.sample_rows):
+            ch.send(out.device_ids)
         if not info.is_last_stage:
             dist.send(out[0].contiguous(), dst=info.next_rank)
             dist.send(out[1].contiguous(), dst=info.next_rank)

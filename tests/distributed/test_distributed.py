@@ -128,7 +128,7 @@ def _check_stats(llm: LLM) -> dict:
     ids=["tp2", "pp2", "tp2xpp2", "tp2-raysteps-sync", "1x1-on-ray"],
 )
 def test_grid_matches_local(cluster, model_dir, reference, tp, pp, mode, overlap):
-    # pp > 1: every step, decode included, is split into pp micro-batches (and no overlap scheduling)
+    # pp > 1: every step, decode included, is split into pp micro-batches (and pipeline lanes)
     llm = LLM(
         model_dir,
         context_len=CTX,
@@ -147,7 +147,7 @@ def test_grid_matches_local(cluster, model_dir, reference, tp, pp, mode, overlap
             assert cached[1 + i] > 0, "expected radix-cache hits on the shared prefix"
         st = _check_stats(llm)
         assert st["pp_microbatches"] == pp
-        assert st["overlap"] == (overlap and pp == 1)
+        assert st["overlap"] == overlap  # a pipeline overlaps through its lanes
     finally:
         llm.shutdown()
 
@@ -205,18 +205,26 @@ def pipe_reference(model_dir) -> dict:
     return ref
 
 
-@pytest.mark.parametrize("tp,pp", [(1, 2), (1, 4), (2, 2)], ids=["pp2", "pp4", "tp2xpp2"])
-def test_pipeline_lanes_match_local(cluster, model_dir, pipe_reference, tp, pp):
-    """pp + 1 batches in flight (the default): greedy and seeded tokens equal the local tp=1
-    engine's, with chunked prefill, radix hits, preemption and an abort in the mix."""
-    llm = LLM(model_dir, tp_size=tp, pp_size=pp, **PIPE_KW)
+@pytest.mark.parametrize(
+    "tp,pp,overlap",
+    [(1, 2, False), (1, 2, True), (1, 4, True), (2, 2, True)],
+    ids=["pp2", "pp2-overlap", "pp4-overlap", "tp2xpp2-overlap"],
+)
+def test_pipeline_lanes_match_local(cluster, model_dir, pipe_reference, tp, pp, overlap):
+    """Pipeline lanes (the defaults: pp + 1 batches in flight; with overlap scheduling pp lanes plus
+    one batch whose placeholders the first stage takes from the last stage's ids): greedy and
+    seeded tokens equal the local tp=1 engine's, with chunked prefill, radix hits, preemption and
+    an abort in the mix."""
+    llm = LLM(model_dir, tp_size=tp, pp_size=pp, overlap_scheduling=overlap, **PIPE_KW)
     try:
         got = _run_pipeline_mix(llm)
         for k in ("mixed", "seeded", "long", "aborted"):
             assert got[k] == pipe_reference[k], k
         assert all(got["cached"][1 + i] > 0 for i in PREFIXED)
         st = _check_stats(llm)
-        assert st["pipeline_lanes"] == pp + 1 and st["max_inflight_steps"] > 1, st
+        lanes = pp if overlap else pp + 1
+        assert st["pipeline_lanes"] == lanes and st["overlap"] == overlap, st
+        assert 1 < st["max_inflight_steps"] <= lanes + overlap, st
         assert st["num_preempted_total"] > 0
         # every stage reports its busy share (CPU: stages on shared cores, so no bound on the value)
         assert len(st["stage_busy_share"]) == pp and all(0 < b <= 1 for b in st["stage_busy_share"]), st

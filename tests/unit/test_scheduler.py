@@ -43,6 +43,7 @@ class FakeWorker:
         self.kv: dict[int, tuple[int, ...]] = {}
         self.lm = lm
         self.next_tok = np.full(max_bs + 1, -1, dtype=np.int64)  # last token sampled per row
+        self.sampled_at = np.zeros(max_bs + 1, dtype=np.int64)  # the step that sampled it
 
     def execute(self, b) -> np.ndarray:
         assert b.input_ids.dtype == np.int32 and b.out_slots.dtype == np.int32
@@ -76,11 +77,21 @@ class FakeWorker:
             last.append(ctx)
         out = np.array([self.lm(last[i]) for i in b.sample_rows.tolist()], dtype=np.int32)
         self.next_tok[b.req_indices[b.sample_rows]] = out
+        self.sampled_at[b.req_indices[b.sample_rows]] = b.step
         return out
 
 
-def make(num_slots=512, max_bs=8, context_len=128, budget=64, prefix=True, lm=fake_lm, lanes=1):
-    s = Scheduler(num_slots, max_bs, context_len, budget, [EOS], enable_prefix_caching=prefix, lanes=lanes)
+def make(num_slots=512, max_bs=8, context_len=128, budget=64, prefix=True, lm=fake_lm, lanes=1, lanes_overlap=False):
+    s = Scheduler(
+        num_slots,
+        max_bs,
+        context_len,
+        budget,
+        [EOS],
+        enable_prefix_caching=prefix,
+        lanes=lanes,
+        lanes_overlap=lanes_overlap,
+    )
     return s, FakeWorker(max_bs, context_len, lm)
 
 
@@ -192,20 +203,30 @@ class Run:
         """EngineCore.step with depth = lanes: launch, and apply the oldest step once `lanes` are
         in flight or nothing new could be scheduled."""
         s = self.s
+        depth = s.lanes + int(s.lanes_overlap)  # as EngineCore
         inflight = {id(r) for batch in s._inflight for r in batch}  # requests whose sample is in flight
-        b = s.schedule() if len(self.queue) < s.lanes else None
+        recent = {id(r) for batch in list(s._inflight)[len(s._inflight) - s.lanes + 1 :] for r in batch}
+        b = s.schedule() if len(self.queue) < depth else None
         check_slots(s)
         if b is not None:
             assert b.num_tokens <= s.budget, "token budget exceeded"
-            assert not b.has_placeholders, "a pipeline's first stage cannot resolve placeholders"
             by_row = {r.req_idx: r for r in s.running}
-            # a request whose sample is in flight is in no later batch until it is back
-            assert not inflight & {id(by_row[i]) for i in b.req_indices.tolist()}, "a request was scheduled twice"
+            ids = {id(by_row[i]) for i in b.req_indices.tolist()}
+            if s.lanes_overlap:
+                # placeholders only for steps the first stage receives from the last stage before
+                # this batch, `lanes` launches back at least: never one of the last lanes - 1 steps
+                assert not recent & ids, "a request with a sample in a recent step was scheduled"
+                rows = np.repeat(b.req_indices, b.q_lens)[b.input_ids < 0]
+                assert (self.w.sampled_at[rows] <= b.resolve_until).all(), "placeholder of an unresolved step"
+            else:
+                assert not b.has_placeholders, "a pipeline's first stage cannot resolve placeholders"
+                # a request whose sample is in flight is in no later batch until it is back
+                assert not inflight & ids, "a request was scheduled twice"
             self.batches.append(b)
             self.queue.append(self.w.execute(b))
             if between is not None:
                 between(b)
-        if self.queue and (b is None or len(self.queue) >= s.lanes):
+        if self.queue and (b is None or len(self.queue) >= depth):
             self.collect(s.update(self.queue.pop(0)))
         else:
             self.collect(s.take_pending_outputs())
@@ -586,8 +607,16 @@ def test_random_workload_pipeline_lanes(seed):
     _random_workload(seed, overlap=False, lanes=2 + seed % 3)
 
 
-def test_lanes_split_the_decode_batch():
-    s = Scheduler(512, 8, 128, 64, [EOS], lanes=2)
+@pytest.mark.parametrize("seed", range(6))
+def test_random_workload_pipeline_lanes_overlap(seed):
+    """Lanes with pipeline overlap: one batch more in flight, whose placeholders refer only to steps
+    at least `lanes` launches old (resolve_until)."""
+    _random_workload(seed, overlap=False, lanes=2 + seed % 3, lanes_overlap=True)
+
+
+@pytest.mark.parametrize("lanes_overlap", [False, True])
+def test_lanes_split_the_decode_batch(lanes_overlap):
+    s = Scheduler(512, 8, 128, 64, [EOS], lanes=2, lanes_overlap=lanes_overlap)
     w = FakeWorker(8, 128)
     r = Run(s, w)
     for i in range(6):
@@ -595,11 +624,13 @@ def test_lanes_split_the_decode_batch():
     r.until_idle()
     decode = [b for b in r.batches if b.is_decode]
     assert decode and all(b.num_reqs == 3 for b in decode[2:-2]), [b.num_reqs for b in decode]
+    # with overlap the decode batches go before the tokens they feed on are back here
+    assert all(b.has_placeholders for b in decode[2:-2]) == lanes_overlap
     for i in range(6):
         assert r.tokens[f"r{i}"] == reference(prompt(5, i), 12)
 
 
-def _random_workload(seed: int, overlap: bool, lanes: int = 1) -> None:
+def _random_workload(seed: int, overlap: bool, lanes: int = 1, lanes_overlap: bool = False) -> None:
     rng = random.Random(seed)
     ctx = 96
     s, w = make(
@@ -609,6 +640,7 @@ def _random_workload(seed: int, overlap: bool, lanes: int = 1) -> None:
         max_bs=rng.choice([1, 3, 8]),
         prefix=rng.random() < 0.8,
         lanes=lanes,
+        lanes_overlap=lanes_overlap,
     )
     r = Run(s, w, overlap=overlap)
     shared = prompt(30, 1000 + seed)
