@@ -14,13 +14,16 @@ import sys
 
 def _grid(spec: str) -> tuple[str, dict]:
     """A row of the Ray engine on a TPxPP grid: "2x1", "1x2"; "-os" adds the one-shot TP all-reduce
-    ("2x1-os"), "-lN" runs N pipeline lanes ("1x2-l1": one batch at a time)."""
+    ("2x1-os"), "-lN" runs N pipeline lanes ("1x2-l1": one batch at a time), "-no" without overlap
+    scheduling ("1x2-no": pp_size + 1 lanes, no ids sent from the last stage to the first)."""
     grid, *opts = spec.split("-")
     tp, pp = (int(v) for v in grid.split("x"))
     kw: dict = dict(attention_backend="flashinfer", executor="ray", tp_size=tp, pp_size=pp)
     for o in opts:
         if o == "os":
             kw["tp_allreduce"] = "one_shot"
+        elif o == "no":
+            kw["overlap_scheduling"] = False
         elif o.startswith("l"):
             kw["pp_inflight_batches"] = int(o[1:])
         else:

@@ -16,7 +16,8 @@
 #            shapes), greedy tokens on the grids (gpu_check --grids, CHECK_GRIDS=2x1,1x2,2x1-os,1x2-l1),
 #            then the Ray engine on grids 1x1 + GRIDS (default 2x1,1x2,2x1-os) for the 8B and 0.6B
 #            shapes, each with a line of stage busy shares, lanes and control plane. Grid specs: TxP,
-#            "-os" the one-shot TP all-reduce, "-lN" N pipeline lanes (1x2-l1: one batch at a time).
+#            "-os" the one-shot TP all-reduce, "-lN" N pipeline lanes (1x2-l1: one batch at a time),
+#            "-no" no overlap scheduling (1x2-no: pp_size + 1 lanes, no ids from last to first stage).
 #            MULTI_TESTS=0 skips the tests and checks. If it outgrows one call, one shape a call:
 #            MULTI_MODELS=/tmp/q8b, then MULTI_TESTS=0 MULTI_MODELS=/tmp/q06
 # No target: only the checkpoints (the first call on a fresh machine, before FlashInfer is there).
@@ -135,13 +136,15 @@ http() {
     note http-direct "not run: this tree's bench.py has no --direct-ingress-port"
   fi
 }
-# bench.py arguments of a grid spec: TxP, "-os" the one-shot TP all-reduce, "-lN" N pipeline lanes
+# bench.py arguments of a grid spec: TxP, "-os" the one-shot TP all-reduce, "-lN" N pipeline lanes,
+# "-no" no overlap scheduling
 grid_args() {
   local g=$1 base=${1%%-*} o
   echo -n "--tp-size ${base%x*} --pp-size ${base#*x}"
   for o in $(echo "${g#$base}" | tr '-' ' '); do
     case $o in
       os) echo -n " --tp-allreduce one_shot" ;;
+      no) echo -n " --no-overlap" ;;
       l*) echo -n " --pp-inflight-batches ${o#l}" ;;
     esac
   done

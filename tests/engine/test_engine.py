@@ -514,7 +514,10 @@ def test_pipeline_config(tiny_model_dir):
     from nanovllmx.config import EngineConfig
 
     m = str(tiny_model_dir)
-    assert EngineConfig(m, pp_size=2).pipeline_lanes == 3
+    assert EngineConfig(m, pp_size=2).pipeline_lanes == 3  # CPU: no overlap scheduling by default
+    on = EngineConfig(m, pp_size=2, overlap_scheduling=True)
+    assert on.pipeline_lanes == 2 and on.pipeline_overlap
+    assert not EngineConfig(m, pp_size=2, pp_inflight_batches=1, overlap_scheduling=True).pipeline_overlap
     assert EngineConfig(m, pp_size=2, pp_inflight_batches=2).pipeline_lanes == 2
     assert EngineConfig(m, pp_inflight_batches=4).pipeline_lanes == 1
     assert EngineConfig(m, tp_size=2, tp_allreduce="one_shot").tp_allreduce == "one_shot"
