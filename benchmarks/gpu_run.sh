@@ -19,7 +19,8 @@
 #            shapes, each with a line of stage busy shares, lanes and control plane. Grid specs: TxP,
 #            "-os" the one-shot TP all-reduce, "-lN" N pipeline lanes (1x2-l1: one batch at a time),
 #            "-no" no overlap scheduling (1x2-no: pp_size + 1 lanes, no ids from last to first stage).
-#            MULTI_TESTS=0 skips the tests and checks. If it outgrows one call, one shape a call:
+#            MULTI_TESTS=0 skips the tests and checks; MULTI_HTTP=1 adds `serve run serve_configs/tp2.yaml`
+#            through HTTP (bench.py --serve-config). If it outgrows one call, one shape a call:
 #            MULTI_MODELS=/tmp/q8b, then MULTI_TESTS=0 MULTI_MODELS=/tmp/q06
 # No target: only the checkpoints (the first call on a fresh machine, before FlashInfer is there).
 # BASE=/path/to/another/checkout runs the same target in that tree first, in the same call (A/B); the
@@ -186,6 +187,12 @@ multi() {
       ray_stop
     done
   done
+  # MULTI_HTTP=1: `serve run serve_configs/tp2.yaml` (TP=2 behind HTTP) on the first of MULTI_MODELS
+  if [ "${MULTI_HTTP:-0}" = 1 ] && [ -f serve_configs/tp2.yaml ] && grep -q -- "--serve-config" bench.py; then
+    local hm=${MULTI_MODELS:-$M8}
+    run "http-tp2-$(basename ${hm%% *})" 420 "${BENCH[@]}" --model ${hm%% *} --http --serve-config serve_configs/tp2.yaml --tp-size 2
+    serve_down
+  fi
 }
 
 target=${1:-}
