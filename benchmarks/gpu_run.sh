@@ -19,7 +19,7 @@
 #            shapes, each with a line of stage busy shares, lanes and control plane. Grid specs: TxP,
 #            "-os" the one-shot TP all-reduce, "-lN" N pipeline lanes (1x2-l1: one batch at a time),
 #            "-no" no overlap scheduling (1x2-no: pp_size + 1 lanes, no ids from last to first stage).
-#            MULTI_TESTS=0 skips the tests and checks; MULTI_HTTP=1 adds `serve run serve_configs/tp2.yaml`
+#            MULTI_TESTS=0 skips the tests and checks, MULTI_BENCH=0 the engine runs; MULTI_HTTP=1 adds `serve run serve_configs/tp2.yaml`
 #            through HTTP (bench.py --serve-config). If it outgrows one call, one shape a call:
 #            MULTI_MODELS=/tmp/q8b, then MULTI_TESTS=0 MULTI_MODELS=/tmp/q06
 # No target: only the checkpoints (the first call on a fresh machine, before FlashInfer is there).
@@ -180,6 +180,7 @@ multi() {
     run gpu-check-grids 480 python $(kit gpu_check) --model $S --no-hf --grids $checks
     grep -E "^(backend|torch|flashinfer|fi-|ray-)" "$LOGS/$LABEL-gpu-check-grids.txt" | sed "s/^/$LABEL  /" >> "$TABLE"
   }
+  [ "${MULTI_BENCH:-1}" = 0 ] && return
   for m in ${MULTI_MODELS:-$M8 $M}; do
     for g in 1x1 ${grids//,/ }; do
       run "ray-$(basename $m)-$g" 300 "${BENCH[@]}" --model $m --executor ray $(grid_args $g) --profile
