@@ -132,6 +132,10 @@ class ScheduledBatch:
     hist_cols: np.ndarray | None = None
     hist_ids: np.ndarray | None = None
     prompt_logprobs: PromptLogprobsPlan | None = None
+    # pipeline overlap (pp > 1): before this batch, the first stage takes the sampled ids of every
+    # step up to this one from the last stage (distributed/sample_channel.py); its placeholders
+    # refer to those steps only
+    resolve_until: int = 0
 
     @property
     def num_reqs(self) -> int:

@@ -114,6 +114,7 @@ class Request:
         "plp_done",
         "prompt_lps",
         "special",
+        "last_sample_step",
     )
 
     def __init__(self, er: EngineRequest, eos_ids: list[int]):
@@ -142,6 +143,7 @@ class Request:
         # logprobs or logits processing: the scheduler's per-step work for them runs only while
         # such a request exists
         self.special = p.logprobs is not None or p.prompt_logprobs is not None or p.adjusts_logits
+        self.last_sample_step = 0  # the step that samples its newest token (pipeline overlap)
         ids = set(er.params.stop_token_ids)
         if not er.params.ignore_eos:
             ids.update(eos_ids)

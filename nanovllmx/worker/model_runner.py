@@ -31,10 +31,12 @@ class SampledTokens:
         self,
         host: torch.Tensor,
         event: torch.cuda.Event | None,
+        device_ids: torch.Tensor | None = None,
         sampled_lp: tuple[np.ndarray, DeviceLogprobs] | None = None,
         prompt_lp: DeviceLogprobs | None = None,
     ):
         self.host, self.event = host, event
+        self.device_ids = device_ids  # the same ids on the device (pipeline overlap sends them on)
         self.sampled_lp, self.prompt_lp = sampled_lp, prompt_lp
 
     def result(self) -> StepOutput:
@@ -82,13 +84,15 @@ class ModelRunner:
         # scheduler runs a step ahead (its -1 placeholders)
         self.next_tokens = torch.zeros(cfg.max_bs + 1, dtype=torch.int32, device=device)
         pin = device.type == "cuda"
-        self._host_bufs = [torch.empty(cfg.max_bs, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
+        # two per micro-batch of a step: the worker may launch step N+1 before step N's ids are read
+        # (worker_actor._HOST_BUFFERS), so step N+2's copy is the first to reuse step N's buffers
+        m = (cfg.pp_microbatches or cfg.pp_size) if cfg.pp_size > 1 else 1
+        self._host_bufs = [torch.empty(cfg.max_bs, dtype=torch.int32, pin_memory=pin) for _ in range(2 * m)]
         self._flip = 0
         self.timer = PhaseTimer()  # prepare / forward (launch) / sample+wait, per step
         self.graphs = None
-        # graphs capture whole-model decode steps (embedding to sampled ids): one pipeline stage
-        # holds only part of the model, so pipeline-parallel workers run eagerly
-        if not cfg.enforce_eager and device.type == "cuda" and cfg.pp_size == 1:
+        # decode steps of this stage's layers (a pipeline stage captures its own part of the model)
+        if not cfg.enforce_eager and device.type == "cuda":
             from nanovllmx.worker.cuda_graph import DecodeGraphs
 
             self.graphs = DecodeGraphs(self)
@@ -187,8 +191,11 @@ class ModelRunner:
         sampled_lp = prompt_lp = None
         if self.graphs is not None and b.is_decode and b.prompt_logprobs is None and self.graphs.can_run(b.num_reqs):
             # the graph takes the batch as it comes and samples (and records the samples) itself
-            tokens, sampled_lp = self.graphs.run(b)
+            res = self.graphs.run(b, hidden, residual)
             tm.lap("forward_launch")
+            if not self.model.is_last:
+                return res  # (hidden, residual) for the next stage
+            tokens, sampled_lp = res
         else:
             ids, positions, meta = self.prepare(b)
             tm.lap("prepare")
@@ -201,7 +208,7 @@ class ModelRunner:
                 prompt_lp = self.prompt_logprobs(out, b).to_host()
             if len(b.sample_rows) == 0:  # nothing to wait for, but prompt logprobs' host copies
                 event = self._event() if prompt_lp is not None else None
-                return SampledTokens(torch.zeros(0, dtype=torch.int32), event, None, prompt_lp)
+                return SampledTokens(torch.zeros(0, dtype=torch.int32), event, prompt_lp=prompt_lp)
             last_tok = self._to_dev((np.cumsum(b.q_lens) - 1)[b.sample_rows]).long()
             logits = self.model.compute_logits(out[last_tok])
             tm.lap("forward_launch")
@@ -209,11 +216,11 @@ class ModelRunner:
         if sampled_lp is not None:
             sampled_lp = (sampled_lp[0], sampled_lp[1].to_host())
         host = self._host_bufs[self._flip][: len(tokens)]
-        self._flip ^= 1
+        self._flip = (self._flip + 1) % len(self._host_bufs)
         host.copy_(tokens, non_blocking=True)
         event = self._event()
         tm.lap("sample_launch")
-        return SampledTokens(host, event, sampled_lp, prompt_lp)
+        return SampledTokens(host, event, tokens, sampled_lp, prompt_lp)
 
     def _event(self) -> torch.cuda.Event | None:
         """A CUDA event after the work queued so far (None on CPU, where it is done already)."""
