@@ -130,7 +130,7 @@ offline() {
   run offline-0.6b 240 "${BENCH[@]}" --model $M $(bw_args $M) --profile
   # the cost of top-5 logprobs on every request (a tree whose bench.py has --logprobs; LOGPROBS=0 skips it)
   if [ "${LOGPROBS:-1}" = 1 ] && grep -q -- '"--logprobs"' bench.py; then
-    run offline-0.6b-lp5 240 "${BENCH[@]}" --model $M --logprobs 5
+    run offline-0.6b-lp5 240 "${BENCH[@]}" --model $M --profile --logprobs 5
   fi
   run ray-0.6b 240 "${BENCH[@]}" --model $M --executor ray --profile
   [ "${OFFLINE_8B:-1}" = 0 ] || run offline-8b 300 "${BENCH[@]}" --model $M8 $(bw_args $M8) --profile
