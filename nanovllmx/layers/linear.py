@@ -26,6 +26,7 @@ class ColumnParallelLinear(nn.Module):
         self.output_size_per_rank = _divide(output_size, self.tp_size)
         self.weight = nn.Parameter(torch.empty(self.output_size_per_rank, input_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
+        self.fp8 = None  # layers.fp8.Fp8Linear once the FP8 fast path quantized the weight
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.empty(self.output_size_per_rank), requires_grad=False)
@@ -36,6 +37,8 @@ class ColumnParallelLinear(nn.Module):
         param.data.copy_(loaded.narrow(0, self.tp_rank * n, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8 is not None:
+            return self.fp8(x, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -97,6 +100,7 @@ class RowParallelLinear(nn.Module):
         self.input_size_per_rank = _divide(input_size, self.tp_size)
         self.weight = nn.Parameter(torch.empty(output_size, self.input_size_per_rank), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
+        self.fp8 = None  # layers.fp8.Fp8Linear once the FP8 fast path quantized the weight
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
@@ -108,8 +112,19 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # bias added once, after the reduction
-        y = F.linear(x, self.weight)
+        y = self.fp8(x) if self.fp8 is not None else F.linear(x, self.weight)
         y = tp_all_reduce(y)
         if self.bias is not None:
             y = y + self.bias
         return y
+
+
+class ReplicatedLinear(nn.Module):
+    """y = x W^T with the whole W on every rank (small matrices such as an MoE router)."""
+
+    def __init__(self, input_size: int, output_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)

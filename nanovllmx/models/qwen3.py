@@ -14,6 +14,7 @@ from nanovllmx.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from nanovllmx.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from nanovllmx.layers.norm import RMSNorm
 from nanovllmx.layers.rotary import RotaryEmbedding
+from nanovllmx.models.checkpoint import max_positions, rope_parameters
 
 
 class Qwen3Attention(nn.Module):
@@ -31,7 +32,8 @@ class Qwen3Attention(nn.Module):
         self.o_proj = RowParallelLinear(
             cfg.num_attention_heads * head_dim, cfg.hidden_size, bias=getattr(cfg, "attention_bias", False)
         )
-        self.rotary_emb = RotaryEmbedding(head_dim, cfg.max_position_embeddings, getattr(cfg, "rope_theta", 1e6))
+        rope = rope_parameters(cfg)
+        self.rotary_emb = RotaryEmbedding(head_dim, max_positions(cfg), rope["rope_theta"], rope)
         self.q_norm = RMSNorm(head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(head_dim, cfg.rms_norm_eps)
         self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim, head_dim**-0.5, layer_id)
@@ -42,10 +44,11 @@ class Qwen3Attention(nn.Module):
 
 
 class Qwen3MLP(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, intermediate_size: int | None = None):
         super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2)
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size)
+        inter = intermediate_size or cfg.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [inter] * 2)
+        self.down_proj = RowParallelLinear(inter, cfg.hidden_size)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -53,10 +56,10 @@ class Qwen3MLP(nn.Module):
 
 
 class Qwen3DecoderLayer(nn.Module):
-    def __init__(self, cfg, layer_id: int):
+    def __init__(self, cfg, layer_id: int, mlp: nn.Module):
         super().__init__()
         self.self_attn = Qwen3Attention(cfg, layer_id)
-        self.mlp = Qwen3MLP(cfg)
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -101,11 +104,18 @@ class Qwen3ForCausalLM(nn.Module):
             self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         # local layer ids index the KV pool, global ids name checkpoint tensors
         self.layers = nn.ModuleDict(
-            {str(i): Qwen3DecoderLayer(cfg, i - self.start_layer) for i in range(self.start_layer, self.end_layer)}
+            {
+                str(i): Qwen3DecoderLayer(cfg, i - self.start_layer, self.make_mlp(cfg, i))
+                for i in range(self.start_layer, self.end_layer)
+            }
         )
         if self.is_last:
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
+
+    def make_mlp(self, cfg, layer_idx: int) -> nn.Module:
+        """The feed-forward block of global layer layer_idx (the MoE model overrides this)."""
+        return Qwen3MLP(cfg)
 
     @property
     def num_local_layers(self) -> int:

@@ -12,8 +12,9 @@ import torch.distributed as dist
 from nanovllmx.attention.metadata import KVPool
 from nanovllmx.config import EngineConfig
 from nanovllmx.distributed.parallel_state import destroy_parallel, get_parallel_info, init_parallel
+from nanovllmx.layers.fp8 import quantize_model_fp8, use_fp8_gemm
 from nanovllmx.models.loader import load_weights
-from nanovllmx.models.qwen3 import Qwen3ForCausalLM
+from nanovllmx.models.registry import build_model
 from nanovllmx.scheduler.messages import ScheduledBatch
 from nanovllmx.worker.model_runner import ModelRunner
 
@@ -38,10 +39,13 @@ class Worker:
         torch.set_default_dtype(cfg.torch_dtype)
         try:
             with torch.device(self.device):
-                self.model = Qwen3ForCausalLM(cfg.hf_config)
+                self.model = build_model(cfg.hf_config)
         finally:
             torch.set_default_dtype(prev)
-        load_weights(self.model, cfg.model, progress=(rank == 0 and cfg.device == "cuda"))
+        fp8 = cfg.checkpoint.fp8
+        from_fp8 = load_weights(self.model, cfg.model, progress=(rank == 0 and cfg.device == "cuda"), fp8=fp8)
+        if fp8 is not None and use_fp8_gemm(cfg.fp8_gemm, self.device):
+            quantize_model_fp8(self.model, fp8, from_fp8)
         self.model.eval()
         self.runner: ModelRunner | None = None
 
