@@ -109,9 +109,12 @@ class EngineConfig:
             raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {self.device!r}")
         from transformers import AutoConfig
 
-        from nanovllmx.models.checkpoint import inspect_checkpoint
+        from nanovllmx.models.checkpoint import UnsupportedCheckpointError, inspect_checkpoint
 
-        self.hf_config = AutoConfig.from_pretrained(self.model)
+        try:
+            self.hf_config = AutoConfig.from_pretrained(self.model)
+        except (KeyError, ValueError) as e:  # unknown model_type, rope settings transformers rejects
+            raise UnsupportedCheckpointError(f"{self.model}: config.json not understood: {e}") from e
         # refuses (UnsupportedCheckpointError) what the engine does not implement, before any weight is read
         self.checkpoint = inspect_checkpoint(self.model, self.hf_config)
         if self.dtype == "auto":
