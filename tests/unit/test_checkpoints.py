@@ -50,7 +50,17 @@ def _variant(src: Path, dst: Path, weights: bool = True, **config_changes) -> Pa
         (dict(quantization_config={"quant_method": "fp8", "activation_scheme": "dynamic"}), "weight_block_size None"),
         (dict(use_sliding_window=True), "use_sliding_window"),
     ],
-    ids=["llama", "moe-arch-dense-type", "no-arch", "dynamic-ntk", "unknown-model-type", "awq", "fp8-static", "fp8-tensor", "sliding"],
+    ids=[
+        "llama",
+        "moe-arch-dense-type",
+        "no-arch",
+        "dynamic-ntk",
+        "unknown-model-type",
+        "awq",
+        "fp8-static",
+        "fp8-tensor",
+        "sliding",
+    ],
 )
 def test_unsupported_config_is_refused_by_name(tiny_model_dir, tmp_path, changes, match):
     d = _variant(tiny_model_dir, tmp_path / "ckpt", **changes)
@@ -108,7 +118,8 @@ def _dequant_loops(w8: torch.Tensor, s: torch.Tensor, b: int) -> torch.Tensor:
     out = torch.empty(w8.shape)
     for i in range(s.shape[0]):
         for j in range(s.shape[1]):
-            out[i * b : (i + 1) * b, j * b : (j + 1) * b] = w8[i * b : (i + 1) * b, j * b : (j + 1) * b].float() * s[i, j]
+            rows, cols = slice(i * b, (i + 1) * b), slice(j * b, (j + 1) * b)
+            out[rows, cols] = w8[rows, cols].float() * s[i, j]
     return out
 
 
