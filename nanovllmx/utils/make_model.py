@@ -429,6 +429,8 @@ def make_model(
     cfg["torch_dtype"] = dtype
     cfg["dtype"] = dtype
     cfg["architectures"] = [architecture(config)]
+    if "num_local_experts" in cfg:  # transformers 5's name; Qwen3-MoE's own configs say num_experts
+        cfg["num_experts"] = cfg["num_local_experts"]
     if fp8:
         _quantize_checkpoint_fp8(out)
         cfg["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG)
