@@ -136,7 +136,7 @@ def quantize_model_fp8(model: nn.Module, block: Fp8Scheme, fp8_params: set[str])
             counts["fp8"] += 1
     if counts["kept_dequantized"]:
         logger.warning(
-            "FP8: %d layers keep dequantized weights: their tensor-parallel shards do not start on the "
+            "FP8: %d layers keep dequantized weights: their shards (or fused parts) do not start on the "
             "checkpoint's %dx%d scale blocks (%d layers run FP8 GEMMs)",
             counts["kept_dequantized"],
             block.block_n,
