@@ -109,7 +109,8 @@ class EngineConfig:
             raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {self.device!r}")
         from transformers import AutoConfig
 
-        from nanovllmx.models.checkpoint import UnsupportedCheckpointError, inspect_checkpoint
+        from nanovllmx.errors import UnsupportedCheckpointError
+        from nanovllmx.models.checkpoint import inspect_checkpoint
 
         try:
             self.hf_config = AutoConfig.from_pretrained(self.model)

@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from nanovllmx.errors import UnsupportedCheckpointError
+
 # architecture -> the model_type its config must carry
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "Qwen3ForCausalLM": "qwen3",
@@ -19,10 +21,6 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
 SUPPORTED_ROPE_TYPES = ("default", "yarn")
 # the one quantization scheme: Qwen3-*-FP8 (DeepSeek-style e4m3 weights with block-wise weight_scale_inv)
 SUPPORTED_QUANTIZATION = "fp8 (fmt e4m3, activation_scheme dynamic, weight_block_size [n, k])"
-
-
-class UnsupportedCheckpointError(ValueError):
-    """The checkpoint needs something the engine does not implement (raised at load, never later)."""
 
 
 @dataclass(frozen=True)

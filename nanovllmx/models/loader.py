@@ -11,7 +11,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from nanovllmx.models.checkpoint import Fp8Scheme, UnsupportedCheckpointError, weight_files
+from nanovllmx.errors import UnsupportedCheckpointError
+from nanovllmx.models.checkpoint import Fp8Scheme, weight_files
 
 SCALE_SUFFIX = "_scale_inv"  # `<name>.weight_scale_inv` scales `<name>.weight`
 # tensors some checkpoints carry that no engine reads

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from nanovllmx.models.checkpoint import SUPPORTED_ARCHITECTURES, UnsupportedCheckpointError
+from nanovllmx.errors import UnsupportedCheckpointError
+from nanovllmx.models.checkpoint import SUPPORTED_ARCHITECTURES
 from nanovllmx.models.qwen3 import Qwen3ForCausalLM
 from nanovllmx.models.qwen3_moe import Qwen3MoeForCausalLM
 

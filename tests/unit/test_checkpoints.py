@@ -13,8 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from nanovllmx import UnsupportedCheckpointError
 from nanovllmx.config import EngineConfig
-from nanovllmx.models.checkpoint import Fp8Scheme, UnsupportedCheckpointError
+from nanovllmx.models.checkpoint import Fp8Scheme
 from nanovllmx.models.loader import dequantize_block_fp8
 
 
