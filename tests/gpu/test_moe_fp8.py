@@ -1,8 +1,9 @@
 """GPU only (skipped elsewhere): the MoE and FP8 Triton kernels compiled, in bfloat16, against
 the PyTorch references (tests/unit/test_triton_moe_fp8.py runs the same logic interpreted on CPU),
-and the engine end to end: a Qwen3-MoE checkpoint through the fused experts gives the greedy
-tokens of its reference expert loop, an FP8 checkpoint through the FP8 GEMMs those of its
-dequantized weights (both on the GPU, bf16, CUDA graphs on)."""
+and the model end to end: a Qwen3-MoE checkpoint's logits through the fused experts against its
+reference expert loop, an FP8 checkpoint's through the FP8 GEMMs against its dequantized weights
+(both on the GPU, bf16; greedy tokens of random bf16 models are too chaotic to compare, see
+docs/benchmarks.md "Reading check"), and the fused experts inside CUDA-graph decode steps."""
 
 from __future__ import annotations
 
@@ -76,43 +77,77 @@ def test_w8_linear(M, N, K):
 PROMPTS = [[(i * 7919 + j * 104729) % 150000 for j in range(n)] for i, n in enumerate([3, 17, 60, 200, 5, 90, 33, 9])]
 
 
-def _greedy(path, **kw) -> tuple[list[list[int]], int]:
-    """Greedy tokens of PROMPTS, and how many layers run FP8 GEMMs."""
-    from nanovllmx import LLM, SamplingParams
+def _prefill_logits(path, **kw) -> tuple[torch.Tensor, int]:
+    """Logits of every position of PROMPTS in one prefill step through the worker (as
+    tests/engine/test_engine.py does on CPU), and how many layers run FP8 GEMMs."""
+    from nanovllmx import SamplingParams
+    from nanovllmx.attention.base import forward_context
+    from nanovllmx.config import EngineConfig
+    from nanovllmx.scheduler.request import EngineRequest
+    from nanovllmx.scheduler.scheduler import Scheduler
+    from nanovllmx.worker.worker import Worker
 
-    llm = LLM(str(path), device="cuda", context_len=512, gpu_memory_utilization=0.3, **kw)
+    cfg = EngineConfig(model=str(path), device="cuda", context_len=512, num_kv_slots=2048, max_bs=8, **kw)
+    w = Worker(cfg)
     try:
-        outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
-        n_fp8 = sum(getattr(m, "fp8", None) is not None for m in llm.core.executor.worker.model.modules())
-        return [o.token_ids for o in outs], n_fp8
+        w.init_kv_cache(2048)
+        sched = Scheduler(2048, 8, 512, 8192, [])
+        for i, p in enumerate(PROMPTS):
+            sched.add_request(EngineRequest(str(i), p, SamplingParams(temperature=0, max_tokens=1)))
+        b = sched.schedule()
+        assert b.num_tokens == sum(map(len, PROMPTS))
+        with torch.inference_mode():
+            ids, positions, meta = w.runner.prepare(b)
+            w.runner.backend.prepare(meta)
+            with forward_context(w.runner.backend):
+                logits = w.model.compute_logits(w.model(ids, positions)).float()
+        n_fp8 = sum(getattr(m, "fp8", None) is not None for m in w.model.modules())
+        return logits, n_fp8
     finally:
-        llm.shutdown()
+        w.shutdown()
 
 
-def _agree(a: list[list[int]], b: list[list[int]]) -> int:
-    return sum(x == y for x, y in zip(a, b))
-
-
-def test_moe_engine_fused_matches_reference(tmp_path, monkeypatch):
+def test_moe_model_fused_matches_reference(tmp_path, monkeypatch):
     import nanovllmx.layers.moe as moe
     from nanovllmx.utils.make_model import make_model
 
     d = make_model(tmp_path / "moe", preset="tiny-moe", dtype="bfloat16", device="cuda")
-    fused, _ = _greedy(d)
+    fused, _ = _prefill_logits(d)
     monkeypatch.setattr(moe, "_fused_moe", lambda x: False)
-    ref, _ = _greedy(d, enforce_eager=True)
-    # bf16 on both sides, summed in different orders: a near-tie may flip a late token
-    assert _agree(fused, ref) >= 7, (fused, ref)
+    ref, _ = _prefill_logits(d)
+    assert _rel(fused, ref) < 2e-2
+    assert (fused.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
 
 
-def test_fp8_engine_matches_dequantized(tmp_path):
+def test_moe_engine_decodes_through_cuda_graphs(tmp_path):
+    """The fused experts inside captured decode graphs: no host sync, the same next tokens as eager."""
+    from nanovllmx import LLM, SamplingParams
+    from nanovllmx.utils.make_model import make_model
+
+    d = make_model(tmp_path / "moe", preset="tiny-moe", dtype="bfloat16", device="cuda")
+    runs = []
+    for eager in (False, True):
+        llm = LLM(str(d), device="cuda", context_len=512, gpu_memory_utilization=0.3, enforce_eager=eager)
+        try:
+            assert (llm.core.executor.worker.runner.graphs is None) == eager
+            outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+            runs.append([o.token_ids for o in outs])
+        finally:
+            llm.shutdown()
+    assert all(len(t) == 6 for t in runs[0])
+    # the first decode step's token (the second generated): graph and eager compute the same step
+    assert sum(a[1] == b[1] for a, b in zip(*runs)) >= 6, runs
+
+
+def test_fp8_model_matches_dequantized(tmp_path):
     from nanovllmx.utils.make_model import make_model
 
     # every projection on the 128-grid (q 256, k/v 128 rows; 512 intermediate), so all run FP8
     kw = dict(hidden_size=256, intermediate_size=512, num_attention_heads=2, num_key_value_heads=1, head_dim=128)
     d = make_model(tmp_path / "fp8", preset="tiny", dtype="bfloat16", device="cuda", fp8=True, **kw)
-    fast, n_fp8 = _greedy(d, fp8_gemm="triton")
+    fast, n_fp8 = _prefill_logits(d, fp8_gemm="triton")
     assert n_fp8 == 4 * 4  # qkv, o, gate_up, down of each layer
-    slow, none = _greedy(d, fp8_gemm="dequant")
+    slow, none = _prefill_logits(d, fp8_gemm="dequant")
     assert none == 0
-    assert _agree(fast, slow) >= 7, (fast, slow)
+    assert _rel(fast, slow) < 2e-2
+    assert (fast.argmax(-1) == slow.argmax(-1)).float().mean() > 0.9
