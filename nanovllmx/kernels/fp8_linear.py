@@ -12,6 +12,9 @@ import triton
 import triton.language as tl
 
 
+_MIN_PROGRAMS = 264  # two per SM of an H100 / H200 (132 SMs)
+
+
 @triton.jit
 def _w8_linear_kernel(
     a_ptr,
@@ -75,8 +78,10 @@ def w8_linear(
     block_m = 16 if M <= 16 else 32 if M <= 32 else 64
     block_k = 128 if qblock[1] % 128 == 0 else 64
     assert qblock[1] % block_k == 0, "a BLOCK_K step must stay inside one scale block"
-    block_n = 64 if M <= 64 else 128
-    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    # decode (small M) has few row tiles: narrower column tiles keep every SM streaming weights
+    m_tiles = triton.cdiv(M, block_m)
+    block_n = next((b for b in (128, 64) if m_tiles * triton.cdiv(N, b) >= _MIN_PROGRAMS), 32)
+    grid = (m_tiles, triton.cdiv(N, block_n))
     _w8_linear_kernel[grid](
         x2,
         w8,
