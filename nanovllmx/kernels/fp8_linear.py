@@ -11,7 +11,6 @@ import torch
 import triton
 import triton.language as tl
 
-
 _MIN_PROGRAMS = 264  # two per SM of an H100 / H200 (132 SMs)
 
 
