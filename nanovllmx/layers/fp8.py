@@ -134,6 +134,8 @@ def quantize_model_fp8(model: nn.Module, block: Fp8Scheme, fp8_params: set[str])
             m.w13 = nn.Parameter(torch.empty(0, device=w13.device), requires_grad=False)
             m.w2 = nn.Parameter(torch.empty(0, device=w2.device), requires_grad=False)
             counts["fp8"] += 1
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the freed bf16 weights: room for the KV pool, which is sized next
     if counts["kept_dequantized"]:
         logger.warning(
             "FP8: %d layers keep dequantized weights: their shards (or fused parts) do not start on the "

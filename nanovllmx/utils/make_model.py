@@ -432,7 +432,7 @@ def make_model(
     if "num_local_experts" in cfg:  # transformers 5's name; Qwen3-MoE's own configs say num_experts
         cfg["num_experts"] = cfg["num_local_experts"]
     if fp8:
-        _quantize_checkpoint_fp8(out)
+        _quantize_checkpoint_fp8(out, device or _default_device())
         cfg["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG)
     _write_json(cfg_path, cfg)
 
@@ -445,7 +445,7 @@ def make_model(
     return out
 
 
-def _quantize_checkpoint_fp8(out: Path) -> None:
+def _quantize_checkpoint_fp8(out: Path, device: str) -> None:
     """Rewrite the saved shards with the projections in FP8 (+ their weight_scale_inv), one shard
     at a time, and the index's weight map with them."""
     from safetensors.torch import load_file, save_file
@@ -459,8 +459,7 @@ def _quantize_checkpoint_fp8(out: Path) -> None:
         tensors = load_file(f)
         for name in [n for n in tensors if _FP8_TENSOR.search(n)]:
             w = tensors[name]
-            dev = "cuda" if torch.cuda.is_available() else "cpu"
-            q, s = quantize_block_fp8(w.to(dev), block)
+            q, s = quantize_block_fp8(w.to(device), block)
             tensors[name], tensors[name + "_scale_inv"] = q.cpu(), s.cpu()
             added[name + "_scale_inv"] = f.name
         save_file(tensors, f, metadata={"format": "pt"})
