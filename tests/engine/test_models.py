@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from nanovllmx import LLM, SamplingParams
 from tests.helpers import random_prompt
 
-GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 
 def _hf_greedy(model, prompt: list[int], n: int) -> list[int]:
@@ -46,7 +46,7 @@ def test_moe_matches_transformers(moe_dir):
     hf = Qwen3MoeForCausalLM.from_pretrained(moe_dir, dtype=torch.float32, attn_implementation="eager").eval()
     assert hf.model.layers[0].mlp.__class__.__name__ == "Qwen3MoeSparseMoeBlock"
     assert hf.model.layers[2].mlp.__class__.__name__ == "Qwen3MoeMLP"  # mlp_only_layers
-    prompts = [random_prompt(n, seed) for n, seed in [(3, 1), (40, 2), (17, 3), (90, 4)]]
+    prompts = [random_prompt(n, seed) for n, seed in [(3, 1), (40, 2), (90, 4)]]
     # a small prefill budget: chunked prefill through the experts too
     got = _engine_greedy(moe_dir, prompts, context_len=256, max_num_batched_tokens=48)
     assert got == [_hf_greedy(hf, p, GREEDY.max_tokens) for p in prompts]
