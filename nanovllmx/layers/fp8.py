@@ -17,12 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nanovllmx.layers.linear import (
-    ColumnParallelLinear,
-    MergedColumnParallelLinear,
-    QKVParallelLinear,
-    RowParallelLinear,
-)
+from nanovllmx.layers.linear import ColumnParallelLinear, RowParallelLinear, ShardSlice, copy_slice
 from nanovllmx.layers.moe import FusedMoE
 from nanovllmx.models.checkpoint import Fp8Scheme
 
@@ -75,65 +70,77 @@ class Fp8Experts:
     block: tuple[int, int]
 
 
-def _aligned(parts: list[int], b: int, sharded: bool) -> bool:
-    """Whether a dim made of `parts` (fused projections, each this rank's slice) lies on the
-    checkpoint's b-grid: every part but the last starts a block, and so does every rank's slice."""
-    return all(p % b == 0 for p in parts[:-1]) and (not sharded or parts[-1] % b == 0)
+def _block_slice(sl: ShardSlice, block: int, full: int) -> ShardSlice | None:
+    """sl in units of scale blocks, or None when this rank's part does not start on the
+    checkpoint's block grid (in the checkpoint tensor or in the fused parameter) or ends inside a
+    block other than the tensor's last."""
+    if sl.dst % block or sl.src % block or (sl.size % block and sl.src + sl.size != full):
+        return None
+    return ShardSlice(sl.dim, sl.dst // block, sl.src // block, -(-sl.size // block), sl.expert)
 
 
-def _out_parts(m: ColumnParallelLinear) -> list[int]:
-    if isinstance(m, QKVParallelLinear):
-        q, kv = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
-        return [q, kv, kv]
-    if isinstance(m, MergedColumnParallelLinear):
-        return [s // m.tp_size for s in m.output_sizes]
-    return [m.output_size_per_rank]
+def load_block_scale(
+    module: nn.Module,
+    param_name: str,
+    shard: object,
+    weight_shape: torch.Size,
+    scale_inv: torch.Tensor,
+    block: Fp8Scheme,
+) -> None:
+    """Keep this rank's part of a checkpoint weight_scale_inv, cut as the weight (of weight_shape)
+    was (module.shard_slice), on module.fp8_scales[param_name]; None there once a part is off the grid."""
+    scales: dict[str, torch.Tensor | None] = module.__dict__.setdefault("fp8_scales", {})
+    param = getattr(module, param_name)
+    sl = module.shard_slice(shard)
+    b = block.block_n if sl.dim == 0 else block.block_k
+    bsl = _block_slice(sl, b, weight_shape[sl.dim])
+    if bsl is None or (param_name in scales and scales[param_name] is None):
+        scales[param_name] = None
+        return
+    if param_name not in scales:
+        *lead, rows, cols = param.shape
+        shape = (*lead, -(-rows // block.block_n), -(-cols // block.block_k))
+        scales[param_name] = torch.full(shape, float("nan"), dtype=torch.float32, device=param.device)
+    copy_slice(scales[param_name], scale_inv.to(param.device, torch.float32), bsl)
 
 
-def linear_on_grid(m: nn.Module, block: Fp8Scheme) -> bool:
-    if isinstance(m, ColumnParallelLinear):
-        return _aligned(_out_parts(m), block.block_n, m.tp_size > 1)
-    if isinstance(m, RowParallelLinear):
-        return _aligned([m.input_size_per_rank], block.block_k, m.tp_size > 1)
-    return False
+def quantize_with_scale(w: torch.Tensor, scale_inv: torch.Tensor, block: Fp8Scheme) -> torch.Tensor:
+    """e4m3 of w / scale (each block by its own): the checkpoint's FP8 values again, since w is their
+    dequantization rounded to bf16 (2^-9 relative, far below e4m3's spacing)."""
+    n, k = w.shape
+    s = scale_inv.repeat_interleave(block.block_n, 0)[:n].repeat_interleave(block.block_k, 1)[:, :k]
+    return (w.float() / s).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
 
-def experts_on_grid(m: FusedMoE, block: Fp8Scheme) -> bool:
-    return _aligned([m.inter, m.inter], block.block_n, m.tp_size > 1) and _aligned(
-        [m.inter], block.block_k, m.tp_size > 1
-    )
-
-
-def _quantize_stack(w: torch.Tensor, block: Fp8Scheme) -> tuple[torch.Tensor, torch.Tensor]:
-    qs, ss = zip(*(quantize_block_fp8(w[e], block) for e in range(w.shape[0])))
-    return torch.stack(qs), torch.stack(ss)
+def _complete(scale: torch.Tensor | None) -> bool:
+    return scale is not None and not bool(torch.isnan(scale).any())
 
 
 @torch.no_grad()
-def quantize_model_fp8(model: nn.Module, block: Fp8Scheme, fp8_params: set[str]) -> dict[str, int]:
-    """Put the layers whose weights came from FP8 tensors on the FP8 GEMM. Returns counts of
-    layers quantized and of layers kept dequantized (off the grid)."""
+def quantize_model_fp8(model: nn.Module, block: Fp8Scheme) -> dict[str, int]:
+    """Put the layers whose weights came from FP8 tensors (their block scales kept by the loader,
+    load_block_scale) on the FP8 GEMM. Returns counts of layers quantized and of layers kept
+    dequantized (off the grid)."""
     counts = {"fp8": 0, "kept_dequantized": 0}
     qb = (block.block_n, block.block_k)
-    for name, m in model.named_modules():
-        if isinstance(m, (ColumnParallelLinear, RowParallelLinear)) and f"{name}.weight" in fp8_params:
-            if not linear_on_grid(m, block):
-                counts["kept_dequantized"] += 1
-                continue
-            w8, s = quantize_block_fp8(m.weight, block)
-            m.fp8 = Fp8Linear(w8, s, qb)
-            m.weight = nn.Parameter(torch.empty(0, device=w8.device), requires_grad=False)
-            counts["fp8"] += 1
-        elif isinstance(m, FusedMoE) and f"{name}.w13" in fp8_params:
-            if not experts_on_grid(m, block):
-                counts["kept_dequantized"] += 1
-                continue
-            w13, s13 = _quantize_stack(m.w13, block)
-            w2, s2 = _quantize_stack(m.w2, block)
+    for m in model.modules():
+        scales = m.__dict__.pop("fp8_scales", None)
+        if not scales:
+            continue
+        s, s13, s2 = scales.get("weight"), scales.get("w13"), scales.get("w2")
+        if isinstance(m, (ColumnParallelLinear, RowParallelLinear)) and s is not None and _complete(s):
+            m.fp8 = Fp8Linear(quantize_with_scale(m.weight, s, block), s, qb)
+            m.weight = nn.Parameter(torch.empty(0, device=s.device), requires_grad=False)
+        elif isinstance(m, FusedMoE) and s13 is not None and s2 is not None and _complete(s13) and _complete(s2):
+            w13 = torch.stack([quantize_with_scale(m.w13[e], s13[e], block) for e in range(m.num_experts)])
+            w2 = torch.stack([quantize_with_scale(m.w2[e], s2[e], block) for e in range(m.num_experts)])
             m.fp8 = Fp8Experts(w13, s13, w2, s2, qb)
             m.w13 = nn.Parameter(torch.empty(0, device=w13.device), requires_grad=False)
             m.w2 = nn.Parameter(torch.empty(0, device=w2.device), requires_grad=False)
-            counts["fp8"] += 1
+        else:
+            counts["kept_dequantized"] += 1
+            continue
+        counts["fp8"] += 1
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the freed bf16 weights: room for the KV pool, which is sized next
     if counts["kept_dequantized"]:

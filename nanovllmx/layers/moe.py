@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanovllmx.distributed.parallel_state import get_parallel_info, tp_all_reduce
-from nanovllmx.layers.linear import _divide
+from nanovllmx.layers.linear import ShardSlice, _divide, copy_slice
 
 
 def _fused_moe(x: torch.Tensor) -> bool:
@@ -60,18 +60,19 @@ class FusedMoE(nn.Module):
         self.w2.weight_loader = self.weight_loader
         self.fp8 = None  # kernels.fp8.Fp8Experts once the FP8 fast path quantized the weights
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard: tuple[int, str]) -> None:
+    def shard_slice(self, shard: tuple[int, str]) -> ShardSlice:
         expert, proj = shard
         n, start = self.inter, self.tp_rank * self.inter
         if proj == "down":
-            param.data[expert].copy_(loaded.narrow(1, start, n))
-        else:
-            offset = 0 if proj == "gate" else n
-            param.data[expert].narrow(0, offset, n).copy_(loaded.narrow(0, start, n))
+            return ShardSlice(1, 0, start, n, expert)
+        return ShardSlice(0, 0 if proj == "gate" else n, start, n, expert)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard: tuple[int, str]) -> None:
+        copy_slice(param, loaded, self.shard_slice(shard))
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         weights, ids = route(router_logits, self.top_k, self.renormalize)
-        if _fused_moe(x):
+        if self.fp8 is not None or _fused_moe(x):  # FP8 weights: only the Triton path reads them
             from nanovllmx.kernels.fused_moe import fused_experts
 
             out = fused_experts(x, self.w13, self.w2, weights, ids, fp8=self.fp8)

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from torch import nn
 
 from nanovllmx.errors import UnsupportedCheckpointError
+from nanovllmx.layers.fp8 import load_block_scale
 from nanovllmx.models.checkpoint import Fp8Scheme, weight_files
 
 SCALE_SUFFIX = "_scale_inv"  # `<name>.weight_scale_inv` scales `<name>.weight`
@@ -30,13 +31,14 @@ def dequantize_block_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: Fp8Sch
     return w.float() * s
 
 
-def load_weights(model: nn.Module, path: str, progress: bool = False, fp8: Fp8Scheme | None = None) -> set[str]:
-    """Load every parameter of `model` from the checkpoint at `path`; returns the names of the
-    parameters that came (dequantized) from FP8 tensors."""
+def load_weights(
+    model: nn.Module, path: str, progress: bool = False, fp8: Fp8Scheme | None = None, keep_fp8_scales: bool = False
+) -> None:
+    """Load every parameter of `model` from the checkpoint at `path`. keep_fp8_scales: the layers
+    keep their part of each FP8 weight's block scales (for layers.fp8.quantize_model_fp8)."""
     files = weight_files(path)
     params = dict(model.named_parameters())
     loaded: set[str] = set()
-    from_fp8: set[str] = set()
     tie_source = getattr(model, "tie", False) and getattr(model, "is_last", False)
     with contextlib.ExitStack() as stack:
         handles = [stack.enter_context(safe_open(f, "pt", "cpu")) for f in files]
@@ -60,7 +62,7 @@ def load_weights(model: nn.Module, path: str, progress: bool = False, fp8: Fp8Sc
                 targets.append(("lm_head.weight", None))
             if not targets:
                 continue
-            t, was_fp8 = _read(where, name, fp8, path)
+            t, scale = _read(where, name, fp8, path)
             for ours, shard in targets:
                 if ours not in params:
                     raise UnsupportedCheckpointError(
@@ -79,18 +81,21 @@ def load_weights(model: nn.Module, path: str, progress: bool = False, fp8: Fp8Sc
                 else:
                     loader(p, t, shard)
                 loaded.add(ours)
-                if was_fp8:
-                    from_fp8.add(ours)
+                if keep_fp8_scales and scale is not None and fp8 is not None:
+                    module_name, _, attr = ours.rpartition(".")
+                    module = model.get_submodule(module_name)
+                    if hasattr(module, "shard_slice"):  # a layer that can run FP8 (not embeddings)
+                        load_block_scale(module, attr, shard, t.shape, scale, fp8)
     missing = [n for n in params if n not in loaded]
     if missing:
         raise ValueError(f"checkpoint {path} lacks weights for: {missing[:8]}{'...' if len(missing) > 8 else ''}")
-    return from_fp8
 
 
-def _read(where: dict, name: str, fp8: Fp8Scheme | None, path: str) -> tuple[torch.Tensor, bool]:
+def _read(where: dict, name: str, fp8: Fp8Scheme | None, path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The tensor (dequantized if FP8) and its block scales (None unless FP8)."""
     t = where[name].get_tensor(name)
     if t.dtype not in _FP8_DTYPES:
-        return t, False
+        return t, None
     scale = name + SCALE_SUFFIX
     if fp8 is None or scale not in where:
         # FP8 values without their scales are not the weights: refuse rather than cast them
@@ -98,4 +103,5 @@ def _read(where: dict, name: str, fp8: Fp8Scheme | None, path: str) -> tuple[tor
             f"{path}: {name} is {t.dtype} but "
             + ("config.json has no fp8 quantization_config" if fp8 is None else f"the checkpoint has no {scale}")
         )
-    return dequantize_block_fp8(t, where[scale].get_tensor(scale), fp8), True
+    scale_inv = where[scale].get_tensor(scale)
+    return dequantize_block_fp8(t, scale_inv, fp8), scale_inv

@@ -43,9 +43,11 @@ class Worker:
         finally:
             torch.set_default_dtype(prev)
         fp8 = cfg.checkpoint.fp8
-        from_fp8 = load_weights(self.model, cfg.model, progress=(rank == 0 and cfg.device == "cuda"), fp8=fp8)
-        if fp8 is not None and use_fp8_gemm(cfg.fp8_gemm, self.device):
-            quantize_model_fp8(self.model, fp8, from_fp8)
+        fast_fp8 = fp8 is not None and use_fp8_gemm(cfg.fp8_gemm, self.device)
+        progress = rank == 0 and cfg.device == "cuda"
+        load_weights(self.model, cfg.model, progress=progress, fp8=fp8, keep_fp8_scales=fast_fp8)
+        if fast_fp8:
+            quantize_model_fp8(self.model, fp8)
         self.model.eval()
         self.runner: ModelRunner | None = None
 

@@ -125,7 +125,7 @@ def _dequant_loops(w8: torch.Tensor, s: torch.Tensor, b: int) -> torch.Tensor:
 
 
 def test_fp8_block_helpers():
-    from nanovllmx.layers.fp8 import quantize_block_fp8
+    from nanovllmx.layers.fp8 import quantize_block_fp8, quantize_with_scale
 
     torch.manual_seed(0)
     w = torch.randn(300, 200) * torch.rand(300, 1) * 3  # rows of different scales, partial edge blocks
@@ -134,10 +134,76 @@ def test_fp8_block_helpers():
     deq = dequantize_block_fp8(q, s, Fp8Scheme())
     assert torch.equal(deq, _dequant_loops(q, s, 128))
     assert ((deq - w).norm() / w.norm()) < 0.04  # e4m3: 3 mantissa bits
-    # quantizing the bf16-dequantized weights again gives the same FP8 values (the fast path's
-    # round trip), scales within bf16 rounding
-    q2, s2 = quantize_block_fp8(deq.to(torch.bfloat16), Fp8Scheme())
+    # the fast path's round trip: the bf16-dequantized weights over the checkpoint's scales are its
+    # FP8 values again, bit for bit
+    q2 = quantize_with_scale(deq.to(torch.bfloat16), s, Fp8Scheme())
     assert torch.equal(q2.view(torch.uint8), q.view(torch.uint8))
-    assert ((s2 / s) - 1).abs().max() < 2**-8
     with pytest.raises(ValueError, match="weight_scale_inv of shape"):
         dequantize_block_fp8(q, s[:, :1], Fp8Scheme())
+
+
+@pytest.fixture(scope="module")
+def fp8_dirs(tmp_path_factory) -> dict[str, Path]:
+    """FP8 checkpoints whose projections lie on the 128-grid at TP=2 (q 1 head of 128 a rank,
+        the one KV head replicated, 256 intermediate rows a rank), and one that does not (320 rows of
+    gate put up's first row mid-block; at TP=2, 160 a rank start rank 1 mid-block)."""
+    from nanovllmx.utils.make_model import make_model
+
+    kw = dict(preset="tiny", dtype="float32", device="cpu", fp8=True, hidden_size=256, num_hidden_layers=2)
+    kw.update(num_attention_heads=2, num_key_value_heads=1, head_dim=128)
+    root = tmp_path_factory.mktemp("fp8")
+    return {
+        "aligned": make_model(root / "aligned", intermediate_size=512, **kw),
+        "off-grid": make_model(root / "off", intermediate_size=320, **kw),
+    }
+
+
+@pytest.mark.parametrize("tp_rank,tp_size", [(0, 1), (1, 2)])
+def test_fp8_fast_path_holds_the_checkpoints_fp8_values(fp8_dirs, tp_rank, tp_size):
+    """After load + quantize_model_fp8, each layer's FP8 weight and scales are exactly its shard of
+    the checkpoint's (the rank-1 shard of a TP=2 grid built without the grid: loading needs no
+    collective); layers whose shards are off the 128-grid keep the dequantized weights."""
+    from nanovllmx.distributed.parallel_state import ParallelInfo, set_parallel_info
+    from nanovllmx.layers.fp8 import quantize_model_fp8
+    from nanovllmx.models.loader import load_weights
+    from nanovllmx.models.registry import build_model
+
+    cfg = EngineConfig(str(fp8_dirs["aligned"]), device="cpu")
+    ckpt = load_file(fp8_dirs["aligned"] / "model.safetensors")
+    set_parallel_info(ParallelInfo(tp_rank=tp_rank, tp_size=tp_size))
+    try:
+        model = build_model(cfg.hf_config)
+        load_weights(model, cfg.model, fp8=cfg.checkpoint.fp8, keep_fp8_scales=True)
+        assert quantize_model_fp8(model, cfg.checkpoint.fp8) == {"fp8": 8, "kept_dequantized": 0}
+        off_cfg = EngineConfig(str(fp8_dirs["off-grid"]), device="cpu")
+        off = build_model(off_cfg.hf_config)
+        load_weights(off, off_cfg.model, fp8=off_cfg.checkpoint.fp8, keep_fp8_scales=True)
+        counts = quantize_model_fp8(off, off_cfg.checkpoint.fp8)
+    finally:
+        set_parallel_info(ParallelInfo())
+    # gate_up off the grid at both sizes; down (row-parallel: its input dim split) at TP=2 only
+    assert counts == ({"fp8": 6, "kept_dequantized": 2} if tp_size == 1 else {"fp8": 4, "kept_dequantized": 4})
+    assert off.layers["0"].mlp.gate_up_proj.fp8 is None and off.layers["0"].self_attn.o_proj.fp8 is not None
+
+    def rows(name: str, n: int, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        w, s = ckpt[f"model.layers.1.{name}.weight"], ckpt[f"model.layers.1.{name}.weight_scale_inv"]
+        return w[start : start + n], s[start // 128 : (start + n + 127) // 128]
+
+    layer = model.layers["1"]
+    r = tp_rank
+    q, k, v = (
+        rows("self_attn.q_proj", 128 * 2 // tp_size, r * 256 // tp_size),
+        *(rows(f"self_attn.{p}_proj", 128, 0) for p in "kv"),
+    )
+    i = 512 // tp_size
+    gate, up = rows("mlp.gate_proj", i, r * i), rows("mlp.up_proj", i, r * i)
+    down_w, down_s = ckpt["model.layers.1.mlp.down_proj.weight"], ckpt["model.layers.1.mlp.down_proj.weight_scale_inv"]
+    down = down_w[:, r * i : (r + 1) * i], down_s[:, r * i // 128 : (r + 1) * i // 128]
+    for got, parts in [
+        (layer.self_attn.qkv_proj.fp8, [q, k, v]),
+        (layer.mlp.gate_up_proj.fp8, [gate, up]),
+        (layer.mlp.down_proj.fp8, [down]),
+    ]:
+        want_w, want_s = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        assert torch.equal(got.weight.view(torch.uint8), want_w.contiguous().view(torch.uint8))
+        assert torch.equal(got.scale_inv, want_s)

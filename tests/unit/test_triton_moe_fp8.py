@@ -69,10 +69,11 @@ CHECKS = textwrap.dedent("""
     ref = experts_reference(x.float(), d13, d2, w, ids)
     assert rel(out, ref) < 3e-3, ("fp8 experts", rel(out, ref))
 
-    # ---- the layers after quantize_model_fp8: an FP8 MLP (merged gate/up, row-parallel down with
-    # a bias) gives the dequantized MLP's output; layers off the block grid keep their weights
+    # ---- the layers after loading FP8 tensors (dequantized weights + their block scales, as the
+    # loader does) and quantize_model_fp8: the FP8 MLP (merged gate/up, row-parallel down with a
+    # bias) gives the dequantized MLP's output; a layer off the block grid keeps its weights
     from torch import nn
-    from nanovllmx.layers.fp8 import quantize_model_fp8
+    from nanovllmx.layers.fp8 import load_block_scale, quantize_model_fp8
     from nanovllmx.layers.linear import MergedColumnParallelLinear, RowParallelLinear
     class MLP(nn.Module):
         def __init__(self, h, i):
@@ -84,13 +85,15 @@ CHECKS = textwrap.dedent("""
             return self.down_proj(torch.nn.functional.silu(g) * u)
     for h, i, expect in [(200, 256, 2), (128, 200, 1)]:  # 200 gate rows: up would start mid-block
         m = MLP(h, i).half()
-        for p in m.parameters():
-            p.data.normal_(0, 0.1)
-        for lin in (m.gate_up_proj, m.down_proj):  # FP8-representable weights, as after loading
-            lin.weight.data = dequantize_block_fp8(*quantize_block_fp8(lin.weight, b), b).half()
+        m.down_proj.bias.data.normal_()
+        for layer, shards in [(m.gate_up_proj, [(0, (i, h)), (1, (i, h))]), (m.down_proj, [(None, (h, i))])]:
+            for shard, shape in shards:
+                q, sc = quantize_block_fp8(torch.randn(shape) * 0.1, b)
+                layer.weight.weight_loader(layer.weight, dequantize_block_fp8(q, sc, b).half(), shard)
+                load_block_scale(layer, "weight", shard, q.shape, sc, b)
         x = torch.randn(5, h).half()
         ref = m(x)
-        counts = quantize_model_fp8(m, b, {"gate_up_proj.weight", "down_proj.weight"})
+        counts = quantize_model_fp8(m, b)
         assert counts == {"fp8": expect, "kept_dequantized": 2 - expect}, counts
         assert (m.gate_up_proj.fp8 is None) == (expect == 1)
         assert rel(m(x), ref) < 3e-3, ("fp8 mlp", h, i, rel(m(x), ref))
@@ -101,4 +104,41 @@ CHECKS = textwrap.dedent("""
 def test_moe_and_fp8_kernels_match_torch_under_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     p = subprocess.run([sys.executable, "-c", CHECKS], env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stdout[-2000:] + p.stderr[-4000:]
+
+
+ENGINE_CHECK = textwrap.dedent("""
+    import sys
+    import nanovllmx.worker.worker as worker_mod
+    from nanovllmx import LLM, SamplingParams
+    from nanovllmx.utils.make_model import make_model
+    # Qwen3-MoE FP8 with every projection on the 128-grid (experts, attention, the dense layer's MLP)
+    path = make_model(sys.argv[1], preset="tiny-moe", dtype="float32", device="cpu", fp8=True,
+                      moe_intermediate_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=128)
+    prompts, sp = [[1, 2, 3, 4, 5], list(range(100, 140))], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    llm = LLM(str(path), device="cpu", context_len=128)  # on CPU: dequantized at load
+    ref = [o.token_ids for o in llm.generate(prompts, sp)]
+    llm.shutdown()
+    worker_mod.use_fp8_gemm = lambda mode, device: True  # the GPU's choice, here under the interpreter
+    llm = LLM(str(path), device="cpu", context_len=128)
+    n = sum(getattr(m, "fp8", None) is not None for m in llm.core.executor.worker.model.modules())
+    got = [o.token_ids for o in llm.generate(prompts, sp)]
+    llm.shutdown()
+    assert n == 4 * 2 + 3 + 2, n  # qkv + o per layer, 3 expert layers, the dense layer's gate_up + down
+    assert got == ref, (got, ref)
+    print("ok")
+""")
+
+
+def test_fp8_fast_path_engine_matches_dequantized_under_the_interpreter(tmp_path):
+    """The whole FP8 fast path (scales kept at load, quantize_model_fp8, the FP8 linear and expert
+    kernels) through the offline LLM: the greedy tokens of the same checkpoint dequantized at load."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    p = subprocess.run(
+        [sys.executable, "-c", ENGINE_CHECK, str(tmp_path / "moe-fp8")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stdout[-2000:] + p.stderr[-4000:]
