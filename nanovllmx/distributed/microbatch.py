@@ -58,6 +58,7 @@ def split_batch(b: ScheduledBatch, m: int) -> list[ScheduledBatch]:
                 sample_rows=(b.sample_rows[smask] - lo).astype(b.sample_rows.dtype),
                 sampling=b.sampling.take(smask),
                 has_placeholders=bool(b.has_placeholders and (ids < 0).any()),
+                resolve_until=b.resolve_until,
             )
         )
     return out

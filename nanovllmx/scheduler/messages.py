@@ -52,6 +52,10 @@ class ScheduledBatch:
     # input_ids holds -1 where the token is the one the previous (in-flight) step samples for
     # that request; the worker takes it from its device-side buffer of last sampled tokens
     has_placeholders: bool = False
+    # pipeline overlap (pp > 1): before this batch, the first stage takes the sampled ids of every
+    # step up to this one from the last stage (distributed/sample_channel.py); its placeholders
+    # refer to those steps only
+    resolve_until: int = 0
 
     @property
     def num_reqs(self) -> int:

@@ -97,6 +97,7 @@ class Request:
         "stop_ids",
         "first_scheduled_time",
         "pending",
+        "last_sample_step",
     )
 
     def __init__(self, er: EngineRequest, eos_ids: list[int]):
@@ -117,6 +118,7 @@ class Request:
         # tokens sampled by steps still in flight (overlap scheduling): their ids are not known
         # here yet; the worker feeds them to the next step from its own device buffer
         self.pending = 0
+        self.last_sample_step = 0  # the step that samples its newest token (pipeline overlap)
         ids = set(er.params.stop_token_ids)
         if not er.params.ignore_eos:
             ids.update(eos_ids)

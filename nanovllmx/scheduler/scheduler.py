@@ -46,7 +46,15 @@ class Scheduler:
         eos_ids: list[int],
         enable_prefix_caching: bool = True,
         vocab_size: int | None = None,
+        lanes: int = 1,
+        lanes_overlap: bool = False,
     ):
+        """lanes > 1: inter-step pipelining (pp_size > 1). `lanes` batches of disjoint sampling
+        requests are in flight: a request whose sampled token has not come back is not scheduled
+        again, and each batch takes at most 1/lanes of the running requests, so the next one has
+        work too. With `lanes_overlap` the engine sends one batch more: a request whose sample is
+        in a step at least `lanes` launches old is scheduled with a placeholder, which the first
+        stage takes from the last stage's ids of that step (ScheduledBatch.resolve_until)."""
         if num_slots < context_len:  # else a long request preempts itself forever
             raise ValueError(
                 f"the KV pool ({num_slots} token slots) must hold at least one full context "
@@ -56,6 +64,10 @@ class Scheduler:
         self.tree = RadixCache(self.allocator, enabled=enable_prefix_caching)
         self.num_slots, self.max_bs, self.context_len = num_slots, max_bs, context_len
         self.budget = max_num_batched_tokens
+        if not isinstance(lanes, int) or lanes < 1:
+            raise ValueError(f"lanes must be a positive integer, got {lanes!r}")
+        self.lanes = lanes
+        self.lanes_overlap = lanes_overlap and lanes > 1
         self.vocab_size = vocab_size
         self.eos_ids = list(eos_ids)
         self.waiting: deque[Request] = deque()
@@ -71,6 +83,7 @@ class Scheduler:
         self.generation_tokens_total = 0
         # per-step scratch: the requests of the batch in flight, in batch order
         self._inflight: deque[list[Request]] = deque()  # sampled requests of each batch not yet updated
+        self._inflight_steps: deque[int] = deque()  # their step ids
         self._pending: list[EngineOutput] = []  # outputs produced outside a step (aborts)
 
     # ------------------------------------------------------------------ requests in / out
@@ -101,6 +114,16 @@ class Scheduler:
     def drop_inflight(self) -> None:
         """Forget steps whose results will never come (the engine failed a step)."""
         self._inflight.clear()
+        self._inflight_steps.clear()
+
+    def _resolvable(self) -> int:
+        """Pipeline overlap: the newest step whose samples the first stage may wait for without
+        stalling the pipeline: `lanes` launches back (the last stage has finished it by the time
+        the first stage gets to this batch), or everything applied already."""
+        st = self._inflight_steps
+        if len(st) >= self.lanes:
+            return st[-self.lanes]
+        return st[0] - 1 if st else self.step_id - 1
 
     def take_pending_outputs(self) -> list[EngineOutput]:
         out, self._pending = self._pending, []
@@ -144,10 +167,19 @@ class Scheduler:
         self.step_id += 1
         budget = self.budget
         plan: list[tuple[Request, int]] = []
+        # with lanes, a batch takes its share of the running requests (the others go in the next
+        # batches in flight); a request's prompt chunks may follow each other in consecutive
+        # batches, since every stage runs the batches in step order and owns its layers' KV
+        cap = -(-len(self.running) // self.lanes)
+        resolve = self._resolvable() if self.lanes_overlap else 0
         # 1) running requests, oldest first
         for req in self.running:
-            if budget <= 0:
+            if budget <= 0 or len(plan) >= cap:
                 break
+            # lanes: a token still in flight is not the first stage's to feed, unless (overlap) its
+            # step is old enough for the first stage to receive it from the last stage
+            if req.pending and self.lanes > 1 and (not self.lanes_overlap or req.last_sample_step > resolve):
+                continue
             total = len(req.tokens) + req.pending
             # its last token is already being sampled: nothing more to compute
             if req.pending and (req.num_output + req.pending >= req.params.max_tokens or total >= self.context_len):
@@ -205,10 +237,14 @@ class Scheduler:
             budget -= n
         if not plan:
             return None
-        return self._build(plan, np.concatenate(parts) if len(parts) > 1 else slots, admitted)
+        return self._build(plan, np.concatenate(parts) if len(parts) > 1 else slots, admitted, resolve)
 
     def _build(
-        self, plan: list[tuple[Request, int]], slots: np.ndarray, admitted: list[tuple[Request, np.ndarray]]
+        self,
+        plan: list[tuple[Request, int]],
+        slots: np.ndarray,
+        admitted: list[tuple[Request, np.ndarray]],
+        resolve: int = 0,
     ) -> ScheduledBatch:
         B = len(plan)
         reqs = [r for r, _ in plan]
@@ -241,7 +277,9 @@ class Scheduler:
         sampling = self._sampling(sampled)  # before pending moves: seeded draws are keyed by output index
         for r in sampled:
             r.pending += 1
+            r.last_sample_step = self.step_id
         self._inflight.append(sampled)
+        self._inflight_steps.append(self.step_id)
         return ScheduledBatch(
             step=self.step_id,
             req_indices=req_idx,
@@ -255,6 +293,7 @@ class Scheduler:
             sample_rows=sample_rows,
             sampling=sampling,
             has_placeholders=bool((input_ids < 0).any()),
+            resolve_until=resolve,
         )
 
     @staticmethod
@@ -291,6 +330,7 @@ class Scheduler:
         outputs = self.take_pending_outputs()
         ctx = self.context_len
         finished: list[tuple[Request, FinishReason]] = []
+        self._inflight_steps.popleft()
         for req, tok in zip(self._inflight.popleft(), sampled.tolist()):
             if req.status == Status.FINISHED:  # aborted, or stopped by an earlier token, while in flight
                 continue
