@@ -27,9 +27,10 @@
 #            of one nvidia-h200 holds 64 GB; MOE_LAYERS=24 makes a half-depth one) against the roofline
 #            of its active parameters. Making the checkpoint takes a few minutes: if the call runs out,
 #            call again with MOE_TESTS=0 (no tests again; the checkpoint stays while the machine is warm)
-#   fp8      Qwen3-8B shape, bf16 (/tmp/q8b) and FP8 (/tmp/q8b-fp8): decode throughput (--decode-only:
-#            prompts cut to 16 tokens) of bf16, FP8 through the Triton FP8 GEMMs, FP8 dequantized at load;
-#            then the standard workload on the FP8 checkpoint
+#   fp8      Qwen3-8B shape, bf16 (/tmp/q8b) and FP8 (/tmp/q8b-fp8, the same weights quantized: fp8_copy):
+#            decode throughput (--decode-only: prompts cut to 16 tokens) of bf16, FP8 through the Triton
+#            FP8 GEMMs, FP8 dequantized at load; then the standard workload on the FP8 checkpoint. Run it
+#            before `moe` on one machine (moe deletes /tmp/q8b* for its 61 GB)
 # No target: only the checkpoints (the first call on a fresh machine, before FlashInfer is there).
 # BASE=/path/to/another/checkout runs the same target in that tree first, in the same call (A/B); the
 # table has a row per tree. Checkpoints (random weights, generated on the GPU) stay in /tmp while the
@@ -156,14 +157,15 @@ moe() {
     run gpu-tests-moe 300 python -m pytest -q -p no:cacheprovider tests/gpu/test_moe_fp8.py
     note gpu-tests-moe "$(tail -1 "$LOGS/$LABEL-gpu-tests-moe.txt")"
   fi
-  if [ ! -f $MOE/config.json ]; then
-    rm -rf $M8 $M8F
-    make_ckpt $MOE "preset='qwen3-30b-a3b'${MOE_LAYERS:+, num_hidden_layers=$MOE_LAYERS}"
+  if [ ! -f $MOE/config.json ]; then  # written to $MOE.tmp and renamed: a call that runs out leaves no half
+    rm -rf $M8 $M8F $MOE.tmp
+    make_ckpt $MOE.tmp "preset='qwen3-30b-a3b'${MOE_LAYERS:+, num_hidden_layers=$MOE_LAYERS}" && mv $MOE.tmp $MOE
   fi
   run offline-30b-a3b 480 "${BENCH[@]}" --model $MOE --bw --profile
 }
 fp8() {
-  make_ckpt $M8F "preset='qwen3-8b', fp8=True"
+  # the bf16 8B checkpoint's weights quantized (the same model in both rows)
+  [ -f $M8F/config.json ] || python -c "from nanovllmx.utils.make_model import fp8_copy; fp8_copy('$M8', '$M8F')"
   run decode-8b-bf16 240 "${BENCH[@]}" --model $M8 --decode-only --profile
   run decode-8b-fp8 240 "${BENCH[@]}" --model $M8F --decode-only --profile --fp8-gemm triton
   run decode-8b-fp8-deq 240 "${BENCH[@]}" --model $M8F --decode-only --profile --fp8-gemm dequant

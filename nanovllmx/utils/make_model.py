@@ -471,6 +471,21 @@ def _quantize_checkpoint_fp8(out: Path, device: str) -> None:
         _write_json(index, idx)
 
 
+def fp8_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str], device: str | None = None) -> Path:
+    """An FP8 copy (Qwen3-*-FP8's format) of the bf16/fp32 checkpoint src at dst: the same weights,
+    quantized, for an FP8-vs-bf16 comparison. Written next to dst and renamed into place."""
+    src_p, out = Path(src), Path(dst)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src_p, tmp)
+    _quantize_checkpoint_fp8(tmp, device or _default_device())
+    cfg = json.loads((tmp / "config.json").read_text())
+    cfg["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG)
+    _write_json(tmp / "config.json", cfg)
+    os.rename(tmp, out)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------
 # Cached demo model
 # ---------------------------------------------------------------------------------------------------
