@@ -207,3 +207,16 @@ def test_fp8_fast_path_holds_the_checkpoints_fp8_values(fp8_dirs, tp_rank, tp_si
         want_w, want_s = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         assert torch.equal(got.weight.view(torch.uint8), want_w.contiguous().view(torch.uint8))
         assert torch.equal(got.scale_inv, want_s)
+
+
+def test_fp8_copy_quantizes_the_same_weights(tiny_model_dir, tmp_path):
+    from nanovllmx.utils.make_model import fp8_copy
+
+    out = fp8_copy(tiny_model_dir, tmp_path / "fp8", device="cpu")
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8"
+    src, dst = load_file(tiny_model_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    k = "model.layers.2.mlp.up_proj.weight"
+    assert dst[k].dtype == torch.float8_e4m3fn and dst["model.embed_tokens.weight"].dtype == torch.float32
+    deq = dequantize_block_fp8(dst[k], dst[k + "_scale_inv"], Fp8Scheme())
+    assert ((deq - src[k]).norm() / src[k].norm()) < 0.04
+    assert not (tmp_path / "fp8.tmp").exists()
