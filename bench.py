@@ -3,6 +3,7 @@ prompt and output lengths uniform in 100..1024 (random.seed(0): 133,966 output t
 temperature 0.6, ignore_eos, all submitted at once.
 
   python bench.py --model /path/to/qwen3-0.6b                 # offline, through LLM.generate
+  python bench.py --model M --logprobs 5                      # the same with top-5 logprobs on every request
   python bench.py --model M --bw                              # also measure copy bandwidth + roofline bound
                                                               # (benchmarks/roofline.py, M's config.json)
   python bench.py --model M --http --start-server --request-rates 1,2,4,8,inf --json r.jsonl --plot r.png
@@ -488,6 +489,12 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=0, help="offline: top_k for every request (standard: 0, off)")
     ap.add_argument("--top-p", type=float, default=1.0, help="offline: top_p for every request (standard: 1, off)")
     ap.add_argument(
+        "--logprobs",
+        type=int,
+        default=None,
+        help="offline: logprobs for every request (the sampled token's and this many top ones; standard: none)",
+    )
+    ap.add_argument(
         "--json", default=None, help="append every result (one per request rate) as a JSON line to this file"
     )
     ap.add_argument("--http", action="store_true", help="send the workload through the OpenAI HTTP API")
@@ -588,6 +595,9 @@ def main() -> None:
     if a.top_k or a.top_p < 1:  # e.g. Qwen3's generation defaults (top_k 20, top_p 0.95): the filtered sampler
         for p in params:
             p.top_k, p.top_p = a.top_k, a.top_p
+    if a.logprobs is not None:  # the cost of logprobs on every request (issue 23)
+        for p in params:
+            p.logprobs = a.logprobs
     llm.generate(["Benchmark: "], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
     warm = llm.stats() if a.profile else None  # the profile covers the timed run only (not JIT compiles)
     prof = None
@@ -634,6 +644,9 @@ def main() -> None:
         res["fp8_gemm"] = a.fp8_gemm
     if a.top_k or a.top_p < 1:
         res.update(top_k=a.top_k, top_p=a.top_p)
+    if a.logprobs is not None:
+        assert all(o.logprobs is not None and len(o.logprobs) == len(o.token_ids) for o in outs)
+        res["logprobs"] = a.logprobs
     stats = llm.stats()
     res.update({k: stats[k] for k in ("num_preempted_total", "num_slots") if k in stats})
     if bw and not a.decode_only:

@@ -3,11 +3,13 @@
 # minutes, a short table printed last. Run from the root of the tree to measure.
 #
 # Targets
-#   check    GPU tests (tests/gpu/test_gpu_backends.py, tests/unit/test_sampling.py), then the greedy tokens of
+#   check    GPU tests (tests/gpu/test_gpu_backends.py, tests/unit/test_sampling.py, tests/gpu/test_gpu_logprobs.py
+#            where the tree has it), then the greedy tokens of
 #            every path (FlashInfer eager / CUDA graphs / near-greedy / Ray engine) against the torch
 #            backend on a sharp 4-layer checkpoint: python -m benchmarks.gpu_check --with-ray
 #   offline  the standard workload (bench.py) on the Qwen3-0.6B shape: offline with the copy bandwidth
-#            and the roofline (--bw --profile), and through the Ray engine (--executor ray); then the
+#            and the roofline (--bw --profile), with top-5 logprobs on every request (--logprobs 5, where
+#            bench.py has it; LOGPROBS=0 skips), and through the Ray engine (--executor ray); then the
 #            Qwen3-8B shape offline (--preset qwen3-8b checkpoint; OFFLINE_8B=0 skips it)
 #   http     the standard workload through the Serve app: `serve run serve_configs/qwen3.yaml` as users run
 #            it (--serve-config: HAProxy ingress), then the app that bench.py starts (--http --start-server)
@@ -127,13 +129,18 @@ ray_stop() { [ "${NO_RAY_STOP:-0}" = 1 ] || ray stop --force > /dev/null 2>&1; }
 serve_down() { [ "${NO_RAY_STOP:-0}" = 1 ] || serve shutdown -y > /dev/null 2>&1; ray_stop; sleep 2; }
 
 check() {
-  run gpu-tests 420 python -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_backends.py tests/unit/test_sampling.py
+  run gpu-tests 420 python -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_backends.py tests/unit/test_sampling.py \
+    $(ls tests/gpu/test_gpu_logprobs.py 2> /dev/null)
   note gpu-tests "$(tail -1 "$LOGS/$LABEL-gpu-tests.txt")"
   run gpu-check 300 python $(kit gpu_check) --model $S --with-ray --no-hf
   grep -A12 "^backend" "$LOGS/$LABEL-gpu-check.txt" | sed "s/^/$LABEL  /" >> "$TABLE"
 }
 offline() {
   run offline-0.6b 240 "${BENCH[@]}" --model $M $(bw_args $M) --profile
+  # the cost of top-5 logprobs on every request (a tree whose bench.py has --logprobs; LOGPROBS=0 skips it)
+  if [ "${LOGPROBS:-1}" = 1 ] && grep -q -- '"--logprobs"' bench.py; then
+    run offline-0.6b-lp5 240 "${BENCH[@]}" --model $M --profile --logprobs 5
+  fi
   run ray-0.6b 240 "${BENCH[@]}" --model $M --executor ray --profile
   [ "${OFFLINE_8B:-1}" = 0 ] || run offline-8b 300 "${BENCH[@]}" --model $M8 $(bw_args $M8) --profile
 }

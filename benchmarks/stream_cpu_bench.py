@@ -20,6 +20,7 @@ from nanovllmx.engine.output_processor import OutputProcessor, RequestState
 from nanovllmx.engine.stream import DeltaStream
 from nanovllmx.sampling_params import SamplingParams
 from nanovllmx.scheduler.request import EngineOutput
+from nanovllmx.serve.logprobs import TokenTexts
 from nanovllmx.serve.protocol import CompletionRequest
 from nanovllmx.serve.streaming import ChoiceChunks, ChunkHead, EngineStream, choice_events
 
@@ -36,13 +37,14 @@ async def run(model: str, n: int, steps: int, step_gap_s: float) -> None:
     proc = OutputProcessor(tok)
     body = CompletionRequest(model="m", prompt="hi", stream=True, max_tokens=steps)
     head = ChunkHead("cmpl-x", "text_completion", 0, "m")
+    texts = TokenTexts(tok)
     events = []
     for i in range(n):
         st = RequestState(f"r{i}", [1, 2, 3], SamplingParams(max_tokens=steps), IncrementalDetokenizer(tok, None))
         st.queue, st.loop = asyncio.Queue(), loop
         proc.add(st)
         stream = EngineStream(_Replica(), DeltaStream(st, 1, lambda rid: None), 3)  # type: ignore[arg-type]
-        events.append(choice_events(stream, ChoiceChunks(head, body, [1, 2, 3], 0)))
+        events.append(choice_events(stream, ChoiceChunks(head, body, [1, 2, 3], 0, texts)))
     rng = random.Random(0)
     ids = [rng.randrange(1000, 100000) for _ in range(n * steps)]
     proc_cpu = 0.0

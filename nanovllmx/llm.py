@@ -137,7 +137,17 @@ class LLM:
         check_prompt(ids, self.config.max_len, self.config.vocab_size)
         rid = request_id or f"{self._id_prefix}-{next(self._ids)}"
         er = EngineRequest(rid, ids, params)
-        detok = IncrementalDetokenizer(self.tokenizer, params.stop) if (streaming or params.stop) else None
+        detok = (
+            IncrementalDetokenizer(
+                self.tokenizer,
+                params.stop,
+                params.skip_special_tokens,
+                params.include_stop_str_in_output,
+                params.min_tokens,
+            )
+            if (streaming or params.stop)
+            else None
+        )
         st = RequestState(rid, ids, params, detok)
         if streaming:
             st.queue, st.loop = asyncio.Queue(), loop

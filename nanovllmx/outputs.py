@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from nanovllmx.scheduler.request import FinishReason
+from nanovllmx.scheduler.request import FinishReason, TokenLogprob
+
+__all__ = ["RequestOutput", "StreamDelta", "TokenLogprob"]
 
 
 @dataclass
@@ -17,6 +19,9 @@ class RequestOutput:
     text: str
     finish_reason: FinishReason | None  # None while running
     num_cached_tokens: int = 0  # prompt tokens served from the radix cache
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids (SamplingParams.logprobs)
+    # one per prompt token, None for the first (SamplingParams.prompt_logprobs)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -32,3 +37,5 @@ class StreamDelta:
     num_cached_tokens: int = 0
     num_output_tokens: int = 0  # total so far
     queue_time: float | None = None  # seconds from arrival to first scheduled; known from the first token on
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when asked
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # on the first delta, when asked

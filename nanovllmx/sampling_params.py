@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+MAX_LOGPROBS = 20  # most top logprobs per token (OpenAI's top_logprobs bound)
+MAX_LOGIT_BIAS = 300  # most logit_bias entries per request (OpenAI's bound)
+
 
 @dataclass
 class SamplingParams:
@@ -16,6 +19,18 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     seed: int | None = None
+    # penalties and biases (vLLM's semantics; nanovllmx/worker/logits_processing.py applies them)
+    presence_penalty: float = 0.0  # [-2, 2], subtracted once from every token the output holds
+    frequency_penalty: float = 0.0  # [-2, 2], subtracted per occurrence in the output
+    repetition_penalty: float = 1.0  # > 0, tokens of the prompt or output: positive logits / p, negative * p
+    logit_bias: dict[int, float] | None = None  # token id -> bias in [-100, 100], added to the logit
+    min_tokens: int = 0  # EOS and stop_token_ids are masked until this many tokens were generated
+    # logprobs (of the model's log-softmax, before any of the adjustments above or temperature)
+    logprobs: int | None = None  # None: none; k: the sampled token's and the k most likely (0..20)
+    prompt_logprobs: int | None = None  # None: none; k: each prompt token's and the k most likely (0..20)
+    # text
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -50,14 +65,47 @@ class SamplingParams:
             bad(f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}")
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
             bad(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
-        if not isinstance(self.ignore_eos, bool):
-            bad(f"ignore_eos must be a boolean, got {self.ignore_eos!r}")
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                bad(f"{name} must be a boolean, got {getattr(self, name)!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             bad(f"seed must be an integer or None, got {self.seed!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not is_num(v) or not -2.0 <= v <= 2.0:
+                bad(f"{name} must be in [-2, 2], got {v!r}")
+        if not is_num(self.repetition_penalty) or not 0.0 < self.repetition_penalty < float("inf"):
+            bad(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                bad(f"logit_bias must be a mapping of token ids to numbers, got {self.logit_bias!r}")
+            for t, b in self.logit_bias.items():
+                if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+                    bad(f"logit_bias keys must be token ids (non-negative integers), got {t!r}")
+                if not is_num(b) or not -100.0 <= b <= 100.0:
+                    bad(f"logit_bias values must be in [-100, 100], got {b!r} for token {t}")
+        if not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool) or self.min_tokens < 0:
+            bad(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+        if isinstance(self.max_tokens, int) and self.min_tokens > self.max_tokens:
+            bad(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_LOGPROBS):
+                bad(f"{name} must be an integer in [0, {MAX_LOGPROBS}] or None, got {v!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def needs_history(self) -> bool:
+        """The sampler needs the request's token ids so far (penalties)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Any logits processing before sampling (penalties, logit_bias, min_tokens)."""
+        return self.needs_history or bool(self.logit_bias) or self.min_tokens > 0
 
 
 @dataclass(frozen=True)
@@ -86,3 +134,8 @@ class RequestLimits:
             )
         if any(isinstance(t, int) and not isinstance(t, bool) and t >= self.vocab_size for t in ids):
             raise ValueError(f"stop_token_ids must be token ids of this model, in [0, {self.vocab_size})")
+        bias = p.logit_bias if isinstance(p.logit_bias, dict) else {}
+        if len(bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias has {len(bias)} entries; this server accepts at most {MAX_LOGIT_BIAS}")
+        if any(isinstance(t, int) and not isinstance(t, bool) and t >= self.vocab_size for t in bias):
+            raise ValueError(f"logit_bias keys must be token ids of this model, in [0, {self.vocab_size})")

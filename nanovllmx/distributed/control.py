@@ -21,8 +21,7 @@ import struct
 from typing import TYPE_CHECKING, cast
 
 if TYPE_CHECKING:
-    import numpy as np
-    from numpy.typing import ArrayLike, NDArray
+    from nanovllmx.scheduler.messages import StepOutput
 import time
 
 _HDR = struct.Struct("<qq")
@@ -54,19 +53,25 @@ def _send(sock: socket.socket, kind: int, payload: bytes | memoryview = b"") -> 
         sock.sendall(payload)
 
 
-def pack_result(step: int, tokens: ArrayLike, gap_ns: int, busy_ns: int) -> bytes:
+def pack_result(step: int, out: StepOutput, gap_ns: int, busy_ns: int) -> bytes:
+    """The ids as raw int32; the step's logprobs (when a request asked) pickled after them."""
     import numpy as np
 
-    t = np.ascontiguousarray(tokens, dtype=np.int32)
-    return _RES.pack(step, gap_ns, busy_ns, len(t)) + t.tobytes()
+    t = np.ascontiguousarray(out.tokens, dtype=np.int32)
+    tail = b"" if out.logprobs is None else dumps(out.logprobs)
+    return _RES.pack(step, gap_ns, busy_ns, len(t)) + t.tobytes() + tail
 
 
-def unpack_result(payload: bytes) -> tuple[int, NDArray[np.int32], int, int]:
-    """-> (step, token ids, gap_ns, busy_ns)"""
+def unpack_result(payload: bytes) -> tuple[int, StepOutput, int, int]:
+    """-> (step, sampled ids and logprobs, gap_ns, busy_ns)"""
     import numpy as np
+
+    from nanovllmx.scheduler.messages import StepOutput
 
     step, gap_ns, busy_ns, n = _RES.unpack_from(payload)
-    return step, np.frombuffer(payload, dtype=np.int32, count=n, offset=_RES.size).copy(), gap_ns, busy_ns
+    end = _RES.size + 4 * n
+    tokens = np.frombuffer(payload, dtype=np.int32, count=n, offset=_RES.size).copy()
+    return step, StepOutput(tokens, loads(payload[end:]) if len(payload) > end else None), gap_ns, busy_ns
 
 
 class _Reader:

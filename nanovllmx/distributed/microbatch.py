@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nanovllmx.scheduler.messages import ScheduledBatch
+from nanovllmx.scheduler.messages import ScheduledBatch, StepLogprobs, StepOutput, TokenLogprobs
 
 
 def split_points(q_lens: np.ndarray, m: int) -> list[int]:
@@ -32,7 +32,8 @@ def split_points(q_lens: np.ndarray, m: int) -> list[int]:
 
 
 def split_batch(b: ScheduledBatch, m: int) -> list[ScheduledBatch]:
-    if m <= 1 or b.num_reqs < 2:
+    # prompt logprobs (rare: eval requests) keep their step whole rather than split their plan
+    if m <= 1 or b.num_reqs < 2 or b.prompt_logprobs is not None:
         return [b]
     bounds = split_points(b.q_lens, m)
     cu = np.zeros(b.num_reqs + 1, dtype=np.int64)
@@ -61,4 +62,34 @@ def split_batch(b: ScheduledBatch, m: int) -> list[ScheduledBatch]:
                 resolve_until=b.resolve_until,
             )
         )
+    # the sampler's token-table writes go with the first micro-batch: they precede every sample
+    out[0].hist_rows, out[0].hist_cols, out[0].hist_ids = b.hist_rows, b.hist_cols, b.hist_ids
     return out
+
+
+def _pad_top(lp: TokenLogprobs, k: int) -> TokenLogprobs:
+    n, have = lp.top_ids.shape
+    if have == k:
+        return lp
+    ids = np.zeros((n, k), np.int32)
+    vals = np.full((n, k), -np.inf, np.float32)
+    ids[:, :have], vals[:, :have] = lp.top_ids, lp.top_logprobs
+    return TokenLogprobs(lp.token_ids, lp.logprobs, lp.ranks, ids, vals)
+
+
+def merge_outputs(outs: list[StepOutput]) -> StepOutput:
+    """The StepOutput of a whole step from its micro-batches' (in order; a step with prompt
+    logprobs is never split)."""
+    if len(outs) == 1:
+        return outs[0]
+    tokens = np.concatenate([o.tokens for o in outs])
+    parts = [(o, off) for o, off in zip(outs, np.cumsum([0] + [len(o.tokens) for o in outs[:-1]]).tolist())]
+    sampled = [(o.logprobs, off) for o, off in parts if o.logprobs is not None and o.logprobs.sampled is not None]
+    if not sampled:
+        return StepOutput(tokens)
+    assert all(lp is not None for lp, _ in sampled)
+    k = max(lp.sampled.top_ids.shape[1] for lp, _ in sampled if lp is not None and lp.sampled is not None)
+    pads = [_pad_top(lp.sampled, k) for lp, _ in sampled if lp is not None and lp.sampled is not None]
+    rows = np.concatenate([lp.sampled_rows + off for lp, off in sampled if lp is not None]).astype(np.int32)
+    merged = TokenLogprobs(*(np.concatenate([getattr(p, f) for p in pads]) for f in TokenLogprobs.__dataclass_fields__))
+    return StepOutput(tokens, StepLogprobs(rows, merged, None))

@@ -11,7 +11,6 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
 import ray
 from ray.actor import ActorHandle
 
@@ -19,7 +18,7 @@ from nanovllmx.config import EngineConfig
 from nanovllmx.distributed import control
 from nanovllmx.distributed.microbatch import split_batch
 from nanovllmx.distributed.worker_actor import WorkerActor
-from nanovllmx.scheduler.messages import ScheduledBatch
+from nanovllmx.scheduler.messages import ScheduledBatch, StepOutput
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +40,7 @@ class _Launched:
         self.sched_s = sched_s
         self.timed = sched_s is not None
 
-    def result(self) -> np.ndarray:
+    def result(self) -> StepOutput:
         return self.executor._collect(self)
 
 
@@ -143,7 +142,7 @@ class RayExecutor:
         self.max_inflight = max(self.max_inflight, self._outstanding)
         return _Launched(self, batch.step, refs, t0, sched)
 
-    def _collect(self, h: _Launched) -> np.ndarray:
+    def _collect(self, h: _Launched) -> StepOutput:
         self._check()
         t0 = time.perf_counter()
         try:

@@ -18,13 +18,12 @@ import time
 import traceback
 from typing import TYPE_CHECKING, Any, cast
 
-import numpy as np
 import ray
-from numpy.typing import NDArray
 
 from nanovllmx.config import EngineConfig
 from nanovllmx.distributed import control
-from nanovllmx.scheduler.messages import ScheduledBatch
+from nanovllmx.distributed.microbatch import merge_outputs
+from nanovllmx.scheduler.messages import ScheduledBatch, StepOutput
 
 if TYPE_CHECKING:
     from nanovllmx.engine.executor import StepHandle
@@ -198,17 +197,17 @@ class WorkerActor:
         return None if handles[0] is None else _Concat(cast("list[StepHandle]", handles))
 
     # ---- the step over Ray calls (ray_step_mode="ray") ----
-    def _execute(self, batch: ScheduledBatch | list[ScheduledBatch]) -> NDArray[np.int32] | None:
+    def _execute(self, batch: ScheduledBatch | list[ScheduledBatch]) -> StepOutput | None:
         """One step: a batch, or its pipeline micro-batches in order (the last stage returns the
-        concatenated sampled ids)."""
+        merged sampled ids and logprobs)."""
         worker = self.worker
         assert worker is not None
         if not isinstance(batch, list):
             return worker.execute(batch)
         outs = [worker.execute(b) for b in batch]
-        return None if outs[0] is None else np.concatenate(cast("list[NDArray[np.int32]]", outs))
+        return None if outs[0] is None else merge_outputs(cast("list[StepOutput]", outs))
 
-    def execute(self, payload: bytes) -> tuple[NDArray[np.int32], int, int] | None:
+    def execute(self, payload: bytes) -> tuple[StepOutput, int, int] | None:
         batch = control.loads(payload)
         start = time.perf_counter()
         out = self._execute(batch)
@@ -227,13 +226,13 @@ class WorkerActor:
 
 
 class _Concat:
-    """The handle of a step run as pipeline micro-batches: their ids, concatenated in order."""
+    """The handle of a step run as pipeline micro-batches: their outputs, merged in order."""
 
     def __init__(self, handles: list[StepHandle]):
         self.handles = handles
 
-    def result(self) -> np.ndarray:
-        return np.concatenate([h.result() for h in self.handles])
+    def result(self) -> StepOutput:
+        return merge_outputs([h.result() for h in self.handles])
 
 
 # steps launched whose ids have not been read yet, at most: ModelRunner keeps two pinned host buffers
@@ -276,15 +275,15 @@ class _ResultSender:
         self._slots.acquire()
         return not self.failed
 
-    def put(self, step: int, out: NDArray[np.int32] | StepHandle | None, start: float) -> None:
-        """`out`: the ids (inline) or a launched step's handle (threaded, after `reserve()`); never None
-        on the result rank (the last stage)."""
+    def put(self, step: int, out: StepOutput | StepHandle | None, start: float) -> None:
+        """`out`: the step's output (inline) or a launched step's handle (threaded, after
+        `reserve()`); never None on the result rank (the last stage)."""
         if self._thread is None:
-            self._send(step, cast("NDArray[np.int32]", out), start)
+            self._send(step, cast("StepOutput", out), start)
         else:
             self._q.put((step, cast("StepHandle", out), start))
 
-    def _send(self, step: int, tokens: np.ndarray, start: float) -> None:
+    def _send(self, step: int, tokens: StepOutput, start: float) -> None:
         ready, last = time.perf_counter(), self.last_ready
         self.last_ready = ready
         if last is None:  # the first step: no gap to measure

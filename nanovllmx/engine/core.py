@@ -114,7 +114,8 @@ class EngineCore:
             tm.lap("launch")
         outs: list[EngineOutput] = []
         if self._inflight and (batch is None or len(self._inflight) >= self.depth):
-            outs = s.update(self._inflight.popleft().result())  # results come back in step order
+            r = self._inflight.popleft().result()  # results come back in step order
+            outs = s.update(r.tokens, r.logprobs)
             tm.lap("wait_and_update")
         return outs + s.take_pending_outputs()
 

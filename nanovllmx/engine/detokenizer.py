@@ -90,11 +90,20 @@ class IncrementalDetokenizer:
     (its InvalidPrefix check, odd ids). The text is kept as pieces, so a long output costs O(1) per
     token, not a copy of the whole text."""
 
-    def __init__(self, tokenizer: TokenDecoder, stop: Sequence[str] | None = None, skip_special_tokens: bool = True):
+    def __init__(
+        self,
+        tokenizer: TokenDecoder,
+        stop: Sequence[str] | None = None,
+        skip_special_tokens: bool = True,
+        include_stop: bool = False,
+        min_tokens: int = 0,
+    ):
         self.tok = tokenizer
         self.stop = list(stop or [])
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.skip = skip_special_tokens
+        self.include_stop = include_stop  # the text keeps the stop string that ended it
+        self.min_tokens = min_tokens  # stop strings count from this many tokens on (vLLM's min_tokens)
         self.ids: list[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
@@ -200,11 +209,11 @@ class IncrementalDetokenizer:
             off = search_from - rs
             recent += grown
             n += len(grown)
-            cut = -1
-            for s in self.stop:
+            cut = first = -1
+            for s in self.stop if len(self.ids) >= self.min_tokens else ():
                 i = recent.find(s, off)
-                if i >= 0 and (cut < 0 or i < cut):
-                    cut = i
+                if i >= 0 and (first < 0 or i < first):
+                    first, cut = i, i + len(s) if self.include_stop else i
             if cut >= 0:
                 recent = recent[:cut]
                 n = rs + cut

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 from typing import Any, Protocol, cast
 
-import numpy as np
-
 from nanovllmx.config import EngineConfig
-from nanovllmx.scheduler.messages import ScheduledBatch
+from nanovllmx.scheduler.messages import ScheduledBatch, StepOutput
 
 
 class StepHandle(Protocol):
-    """A launched step. `result()` waits for its sampled token ids (int32 [S], one per sampled row)."""
+    """A launched step. `result()` waits for its sampled token ids (int32 [S], one per sampled row)
+    and the logprobs its requests asked for."""
 
-    def result(self) -> np.ndarray: ...
+    def result(self) -> StepOutput: ...
 
 
 class Executor(Protocol):

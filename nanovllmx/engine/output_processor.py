@@ -12,7 +12,7 @@ from nanovllmx.engine.detokenizer import IncrementalDetokenizer, TokenDecoder
 from nanovllmx.errors import EngineRequestError
 from nanovllmx.outputs import RequestOutput, StreamDelta
 from nanovllmx.sampling_params import SamplingParams
-from nanovllmx.scheduler.request import EngineOutput, FinishReason
+from nanovllmx.scheduler.request import EngineOutput, FinishReason, TokenLogprob
 
 # what a stream's queue carries: a delta, or (delta, error) when the engine failed the request
 StreamItem = StreamDelta | tuple[StreamDelta, str]
@@ -30,6 +30,8 @@ class RequestState:
     num_cached_tokens: int = 0
     queue_time: float | None = None  # arrival to first scheduled (seconds), from the first token on
     text: str | None = None  # the whole output's text, decoded when it finished (no detok)
+    logprobs: list[TokenLogprob] | None = None  # with SamplingParams.logprobs
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with SamplingParams.prompt_logprobs
     # delivery: an asyncio queue of StreamDelta (streaming) or an event (blocking generate)
     queue: asyncio.Queue[StreamItem] | None = None
     loop: asyncio.AbstractEventLoop | None = None
@@ -70,6 +72,12 @@ class OutputProcessor:
             if o.queue_time is not None:
                 st.queue_time = o.queue_time
             st.token_ids.extend(o.new_token_ids)
+            if o.logprobs is not None:
+                st.logprobs = (st.logprobs or []) + o.logprobs if st.queue is None else o.logprobs
+            prompt_lps: list[TokenLogprob | None] | None = None
+            if o.prompt_logprobs is not None:
+                prompt_lps = [None, *o.prompt_logprobs]
+                st.prompt_logprobs = prompt_lps
             finish = o.finish_reason
             text = ""
             if st.detok is not None:
@@ -94,12 +102,16 @@ class OutputProcessor:
                     st.num_cached_tokens,
                     len(st.token_ids),
                     st.queue_time,
+                    o.logprobs,
+                    prompt_lps,
                 )
                 item: StreamItem = (d, o.error) if o.error else d  # (delta, error): the stream raises it
                 deliveries.setdefault(st.loop, []).append((st.queue, item))
             elif finish is not None:
                 if st.detok is None and not o.error:  # decode here, while the GPU runs the other requests
-                    st.text = cast(str, self.tokenizer.decode(st.token_ids, skip_special_tokens=True))
+                    st.text = cast(
+                        str, self.tokenizer.decode(st.token_ids, skip_special_tokens=st.params.skip_special_tokens)
+                    )
                 st.done.set()
         for loop, items in deliveries.items():
             try:
@@ -113,7 +125,14 @@ class OutputProcessor:
             raise EngineRequestError(f"request {st.request_id} failed: {st.error}")
         text = st.detok.text if st.detok is not None else st.text
         if text is None:
-            text = cast(str, self.tokenizer.decode(st.token_ids, skip_special_tokens=True))
+            text = cast(str, self.tokenizer.decode(st.token_ids, skip_special_tokens=st.params.skip_special_tokens))
         return RequestOutput(
-            st.request_id, st.prompt_token_ids, st.token_ids, text, st.finish_reason, st.num_cached_tokens
+            st.request_id,
+            st.prompt_token_ids,
+            st.token_ids,
+            text,
+            st.finish_reason,
+            st.num_cached_tokens,
+            st.logprobs,
+            st.prompt_logprobs,
         )

@@ -60,7 +60,14 @@ class DeltaStream:
             d = items[0]
             if len(items) > 1:
                 ids = [t for it in items for t in it.token_ids]
-                d = dataclasses.replace(items[-1], token_ids=ids, text="".join(it.text for it in items))
+                lps = [lp for it in items for lp in (it.logprobs or [])]
+                d = dataclasses.replace(
+                    items[-1],
+                    token_ids=ids,
+                    text="".join(it.text for it in items),
+                    logprobs=lps if any(it.logprobs is not None for it in items) else None,
+                    prompt_logprobs=next((it.prompt_logprobs for it in items if it.prompt_logprobs), None),
+                )
             self._finished = d.finished
             return d
 

@@ -60,6 +60,17 @@ EngineMessage = EngineRequest | AbortRequest
 
 
 @dataclass
+class TokenLogprob:
+    """A token's logprob under the model (log-softmax of its raw logits, before temperature,
+    penalties or biases), its 1-based rank, and the `k` most likely tokens there, best first."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob)
+
+
+@dataclass
 class EngineOutput:
     """What the engine core reports per step for one request (picklable)."""
 
@@ -70,6 +81,9 @@ class EngineOutput:
     num_cached_tokens: int = 0
     error: str | None = None
     queue_time: float | None = None  # on a request's first token: seconds from arrival to first scheduled
+    logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked
+    # with the first token, when the request asked: prompt tokens 1.. (nothing predicts the first)
+    prompt_logprobs: list[TokenLogprob] | None = None
 
     @classmethod
     def failed(
@@ -97,6 +111,9 @@ class Request:
         "stop_ids",
         "first_scheduled_time",
         "pending",
+        "plp_done",
+        "prompt_lps",
+        "special",
         "last_sample_step",
     )
 
@@ -118,6 +135,14 @@ class Request:
         # tokens sampled by steps still in flight (overlap scheduling): their ids are not known
         # here yet; the worker feeds them to the next step from its own device buffer
         self.pending = 0
+        # prompt logprobs: positions scheduled so far (position p scores prompt token p + 1), and
+        # the results gathered until the first token's output carries them
+        self.plp_done = 0
+        self.prompt_lps: list[TokenLogprob] = []
+        p = er.params
+        # logprobs or logits processing: the scheduler's per-step work for them runs only while
+        # such a request exists
+        self.special = p.logprobs is not None or p.prompt_logprobs is not None or p.adjusts_logits
         self.last_sample_step = 0  # the step that samples its newest token (pipeline overlap)
         ids = set(er.params.stop_token_ids)
         if not er.params.ignore_eos:
@@ -127,3 +152,9 @@ class Request:
     @property
     def num_output(self) -> int:
         return len(self.tokens) - self.num_prompt
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Prompt positions whose logprobs are still to be computed (the radix cache is skipped
+        for them: a cache hit has no logits)."""
+        return self.params.prompt_logprobs is not None and self.plp_done < self.num_prompt - 1

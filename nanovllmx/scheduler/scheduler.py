@@ -15,9 +15,24 @@ from dataclasses import dataclass
 import numpy as np
 
 from nanovllmx.scheduler.allocator import SlotAllocator
-from nanovllmx.scheduler.messages import SamplingArrays, ScheduledBatch
+from nanovllmx.scheduler.messages import (
+    LogitsArrays,
+    PromptLogprobsPlan,
+    SamplingArrays,
+    ScheduledBatch,
+    StepLogprobs,
+    TokenLogprobs,
+)
 from nanovllmx.scheduler.radix_cache import RadixCache
-from nanovllmx.scheduler.request import EngineOutput, EngineRequest, FinishReason, Request, Status, check_prompt
+from nanovllmx.scheduler.request import (
+    EngineOutput,
+    EngineRequest,
+    FinishReason,
+    Request,
+    Status,
+    TokenLogprob,
+    check_prompt,
+)
 
 _I32 = np.int32
 
@@ -82,9 +97,13 @@ class Scheduler:
         self.cached_prompt_tokens_total = 0
         self.generation_tokens_total = 0
         # per-step scratch: the requests of the batch in flight, in batch order
-        self._inflight: deque[list[Request]] = deque()  # sampled requests of each batch not yet updated
+        # sampled requests of each batch not yet updated, and its prompt-logprob rows (request, count)
+        self._inflight: deque[tuple[list[Request], list[tuple[Request, int]]]] = deque()
         self._inflight_steps: deque[int] = deque()  # their step ids
         self._pending: list[EngineOutput] = []  # outputs produced outside a step (aborts)
+        # requests that use logprobs or logits processing: while none does, a step skips every check
+        # for them (the standard workload's fast path)
+        self._num_special = 0
 
     # ------------------------------------------------------------------ requests in / out
     def add_request(self, er: EngineRequest) -> None:
@@ -93,6 +112,8 @@ class Scheduler:
             raise ValueError(f"request id {er.request_id!r} is already in use")
         req = Request(er, self.eos_ids)
         self.requests[req.request_id] = req
+        if req.special:
+            self._num_special += 1
         self.waiting.append(req)
 
     def abort(self, request_id: str) -> bool:
@@ -158,6 +179,8 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
+        if req.special:
+            self._num_special -= 1
         req.status = Status.FINISHED
         req.finish_reason = reason
         del self.requests[req.request_id]
@@ -200,13 +223,15 @@ class Scheduler:
             slots = self._alloc(need)
         parts = [slots]
         admitted: list[tuple[Request, np.ndarray]] = []
+        history: list[Request] = []
         # 2) waiting requests in arrival order (none in a step that had to preempt)
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_bs:
             req = self.waiting[0]
             if req.pending:  # preempted while a step sampling for it is in flight: wait for it
                 break
-            # the last token is always recomputed: it produces the logits to sample from
-            prefix_slots, node = self.tree.match_prefix(req.tokens[:-1])
+            # the last token is always recomputed: it produces the logits to sample from; a request
+            # wanting prompt logprobs recomputes its prompt (cache hits have no logits)
+            prefix_slots, node = self.tree.match_prefix([] if req.wants_prompt_logprobs else req.tokens[:-1])
             p = len(prefix_slots)
             n = min(len(req.tokens) - p, budget)
             # keep one slot per running request free for its next decode step
@@ -234,10 +259,52 @@ class Scheduler:
             parts.append(new)
             if p:
                 admitted.append((req, prefix_slots))
+            if req.params.needs_history:  # the sampler's token table (penalties) gets its ids
+                history.append(req)
             budget -= n
         if not plan:
             return None
-        return self._build(plan, np.concatenate(parts) if len(parts) > 1 else slots, admitted, resolve)
+        batch = self._build(plan, np.concatenate(parts) if len(parts) > 1 else slots, admitted, resolve)
+        if history:
+            assert all(r.req_idx is not None for r in history)
+            batch.hist_rows = np.concatenate([np.full(len(r.tokens), r.req_idx, _I32) for r in history])
+            batch.hist_cols = np.concatenate([np.arange(len(r.tokens), dtype=_I32) for r in history])
+            batch.hist_ids = np.concatenate([np.asarray(r.tokens, _I32) for r in history])
+        return batch
+
+    @staticmethod
+    def _prompt_logprobs(
+        plan: list[tuple[Request, int]],
+    ) -> tuple[PromptLogprobsPlan | None, list[tuple[Request, int]]]:
+        """The prompt positions of this step whose logprobs a request wants (before num_computed
+        moves); a recomputed prefix (after preemption) is not scored twice."""
+        rows, offs, counts, tops, targets, reqs = [], [], [], [], [], []
+        for i, (r, n) in enumerate(plan):
+            if not r.wants_prompt_logprobs:
+                continue
+            lo = max(r.num_computed, r.plp_done)
+            hi = min(r.num_computed + n, r.num_prompt - 1)
+            if hi <= lo:
+                continue
+            rows.append(i)
+            offs.append(lo - r.num_computed)
+            counts.append(hi - lo)
+            tops.append(r.params.prompt_logprobs)
+            targets.append(np.asarray(r.tokens[lo + 1 : hi + 1], _I32))
+            reqs.append((r, hi - lo))
+            r.plp_done = hi
+        if not rows:
+            return None, []
+        return (
+            PromptLogprobsPlan(
+                rows=np.asarray(rows, _I32),
+                offsets=np.asarray(offs, _I32),
+                counts=np.asarray(counts, _I32),
+                top=np.asarray(tops, _I32),
+                targets=np.concatenate(targets),
+            ),
+            reqs,
+        )
 
     def _build(
         self,
@@ -267,6 +334,7 @@ class Scheduler:
         tr = [np.full(len(ps), r.req_idx, _I32) for r, ps in admitted]
         tc = [np.arange(len(ps), dtype=_I32) for _, ps in admitted]
         ts = [ps for _, ps in admitted]
+        plp, plp_reqs = self._prompt_logprobs(plan) if self._num_special else (None, [])
         # advance bookkeeping now, so the next schedule sees this step's tokens as computed
         end = start + q_lens
         sample_mask = np.fromiter((e == len(r.tokens) + r.pending for r, e in zip(reqs, end.tolist())), bool, B)
@@ -274,11 +342,12 @@ class Scheduler:
             r.num_computed = e
         sample_rows = np.nonzero(sample_mask)[0].astype(_I32)
         sampled = [reqs[i] for i in sample_rows.tolist()]
-        sampling = self._sampling(sampled)  # before pending moves: seeded draws are keyed by output index
+        # before pending moves: seeded draws are keyed by output index
+        sampling = self._sampling(sampled, bool(self._num_special))
         for r in sampled:
             r.pending += 1
             r.last_sample_step = self.step_id
-        self._inflight.append(sampled)
+        self._inflight.append((sampled, plp_reqs))
         self._inflight_steps.append(self.step_id)
         return ScheduledBatch(
             step=self.step_id,
@@ -293,6 +362,7 @@ class Scheduler:
             sample_rows=sample_rows,
             sampling=sampling,
             has_placeholders=bool((input_ids < 0).any()),
+            prompt_logprobs=plp,
             resolve_until=resolve,
         )
 
@@ -304,7 +374,7 @@ class Scheduler:
         return known if len(known) == n else known + [-1] * (n - len(known))
 
     @staticmethod
-    def _sampling(reqs: list[Request]) -> SamplingArrays:
+    def _sampling(reqs: list[Request], special: bool = True) -> SamplingArrays:
         S = len(reqs)
         ps = [r.params for r in reqs]
         temperature = np.fromiter((p.temperature for p in ps), np.float32, S)
@@ -314,6 +384,9 @@ class Scheduler:
         # any Python int is a valid seed: fold it into int64's non-negative range (-1 marks unseeded)
         seeds = np.fromiter((-1 if p.seed is None else p.seed % (2**63) for p in ps), np.int64, S)
         out_lens = np.fromiter((r.num_output + r.pending for r in reqs), _I32, S)
+        logprobs = None
+        if special and any(p.logprobs is not None for p in ps):
+            logprobs = np.fromiter((-1 if p.logprobs is None else p.logprobs for p in ps), _I32, S)
         return SamplingArrays(
             temperature=temperature,
             top_p=top_p,
@@ -323,15 +396,59 @@ class Scheduler:
             output_lens=out_lens,
             needs_filter=bool((top_p < 1).any() or (top_k > 0).any() or (min_p > 0).any()),
             all_greedy=bool((temperature == 0).all()),
+            logits=Scheduler._logits_arrays(reqs, out_lens) if special and any(p.adjusts_logits for p in ps) else None,
+            logprobs=logprobs,
         )
 
-    def update(self, sampled: np.ndarray) -> list[EngineOutput]:
-        """Apply the sampled tokens of the oldest batch in flight; returns this step's outputs."""
+    @staticmethod
+    def _logits_arrays(reqs: list[Request], out_lens: np.ndarray) -> LogitsArrays:
+        """Padded per-row arrays of the logits processing; built only for steps that use it."""
+        S = len(reqs)
+        ps = [r.params for r in reqs]
+        banned_lists = [sorted(r.stop_ids) if r.params.min_tokens > n else [] for r, n in zip(reqs, out_lens.tolist())]
+        banned = np.full((S, max(map(len, banned_lists), default=0)), -1, _I32)
+        for i, b in enumerate(banned_lists):
+            banned[i, : len(b)] = b
+        biases = [p.logit_bias or {} for p in ps]
+        k = max(map(len, biases), default=0)
+        bias_ids, bias_values = np.full((S, k), -1, _I32), np.zeros((S, k), np.float32)
+        for i, bias in enumerate(biases):
+            bias_ids[i, : len(bias)] = list(bias.keys())
+            bias_values[i, : len(bias)] = list(bias.values())
+        return LogitsArrays(
+            repetition=np.fromiter((p.repetition_penalty for p in ps), np.float32, S),
+            presence=np.fromiter((p.presence_penalty for p in ps), np.float32, S),
+            frequency=np.fromiter((p.frequency_penalty for p in ps), np.float32, S),
+            num_prompt=np.fromiter((r.num_prompt for r in reqs), _I32, S),
+            seq_lens=np.fromiter((len(r.tokens) + r.pending for r in reqs), _I32, S),
+            banned=banned,
+            bias_ids=bias_ids,
+            bias_values=bias_values,
+        )
+
+    @staticmethod
+    def _token_logprobs(lp: TokenLogprobs, i: int, k: int) -> TokenLogprob:
+        top = list(zip(lp.top_ids[i, :k].tolist(), lp.top_logprobs[i, :k].tolist()))
+        return TokenLogprob(int(lp.token_ids[i]), float(lp.logprobs[i]), int(lp.ranks[i]), top)
+
+    def update(self, sampled: np.ndarray, logprobs: StepLogprobs | None = None) -> list[EngineOutput]:
+        """Apply the sampled tokens (and logprobs) of the oldest batch in flight; returns this
+        step's outputs."""
         outputs = self.take_pending_outputs()
         ctx = self.context_len
         finished: list[tuple[Request, FinishReason]] = []
         self._inflight_steps.popleft()
-        for req, tok in zip(self._inflight.popleft(), sampled.tolist()):
+        reqs, plp_reqs = self._inflight.popleft()
+        sample_lps: dict[int, int] = {}
+        if logprobs is not None:
+            if logprobs.prompt is not None:
+                j = 0
+                for req, count in plp_reqs:
+                    k = req.params.prompt_logprobs or 0
+                    req.prompt_lps.extend(self._token_logprobs(logprobs.prompt, j + i, k) for i in range(count))
+                    j += count
+            sample_lps = {int(row): j for j, row in enumerate(logprobs.sampled_rows.tolist())}
+        for row, (req, tok) in enumerate(zip(reqs, sampled.tolist())):
             if req.status == Status.FINISHED:  # aborted, or stopped by an earlier token, while in flight
                 continue
             req.pending -= 1
@@ -349,6 +466,12 @@ class Scheduler:
             if req.num_output == 1:  # the first token: report how long the request queued
                 assert req.first_scheduled_time is not None  # set when it was admitted
                 out.queue_time = req.first_scheduled_time - req.arrival_time
+                if req.params.prompt_logprobs is not None:
+                    out.prompt_logprobs, req.prompt_lps = req.prompt_lps, []
+            lp_row = sample_lps.get(row) if sample_lps else None
+            if lp_row is not None:
+                assert logprobs is not None and logprobs.sampled is not None
+                out.logprobs = [self._token_logprobs(logprobs.sampled, lp_row, req.params.logprobs or 0)]
             outputs.append(out)
         for req, reason in finished:
             if req.status == Status.RUNNING:

@@ -60,9 +60,14 @@ from nanovllmx.serve.protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     ModelCard,
     ModelList,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
 )
 from nanovllmx.serve.streaming import SSE_HEADERS, ChunkHead, collect, first_deltas, open_choices, sse_body
 
@@ -280,39 +285,54 @@ class LLMServerImpl:
         reject_invalid_text(body)
         name = self._served_name(body.model)
         self.mapping.check(body)
-        prompt_ids = await self.mapping.prompt_ids(body)
-        return await self._respond(body, prompt_ids, raw_request, id_prefix, chunk_object, name)
+        prompts = await self.mapping.prompt_ids(body)
+        return await self._respond(body, prompts, raw_request, id_prefix, chunk_object, name)
 
     async def _respond(
         self,
         body: OpenAIRequest,
-        prompt_ids: list[int],
+        prompts: list[list[int]],
         raw_request: Request | None,
         id_prefix: str,
         chunk_object: str,
         name: str,
     ) -> Response:
-        """A checked request with its prompt's token ids: one engine request per choice, then a
-        streamed (SSE) or a whole response."""
-        params = self.mapping.sampling_params(body, len(prompt_ids))
+        """A checked request with its prompts' token ids: one engine request per choice (n per
+        prompt), then a streamed (SSE) or a whole response."""
+        params = [self.mapping.sampling_params(body, len(p)) for p in prompts]
         rid = f"{id_prefix}-{uuid.uuid4().hex}"
-        streams = open_choices(self, prompt_ids, params, rid, body.n or 1)
+        streams = open_choices(self, prompts, params, rid, body.n or 1)
         created = int(time.time())
+        texts = self.mapping.texts
         if body.stream:
             await first_deltas(self, streams)  # failed before its first token: an HTTP error, not a 200
             head = ChunkHead(rid, chunk_object, created, name)
             return StreamingResponse(
-                sse_body(body, streams, head, prompt_ids), media_type="text/event-stream", headers=SSE_HEADERS
+                sse_body(body, streams, head, prompts, texts), media_type="text/event-stream", headers=SSE_HEADERS
             )
         results = await collect(streams, raw_request, self)
-        return JSONResponse(full_response(body, rid, created, name, prompt_ids, results))
+        return JSONResponse(full_response(body, rid, created, name, prompts, results, texts))
+
+    # ------------------------------------------------------------------------- vLLM's tokenizer routes
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES)
+    async def tokenize(self, body: TokenizeChatRequest | TokenizeCompletionRequest) -> dict[str, Any]:
+        self._served_name(body.model)
+        return (await self.mapping.jobs.run(self.mapping.tokenize, body)).model_dump()
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=ERROR_RESPONSES)
+    async def detokenize(self, body: DetokenizeRequest) -> dict[str, Any]:
+        self._served_name(body.model)
+        return (await self.mapping.jobs.run(self.mapping.detokenize, body)).model_dump()
 
     # ------------------------------------------------------------------------- behind LLMIngress
-    async def generate_ids(self, route: str, body: dict[str, Any], prompt_ids: list[int]) -> AsyncIterator[Any]:
+    async def generate_ids(
+        self, route: str, body: dict[str, Any], prompt_ids: list[int], more_prompt_ids: list[list[int]] | None = None
+    ) -> AsyncIterator[Any]:
         """A chat or completions request that `LLMIngress` already checked and tokenized (several
         replicas: docs/serving.md, "Routing across replicas"); the request router read `prompt_ids`
-        to pick this replica. Yields the response's head `(status, headers, media type)`, then its
-        body pieces; errors come back as OpenAI error responses, as on the HTTP routes."""
+        (the first prompt's) to pick this replica; a completions request with several prompts sends
+        the others as `more_prompt_ids`. Yields the response's head `(status, headers, media type)`,
+        then its body pieces; errors come back as OpenAI error responses, as on the HTTP routes."""
         chat = route == "chat"
         try:
             req: OpenAIRequest = (
@@ -321,7 +341,7 @@ class LLMServerImpl:
             name = self._served_name(req.model)
             resp = await self._respond(
                 req,
-                prompt_ids,
+                [prompt_ids, *(more_prompt_ids or [])],
                 None,
                 "chatcmpl" if chat else "cmpl",
                 "chat.completion.chunk" if chat else "text_completion",

@@ -39,8 +39,13 @@ from nanovllmx.serve.protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ModelCard,
     ModelList,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
 )
 
 logger = logging.getLogger("nanovllmx.serve")
@@ -154,13 +159,28 @@ class LLMIngress:
     async def completions(self, body: CompletionRequest, raw_request: Request) -> Response:
         return await self._generate("completions", body)
 
+    # ------------------------------------------------------------------------- vLLM's tokenizer routes
+    @ingress_app.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES)
+    async def tokenize(self, body: TokenizeChatRequest | TokenizeCompletionRequest) -> dict[str, Any]:
+        """Answered here: the ingress has the tokenizer (the model name is checked by no replica)."""
+        mapping = await self._get_mapping()
+        return (await mapping.jobs.run(mapping.tokenize, body)).model_dump()
+
+    @ingress_app.post("/detokenize", response_model=DetokenizeResponse, responses=ERROR_RESPONSES)
+    async def detokenize(self, body: DetokenizeRequest) -> dict[str, Any]:
+        mapping = await self._get_mapping()
+        return (await mapping.jobs.run(mapping.detokenize, body)).model_dump()
+
     async def _generate(self, route: str, body: OpenAIRequest) -> Response:
         reject_invalid_text(body)
         mapping = await self._get_mapping()
         mapping.check(body)
-        prompt_ids = await mapping.prompt_ids(body)
+        prompts = await mapping.prompt_ids(body)
         fields = body.model_dump(exclude_unset=True)
-        gen: Any = self.stream_server.generate_ids.remote(route, fields, prompt_ids=prompt_ids)
+        # the router reads the first prompt (keyword prompt_ids); the replica takes them all
+        gen: Any = self.stream_server.generate_ids.remote(
+            route, fields, prompt_ids=prompts[0], more_prompt_ids=prompts[1:] or None
+        )
         try:
             status, headers, media_type = await gen.__anext__()
         except BaseException:

@@ -15,18 +15,26 @@ import os
 from typing import Any, cast
 
 from nanovllmx.engine.protocol import EngineClient
-from nanovllmx.outputs import StreamDelta
-from nanovllmx.sampling_params import SamplingParams
+from nanovllmx.outputs import StreamDelta, TokenLogprob
+from nanovllmx.sampling_params import MAX_LOGPROBS, SamplingParams
 from nanovllmx.serve.errors import APIError, bad_request
+from nanovllmx.serve.logprobs import CompletionLogprobsBuilder, TokenTexts, chat_logprobs, prompt_logprobs_json
 from nanovllmx.serve.prompt_jobs import PromptJobs, RenderTimeout, call_with_deadline
 from nanovllmx.serve.protocol import (
     ChatCompletionChoice,
     ChatCompletionMessage,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatLogprobs,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
     Usage,
     drop_none,
 )
@@ -62,7 +70,7 @@ def generation_defaults(folder: str) -> dict[str, Any]:
         return {}
     return {
         k: gc[k]
-        for k in ("temperature", "top_p", "top_k", "min_p")
+        for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
         if isinstance(gc.get(k), (int, float)) and not isinstance(gc.get(k), bool)
     }
 
@@ -77,12 +85,25 @@ def unsupported(message: str, param: str) -> APIError:
     return bad_request(message, param, "unsupported_parameter")
 
 
-def usage_of_choices(lasts: list[StreamDelta | None], n_prompt: int) -> Usage:
-    """Usage of a response with one choice per last delta: the prompt counts once (as OpenAI's),
-    completion tokens add up; cached tokens are the first choice's."""
+def usage_of_choices(lasts: list[StreamDelta | None], n_prompt: int, n: int | None = None) -> Usage:
+    """Usage of a response with one choice per last delta, `n` choices per prompt (default: one
+    prompt): each prompt counts once (as OpenAI's), completion tokens add up; cached tokens are
+    those of each prompt's first choice."""
     done = sum(d.num_output_tokens for d in lasts if d is not None)
-    cached = lasts[0].num_cached_tokens if lasts and lasts[0] is not None else 0
+    step = n or max(len(lasts), 1)
+    cached = sum(d.num_cached_tokens for d in lasts[::step] if d is not None)
     return Usage.of(n_prompt, done, cached)
+
+
+@dataclasses.dataclass
+class ChoiceResult:
+    """One choice of a non-streaming response, collected from its deltas."""
+
+    text: str
+    token_ids: list[int]
+    last: StreamDelta
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class RequestMapping:
@@ -107,22 +128,24 @@ class RequestMapping:
         self.context_len: int = context_len
         self.vocab_size: int = llm.config.hf_config.vocab_size
         self.defaults = defaults  # generation_defaults(), or {} for OpenAI's
+        self.texts = TokenTexts(self.tokenizer)  # token texts and bytes of logprobs and /tokenize
 
     # ------------------------------------------------------------------------- checks
     @staticmethod
     def check(body: OpenAIRequest) -> None:
-        """400 for the fields this server accepts but does not support (yet)."""
+        """400 for values this server does not take (the rest: `sampling_params`)."""
         if body.n is not None and not 1 <= body.n <= MAX_CHOICES:
             raise bad_request(f"n must be between 1 and {MAX_CHOICES}, got {body.n}", "n")
-        for field, neutral in (("presence_penalty", 0), ("frequency_penalty", 0), ("repetition_penalty", 1)):
-            v = getattr(body, field)
-            if v is not None and v != neutral:
-                raise unsupported(f"{field} is not supported yet (only {neutral} is accepted)", field)
-        if body.logit_bias:
-            raise unsupported("logit_bias is not supported yet", "logit_bias")
+        if body.prompt_logprobs is not None and body.stream:
+            raise unsupported("prompt_logprobs is not supported with stream: true", "prompt_logprobs")
         if isinstance(body, ChatCompletionRequest):
-            if body.logprobs or (body.top_logprobs or 0) > 0:
-                raise unsupported("logprobs are not supported yet", "logprobs")
+            if body.top_logprobs is not None:
+                if not 0 <= body.top_logprobs <= MAX_LOGPROBS:
+                    raise bad_request(
+                        f"top_logprobs must be between 0 and {MAX_LOGPROBS}, got {body.top_logprobs}", "top_logprobs"
+                    )
+                if body.top_logprobs > 0 and not body.logprobs:
+                    raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
             if body.response_format and body.response_format.get("type", "text") != "text":
                 raise unsupported("response_format other than {'type': 'text'} is not supported yet", "response_format")
             if isinstance(body.tool_choice, dict) or body.tool_choice not in (None, "auto", "none"):
@@ -130,41 +153,42 @@ class RequestMapping:
                     "tool_choice must be 'auto' or 'none' (forced tool calls are not supported yet)", "tool_choice"
                 )
         else:
-            if body.logprobs is not None:
-                raise unsupported("logprobs are not supported yet", "logprobs")
-            if body.echo:
-                raise unsupported("echo is not supported yet", "echo")
             if body.suffix:
                 raise unsupported("suffix is not supported", "suffix")
             if body.best_of not in (None, 1):
                 raise unsupported("best_of > 1 is not supported yet", "best_of")
 
     # ------------------------------------------------------------------------- the prompt
-    async def prompt_ids(self, body: OpenAIRequest) -> list[int]:
-        """The prompt's token ids: chat rendered through the chat template, text encoded (both off the
-        event loop), token ids as sent."""
+    async def prompt_ids(self, body: OpenAIRequest) -> list[list[int]]:
+        """Each prompt's token ids (one, but for a completions request with a list of prompts): chat
+        rendered through the chat template, text encoded (both off the event loop), token ids as sent."""
         if isinstance(body, ChatCompletionRequest):
-            return await self.jobs.run(self.render_chat, body)
+            return [await self.jobs.run(self.render_chat, body)]
         prompt = body.prompt
+        prompts: list[str | list[int]]
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise unsupported(
-                    f"a list of {len(prompt)} prompts was sent; several prompts in one request are "
-                    "not supported yet: send one request per prompt",
+            prompts = list(prompt)
+            if len(prompts) * (body.n or 1) > MAX_CHOICES:
+                raise bad_request(
+                    f"{len(prompts)} prompts x n={body.n or 1} choices; this server returns at most "
+                    f"{MAX_CHOICES} choices per request",
                     "prompt",
                 )
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            try:
-                return await self.jobs.run(self.llm.encode, prompt)
-            except ValueError as e:  # e.g. far longer than the context: refused before it is all tokenized
-                raise bad_request(str(e), "prompt", "context_length_exceeded") from e
-        return list(cast(list[int], prompt))
+        else:
+            prompts = [cast("str | list[int]", prompt)]
+        out = []
+        for p in prompts:
+            if isinstance(p, str):
+                try:
+                    out.append(await self.jobs.run(self.llm.encode, p))
+                except ValueError as e:  # e.g. far longer than the context: refused before it is all tokenized
+                    raise bad_request(str(e), "prompt", "context_length_exceeded") from e
+            else:
+                out.append(list(p))
+        return out
 
-    def render_chat(self, body: ChatCompletionRequest) -> list[int]:
-        tok = self.tokenizer
-        if not getattr(tok, "chat_template", None):
-            raise bad_request("this model has no chat template; use /v1/completions", "messages", "no_chat_template")
+    def chat_messages(self, body: ChatCompletionRequest | TokenizeChatRequest) -> list[dict[str, Any]]:
+        """The messages as the chat template takes them (text parts joined)."""
         messages = []
         for i, m in enumerate(body.messages):
             content = m.content
@@ -193,6 +217,32 @@ class RequestMapping:
                 if v is not None:
                     msg[extra] = v
             messages.append(msg)
+        return messages
+
+    def tokenize(self, body: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
+        """vLLM's /tokenize: a prompt encoded, or chat messages rendered and encoded."""
+        if isinstance(body, TokenizeChatRequest):
+            ids = self.render_chat(body)
+            if body.add_special_tokens:
+                ids = self.tokenizer.build_inputs_with_special_tokens(ids)
+        else:
+            try:
+                ids = self.tokenizer.encode(body.prompt, add_special_tokens=bool(body.add_special_tokens))
+            except Exception as e:  # noqa: BLE001 - the input's fault
+                raise bad_request(f"the prompt could not be tokenized: {e}", "prompt") from e
+        strs = [self.texts.text(t) for t in ids] if body.return_token_strs else None
+        return TokenizeResponse(count=len(ids), max_model_len=self.context_len, tokens=ids, token_strs=strs)
+
+    def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
+        if any(not 0 <= t < self.vocab_size for t in body.tokens):
+            raise bad_request(f"tokens must be token ids of this model, in [0, {self.vocab_size})", "tokens")
+        return DetokenizeResponse(prompt=self.tokenizer.decode(body.tokens))
+
+    def render_chat(self, body: ChatCompletionRequest | TokenizeChatRequest) -> list[int]:
+        tok = self.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise bad_request("this model has no chat template; use /v1/completions", "messages", "no_chat_template")
+        messages = self.chat_messages(body)
         kwargs = dict(body.chat_template_kwargs or {})
         for reserved in _RESERVED_TEMPLATE_KWARGS:
             if reserved in kwargs:
@@ -205,7 +255,7 @@ class RequestMapping:
                 CLIENT_TEMPLATE_PARAM,
                 "chat_template_not_allowed",
             )
-        tools = body.tools if body.tool_choice != "none" else None
+        tools = body.tools if getattr(body, "tool_choice", None) != "none" else None
         render_kwargs = dict(
             tools=tools or None,
             tokenize=False,
@@ -278,6 +328,20 @@ class RequestMapping:
         top_k = pick("top_k", -1)
         if isinstance(top_k, int) and top_k >= self.vocab_size:
             top_k = -1  # no cut-off, and keeps the engine's int32 arrays in range
+        logit_bias = None
+        if body.logit_bias:
+            try:
+                logit_bias = {int(k): v for k, v in body.logit_bias.items()}
+            except ValueError:
+                raise bad_request("logit_bias keys must be token ids (integers as strings)", "logit_bias") from None
+        if isinstance(body, ChatCompletionRequest):
+            logprobs = (body.top_logprobs or 0) if body.logprobs else None
+            prompt_logprobs = body.prompt_logprobs
+        else:
+            logprobs = body.logprobs
+            prompt_logprobs = body.prompt_logprobs
+            if body.echo and logprobs is not None:  # echo shows the prompt's logprobs too
+                prompt_logprobs = max(prompt_logprobs or 0, logprobs)
         seed = body.seed
         if seed is not None:
             if not -(2**63) <= seed <= _INT64_MAX:
@@ -294,6 +358,15 @@ class RequestMapping:
                 stop_token_ids=body.stop_token_ids or [],
                 ignore_eos=bool(body.ignore_eos),
                 seed=seed,
+                presence_penalty=pick("presence_penalty", 0.0),
+                frequency_penalty=pick("frequency_penalty", 0.0),
+                repetition_penalty=pick("repetition_penalty", 1.0),
+                logit_bias=logit_bias,
+                min_tokens=body.min_tokens or 0,
+                logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
+                skip_special_tokens=body.skip_special_tokens is not False,
+                include_stop_str_in_output=bool(body.include_stop_str_in_output),
             )
         except ValueError as e:
             msg = str(e)
@@ -308,22 +381,29 @@ def full_response(
     rid: str,
     created: int,
     name: str,
-    prompt_ids: list[int],
-    results: list[tuple[str, list[int], StreamDelta]],
+    prompts: list[list[int]],
+    results: list[ChoiceResult],
+    texts: TokenTexts,
 ) -> dict[str, Any]:
-    """The non-streaming response's JSON: one choice per (text, token ids, last delta)."""
+    """The non-streaming response's JSON: choice i answers prompt i // n (OpenAI's order)."""
     ids = bool(body.return_token_ids)
-    usage = usage_of_choices([r[2] for r in results], len(prompt_ids))
+    n = max(len(results) // max(len(prompts), 1), 1)
+    usage = usage_of_choices([r.last for r in results], sum(map(len, prompts)), n)
     resp: dict[str, Any]
     if isinstance(body, ChatCompletionRequest):
+        prompt_ids = prompts[0]
+        top = body.top_logprobs or 0
         chat_choices = [
             ChatCompletionChoice(
                 index=i,
-                message=ChatCompletionMessage(content=text),
-                finish_reason=last.finish_reason,
-                token_ids=token_ids if ids else None,
+                message=ChatCompletionMessage(content=r.text),
+                finish_reason=r.last.finish_reason,
+                token_ids=r.token_ids if ids else None,
+                logprobs=ChatLogprobs.model_validate(chat_logprobs(texts, r.logprobs, top))
+                if r.logprobs is not None
+                else None,
             )
-            for i, (text, token_ids, last) in enumerate(results)
+            for i, r in enumerate(results)
         ]
         resp = ChatCompletionResponse(
             id=rid,
@@ -332,20 +412,43 @@ def full_response(
             choices=chat_choices,
             usage=usage,
             prompt_token_ids=prompt_ids if ids else None,
+            prompt_logprobs=prompt_logprobs_json(texts, prompt_ids, results[0].prompt_logprobs)
+            if body.prompt_logprobs is not None
+            else None,
         ).model_dump()
-        drop_none(resp, ("prompt_token_ids",))
+        drop_none(resp, ("prompt_token_ids", "prompt_logprobs"))
     else:
-        choices = [
-            CompletionChoice(
-                index=i,
-                text=text,
-                finish_reason=last.finish_reason,
-                token_ids=token_ids if ids else None,
-                prompt_token_ids=prompt_ids if ids else None,
+        choices = []
+        for i, r in enumerate(results):
+            prompt_ids = prompts[i // n]
+            text, lps = r.text, None
+            if body.echo:
+                text = echo_text(texts, prompt_ids) + text
+            if body.logprobs is not None:
+                b = CompletionLogprobsBuilder(texts, body.logprobs)
+                seq: list[TokenLogprob | int] = list(r.logprobs or [])
+                if body.echo:
+                    seq = b.echoed(prompt_ids, r.prompt_logprobs) + seq
+                lps = CompletionLogprobs.model_validate(b.build(seq))
+            choices.append(
+                CompletionChoice(
+                    index=i,
+                    text=text,
+                    logprobs=lps,
+                    finish_reason=r.last.finish_reason,
+                    token_ids=r.token_ids if ids else None,
+                    prompt_token_ids=prompt_ids if ids else None,
+                    prompt_logprobs=prompt_logprobs_json(texts, prompt_ids, r.prompt_logprobs)
+                    if body.prompt_logprobs is not None
+                    else None,
+                )
             )
-            for i, (text, token_ids, last) in enumerate(results)
-        ]
         resp = CompletionResponse(id=rid, created=created, model=name, choices=choices, usage=usage).model_dump()
     for c in resp["choices"]:
-        drop_none(c, ("token_ids", "prompt_token_ids"))
+        drop_none(c, ("token_ids", "prompt_token_ids", "prompt_logprobs"))
     return resp
+
+
+def echo_text(texts: TokenTexts, prompt_ids: list[int]) -> str:
+    """The prompt as echoed: its tokens' text (special tokens included)."""
+    return "".join(texts.text(t) for t in prompt_ids)

@@ -20,14 +20,15 @@ DEFAULT_MAX_REQUEST_BODY_BYTES = 8 * 1024 * 1024  # build_app's max_request_body
 
 
 class JSONBodies:
-    """POST bodies under /v1/ are JSON whatever their Content-Type says (`curl -d` sends
-    form-urlencoded)."""
+    """POST bodies under /v1/ (and of /tokenize, /detokenize) are JSON whatever their Content-Type
+    says (`curl -d` sends form-urlencoded)."""
 
     def __init__(self, asgi_app: ASGIApp):
         self.app = asgi_app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope.get("method") == "POST" and "/v1/" in scope.get("path", ""):
+        path = scope.get("path", "")
+        if scope["type"] == "http" and scope.get("method") == "POST" and ("/v1/" in path or path.endswith("tokenize")):
             headers = scope.get("headers") or []
             if not any(k == b"content-type" and b"json" in v.lower() for k, v in headers):
                 scope = {
@@ -129,6 +130,8 @@ _KNOWN_ROUTES = (
     "/v1/completions",
     "/v1/models",
     "/v1/engine/stats",
+    "/tokenize",
+    "/detokenize",
     "/health",
     "/version",
     "/docs",

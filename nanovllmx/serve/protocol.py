@@ -5,9 +5,9 @@ Requests are validated by pydantic (wrong types -> 400 with OpenAI's error JSON)
 HTTP API share one contract. Numbers, booleans and token ids are strict: `"0.5"` is not a float,
 `true` is not a token id.
 
-Fields that are accepted but not supported yet (logprobs, penalties, ...) are declared so
-that the app can answer them with a clear 400 rather than silently ignoring them. Unknown fields
-are ignored, as in vLLM.
+Every declared field is honoured, or refused with a 400 naming it when it asks for what this
+server does not do (tests/serve/test_field_walk.py walks them; docs/serving.md lists the few
+accepted and ignored on purpose, such as `user`). Unknown fields are ignored, as in vLLM.
 """
 
 from __future__ import annotations
@@ -65,14 +65,18 @@ class _SamplingFields(_Request):
     n: StrictInt | None = Field(
         1, description="choices to generate for the prompt (1..64); with a seed, choice i uses seed + i"
     )
-    user: StrictStr | None = None
-    # accepted, only their neutral values are supported
-    presence_penalty: Number | None = 0.0
-    frequency_penalty: Number | None = 0.0
-    repetition_penalty: Number | None = 1.0
-    logit_bias: dict[str, Number] | None = None
-    # vLLM extension: return the prompt's and the generated token ids
-    return_token_ids: StrictBool | None = False
+    user: StrictStr | None = Field(None, description="accepted and ignored")
+    metadata: dict[str, StrictStr] | None = Field(None, description="accepted and ignored")
+    presence_penalty: Number | None = Field(None, description="[-2, 2], over the output's tokens")
+    frequency_penalty: Number | None = Field(None, description="[-2, 2], per occurrence in the output")
+    repetition_penalty: Number | None = Field(None, description="vLLM: > 0, over prompt and output tokens")
+    logit_bias: dict[str, Number] | None = Field(None, description="token id -> [-100, 100], at most 300")
+    # vLLM extensions
+    return_token_ids: StrictBool | None = False  # the prompt's and the generated token ids
+    min_tokens: StrictInt | None = Field(None, description="EOS and stop_token_ids masked until this many tokens")
+    include_stop_str_in_output: StrictBool | None = False
+    skip_special_tokens: StrictBool | None = True
+    prompt_logprobs: StrictInt | None = Field(None, description="logprobs of each prompt token (0..20)")
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -82,7 +86,7 @@ class ChatCompletionRequest(_SamplingFields):
         None, description="default: the rest of the context (context_len - prompt tokens)"
     )
     logprobs: StrictBool | None = False
-    top_logprobs: StrictInt | None = None
+    top_logprobs: StrictInt | None = Field(None, description="0..20, with logprobs: true")
     tools: list[dict[str, Any]] | None = None
     tool_choice: StrictStr | dict[str, Any] | None = None
     parallel_tool_calls: StrictBool | None = None
@@ -97,11 +101,11 @@ class ChatCompletionRequest(_SamplingFields):
 
 class CompletionRequest(_SamplingFields):
     prompt: StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]] = Field(
-        ..., description="text, or token ids; a list of several prompts is not supported yet"
+        ..., description="text, token ids, or a list of several (choice index = prompt index * n + j)"
     )
     max_tokens: StrictInt | None = Field(16, description="default 16, as in OpenAI's API")
-    logprobs: StrictInt | None = None
-    echo: StrictBool | None = False
+    logprobs: StrictInt | None = Field(None, description="0..20: the sampled token's and the most likely ones'")
+    echo: StrictBool | None = Field(False, description="prepend the prompt (and its logprobs) to each choice")
     suffix: StrictStr | None = None
     best_of: StrictInt | None = None
 
@@ -132,10 +136,32 @@ class ChatCompletionMessage(BaseModel):
     content: str | None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+    refusal: list[ChatTokenLogprob] | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
 class ChatCompletionChoice(BaseModel):
     index: int = 0
     message: ChatCompletionMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     token_ids: list[int] | None = None  # with return_token_ids
 
@@ -149,15 +175,17 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
     system_fingerprint: str | None = None
     prompt_token_ids: list[int] | None = None  # with return_token_ids
+    prompt_logprobs: list[dict[str, Any] | None] | None = None  # vLLM's, with prompt_logprobs
 
 
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     token_ids: list[int] | None = None  # with return_token_ids
     prompt_token_ids: list[int] | None = None  # with return_token_ids
+    prompt_logprobs: list[dict[str, Any] | None] | None = None  # vLLM's, with prompt_logprobs
 
 
 class CompletionResponse(BaseModel):
@@ -185,6 +213,44 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class TokenizeCompletionRequest(_Request):
+    """vLLM's /tokenize with a prompt."""
+
+    model: StrictStr | None = None
+    prompt: StrictStr
+    add_special_tokens: StrictBool | None = True
+    return_token_strs: StrictBool | None = False
+
+
+class TokenizeChatRequest(_Request):
+    """vLLM's /tokenize with chat messages (rendered through the chat template, as for a chat completion)."""
+
+    model: StrictStr | None = None
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    add_generation_prompt: StrictBool | None = True
+    continue_final_message: StrictBool | None = False
+    add_special_tokens: StrictBool | None = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    return_token_strs: StrictBool | None = False
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Request):
+    model: StrictStr | None = None
+    tokens: list[StrictInt]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class ErrorInfo(BaseModel):

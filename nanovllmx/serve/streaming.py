@@ -19,11 +19,12 @@ from starlette.requests import Request
 from nanovllmx.engine.protocol import EngineClient, RequestStream
 from nanovllmx.errors import EngineOverloadedError, EngineRequestError, EngineUnavailableError
 from nanovllmx.metrics import ServeMetrics
-from nanovllmx.outputs import StreamDelta
+from nanovllmx.outputs import StreamDelta, TokenLogprob
 from nanovllmx.sampling_params import SamplingParams
 from nanovllmx.serve.errors import APIError, bad_request, engine_failed, engine_refused, engine_unavailable
-from nanovllmx.serve.mapping import OpenAIRequest, param_of, usage_of_choices
-from nanovllmx.serve.protocol import ChatCompletionRequest
+from nanovllmx.serve.logprobs import CompletionLogprobsBuilder, TokenTexts, chat_logprobs
+from nanovllmx.serve.mapping import ChoiceResult, OpenAIRequest, echo_text, param_of, usage_of_choices
+from nanovllmx.serve.protocol import ChatCompletionRequest, CompletionRequest
 
 logger = logging.getLogger("nanovllmx.serve")
 
@@ -155,15 +156,19 @@ def open_stream(server: StreamOwner, prompt_ids: list[int], params: SamplingPara
 
 
 def open_choices(
-    server: StreamOwner, prompt_ids: list[int], params: SamplingParams, rid: str, n: int
+    server: StreamOwner, prompts: list[list[int]], params: list[SamplingParams], rid: str, n: int
 ) -> list[EngineStream]:
-    """One engine request per choice (they share the prompt's KV through the radix cache). With a
-    seed, choice i uses seed + i: reproducible, and the choices differ. All or none."""
+    """One engine request per choice, n per prompt, prompt-major (OpenAI's choice index: prompt index
+    * n + j); a prompt's choices share its KV through the radix cache. With a seed, a prompt's choice
+    j uses seed + j: reproducible, and the choices differ. All or none."""
     streams: list[EngineStream] = []
+    total = len(prompts) * n
     try:
-        for i in range(n):
-            p = params if (n == 1 or params.seed is None) else dataclasses.replace(params, seed=params.seed + i)
-            streams.append(open_stream(server, prompt_ids, p, rid if n == 1 else f"{rid}-{i}"))
+        for k, (prompt_ids, sp) in enumerate(zip(prompts, params)):
+            for j in range(n):
+                p = sp if (n == 1 or sp.seed is None) else dataclasses.replace(sp, seed=sp.seed + j)
+                i = k * n + j
+                streams.append(open_stream(server, prompt_ids, p, rid if total == 1 else f"{rid}-{i}"))
     except BaseException:
         for st in streams:
             st.close()
@@ -213,23 +218,28 @@ async def first_deltas(server: StreamOwner, streams: list[EngineStream]) -> None
 
 async def collect(
     streams: list[EngineStream], raw_request: Request | None, server: StreamOwner | None = None
-) -> list[tuple[str, list[int], StreamDelta]]:
+) -> list[ChoiceResult]:
     """Run non-streaming requests (a response's choices) to their end; abort them in the engine if
     the client disconnects (seen by watching the ASGI receive channel, or by Serve cancelling
     the handler)."""
 
-    async def consume_one(stream: EngineStream) -> tuple[str, list[int], StreamDelta]:
+    async def consume_one(stream: EngineStream) -> ChoiceResult:
         texts: list[str] = []
         ids: list[int] = []
+        lps: list[TokenLogprob] | None = None
+        plps = None
         last = None
         async for d in stream:
             texts.append(d.text)
             ids.extend(d.token_ids)
+            if d.logprobs is not None:
+                lps = (lps or []) + d.logprobs
+            plps = plps or d.prompt_logprobs
             last = d
         assert last is not None  # a request ends with its finished delta, or raises
-        return "".join(texts), ids, last
+        return ChoiceResult("".join(texts), ids, last, lps, plps)
 
-    async def consume() -> list[tuple[str, list[int], StreamDelta]]:
+    async def consume() -> list[ChoiceResult]:
         return await asyncio.gather(*(consume_one(st) for st in streams))
 
     async def disconnected() -> None:
@@ -290,18 +300,41 @@ class ChoiceChunks:
     prompt's ids and puts text in `delta`; completions put it in `text` and the prompt's ids in the
     first choice."""
 
-    def __init__(self, head: ChunkHead, body: OpenAIRequest, prompt_ids: list[int], index: int):
+    def __init__(self, head: ChunkHead, body: OpenAIRequest, prompt_ids: list[int], index: int, texts: TokenTexts):
         opts = body.stream_options
-        self.head, self.prompt_ids, self.index = head, prompt_ids, index
+        self.head, self.prompt_ids, self.index, self.texts = head, prompt_ids, index, texts
         self.chat = isinstance(body, ChatCompletionRequest)
         self.include_usage = bool(opts and opts.include_usage)
         self.continuous = self.include_usage and bool(opts and opts.continuous_usage_stats)
         self.token_ids = bool(body.return_token_ids)
         self.sent_prompt = False
         self.last: StreamDelta | None = None
+        # logprobs: chat's top_logprobs, or a completion's running builder; echo: the prompt goes first
+        self.chat_top = (body.top_logprobs or 0) if isinstance(body, ChatCompletionRequest) and body.logprobs else None
+        self.builder = None
+        self.echo = False
+        if isinstance(body, CompletionRequest):
+            self.echo = bool(body.echo)
+            if body.logprobs is not None:
+                self.builder = CompletionLogprobsBuilder(texts, body.logprobs)
+        self.wants_lp = self.builder is not None or self.chat_top is not None
 
-    def _chunk(self, content: dict[str, Any], finish: str | None, token_ids: list[int] | None) -> dict[str, Any]:
-        choice = {"index": self.index, **content, "logprobs": None, "finish_reason": finish}
+    def _logprobs(self, d: StreamDelta | None, echoed: bool) -> dict[str, Any] | None:
+        if d is None:
+            return None
+        if self.chat_top is not None:
+            return chat_logprobs(self.texts, d.logprobs or [], self.chat_top)
+        if self.builder is not None:
+            seq: list[TokenLogprob | int] = list(d.logprobs or [])
+            if echoed:
+                seq = self.builder.echoed(self.prompt_ids, d.prompt_logprobs) + seq
+            return self.builder.build(seq)
+        return None
+
+    def _chunk(
+        self, content: dict[str, Any], finish: str | None, token_ids: list[int] | None, logprobs: Any = None
+    ) -> dict[str, Any]:
+        choice = {"index": self.index, **content, "logprobs": logprobs, "finish_reason": finish}
         if self.token_ids and token_ids is not None:
             choice["token_ids"] = token_ids
             if not self.chat and not self.sent_prompt:
@@ -323,10 +356,15 @@ class ChoiceChunks:
     def of(self, d: StreamDelta) -> dict[str, Any] | None:
         """The chunk of a delta, or None when it has nothing to say (no text, ids or end)."""
         self.last = d
-        if not (d.text or d.finished or (self.token_ids and d.token_ids)):
+        text, echoed = d.text, False
+        if self.echo:  # the first chunk of an echoed completion starts with the prompt
+            text, echoed, self.echo = echo_text(self.texts, self.prompt_ids) + text, True, False
+        wants_lp = self.wants_lp
+        if not (text or d.finished or ((self.token_ids or wants_lp) and d.token_ids)):
             return None
-        content = ({"delta": {"content": d.text} if d.text else {}}) if self.chat else {"text": d.text}
-        return self._chunk(content, d.finish_reason if d.finished else None, d.token_ids)
+        content = ({"delta": {"content": text} if text else {}}) if self.chat else {"text": text}
+        lp = self._logprobs(d, echoed) if wants_lp else None
+        return self._chunk(content, d.finish_reason if d.finished else None, d.token_ids, lp)
 
 
 async def choice_events(stream: EngineStream, chunks: ChoiceChunks) -> AsyncIterator[str]:
@@ -341,7 +379,12 @@ async def choice_events(stream: EngineStream, chunks: ChoiceChunks) -> AsyncIter
 
 
 async def merged_events(
-    choices: list[AsyncIterator[str]], streams: list[EngineStream], head: ChunkHead, include_usage: bool, n_prompt: int
+    choices: list[AsyncIterator[str]],
+    streams: list[EngineStream],
+    head: ChunkHead,
+    include_usage: bool,
+    n_prompt: int,
+    n: int | None = None,
 ) -> AsyncIterator[str]:
     """The events of every choice as they come, then (stream_options.include_usage) one usage
     chunk for the whole response."""
@@ -374,7 +417,8 @@ async def merged_events(
             for t in tasks:
                 t.cancel()
     if include_usage:
-        yield sse({**head.chunk([]), "usage": usage_of_choices([st.last for st in streams], n_prompt).model_dump()})
+        usage = usage_of_choices([st.last for st in streams], n_prompt, n)
+        yield sse({**head.chunk([]), "usage": usage.model_dump()})
 
 
 async def guarded_events(events: AsyncIterator[str], streams: list[EngineStream]) -> AsyncIterator[str]:
@@ -394,9 +438,11 @@ async def guarded_events(events: AsyncIterator[str], streams: list[EngineStream]
 
 
 def sse_body(
-    body: OpenAIRequest, streams: list[EngineStream], head: ChunkHead, prompt_ids: list[int]
+    body: OpenAIRequest, streams: list[EngineStream], head: ChunkHead, prompts: list[list[int]], texts: TokenTexts
 ) -> AsyncIterator[str]:
-    """The whole SSE body of a streamed response with one choice per stream."""
-    events = [choice_events(st, ChoiceChunks(head, body, prompt_ids, i)) for i, st in enumerate(streams)]
+    """The whole SSE body of a streamed response with one choice per stream (n per prompt)."""
+    n = max(len(streams) // max(len(prompts), 1), 1)
+    events = [choice_events(st, ChoiceChunks(head, body, prompts[i // n], i, texts)) for i, st in enumerate(streams)]
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return guarded_events(merged_events(events, streams, head, include_usage, len(prompt_ids)), streams)
+    n_prompt = sum(map(len, prompts))
+    return guarded_events(merged_events(events, streams, head, include_usage, n_prompt, n), streams)

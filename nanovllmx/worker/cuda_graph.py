@@ -23,6 +23,7 @@ import torch
 from nanovllmx.attention.base import forward_context
 from nanovllmx.attention.metadata import AttentionMetadata
 from nanovllmx.scheduler.messages import ScheduledBatch
+from nanovllmx.worker.logits_processing import DeviceLogprobs
 from nanovllmx.worker.sampler import inverse_temperature
 
 _FIELDS = 5  # packed per row: input id, position, KV slot, req_to_token row, 1/temperature (float32 bits)
@@ -151,12 +152,13 @@ class DecodeGraphs:
 
     def run(
         self, b: ScheduledBatch, hidden: torch.Tensor | None = None, residual: torch.Tensor | None = None
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, tuple[np.ndarray, DeviceLogprobs] | None]:
         """One step of one token per request; a later pipeline stage also takes the previous
         stage's (hidden, residual). The last stage returns the ids sampled for b.sample_rows
-        (int32, on the device): from the graph when every row samples and none has filters or a
-        seed, else from the eager sampler over the graph's logits (the graph then samples greedily,
-        cheap, and its ids are overwritten). An earlier stage returns its (hidden, residual)."""
+        (int32, on the device) and the logprobs asked for: from the graph when every row samples
+        and none has filters, a seed, logprobs or logits processing, else from the eager sampler
+        over the graph's logits (the graph then samples greedily, cheap, and its ids are
+        overwritten). An earlier stage returns its (hidden, residual)."""
         r = self.r
         bs = b.num_reqs
         gbs = next(s for s in self.sizes if s >= bs)
@@ -167,7 +169,7 @@ class DecodeGraphs:
             self.hidden_in[:bs].copy_(hidden)
             self.residual_in[:bs].copy_(residual)
         sa = b.sampling
-        in_graph = len(b.sample_rows) == bs and not sa.needs_filter and not (sa.seeds >= 0).any()
+        in_graph = len(b.sample_rows) == bs and sa.plain and not sa.needs_filter and not (sa.seeds >= 0).any()
         if len(b.table_rows):  # prefix slots of newly admitted requests (radix-cache hits)
             r.write_table(b.table_rows, b.table_cols, b.table_slots)
         host = self._pack_padding(gbs, bs)
@@ -188,6 +190,6 @@ class DecodeGraphs:
         if not self.last:
             return a[:bs], tokens[:bs]  # hidden, residual
         if in_graph:
-            return tokens[:bs]
+            return tokens[:bs], None
         rows = torch.from_numpy(b.sample_rows.astype(np.int64)).to(r.device, non_blocking=True)
         return r.sample(a[rows], b)  # a: the logits

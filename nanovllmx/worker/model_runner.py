@@ -10,23 +10,50 @@ from nanovllmx.attention.base import AttentionBackend, forward_context
 from nanovllmx.attention.metadata import AttentionMetadata, KVPool
 from nanovllmx.config import EngineConfig
 from nanovllmx.models.qwen3 import Qwen3ForCausalLM
-from nanovllmx.scheduler.messages import ScheduledBatch
+from nanovllmx.scheduler.messages import ScheduledBatch, StepLogprobs, StepOutput
 from nanovllmx.utils.timing import PhaseTimer
+from nanovllmx.worker.logits_processing import (
+    DeviceLogprobs,
+    TokenHistory,
+    apply_logits_processing,
+    cat_logprobs,
+    prompt_positions,
+    token_logprobs,
+)
 from nanovllmx.worker.sampler import Sampler
 
 
 class SampledTokens:
-    """Sampled ids of one step, copied to the host without blocking; `result()` waits for them.
-    Lets the engine schedule the next step while this one runs on the GPU."""
+    """Sampled ids (and logprobs) of one step, copied to the host without blocking; `result()`
+    waits for them. Lets the engine schedule the next step while this one runs on the GPU."""
 
-    def __init__(self, host: torch.Tensor, event: torch.cuda.Event | None, device_ids: torch.Tensor | None = None):
+    def __init__(
+        self,
+        host: torch.Tensor,
+        event: torch.cuda.Event | None,
+        device_ids: torch.Tensor | None = None,
+        sampled_lp: tuple[np.ndarray, DeviceLogprobs] | None = None,
+        prompt_lp: DeviceLogprobs | None = None,
+    ):
         self.host, self.event = host, event
         self.device_ids = device_ids  # the same ids on the device (pipeline overlap sends them on)
+        self.sampled_lp, self.prompt_lp = sampled_lp, prompt_lp
 
-    def result(self) -> np.ndarray:
+    def result(self) -> StepOutput:
         if self.event is not None:
             self.event.synchronize()
-        return self.host.numpy().copy()
+        tokens = self.host.numpy().copy()
+        if self.sampled_lp is None and self.prompt_lp is None:
+            return StepOutput(tokens)
+        rows = self.sampled_lp[0] if self.sampled_lp is not None else np.zeros(0, np.int32)
+        return StepOutput(
+            tokens,
+            StepLogprobs(
+                sampled_rows=rows,
+                sampled=self.sampled_lp[1].numpy() if self.sampled_lp is not None else None,
+                prompt=self.prompt_lp.numpy() if self.prompt_lp is not None else None,
+            ),
+        )
 
 
 def make_backend(name: str, kv: KVPool, model: Qwen3ForCausalLM, cfg: EngineConfig) -> AttentionBackend:
@@ -52,6 +79,7 @@ class ModelRunner:
         self.req_to_token = torch.zeros((cfg.max_bs + 1, cfg.max_len), dtype=torch.int32, device=device)
         self.backend = make_backend(cfg.attention_backend, kv, model, cfg)
         self.sampler = Sampler(device)
+        self.history = TokenHistory(cfg.max_bs + 1, cfg.max_len, device)  # penalties' token ids
         # last token sampled for each req_to_token row: the input of the next decode step when the
         # scheduler runs a step ahead (its -1 placeholders)
         self.next_tokens = torch.zeros(cfg.max_bs + 1, dtype=torch.int32, device=device)
@@ -76,12 +104,42 @@ class ModelRunner:
         """req_to_token[rows, cols] = slots on the device."""
         self.req_to_token[self._to_dev(rows).long(), self._to_dev(cols).long()] = self._to_dev(slots)
 
-    def sample(self, logits: torch.Tensor, b: ScheduledBatch) -> torch.Tensor:
+    def sample(
+        self, logits: torch.Tensor, b: ScheduledBatch
+    ) -> tuple[torch.Tensor, tuple[np.ndarray, DeviceLogprobs] | None]:
         """Sample b.sample_rows' tokens from their logits (one row each) and record them as those
-        requests' next inputs (the placeholders of a step scheduled ahead). Returns int32 ids."""
-        tokens = self.sampler(logits, b.sampling).to(torch.int32)
-        self.next_tokens[self._to_dev(b.req_indices[b.sample_rows]).long()] = tokens
-        return tokens
+        requests' next inputs (the placeholders of a step scheduled ahead). Returns int32 ids and,
+        for the rows that ask, (their indices, the logprobs of the raw logits)."""
+        sa = b.sampling
+        rows = self._to_dev(b.req_indices[b.sample_rows]).long()
+        raw = logits
+        if sa.logits is not None:
+            logits = apply_logits_processing(logits, sa.logits, self.history, rows)
+        tokens = self.sampler(logits, sa).to(torch.int32)
+        self.next_tokens[rows] = tokens
+        if sa.logits is not None:
+            self.history.record(rows, sa.logits.seq_lens, tokens)
+        lp = None
+        if sa.logprobs is not None:
+            sel = np.nonzero(sa.logprobs >= 0)[0].astype(np.int32)
+            sel_t = self._to_dev(sel).long()
+            lp = (sel, token_logprobs(raw[sel_t], tokens[sel_t], int(sa.logprobs.max())))
+        return tokens, lp
+
+    def prompt_logprobs(self, hidden: torch.Tensor, b: ScheduledBatch) -> DeviceLogprobs:
+        """Logprobs of the prompt tokens that b.prompt_logprobs lists (each position scored against
+        the next prompt token), the LM head applied to 1024 positions at a time."""
+        plan = b.prompt_logprobs
+        assert plan is not None
+        starts = (np.cumsum(b.q_lens) - b.q_lens)[plan.rows] + plan.offsets
+        idx = self._to_dev(prompt_positions(starts, plan.counts))
+        targets = self._to_dev(plan.targets)
+        k, chunk = int(plan.top.max()), 1024
+        parts = [
+            token_logprobs(self.model.compute_logits(hidden[idx[lo : lo + chunk]]), targets[lo : lo + chunk], k)
+            for lo in range(0, len(idx), chunk)
+        ]
+        return cat_logprobs(parts) if parts else token_logprobs(hidden[:0], targets, k)
 
     def prepare(self, b: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         q_lens = b.q_lens
@@ -126,13 +184,18 @@ class ModelRunner:
         tm = self.timer
         tm.steps += 1
         tm.start()
-        if self.graphs is not None and b.is_decode and self.graphs.can_run(b.num_reqs):
+        if b.hist_rows is not None and len(b.hist_rows) and self.model.is_last:
+            # admitted requests' ids for the penalties' token table (also in a step that samples nothing)
+            assert b.hist_cols is not None and b.hist_ids is not None  # set together
+            self.history.write(b.hist_rows, b.hist_cols, b.hist_ids)
+        sampled_lp = prompt_lp = None
+        if self.graphs is not None and b.is_decode and b.prompt_logprobs is None and self.graphs.can_run(b.num_reqs):
             # the graph takes the batch as it comes and samples (and records the samples) itself
             res = self.graphs.run(b, hidden, residual)
             tm.lap("forward_launch")
             if not self.model.is_last:
                 return res  # (hidden, residual) for the next stage
-            tokens = res
+            tokens, sampled_lp = res
         else:
             ids, positions, meta = self.prepare(b)
             tm.lap("prepare")
@@ -141,18 +204,28 @@ class ModelRunner:
                 out = self.model(ids, positions, hidden, residual)
             if not self.model.is_last:
                 return out
-            if len(b.sample_rows) == 0:
-                return SampledTokens(torch.zeros(0, dtype=torch.int32), None)
+            if b.prompt_logprobs is not None:
+                prompt_lp = self.prompt_logprobs(out, b).to_host()
+            if len(b.sample_rows) == 0:  # nothing to wait for, but prompt logprobs' host copies
+                event = self._event() if prompt_lp is not None else None
+                return SampledTokens(torch.zeros(0, dtype=torch.int32), event, prompt_lp=prompt_lp)
             last_tok = self._to_dev((np.cumsum(b.q_lens) - 1)[b.sample_rows]).long()
             logits = self.model.compute_logits(out[last_tok])
             tm.lap("forward_launch")
-            tokens = self.sample(logits, b)
+            tokens, sampled_lp = self.sample(logits, b)
+        if sampled_lp is not None:
+            sampled_lp = (sampled_lp[0], sampled_lp[1].to_host())
         host = self._host_bufs[self._flip][: len(tokens)]
         self._flip = (self._flip + 1) % len(self._host_bufs)
         host.copy_(tokens, non_blocking=True)
-        event = None
-        if self.device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record()
+        event = self._event()
         tm.lap("sample_launch")
-        return SampledTokens(host, event, tokens)
+        return SampledTokens(host, event, tokens, sampled_lp, prompt_lp)
+
+    def _event(self) -> torch.cuda.Event | None:
+        """A CUDA event after the work queued so far (None on CPU, where it is done already)."""
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -21,7 +20,7 @@ from nanovllmx.distributed.sample_channel import SampleChannel, new_channel_grou
 from nanovllmx.layers.fp8 import quantize_model_fp8, use_fp8_gemm
 from nanovllmx.models.loader import load_weights
 from nanovllmx.models.registry import build_model
-from nanovllmx.scheduler.messages import ScheduledBatch
+from nanovllmx.scheduler.messages import ScheduledBatch, StepOutput
 from nanovllmx.worker.busy_meter import BusyMeter
 from nanovllmx.worker.model_runner import ModelRunner
 
@@ -110,7 +109,7 @@ class Worker:
         logger.info("rank %d: KV pool of %d token slots (%d layers, %d KV heads)", self.rank, num_slots, n_layers, kvh)
 
     # ---- one step ----
-    def execute(self, batch: ScheduledBatch) -> np.ndarray | None:
+    def execute(self, batch: ScheduledBatch) -> StepOutput | None:
         """Run a step and wait for it: sampled ids on the last stage, None elsewhere."""
         out = self.execute_async(batch)
         return None if out is None else out.result()

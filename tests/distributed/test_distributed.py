@@ -79,6 +79,36 @@ def _run_mixed(llm: LLM) -> tuple[list[list[int]], list[int]]:
     return [o.token_ids for o in outs], [o.num_cached_tokens for o in outs]
 
 
+# logprobs and penalties travel the worker -> scheduler actor path (micro-batches merged on PP grids)
+FEATURES = [_prompt(30, 20), _prompt(9, 21), _prompt(14, 22)]
+FEATURE_PARAMS = [
+    SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=3, prompt_logprobs=2),
+    SamplingParams(
+        temperature=0, max_tokens=8, ignore_eos=True, logit_bias={11: 30.0, 42: 29.0}, frequency_penalty=2.0
+    ),
+    SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1, repetition_penalty=1.5, min_tokens=2),
+]
+
+
+def _run_features(llm: LLM) -> list[tuple]:
+    def lps(x):
+        return None if x is None else [None if t is None else (t.token_id, t.logprob) for t in x]
+
+    outs = llm.generate(FEATURES, FEATURE_PARAMS)
+    return [(o.token_ids, lps(o.logprobs), lps(o.prompt_logprobs)) for o in outs]
+
+
+def _same_features(got: list[tuple], want: list[tuple]) -> None:
+    """Tokens and logprob token ids equal, logprobs within 1e-3 (reductions differ across grids)."""
+    for g, w in zip(got, want, strict=True):
+        assert g[0] == w[0]
+        for gl, wl in zip(g[1:], w[1:]):
+            assert (gl is None) == (wl is None)
+            if gl is not None:
+                assert [t and t[0] for t in gl] == [t and t[0] for t in wl]
+                assert all(a is None or abs(a[1] - b[1]) < 1e-3 for a, b in zip(gl, wl))
+
+
 def _run_long(llm: LLM) -> list[list[int]]:
     return [o.token_ids for o in llm.generate(LONG, LONG_PARAMS)]
 
@@ -88,6 +118,7 @@ def reference(model_dir) -> dict:
     """The local, single-process engine (tp=1)."""
     llm = LLM(model_dir, context_len=CTX, executor="local")
     mixed, cached = _run_mixed(llm)
+    features = _run_features(llm)
     llm.shutdown()
     llm = LLM(model_dir, context_len=CTX, executor="local", num_kv_slots=SMALL_KV)
     long = _run_long(llm)
@@ -95,7 +126,7 @@ def reference(model_dir) -> dict:
     llm.shutdown()
     assert all(c > 0 for c in (cached[1 + i] for i in PREFIXED))
     assert preempted > 0, "the small-KV workload must preempt"
-    return dict(mixed=mixed, long=long)
+    return dict(mixed=mixed, long=long, features=features)
 
 
 def _check_placement(llm: LLM, tp: int, pp: int) -> None:
@@ -143,6 +174,7 @@ def test_grid_matches_local(cluster, model_dir, reference, tp, pp, mode, overlap
         _check_placement(llm, tp, pp)
         tokens, cached = _run_mixed(llm)
         assert tokens == reference["mixed"]
+        _same_features(_run_features(llm), reference["features"])
         for i in PREFIXED:
             assert cached[1 + i] > 0, "expected radix-cache hits on the shared prefix"
         st = _check_stats(llm)
@@ -191,7 +223,14 @@ async def _with_abort(llm: LLM) -> list[list[int]]:
 def _run_pipeline_mix(llm: LLM) -> dict:
     mixed, cached = _run_mixed(llm)
     seeded = [o.token_ids for o in llm.generate(MIXED, SEEDED)]
-    return dict(mixed=mixed, cached=cached, seeded=seeded, long=_run_long(llm), aborted=asyncio.run(_with_abort(llm)))
+    return dict(
+        mixed=mixed,
+        cached=cached,
+        seeded=seeded,
+        long=_run_long(llm),
+        aborted=asyncio.run(_with_abort(llm)),
+        features=_run_features(llm),  # logprobs and penalties through the lanes
+    )
 
 
 @pytest.fixture(scope="module")
@@ -220,6 +259,7 @@ def test_pipeline_lanes_match_local(cluster, model_dir, pipe_reference, tp, pp, 
         got = _run_pipeline_mix(llm)
         for k in ("mixed", "seeded", "long", "aborted"):
             assert got[k] == pipe_reference[k], k
+        _same_features(got["features"], pipe_reference["features"])
         assert all(got["cached"][1 + i] > 0 for i in PREFIXED)
         st = _check_stats(llm)
         lanes = pp if overlap else pp + 1
@@ -418,7 +458,9 @@ class _FakeWorker:
                 assert gate.wait(30)
                 if fail:
                     raise RuntimeError(f"step {batch.step} failed on the device")
-                return np.array([batch.step], np.int32)
+                from nanovllmx.scheduler.messages import StepOutput
+
+                return StepOutput(np.array([batch.step], np.int32))
 
         return Handle()
 
@@ -462,13 +504,13 @@ def test_worker_loop_overlaps_launches():
         assert fake.launched == [0, 1]
         fake.gates[0].set()
         s, ids, gap, busy = result()
-        assert (s, ids.tolist(), gap) == (0, [0], -1) and busy > 0
+        assert (s, ids.tokens.tolist(), gap) == (0, [0], -1) and busy > 0
         assert _until(lambda: fake.launched == [0, 1, 2])
         fake.gates[1].set()
         fake.gates[2].set()
         # no further step comes, yet the results are sent, in order
         s, ids, gap, busy = result()
-        assert (s, ids.tolist(), gap) == (1, [1], 0) and busy > 0  # launched ahead: no device gap
+        assert (s, ids.tokens.tolist(), gap) == (1, [1], 0) and busy > 0  # launched ahead: no device gap
         assert result()[0] == 2
         # a failed launch reports an ERROR frame with the traceback
         fake.fail_launch.add(3)

@@ -109,7 +109,7 @@ def _pipeline_tokens(
             continue
         decode_steps += b.is_decode
         hidden, residual = runners[0].execute(b)
-        for o in s.update(runners[1].execute(b, hidden, residual).result()):
+        for o in s.update(runners[1].execute(b, hidden, residual).result().tokens):
             tokens[o.request_id] += o.new_token_ids
     assert decode_steps > 5
     return [tokens[str(i)] for i in range(len(prompts))]

@@ -156,6 +156,24 @@ def test_conversations_stay_on_their_replica():
         print(f"\n2 replicas, turns 2-3: hit rate {cached / prompt_tokens:.3f}; {time.monotonic() - t0:.1f} s")
         assert http.get("/v1/models").json()["data"][0]["id"] == DEMO_MODEL_NAME
         assert http.get("/health").status_code == 200
+        # through the ingress: several prompts (the router reads the first) x n, logprobs; /tokenize
+        r = http.post(
+            "/v1/completions",
+            json={
+                "prompt": ["one two", "three four"],
+                "n": 2,
+                "max_tokens": 3,
+                "temperature": 0,
+                "logprobs": 1,
+                "return_token_ids": True,
+            },
+        )
+        assert r.status_code == 200, r.text
+        choices = r.json()["choices"]
+        assert [c["index"] for c in choices] == [0, 1, 2, 3]
+        tok = http.post("/tokenize", json={"prompt": "three four"}).json()["tokens"]
+        assert [c["prompt_token_ids"] == tok for c in choices] == [False, False, True, True]
+        assert all(len(c["logprobs"]["tokens"]) == 3 for c in choices)
         http.close()
     finally:
         serve.shutdown()

@@ -418,6 +418,135 @@ def _err(r: httpx.Response, status: int, param=..., code=...) -> dict:
     return e
 
 
+# ============================================================================ logprobs, penalties, batches
+def test_chat_logprobs_and_streamed_logprobs(server):
+    kw = dict(
+        model=DEMO_MODEL_NAME,
+        messages=[{"role": "user", "content": "Say something."}],
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+    )
+    r = server.client.chat.completions.create(**kw)
+    c = r.choices[0]
+    content = c.logprobs.content
+    assert len(content) == len(c.token_ids) == 6
+    for e in content:
+        assert len(e.top_logprobs) == 3 and e.logprob <= 0
+        assert e.top_logprobs[0].logprob == pytest.approx(e.logprob)  # greedy: the top token
+        assert bytes(e.bytes).decode("utf-8", errors="replace") == e.token
+    assert "".join(e.token for e in content) == c.message.content  # plain text tokens here
+    chunks = list(server.client.chat.completions.create(**kw, stream=True))
+    streamed = [e for ch in chunks if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in content]
+
+
+def test_completions_prompt_list_n_index_order_echo_logprobs(server, tok):
+    prompts = ["One two three", "Alpha beta"]
+    kw = dict(model=DEMO_MODEL_NAME, prompt=prompts, n=2, max_tokens=4, seed=7, temperature=1.0)
+    body = dict(ignore_eos=True, return_token_ids=True)
+    r = server.client.completions.create(**kw, extra_body=body)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    ids = [tok.encode(p) for p in prompts]
+    for c in r.choices:  # index = prompt index * n + j
+        assert c.prompt_token_ids == ids[c.index // 2]
+    by_ids = server.client.completions.create(**{**kw, "prompt": ids}, extra_body=body)  # seeded: the same
+    assert [c.text for c in by_ids.choices] == [c.text for c in r.choices]
+    assert r.usage.prompt_tokens == len(ids[0]) + len(ids[1]) and r.usage.completion_tokens == 16
+    chunks = list(server.client.completions.create(**kw, stream=True, extra_body=body))
+    texts = {i: "" for i in range(4)}
+    for ch in chunks:
+        for c in ch.choices:
+            texts[c.index] += c.text
+    assert texts == {c.index: c.text for c in r.choices}
+    # echo with logprobs: the prompt's text and logprobs first (none for its first token)
+    e = server.client.completions.create(
+        model=DEMO_MODEL_NAME,
+        prompt=prompts[0],
+        max_tokens=3,
+        temperature=0,
+        echo=True,
+        logprobs=2,
+        extra_body={"ignore_eos": True},
+    )
+    lp = e.choices[0].logprobs
+    assert e.choices[0].text.startswith(prompts[0])
+    assert len(lp.tokens) == len(ids[0]) + 3 and lp.token_logprobs[0] is None
+    assert all(x is not None and x <= 0 for x in lp.token_logprobs[1:])
+    assert lp.text_offset[: len(ids[0])] == [len(tok.decode(ids[0][:i])) for i in range(len(ids[0]))]
+    assert all(len(t) <= 3 for t in lp.top_logprobs[1:])  # top 2 plus the chosen token
+    s = list(
+        server.client.completions.create(
+            model=DEMO_MODEL_NAME,
+            prompt=prompts[0],
+            max_tokens=3,
+            temperature=0,
+            echo=True,
+            logprobs=2,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
+    assert "".join(c.choices[0].text for c in s if c.choices) == e.choices[0].text
+    streamed = [t for c in s if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.token_logprobs]
+    assert streamed == pytest.approx(lp.token_logprobs, abs=1e-4)
+
+
+def test_logit_bias_min_tokens_penalties_and_prompt_logprobs(server, tok):
+    x = tok.encode(" banana")[0]
+    base = dict(model=DEMO_MODEL_NAME, prompt="Fruit:", temperature=0)
+    r = server.client.completions.create(
+        **base, max_tokens=3, logit_bias={str(x): 100}, extra_body={"ignore_eos": True, "return_token_ids": True}
+    )
+    assert r.choices[0].token_ids == [x, x, x]
+    # x would be drawn at once, but it stops the request: masked until 3 tokens are out
+    r = server.client.completions.create(
+        **base,
+        max_tokens=10,
+        logit_bias={str(x): 100},
+        extra_body={"min_tokens": 3, "stop_token_ids": [x], "return_token_ids": True},
+    )
+    assert r.choices[0].finish_reason == "stop" and len(r.choices[0].token_ids) == 4
+    assert x not in r.choices[0].token_ids[:3] and r.choices[0].token_ids[3] == x
+    # frequency penalty breaks the run of x
+    r = server.client.completions.create(
+        **base,
+        max_tokens=4,
+        logit_bias={str(x): 20},
+        frequency_penalty=2,
+        presence_penalty=2,
+        extra_body={"ignore_eos": True, "return_token_ids": True, "repetition_penalty": 1.2},
+    )
+    assert r.choices[0].token_ids.count(x) < 4
+    r = server.http.post("/v1/completions", json={**base, "max_tokens": 1, "prompt_logprobs": 1}).json()
+    plp = r["choices"][0]["prompt_logprobs"]
+    ids = tok.encode("Fruit:")
+    assert plp[0] is None and len(plp) == len(ids)
+    assert all(str(t) in d and d[str(t)]["logprob"] <= 0 for t, d in zip(ids[1:], plp[1:]))
+
+
+def test_tokenize_detokenize(server, tok):
+    r = server.http.post(
+        "/tokenize", json={"model": DEMO_MODEL_NAME, "prompt": "Hello world", "return_token_strs": True}
+    )
+    assert r.status_code == 200, r.text
+    j = r.json()
+    assert j["tokens"] == tok.encode("Hello world") and j["count"] == len(j["tokens"])
+    assert j["max_model_len"] == CONTEXT_LEN and "".join(j["token_strs"]) == "Hello world"
+    msgs = [{"role": "user", "content": "Hi there"}]
+    j = server.http.post("/tokenize", json={"messages": msgs}).json()
+    assert j["tokens"] == chat_prompt_ids(tok, msgs) and j["token_strs"] is None
+    d = server.http.post("/detokenize", json={"tokens": tok.encode("Hello world")})
+    assert d.json() == {"prompt": "Hello world"}
+    form = {"content-type": "application/x-www-form-urlencoded"}  # curl -d: still JSON
+    d = server.http.post("/detokenize", content=json.dumps({"tokens": tok.encode("Hi")}).encode(), headers=form)
+    assert d.json() == {"prompt": "Hi"}
+    _err(server.http.post("/detokenize", json={"tokens": [10**7]}), 400, "tokens")
+    _err(server.http.post("/tokenize", json={"model": "nope", "prompt": "x"}), 404, "model")
+
+
 CHAT = {"model": DEMO_MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 CMPL = {"model": DEMO_MODEL_NAME, "prompt": "hi", "max_tokens": 4}
 TOO_LONG = "word " * 600
@@ -440,8 +569,22 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {**CHAT, "seed": 2**70}, "seed", "invalid_value"),
     ("/v1/chat/completions", {**CHAT, "ignore_eos": "yes"}, "ignore_eos", "invalid_value"),
     ("/v1/chat/completions", {**CHAT, "n": 0}, "n", "invalid_value"),
-    ("/v1/chat/completions", {**CHAT, "logprobs": True}, "logprobs", "unsupported_parameter"),
-    ("/v1/chat/completions", {**CHAT, "presence_penalty": 0.5}, "presence_penalty", "unsupported_parameter"),
+    ("/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "invalid_value"),
+    ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, "top_logprobs", "invalid_value"),
+    ("/v1/chat/completions", {**CHAT, "presence_penalty": 2.5}, "presence_penalty", "invalid_value"),
+    ("/v1/chat/completions", {**CHAT, "frequency_penalty": -3}, "frequency_penalty", "invalid_value"),
+    ("/v1/chat/completions", {**CHAT, "repetition_penalty": 0}, "repetition_penalty", "invalid_value"),
+    ("/v1/chat/completions", {**CHAT, "logit_bias": {"x": 1}}, "logit_bias", "invalid_value"),
+    ("/v1/chat/completions", {**CHAT, "logit_bias": {"5": 101}}, "logit_bias", "invalid_value"),
+    ("/v1/chat/completions", {**CHAT, "logit_bias": {"10000000": 1}}, "logit_bias", "invalid_value"),
+    ("/v1/chat/completions", {**CHAT, "logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias", "invalid_value"),
+    ("/v1/chat/completions", {**CHAT, "min_tokens": 5}, "min_tokens", "invalid_value"),
+    (
+        "/v1/chat/completions",
+        {**CHAT, "prompt_logprobs": 1, "stream": True},
+        "prompt_logprobs",
+        "unsupported_parameter",
+    ),
     ("/v1/chat/completions", {**CHAT, "messages": []}, "messages", "invalid_value"),
     (
         "/v1/chat/completions",
@@ -470,8 +613,9 @@ BAD_REQUESTS = [
     ("/v1/completions", {**CMPL, "prompt": []}, "prompt", "empty_prompt"),
     ("/v1/completions", {**CMPL, "prompt": [10**7]}, "prompt", "invalid_value"),
     ("/v1/completions", {**CMPL, "prompt": [1, "a"]}, "prompt", "invalid_value"),
-    ("/v1/completions", {**CMPL, "prompt": ["a", "b"]}, "prompt", "unsupported_parameter"),
-    ("/v1/completions", {**CMPL, "logprobs": 1}, "logprobs", "unsupported_parameter"),
+    ("/v1/completions", {**CMPL, "prompt": ["a"] * 33, "n": 2}, "prompt", "invalid_value"),
+    ("/v1/completions", {**CMPL, "logprobs": 21}, "logprobs", "invalid_value"),
+    ("/v1/completions", {**CMPL, "prompt_logprobs": -1}, "prompt_logprobs", "invalid_value"),
     ("/v1/completions", {**CMPL, "n": 65, "stream": True}, "n", "invalid_value"),
     ("/v1/completions", {**CMPL, "max_tokens": CONTEXT_LEN}, "max_tokens", "context_length_exceeded"),
     ("/v1/completions", {**CMPL, "temperature": -0.5, "stream": True}, "temperature", "invalid_value"),
@@ -797,3 +941,198 @@ def test_api_server_args():
     )
     a = api_server.app_args(vllm_style)
     assert (a["tp_size"], a["context_len"], a["max_bs"], a["served_model_name"]) == (2, 64, 4, ["a", "b"])
+
+
+# ============================================================================ every request field
+IM_END = 151645  # <|im_end|>: an EOS id of the demo model
+
+
+def _walk_post(server, path: str, body: dict) -> dict:
+    r = server.http.post(path, json=body)
+    assert r.status_code == 200, (body, r.text)
+    return r.json()
+
+
+def _sse_events(server, path: str, body: dict) -> list:
+    with server.http.stream("POST", path, json=body) as r:
+        assert r.status_code == 200
+        lines = [ln[6:] for ln in r.iter_lines() if ln.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(x) for x in lines[:-1]]
+
+
+def _field_checks(server, path: str, base: dict):
+    """field -> a check that fails unless the field changes the response as documented (or is refused
+    with a 400 naming it). `base`: greedy, ignore_eos, return_token_ids."""
+
+    def post(**over) -> dict:
+        return _walk_post(server, path, {**base, **over})
+
+    def ids(resp: dict, i: int = 0) -> list[int]:
+        return resp["choices"][i]["token_ids"]
+
+    def text(resp: dict, i: int = 0) -> str:
+        c = resp["choices"][i]
+        return c["message"]["content"] if "message" in c else c["text"]
+
+    greedy = post()
+    hot = dict(temperature=1.5, seed=1)
+    hot_ids = ids(post(**hot))
+    assert hot_ids != ids(greedy), "the walk needs a sampled run that differs from the greedy one"
+    # 50 tokens made the likeliest (the output runs through them without repeating): a negative
+    # penalty (or repetition_penalty < 1) makes the first one repeat
+    rep = {str(t): 30 for t in range(100, 150)}
+
+    def refused(field: str, value) -> None:
+        _err(server.http.post(path, json={**base, field: value}), 400, field)
+
+    checks = {
+        "model": lambda: _err(server.http.post(path, json={**base, "model": "nope"}), 404, "model"),
+        "temperature": lambda: None,  # hot_ids above
+        "top_p": lambda: (assert_eq(ids(post(**hot, top_p=1e-9)), ids(greedy)), refused("top_p", 2)),
+        "top_k": lambda: (assert_eq(ids(post(**hot, top_k=1)), ids(greedy)), refused("top_k", -3)),
+        "min_p": lambda: (assert_eq(ids(post(**hot, min_p=1.0)), ids(greedy)), refused("min_p", 2)),
+        "seed": lambda: (assert_eq(ids(post(**hot)), hot_ids), assert_ne(ids(post(**{**hot, "seed": 2})), hot_ids)),
+        "stop": lambda: (
+            assert_eq(post(stop=[text(greedy)[1:3]])["choices"][0]["finish_reason"], "stop")
+            if len(text(greedy)) > 3
+            else None
+        ),
+        "stop_token_ids": lambda: assert_eq(ids(post(stop_token_ids=[ids(greedy)[1]])), ids(greedy)[:2]),
+        "ignore_eos": lambda: assert_eq(len(ids(post(ignore_eos=False, logit_bias={str(IM_END): 100}))), 1),
+        "stream": lambda: assert_eq(
+            _sse_events(server, path, {**base, "stream": True})[0]["id"][:4] in ("chat", "cmpl"), True
+        ),
+        "stream_options": lambda: assert_eq(
+            _sse_events(server, path, {**base, "stream": True, "stream_options": {"include_usage": True}})[-1]["usage"][
+                "completion_tokens"
+            ],
+            len(ids(greedy)),
+        ),
+        "n": lambda: assert_eq(len(post(n=2)["choices"]), 2),
+        "user": lambda: assert_eq(ids(post(user="someone")), ids(greedy)),  # accepted, ignored (docs)
+        "metadata": lambda: assert_eq(ids(post(metadata={"k": "v"})), ids(greedy)),  # accepted, ignored (docs)
+        "presence_penalty": lambda: assert_ne(
+            ids(post(logit_bias=rep, presence_penalty=-2)), ids(post(logit_bias=rep))
+        ),
+        "frequency_penalty": lambda: assert_ne(
+            ids(post(logit_bias=rep, frequency_penalty=-2)), ids(post(logit_bias=rep))
+        ),
+        "repetition_penalty": lambda: assert_ne(
+            ids(post(logit_bias=rep, repetition_penalty=0.5)), ids(post(logit_bias=rep))
+        ),
+        "logit_bias": lambda: assert_eq(set(ids(post(logit_bias={"42": 100}))), {42}),
+        "return_token_ids": lambda: assert_eq("token_ids" in post(return_token_ids=False)["choices"][0], False),
+        "min_tokens": lambda: assert_eq(
+            len(ids(post(ignore_eos=False, logit_bias={str(IM_END): 100}, min_tokens=3))), 4
+        ),
+        "include_stop_str_in_output": lambda: (
+            assert_eq(
+                text(post(stop=[text(greedy)[1:3]], include_stop_str_in_output=True)).endswith(text(greedy)[1:3]), True
+            )
+            if len(text(greedy)) > 3
+            else None
+        ),
+        "skip_special_tokens": lambda: (
+            assert_eq("<|im_end|>" in text(post(logit_bias={str(IM_END): 100}, skip_special_tokens=False)), True),
+            assert_eq("<|im_end|>" in text(post(logit_bias={str(IM_END): 100})), False),
+        ),
+        "prompt_logprobs": lambda: assert_eq(
+            post(prompt_logprobs=1)["choices"][0].get("prompt_logprobs") is not None
+            or post(prompt_logprobs=1).get("prompt_logprobs") is not None,
+            True,
+        ),
+        "max_tokens": lambda: assert_eq(len(ids(post(max_tokens=2))), 2),
+    }
+    return checks, post, ids, greedy
+
+
+def assert_eq(a, b) -> None:
+    assert a == b, (a, b)
+
+
+def assert_ne(a, b) -> None:
+    assert a != b, (a, b)
+
+
+IGNORED_ON_PURPOSE = {"user", "metadata", "parallel_tool_calls"}  # accepted and ignored; docs/serving.md lists them
+
+
+def test_every_request_field_is_honoured_or_refused(server):
+    """Walks the fields of the request models: each has a check here that proves it changes the
+    response, or that a value it cannot take is a 400 naming it; a field without one fails the test."""
+    from nanovllmx.serve.protocol import ChatCompletionRequest, CompletionRequest
+
+    docs = (ROOT / "docs" / "serving.md").read_text()
+    for field in IGNORED_ON_PURPOSE:
+        assert f"`{field}`" in docs.split("Accepted and ignored")[1].split("\n\n")[0], field
+
+    chat_base = {**CHAT, "max_tokens": 4, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+    checks, post, ids, greedy = _field_checks(server, "/v1/chat/completions", chat_base)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+
+    def prompt_len(**over) -> int:
+        return post(**over)["usage"]["prompt_tokens"]
+
+    n0 = greedy["usage"]["prompt_tokens"]
+    chat_checks = {
+        **checks,
+        "messages": lambda: assert_ne(prompt_len(messages=[{"role": "user", "content": "hi hi hi"}]), n0),
+        "max_completion_tokens": lambda: assert_eq(len(ids(post(max_completion_tokens=2))), 2),
+        "logprobs": lambda: assert_eq(len(post(logprobs=True)["choices"][0]["logprobs"]["content"]), 4),
+        "top_logprobs": lambda: assert_eq(
+            len(post(logprobs=True, top_logprobs=2)["choices"][0]["logprobs"]["content"][0]["top_logprobs"]), 2
+        ),
+        "tools": lambda: assert_ne(prompt_len(tools=tools), n0),
+        "tool_choice": lambda: (
+            assert_eq(prompt_len(tools=tools, tool_choice="none"), n0),
+            refused("tool_choice", "required"),
+        ),
+        "parallel_tool_calls": lambda: assert_eq(ids(post(parallel_tool_calls=False)), ids(greedy)),
+        "response_format": lambda: refused("response_format", {"type": "json_object"}),
+        "add_generation_prompt": lambda: assert_ne(prompt_len(add_generation_prompt=False), n0),
+        "continue_final_message": lambda: assert_ne(
+            prompt_len(
+                messages=[*CHAT["messages"], {"role": "assistant", "content": "Sure"}],
+                continue_final_message=True,
+                add_generation_prompt=False,
+            ),
+            prompt_len(messages=[*CHAT["messages"], {"role": "assistant", "content": "Sure"}]),
+        ),
+        "chat_template_kwargs": lambda: assert_ne(prompt_len(chat_template_kwargs={"enable_thinking": False}), n0),
+    }
+
+    def refused(field: str, value) -> None:
+        _err(server.http.post("/v1/chat/completions", json={**chat_base, field: value}), 400, field)
+
+    assert set(chat_checks) == set(ChatCompletionRequest.model_fields), set(ChatCompletionRequest.model_fields) ^ set(
+        chat_checks
+    )
+    for field, check in chat_checks.items():
+        try:
+            check()
+        except AssertionError as e:
+            raise AssertionError(f"{field}: {e}") from e
+
+    cmpl_base = {**CMPL, "max_tokens": 4, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+    checks, post, ids, greedy = _field_checks(server, "/v1/completions", cmpl_base)
+
+    def refused_c(field: str, value) -> None:
+        _err(server.http.post("/v1/completions", json={**cmpl_base, field: value}), 400, field)
+
+    cmpl_checks = {
+        **checks,
+        "prompt": lambda: assert_eq(len(post(prompt=["a", "b"])["choices"]), 2),
+        "logprobs": lambda: assert_eq(len(post(logprobs=1)["choices"][0]["logprobs"]["tokens"]), 4),
+        "echo": lambda: assert_eq(post(echo=True)["choices"][0]["text"].startswith(CMPL["prompt"]), True),
+        "suffix": lambda: refused_c("suffix", "end"),
+        "best_of": lambda: (assert_eq(ids(post(best_of=1)), ids(greedy)), refused_c("best_of", 2)),
+    }
+    assert set(cmpl_checks) == set(CompletionRequest.model_fields), set(CompletionRequest.model_fields) ^ set(
+        cmpl_checks
+    )
+    for field, check in cmpl_checks.items():
+        try:
+            check()
+        except AssertionError as e:
+            raise AssertionError(f"{field}: {e}") from e

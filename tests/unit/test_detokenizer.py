@@ -289,3 +289,22 @@ def test_long_output_with_and_without_stop(tokenizer):
     out = feed(d, ids)
     assert "".join(out) == text == d.text and d.stopped
     assert max(len(x) for x in out) <= 10  # streamed as it came, held back by at most 5 characters
+
+
+def test_include_stop_string_and_min_tokens(tokenizer):
+    ids = tokenizer.encode("one two STOP three STOP four")
+
+    def feed(d: IncrementalDetokenizer) -> str:  # token by token until stopped, as the engine does
+        got = ""
+        for t in ids:
+            got += d.add([t])
+            if d.stopped:
+                break
+        return got
+
+    d = IncrementalDetokenizer(tokenizer, ["STOP"], include_stop=True)
+    assert feed(d) == d.text == "one two STOP" and d.stopped
+    # stop strings count once min_tokens tokens are out: the first STOP (in the first tokens) is passed
+    n_first = len(tokenizer.encode("one two STOP"))
+    d = IncrementalDetokenizer(tokenizer, ["STOP"], min_tokens=n_first + 1)
+    assert feed(d) == d.text == "one two STOP three " and d.stopped

@@ -673,3 +673,68 @@ def _random_workload(seed: int, overlap: bool, lanes: int = 1, lanes_overlap: bo
         else:
             assert r.finish[rid] == "length", rid
             assert r.tokens[rid] == ref, rid
+
+
+# ------------------------------------------------------------------ logprobs and logits processing
+@pytest.mark.parametrize("overlap", [False, True])
+def test_prompt_logprobs_plan_scores_each_prompt_position_once(overlap):
+    # chunked prefill, a cached prefix (skipped while prompt logprobs are owed) and preemption: every
+    # position 0..n-2 is planned exactly once, against the next prompt token
+    s, w = make(num_slots=64, context_len=64, budget=10)
+    r = Run(s, w, overlap=overlap)
+    shared = prompt(12, 7)
+    r.add(er("warm", shared + [5], max_tokens=2))
+    r.until_idle()
+    prompts = {f"r{i}": shared + prompt(3, i) for i in range(4)}
+    for rid, p in prompts.items():
+        r.add(er(rid, p, max_tokens=30, prompt_logprobs=2 if rid != "r3" else None))
+    planned: dict[str, list[tuple[int, int]]] = {rid: [] for rid in prompts}
+    seen = {}
+
+    def record(b):
+        if b.prompt_logprobs is None:
+            return
+        plan = b.prompt_logprobs
+        starts = b.start_pos[plan.rows] + plan.offsets
+        reqs = {req.req_idx: req.request_id for req in s.running}
+        k = 0
+        for row, st, n in zip(plan.rows.tolist(), starts.tolist(), plan.counts.tolist()):
+            rid = reqs[int(b.req_indices[row])]
+            planned[rid] += [(st + i, int(plan.targets[k + i])) for i in range(n)]
+            k += n
+        seen["top"] = set(plan.top.tolist())
+
+    while s.has_work():
+        r.step(between=record)
+    assert s.num_preempted_total > 0
+    for rid, p in prompts.items():
+        assert r.tokens[rid] == reference(p, 30)
+        want = [] if rid == "r3" else [(i, p[i + 1]) for i in range(len(p) - 1)]
+        assert planned[rid] == want, rid
+    assert r.cached["r3"] > 0 and all(r.cached[f"r{i}"] == 0 for i in range(3))
+    assert seen["top"] == {2}
+
+
+def test_plain_steps_skip_logits_processing_and_logprobs():
+    s, w = make()
+    r = Run(s, w)
+    batches = []
+    r.add(er("plain", prompt(5, 1), max_tokens=4))
+    r.add(er("pen", prompt(6, 2), max_tokens=4, repetition_penalty=1.2, logit_bias={7: 1.0}, min_tokens=2))
+    r.add(er("lp", prompt(7, 3), max_tokens=4, logprobs=3))
+    while s.has_work():
+        b = r.step()
+        if b is not None:
+            batches.append(b)
+    first = batches[0]
+    la, lp = first.sampling.logits, first.sampling.logprobs
+    assert la is not None and lp is not None and lp.tolist() == [-1, -1, 3]
+    assert la.repetition.tolist() == pytest.approx([1, 1.2, 1]) and la.bias_ids.tolist() == [[-1], [7], [-1]]
+    assert la.banned.tolist() == [[-1], [EOS], [-1]] and la.seq_lens.tolist() == [5, 6, 7]
+    # only the penalised request's ids go to the worker's token table, at admission
+    assert first.hist_rows.tolist() == [int(first.req_indices[1])] * 6
+    assert first.hist_cols.tolist() == list(range(6)) and first.hist_ids.tolist() == prompt(6, 2)
+    assert s._num_special == 0
+    r.add(er("plain2", prompt(5, 4), max_tokens=3))
+    b = s.schedule()
+    assert b.sampling.logits is None and b.sampling.logprobs is None and b.hist_rows is None
