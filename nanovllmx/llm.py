@@ -25,6 +25,7 @@ from nanovllmx.engine.stream import DeltaStream
 from nanovllmx.errors import EngineOverloadedError, EngineRequestError, EngineUnavailableError
 from nanovllmx.outputs import RequestOutput, StreamDelta
 from nanovllmx.sampling_params import RequestLimits, SamplingParams
+from nanovllmx.structured.grammar import GrammarCompiler, get_compiler
 from nanovllmx.scheduler.request import EngineOutput, EngineRequest, check_prompt
 
 logger = logging.getLogger(__name__)
@@ -121,6 +122,12 @@ class LLM:
         if not isinstance(params, SamplingParams):
             raise TypeError("sampling params must be a SamplingParams")
         params.validate(self.limits)
+        if params.structured is not None:  # compile now (cached): a bad grammar is the caller's error
+            self.grammar_compiler().compile(params.structured)
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        c = self.config
+        return get_compiler(c.model, c.vocab_size, c.eos_token_ids)
 
     def _submit(
         self,

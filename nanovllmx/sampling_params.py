@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from nanovllmx.structured.spec import GrammarSpec
+
 
 @dataclass
 class SamplingParams:
@@ -16,6 +18,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     seed: int | None = None
+    # constrained decoding: every sampled token keeps the output a prefix of the grammar's language
+    # (nanovllmx/structured/); compiled, and refused if invalid, when the request is submitted
+    structured: GrammarSpec | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -54,6 +59,8 @@ class SamplingParams:
             bad(f"ignore_eos must be a boolean, got {self.ignore_eos!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             bad(f"seed must be an integer or None, got {self.seed!r}")
+        if self.structured is not None and not isinstance(self.structured, GrammarSpec):
+            bad(f"structured must be a GrammarSpec or None, got {type(self.structured).__name__}")
 
     @property
     def greedy(self) -> bool:

@@ -19,6 +19,7 @@ from nanovllmx.config import EngineConfig
 from nanovllmx.distributed import control
 from nanovllmx.distributed.microbatch import split_batch
 from nanovllmx.distributed.worker_actor import WorkerActor
+from nanovllmx.engine.executor import StepHandle
 from nanovllmx.scheduler.messages import ScheduledBatch
 
 logger = logging.getLogger(__name__)
@@ -132,6 +133,20 @@ class RayExecutor:
             raise
         self._in_executor += time.perf_counter() - t0
         return _Launched(self, batch.step, refs, t0, sched)
+
+    @property
+    def defers_grammar(self) -> bool:
+        # over the sockets a GRAMMAR frame follows its step; a Ray call per worker cannot
+        return self.mode == "socket"
+
+    def apply_grammar(self, handle: StepHandle, step: int, bitmask: np.ndarray) -> None:
+        self._check()
+        assert self.server is not None  # socket mode (defers_grammar)
+        try:
+            self.server.broadcast(control.GRAMMAR, control.pack_grammar(step, bitmask))
+        except Exception as e:
+            self._fail(e)
+            raise
 
     def _collect(self, h: _Launched) -> np.ndarray:
         self._check()

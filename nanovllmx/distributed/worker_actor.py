@@ -152,6 +152,14 @@ class WorkerActor:
                     return  # the sender thread failed and has reported it
                 assert self.worker is not None
                 handle = self.worker.execute_async(batch)
+                if batch.mask_deferred:  # its grammar masks follow it (the device runs the forward meanwhile)
+                    kind, payload = conn.recv()
+                    if kind != control.GRAMMAR:
+                        raise RuntimeError(f"expected the grammar masks of step {batch.step}, got frame {kind}")
+                    step, bitmask = control.unpack_grammar(payload)
+                    if step != batch.step:
+                        raise RuntimeError(f"expected the grammar masks of step {batch.step}, got step {step}'s")
+                    handle.apply_grammar(bitmask)
                 if sender is not None:
                     sender.put(batch.step, handle, start)
                 # other TP ranks drop their handle: nobody reads their ids, and the TP collectives

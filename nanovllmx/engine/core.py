@@ -19,6 +19,7 @@ from nanovllmx.engine.protocol import OutputSink
 from nanovllmx.errors import EngineUnavailableError
 from nanovllmx.scheduler.request import AbortRequest, EngineMessage, EngineOutput, EngineRequest
 from nanovllmx.scheduler.scheduler import Scheduler
+from nanovllmx.structured.grammar import get_compiler
 from nanovllmx.utils.timing import PhaseTimer
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class EngineCore:
             cfg.eos_token_ids,
             cfg.enable_prefix_caching,
             cfg.vocab_size,
+            grammar_compiler=lambda: get_compiler(cfg.model, cfg.vocab_size, cfg.eos_token_ids),
         )
         # requests and aborts in arrival order; None only wakes the loop (shutdown)
         self._inbox: queue.Queue[EngineMessage | None] = queue.Queue()
@@ -97,6 +99,11 @@ class EngineCore:
         tm = self.timer
         tm.start()
         s = self.scheduler
+        outs: list[EngineOutput] = []
+        if self._inflight is not None and not self.executor.defers_grammar and s.grammar_waits_on_inflight():
+            # this executor cannot take masks after a step: apply the step in flight first
+            outs = s.update(self._inflight.result())
+            self._inflight = None
         batch = s.schedule()
         handle = None
         if batch is not None:
@@ -104,11 +111,15 @@ class EngineCore:
             tm.lap("schedule")
             handle = self.executor.execute_async(batch)
             tm.lap("launch")
-        outs: list[EngineOutput] = []
         if self._inflight is not None:
             outs = s.update(self._inflight.result())
             tm.lap("wait_and_update")
         self._inflight = None
+        if handle is not None and batch is not None and batch.mask_deferred:
+            # the constrained rows' previous tokens are applied now: their masks, while the device
+            # still runs this step's forward
+            self.executor.apply_grammar(handle, batch.step, s.fill_deferred_masks(batch.step))
+            tm.lap("grammar_masks")
         if handle is not None:
             if self.overlap:
                 self._inflight = handle

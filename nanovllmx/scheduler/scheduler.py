@@ -8,9 +8,12 @@ tree (evictable) and it is recomputed later, mostly from cache if it survived ev
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,7 +22,11 @@ from nanovllmx.scheduler.messages import SamplingArrays, ScheduledBatch
 from nanovllmx.scheduler.radix_cache import RadixCache
 from nanovllmx.scheduler.request import EngineOutput, EngineRequest, FinishReason, Request, Status, check_prompt
 
+if TYPE_CHECKING:
+    from nanovllmx.structured.grammar import GrammarCompiler, GrammarState
+
 _I32 = np.int32
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,6 +53,7 @@ class Scheduler:
         eos_ids: list[int],
         enable_prefix_caching: bool = True,
         vocab_size: int | None = None,
+        grammar_compiler: Callable[[], GrammarCompiler] | None = None,
     ):
         if num_slots < context_len:  # else a long request preempts itself forever
             raise ValueError(
@@ -72,6 +80,11 @@ class Scheduler:
         # per-step scratch: the requests of the batch in flight, in batch order
         self._inflight: deque[list[Request]] = deque()  # sampled requests of each batch not yet updated
         self._pending: list[EngineOutput] = []  # outputs produced outside a step (aborts)
+        # structured outputs: the compiler is made on the first constrained request (it loads the
+        # tokenizer); grammar states of steps whose masks follow them (fill_deferred_masks)
+        self._grammar_compiler_factory = grammar_compiler
+        self._grammar: GrammarCompiler | None = None
+        self._deferred: dict[int, list[GrammarState]] = {}
 
     # ------------------------------------------------------------------ requests in / out
     def add_request(self, er: EngineRequest) -> None:
@@ -79,6 +92,8 @@ class Scheduler:
         if er.request_id in self.requests:
             raise ValueError(f"request id {er.request_id!r} is already in use")
         req = Request(er, self.eos_ids)
+        if er.params.structured is not None:  # StructuredError (a ValueError): the request fails alone
+            req.grammar = self._compiler().matcher(er.params.structured)
         self.requests[req.request_id] = req
         self.waiting.append(req)
 
@@ -101,6 +116,29 @@ class Scheduler:
     def drop_inflight(self) -> None:
         """Forget steps whose results will never come (the engine failed a step)."""
         self._inflight.clear()
+        self._deferred.clear()
+
+    # ------------------------------------------------------------------ structured outputs
+    def _compiler(self) -> GrammarCompiler:
+        if self._grammar is None:
+            if self._grammar_compiler_factory is None:
+                raise ValueError("structured outputs are not available in this engine")
+            self._grammar = self._grammar_compiler_factory()
+        return self._grammar
+
+    def _fill(self, states: list[GrammarState]) -> np.ndarray:
+        from nanovllmx.structured.grammar import fill_bitmasks
+
+        g = self._compiler()
+        return fill_bitmasks(states, g.vocab_size, g.stop_token_ids)
+
+    def fill_deferred_masks(self, step: int) -> np.ndarray:
+        """The bitmask of a step built with `mask_deferred`: call once the step before it is applied."""
+        return self._fill(self._deferred.pop(step))
+
+    def grammar_waits_on_inflight(self) -> bool:
+        """A constrained running request has a token in flight: its next mask cannot be known yet."""
+        return any(r.grammar is not None and r.pending for r in self.running)
 
     def take_pending_outputs(self) -> list[EngineOutput]:
         out, self._pending = self._pending, []
@@ -239,6 +277,17 @@ class Scheduler:
         sample_rows = np.nonzero(sample_mask)[0].astype(_I32)
         sampled = [reqs[i] for i in sample_rows.tolist()]
         sampling = self._sampling(sampled)  # before pending moves: seeded draws are keyed by output index
+        grammar_rows, bitmask, deferred = None, None, False
+        if self._grammar is not None:
+            g = [i for i, r in enumerate(sampled) if r.grammar is not None]
+            if g:
+                grammar_rows = np.asarray(g, dtype=_I32)
+                states = [st for i in g if (st := sampled[i].grammar) is not None]
+                if any(sampled[i].pending for i in g):  # a previous token still in flight
+                    self._deferred[self.step_id] = states
+                    deferred = True
+                else:
+                    bitmask = self._fill(states)
         for r in sampled:
             r.pending += 1
         self._inflight.append(sampled)
@@ -255,6 +304,9 @@ class Scheduler:
             sample_rows=sample_rows,
             sampling=sampling,
             has_placeholders=bool((input_ids < 0).any()),
+            grammar_rows=grammar_rows,
+            bitmask=bitmask,
+            mask_deferred=deferred,
         )
 
     @staticmethod
@@ -296,6 +348,8 @@ class Scheduler:
                 continue
             req.pending -= 1
             req.tokens.append(tok)
+            if req.grammar is not None and not req.grammar.accept(tok) and not req.grammar.terminated:
+                logger.warning("request %s: token %d is outside its grammar", req.request_id, tok)
             self.generation_tokens_total += 1
             reason: FinishReason | None = None
             if tok in req.stop_ids:

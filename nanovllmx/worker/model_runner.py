@@ -28,6 +28,26 @@ class SampledTokens:
         return self.host.numpy().copy()
 
 
+class DeferredTokens:
+    """A launched step with rows under a grammar whose masks follow it (ScheduledBatch.mask_deferred):
+    the forward and the other rows' samples are on the device; `apply_grammar` samples the
+    constrained rows once their bitmask is known and starts the host copy; then `result()` waits."""
+
+    def __init__(self, runner: ModelRunner, b: ScheduledBatch, tokens: torch.Tensor, logits: torch.Tensor):
+        self.runner, self.batch, self.tokens, self.logits = runner, b, tokens, logits
+        self._out: SampledTokens | None = None
+
+    def apply_grammar(self, bitmask: np.ndarray) -> None:
+        r = self.runner
+        r.constrain(self.logits, self.batch, self.tokens, bitmask)
+        self._out = r.to_host(self.tokens)
+
+    def result(self) -> np.ndarray:
+        if self._out is None:
+            raise RuntimeError(f"step {self.batch.step}: its grammar masks never came")
+        return self._out.result()
+
+
 def make_backend(name: str, kv: KVPool, model: Qwen3ForCausalLM, cfg: EngineConfig) -> AttentionBackend:
     layer0 = next(iter(model.layers.values())).self_attn
     args = (kv, layer0.num_heads, layer0.num_kv_heads, layer0.head_dim)
@@ -80,6 +100,26 @@ class ModelRunner:
         self.next_tokens[self._to_dev(b.req_indices[b.sample_rows]).long()] = tokens
         return tokens
 
+    def constrain(self, logits: torch.Tensor, b: ScheduledBatch, tokens: torch.Tensor, bitmask: np.ndarray) -> None:
+        """Resample b's grammar rows from their logits (`logits`: those rows only) under their bitmask;
+        the new ids replace theirs in `tokens` (one per sampled row) and in next_tokens."""
+        assert b.grammar_rows is not None
+        g = b.grammar_rows
+        new = self.sampler.sample_constrained(logits, b.sampling.take(g), self._to_dev(bitmask)).to(torch.int32)
+        tokens[self._to_dev(g).long()] = new
+        self.next_tokens[self._to_dev(b.req_indices[b.sample_rows[g]]).long()] = new
+
+    def to_host(self, tokens: torch.Tensor) -> SampledTokens:
+        """Start the copy of a step's sampled ids to pinned host memory (double-buffered)."""
+        host = self._host_bufs[self._flip][: len(tokens)]
+        self._flip ^= 1
+        host.copy_(tokens, non_blocking=True)
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        return SampledTokens(host, event)
+
     def prepare(self, b: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         q_lens = b.q_lens
         cu = np.zeros(len(q_lens) + 1, dtype=np.int32)
@@ -123,9 +163,11 @@ class ModelRunner:
         tm = self.timer
         tm.steps += 1
         tm.start()
+        logits: torch.Tensor | None = None
         if self.graphs is not None and b.is_decode and self.graphs.can_run(b.num_reqs):
             # the graph takes the batch as it comes and samples (and records the samples) itself
             tokens = self.graphs.run(b)
+            logits = self.graphs.sampled_logits(b) if b.grammar_rows is not None else None
             tm.lap("forward_launch")
         else:
             ids, positions, meta = self.prepare(b)
@@ -141,12 +183,14 @@ class ModelRunner:
             logits = self.model.compute_logits(out[last_tok])
             tm.lap("forward_launch")
             tokens = self.sample(logits, b)
-        host = self._host_bufs[self._flip][: len(tokens)]
-        self._flip ^= 1
-        host.copy_(tokens, non_blocking=True)
-        event = None
-        if self.device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record()
+        if b.grammar_rows is not None:  # structured outputs: only batches with a constrained row
+            assert logits is not None
+            g_logits = logits[self._to_dev(b.grammar_rows).long()]
+            if b.mask_deferred:
+                tm.lap("sample_launch")
+                return DeferredTokens(self, b, tokens, g_logits)
+            assert b.bitmask is not None
+            self.constrain(g_logits, b, tokens, b.bitmask)
+        out = self.to_host(tokens)
         tm.lap("sample_launch")
-        return SampledTokens(host, event)
+        return out
