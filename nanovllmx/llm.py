@@ -25,8 +25,8 @@ from nanovllmx.engine.stream import DeltaStream
 from nanovllmx.errors import EngineOverloadedError, EngineRequestError, EngineUnavailableError
 from nanovllmx.outputs import RequestOutput, StreamDelta
 from nanovllmx.sampling_params import RequestLimits, SamplingParams
-from nanovllmx.structured.grammar import GrammarCompiler, get_compiler
 from nanovllmx.scheduler.request import EngineOutput, EngineRequest, check_prompt
+from nanovllmx.structured.grammar import GrammarCompiler, get_compiler
 
 logger = logging.getLogger(__name__)
 

@@ -116,6 +116,8 @@ class LLMServerImpl:
         chat_template_timeout_s: float = DEFAULT_CHAT_TEMPLATE_TIMEOUT_S,
         prompt_job_stuck_after_s: float = DEFAULT_PROMPT_JOB_STUCK_AFTER_S,
         api_key: str | None = None,
+        reasoning_parser: str = "auto",
+        tool_call_parser: str = "auto",
     ):
         from nanovllmx import LLM
 
@@ -135,6 +137,8 @@ class LLMServerImpl:
             generation_defaults(self.folder) if generation_config == "auto" else {},
             trust_request_chat_template=trust_request_chat_template,
             chat_template_timeout_s=chat_template_timeout_s,
+            reasoning_parser=reasoning_parser,
+            tool_call_parser=tool_call_parser,
         )
         # /v1/models names the model as served (or its hub id), never the operator's local folder
         kind = model_resolver.kind_of(model)
@@ -302,10 +306,12 @@ class LLMServerImpl:
             await first_deltas(self, streams)  # failed before its first token: an HTTP error, not a 200
             head = ChunkHead(rid, chunk_object, created, name)
             return StreamingResponse(
-                sse_body(body, streams, head, prompt_ids), media_type="text/event-stream", headers=SSE_HEADERS
+                sse_body(body, streams, head, prompt_ids, self.mapping),
+                media_type="text/event-stream",
+                headers=SSE_HEADERS,
             )
         results = await collect(streams, raw_request, self)
-        return JSONResponse(full_response(body, rid, created, name, prompt_ids, results))
+        return JSONResponse(full_response(body, rid, created, name, prompt_ids, results, self.mapping))
 
     # ------------------------------------------------------------------------- behind LLMIngress
     async def generate_ids(self, route: str, body: dict[str, Any], prompt_ids: list[int]) -> AsyncIterator[Any]:

@@ -18,6 +18,7 @@ from nanovllmx.engine.protocol import EngineClient
 from nanovllmx.outputs import StreamDelta
 from nanovllmx.sampling_params import SamplingParams
 from nanovllmx.serve.errors import APIError, bad_request
+from nanovllmx.serve.parsers import ChatOutputParser, ParserConfig
 from nanovllmx.serve.prompt_jobs import PromptJobs, RenderTimeout, call_with_deadline
 from nanovllmx.serve.protocol import (
     ChatCompletionChoice,
@@ -27,9 +28,11 @@ from nanovllmx.serve.protocol import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
+    ToolCall,
     Usage,
     drop_none,
 )
+from nanovllmx.serve.structured_fields import check_tool_choice, grammar_of
 
 OpenAIRequest = ChatCompletionRequest | CompletionRequest
 
@@ -77,12 +80,13 @@ def unsupported(message: str, param: str) -> APIError:
     return bad_request(message, param, "unsupported_parameter")
 
 
-def usage_of_choices(lasts: list[StreamDelta | None], n_prompt: int) -> Usage:
+def usage_of_choices(lasts: list[StreamDelta | None], n_prompt: int, reasoning: int | None = None) -> Usage:
     """Usage of a response with one choice per last delta: the prompt counts once (as OpenAI's),
-    completion tokens add up; cached tokens are the first choice's."""
+    completion tokens add up; cached tokens are the first choice's. `reasoning`: the choices'
+    reasoning tokens (chat with the reasoning parser), else None."""
     done = sum(d.num_output_tokens for d in lasts if d is not None)
     cached = lasts[0].num_cached_tokens if lasts and lasts[0] is not None else 0
-    return Usage.of(n_prompt, done, cached)
+    return Usage.of(n_prompt, done, cached, reasoning)
 
 
 class RequestMapping:
@@ -94,6 +98,8 @@ class RequestMapping:
         defaults: dict[str, Any],
         trust_request_chat_template: bool = False,
         chat_template_timeout_s: float = DEFAULT_CHAT_TEMPLATE_TIMEOUT_S,
+        reasoning_parser: str = "auto",
+        tool_call_parser: str = "auto",
     ):
         self.llm = llm
         # a client's own chat template (chat_template_kwargs.chat_template) is refused unless the
@@ -107,11 +113,14 @@ class RequestMapping:
         self.context_len: int = context_len
         self.vocab_size: int = llm.config.hf_config.vocab_size
         self.defaults = defaults  # generation_defaults(), or {} for OpenAI's
+        # chat outputs: Qwen3's think block -> reasoning_content, Hermes tool calls -> tool_calls
+        self.parsers = ParserConfig.for_tokenizer(self.tokenizer, reasoning_parser, tool_call_parser)
 
     # ------------------------------------------------------------------------- checks
     @staticmethod
     def check(body: OpenAIRequest) -> None:
-        """400 for the fields this server accepts but does not support (yet)."""
+        """400 for the fields this server accepts but does not support (yet), and for constraints
+        (response_format, tool_choice, structured_outputs, guided_*) it cannot take."""
         if body.n is not None and not 1 <= body.n <= MAX_CHOICES:
             raise bad_request(f"n must be between 1 and {MAX_CHOICES}, got {body.n}", "n")
         for field, neutral in (("presence_penalty", 0), ("frequency_penalty", 0), ("repetition_penalty", 1)):
@@ -123,12 +132,7 @@ class RequestMapping:
         if isinstance(body, ChatCompletionRequest):
             if body.logprobs or (body.top_logprobs or 0) > 0:
                 raise unsupported("logprobs are not supported yet", "logprobs")
-            if body.response_format and body.response_format.get("type", "text") != "text":
-                raise unsupported("response_format other than {'type': 'text'} is not supported yet", "response_format")
-            if isinstance(body.tool_choice, dict) or body.tool_choice not in (None, "auto", "none"):
-                raise unsupported(
-                    "tool_choice must be 'auto' or 'none' (forced tool calls are not supported yet)", "tool_choice"
-                )
+            check_tool_choice(body)
         else:
             if body.logprobs is not None:
                 raise unsupported("logprobs are not supported yet", "logprobs")
@@ -138,6 +142,18 @@ class RequestMapping:
                 raise unsupported("suffix is not supported", "suffix")
             if body.best_of not in (None, 1):
                 raise unsupported("best_of > 1 is not supported yet", "best_of")
+        grammar_of(body)  # the fields' shapes now; whether the grammar compiles when submitted
+
+    def output_parser(self, body: OpenAIRequest, prompt_ids: list[int]) -> ChatOutputParser | None:
+        """A chat choice's parser (reasoning, tool calls), or None: completions, or both parsers off."""
+        if not isinstance(body, ChatCompletionRequest):
+            return None
+        cfg = self.parsers
+        tail = prompt_ids[-4:]
+        # a prompt ending inside an open think block (a thinking-only template): the output starts in it
+        opened = cfg.think_start_id in tail and cfg.think_end_id not in tail
+        p = ChatOutputParser(cfg, tools=bool(body.tools) and body.tool_choice != "none", start_in_reasoning=opened)
+        return p if p.active else None
 
     # ------------------------------------------------------------------------- the prompt
     async def prompt_ids(self, body: OpenAIRequest) -> list[int]:
@@ -294,6 +310,7 @@ class RequestMapping:
                 stop_token_ids=body.stop_token_ids or [],
                 ignore_eos=bool(body.ignore_eos),
                 seed=seed,
+                structured=grammar_of(body),
             )
         except ValueError as e:
             msg = str(e)
@@ -303,6 +320,11 @@ class RequestMapping:
             raise bad_request(msg, param) from e
 
 
+def finish_reason_of(reason: str | None, num_tool_calls: int) -> str | None:
+    """OpenAI's "tool_calls" for a choice that stopped after calling tools."""
+    return "tool_calls" if num_tool_calls and reason == "stop" else reason
+
+
 def full_response(
     body: OpenAIRequest,
     rid: str,
@@ -310,21 +332,35 @@ def full_response(
     name: str,
     prompt_ids: list[int],
     results: list[tuple[str, list[int], StreamDelta]],
+    mapping: RequestMapping | None = None,
 ) -> dict[str, Any]:
-    """The non-streaming response's JSON: one choice per (text, token ids, last delta)."""
+    """The non-streaming response's JSON: one choice per (text, token ids, last delta); chat
+    messages through the mapping's output parsers (reasoning, tool calls)."""
     ids = bool(body.return_token_ids)
-    usage = usage_of_choices([r[2] for r in results], len(prompt_ids))
     resp: dict[str, Any]
     if isinstance(body, ChatCompletionRequest):
-        chat_choices = [
-            ChatCompletionChoice(
-                index=i,
-                message=ChatCompletionMessage(content=text),
-                finish_reason=last.finish_reason,
-                token_ids=token_ids if ids else None,
+        chat_choices = []
+        reasoning: int | None = None
+        for i, (text, token_ids, last) in enumerate(results):
+            parser = mapping.output_parser(body, prompt_ids) if mapping is not None else None
+            finish: str | None = last.finish_reason
+            if parser is None:
+                message = ChatCompletionMessage(content=text)
+            else:
+                m = parser.parse(text, token_ids)
+                calls = [ToolCall.model_validate(c) for c in m["tool_calls"] or []]
+                message = ChatCompletionMessage(
+                    content=m["content"], reasoning_content=m["reasoning_content"], tool_calls=calls or None
+                )
+                finish = finish_reason_of(last.finish_reason, len(calls))
+                if parser.reasoning is not None:
+                    reasoning = (reasoning or 0) + parser.reasoning_tokens
+            chat_choices.append(
+                ChatCompletionChoice(
+                    index=i, message=message, finish_reason=finish, token_ids=token_ids if ids else None
+                )
             )
-            for i, (text, token_ids, last) in enumerate(results)
-        ]
+        usage = usage_of_choices([r[2] for r in results], len(prompt_ids), reasoning)
         resp = ChatCompletionResponse(
             id=rid,
             created=created,
@@ -334,7 +370,11 @@ def full_response(
             prompt_token_ids=prompt_ids if ids else None,
         ).model_dump()
         drop_none(resp, ("prompt_token_ids",))
+        resp["usage"] = usage.dump()
+        for c in resp["choices"]:
+            drop_none(c["message"], ("reasoning_content", "tool_calls"))
     else:
+        usage = usage_of_choices([r[2] for r in results], len(prompt_ids))
         choices = [
             CompletionChoice(
                 index=i,
@@ -346,6 +386,7 @@ def full_response(
             for i, (text, token_ids, last) in enumerate(results)
         ]
         resp = CompletionResponse(id=rid, created=created, model=name, choices=choices, usage=usage).model_dump()
+        resp["usage"] = usage.dump()
     for c in resp["choices"]:
         drop_none(c, ("token_ids", "prompt_token_ids"))
     return resp

@@ -22,8 +22,10 @@ from nanovllmx.metrics import ServeMetrics
 from nanovllmx.outputs import StreamDelta
 from nanovllmx.sampling_params import SamplingParams
 from nanovllmx.serve.errors import APIError, bad_request, engine_failed, engine_refused, engine_unavailable
-from nanovllmx.serve.mapping import OpenAIRequest, param_of, usage_of_choices
+from nanovllmx.serve.mapping import OpenAIRequest, RequestMapping, finish_reason_of, param_of, usage_of_choices
+from nanovllmx.serve.parsers import ChatOutputParser
 from nanovllmx.serve.protocol import ChatCompletionRequest
+from nanovllmx.structured.spec import StructuredError
 
 logger = logging.getLogger("nanovllmx.serve")
 
@@ -147,6 +149,8 @@ def open_stream(server: StreamOwner, prompt_ids: list[int], params: SamplingPara
     t_arrival = time.perf_counter()
     try:
         deltas = server.llm.submit(prompt_ids, params, request_id=rid)
+    except StructuredError as e:  # the grammar does not compile: the field that asked for it
+        raise bad_request(str(e), e.param, "invalid_grammar") from e
     except (ValueError, TypeError) as e:
         raise bad_request(str(e), param_of(str(e)) or "prompt") from e
     except (EngineOverloadedError, EngineUnavailableError) as e:
@@ -290,8 +294,16 @@ class ChoiceChunks:
     prompt's ids and puts text in `delta`; completions put it in `text` and the prompt's ids in the
     first choice."""
 
-    def __init__(self, head: ChunkHead, body: OpenAIRequest, prompt_ids: list[int], index: int):
+    def __init__(
+        self,
+        head: ChunkHead,
+        body: OpenAIRequest,
+        prompt_ids: list[int],
+        index: int,
+        parser: ChatOutputParser | None = None,
+    ):
         opts = body.stream_options
+        self.parser = parser  # chat: reasoning_content / content / tool_calls deltas
         self.head, self.prompt_ids, self.index = head, prompt_ids, index
         self.chat = isinstance(body, ChatCompletionRequest)
         self.include_usage = bool(opts and opts.include_usage)
@@ -308,8 +320,16 @@ class ChoiceChunks:
                 choice["prompt_token_ids"], self.sent_prompt = self.prompt_ids, True
         c = self.head.chunk([choice])
         if self.include_usage:
-            c["usage"] = usage_of_choices([self.last], len(self.prompt_ids)).model_dump() if self.continuous else None
+            c["usage"] = (
+                usage_of_choices([self.last], len(self.prompt_ids), self.reasoning_tokens()).dump()
+                if self.continuous
+                else None
+            )
         return c
+
+    def reasoning_tokens(self) -> int | None:
+        p = self.parser
+        return p.reasoning_tokens if p is not None and p.reasoning is not None else None
 
     def first(self) -> dict[str, Any] | None:
         """The chunk before any delta: chat's role chunk (as vLLM: with the prompt's ids); none for completions."""
@@ -323,10 +343,20 @@ class ChoiceChunks:
     def of(self, d: StreamDelta) -> dict[str, Any] | None:
         """The chunk of a delta, or None when it has nothing to say (no text, ids or end)."""
         self.last = d
+        finish: str | None = d.finish_reason if d.finished else None
+        if self.parser is not None:
+            delta = self.parser.feed(d.text, d.token_ids)
+            if d.finished:
+                for k, v in self.parser.finish().items():
+                    delta[k] = delta.get(k, type(v)()) + v
+                finish = finish_reason_of(finish, self.parser.num_tool_calls)
+            if not (delta or d.finished or (self.token_ids and d.token_ids)):
+                return None
+            return self._chunk({"delta": delta}, finish, d.token_ids)
         if not (d.text or d.finished or (self.token_ids and d.token_ids)):
             return None
         content = ({"delta": {"content": d.text} if d.text else {}}) if self.chat else {"text": d.text}
-        return self._chunk(content, d.finish_reason if d.finished else None, d.token_ids)
+        return self._chunk(content, finish, d.token_ids)
 
 
 async def choice_events(stream: EngineStream, chunks: ChoiceChunks) -> AsyncIterator[str]:
@@ -341,7 +371,12 @@ async def choice_events(stream: EngineStream, chunks: ChoiceChunks) -> AsyncIter
 
 
 async def merged_events(
-    choices: list[AsyncIterator[str]], streams: list[EngineStream], head: ChunkHead, include_usage: bool, n_prompt: int
+    choices: list[AsyncIterator[str]],
+    streams: list[EngineStream],
+    head: ChunkHead,
+    include_usage: bool,
+    n_prompt: int,
+    chunks: list[ChoiceChunks] | None = None,
 ) -> AsyncIterator[str]:
     """The events of every choice as they come, then (stream_options.include_usage) one usage
     chunk for the whole response."""
@@ -374,7 +409,10 @@ async def merged_events(
             for t in tasks:
                 t.cancel()
     if include_usage:
-        yield sse({**head.chunk([]), "usage": usage_of_choices([st.last for st in streams], n_prompt).model_dump()})
+        counts = [c.reasoning_tokens() for c in chunks or []]
+        reasoning = sum(n for n in counts if n is not None) if any(n is not None for n in counts) else None
+        usage = usage_of_choices([st.last for st in streams], n_prompt, reasoning)
+        yield sse({**head.chunk([]), "usage": usage.dump()})
 
 
 async def guarded_events(events: AsyncIterator[str], streams: list[EngineStream]) -> AsyncIterator[str]:
@@ -394,9 +432,18 @@ async def guarded_events(events: AsyncIterator[str], streams: list[EngineStream]
 
 
 def sse_body(
-    body: OpenAIRequest, streams: list[EngineStream], head: ChunkHead, prompt_ids: list[int]
+    body: OpenAIRequest,
+    streams: list[EngineStream],
+    head: ChunkHead,
+    prompt_ids: list[int],
+    mapping: RequestMapping | None = None,
 ) -> AsyncIterator[str]:
-    """The whole SSE body of a streamed response with one choice per stream."""
-    events = [choice_events(st, ChoiceChunks(head, body, prompt_ids, i)) for i, st in enumerate(streams)]
+    """The whole SSE body of a streamed response with one choice per stream (chat deltas through
+    the mapping's output parsers)."""
+    chunks = [
+        ChoiceChunks(head, body, prompt_ids, i, mapping.output_parser(body, prompt_ids) if mapping else None)
+        for i in range(len(streams))
+    ]
+    events = [choice_events(st, c) for st, c in zip(streams, chunks)]
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return guarded_events(merged_events(events, streams, head, include_usage, len(prompt_ids)), streams)
+    return guarded_events(merged_events(events, streams, head, include_usage, len(prompt_ids), chunks), streams)

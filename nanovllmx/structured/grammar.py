@@ -65,7 +65,7 @@ class GrammarCompiler:
         except StructuredError:
             raise
         except Exception as e:  # the library's RuntimeError/ValueError: an invalid or unsupported grammar
-            raise StructuredError(f"{spec.field}: {_reason(e)}") from None
+            raise StructuredError(f"{spec.field}: {_reason(e)}", spec.field) from None
         with self._lock:
             self._cache[spec.key] = cg
             self.compiled_total += 1
@@ -79,7 +79,7 @@ class GrammarCompiler:
             try:
                 json.loads(spec.value)
             except ValueError as e:
-                raise StructuredError(f"{spec.field}: the schema is not valid JSON: {e}") from None
+                raise StructuredError(f"{spec.field}: the schema is not valid JSON: {e}", spec.field) from None
             # compact JSON: with free whitespace, random or weak weights can pad forever
             return c.compile_json_schema(spec.value, any_whitespace=False, strict_mode=True)
         if spec.kind == "json_object":
@@ -89,7 +89,21 @@ class GrammarCompiler:
         if spec.kind == "choice":
             options = json.loads(spec.value)
             return c.compile_grammar("root ::= " + " | ".join(json.dumps(o, ensure_ascii=False) for o in options))
+        if spec.kind == "tool_calls":
+            return c.compile_grammar(self._tool_calls(json.loads(spec.value)))
         return c.compile_grammar(spec.value)  # "grammar": EBNF
+
+    def _tool_calls(self, v: dict[str, Any]) -> xgr.Grammar:
+        """1..max_calls Hermes blocks, each `<tool_call>\n` + a call matching the schema + `\n</tool_call>`."""
+        G = self._xgr.Grammar
+        call = G.from_json_schema(json.dumps(v["schema"]), any_whitespace=False, strict_mode=True)
+        block = G.concat(G.from_ebnf('root ::= "<tool_call>\\n"'), call, G.from_ebnf('root ::= "\\n</tool_call>"'))
+        sep = G.from_ebnf('root ::= "\\n"')
+        options, seq = [], [block]
+        for _ in range(max(1, int(v["max_calls"]))):
+            options.append(G.concat(*seq) if len(seq) > 1 else block)
+            seq += [sep, block]
+        return G.union(*options) if len(options) > 1 else options[0]
 
     def matcher(self, spec: GrammarSpec) -> GrammarState:
         return GrammarState(self._xgr.GrammarMatcher(self.compile(spec)))

@@ -7,19 +7,26 @@ import json
 from dataclasses import dataclass
 from typing import Literal
 
-GrammarKind = Literal["json", "json_object", "regex", "choice", "grammar"]
-KINDS: tuple[str, ...] = ("json", "json_object", "regex", "choice", "grammar")
+GrammarKind = Literal["json", "json_object", "regex", "choice", "grammar", "tool_calls"]
+KINDS: tuple[str, ...] = ("json", "json_object", "regex", "choice", "grammar", "tool_calls")
 
 
 class StructuredError(ValueError):
-    """A grammar the library refuses (invalid schema, unsupported feature, bad regex): a 400."""
+    """A grammar the library refuses (invalid schema, unsupported feature, bad regex): a 400 naming
+    `param`, the request field it came from."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param or message.split(":", 1)[0]
 
 
 @dataclass(frozen=True)
 class GrammarSpec:
     """kind: "json" (value: a JSON schema, as JSON text), "json_object" (any JSON object; value
     unused), "regex", "choice" (value: a JSON list of strings), "grammar" (EBNF, xgrammar's GBNF
-    dialect). `field` names the request field it came from, for error messages."""
+    dialect), "tool_calls" (value: {"schema": one call's JSON schema, "max_calls": K} as JSON: 1..K
+    Hermes blocks `<tool_call>\n{call}\n</tool_call>` separated by newlines). `field` names the
+    request field it came from, for error messages."""
 
     kind: GrammarKind
     value: str = ""
@@ -44,6 +51,10 @@ class GrammarSpec:
         if not isinstance(options, list) or not options or not all(isinstance(o, str) for o in options):
             raise StructuredError(f"{field}: must be a non-empty list of strings")
         return cls("choice", json.dumps(options), field)
+
+    @classmethod
+    def tool_calls(cls, call_schema: dict[str, object], max_calls: int, field: str) -> GrammarSpec:
+        return cls("tool_calls", json.dumps({"schema": call_schema, "max_calls": max_calls}, sort_keys=True), field)
 
     @property
     def key(self) -> tuple[str, str]:

@@ -37,6 +37,7 @@ class DeferredTokens:
         self.runner, self.batch, self.tokens, self.logits = runner, b, tokens, logits
         self._out: SampledTokens | None = None
 
+    @torch.inference_mode()
     def apply_grammar(self, bitmask: np.ndarray) -> None:
         r = self.runner
         r.constrain(self.logits, self.batch, self.tokens, bitmask)
