@@ -39,6 +39,38 @@ def standard_workload(num_seqs: int = 256, max_in: int = 1024, max_out: int = 10
     return prompts, params
 
 
+# --json-schema-frac: the schema a share of the standard workload's requests is held to (structured
+# outputs, issue 22). Nested arrays of objects keep the grammar busy for many tokens; with ignore_eos
+# a request whose JSON is complete goes on with the only tokens its grammar then allows (EOS) up to
+# its max_tokens, so the token count stays the standard workload's.
+BENCH_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "items": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "integer"},
+                    "name": {"type": "string"},
+                    "tags": {"type": "array", "items": {"type": "string"}},
+                    "score": {"type": "number"},
+                },
+                "required": ["id", "name", "tags", "score"],
+            },
+        }
+    },
+    "required": ["items"],
+}
+
+
+def constrained_indices(num_seqs: int, frac: float) -> list[int]:
+    """Which requests get BENCH_SCHEMA: about frac of them, spread evenly (every 4th for 0.25)."""
+    if frac <= 0:
+        return []
+    return sorted({min(num_seqs - 1, int(i / frac)) for i in range(round(num_seqs * frac))})
+
+
 def _pct(xs: list[float], q: float) -> float:
     if not xs:
         return float("nan")
@@ -50,10 +82,11 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def http_requests_standard(model: str, num_seqs: int) -> list[tuple[str, dict]]:
-    """The standard workload as streaming /v1/completions requests (token-id prompts)."""
+def http_requests_standard(model: str, num_seqs: int, json_schema_frac: float = 0.0) -> list[tuple[str, dict]]:
+    """The standard workload as streaming /v1/completions requests (token-id prompts); with
+    json_schema_frac, that share of them under BENCH_SCHEMA (vLLM's structured_outputs field)."""
     prompts, params = standard_workload(num_seqs)
-    return [
+    out = [
         (
             "/v1/completions",
             {
@@ -66,6 +99,9 @@ def http_requests_standard(model: str, num_seqs: int) -> list[tuple[str, dict]]:
         )
         for p, sp in zip(prompts, params)
     ]
+    for i in constrained_indices(num_seqs, json_schema_frac):
+        out[i][1]["structured_outputs"] = {"json": BENCH_SCHEMA}
+    return out
 
 
 def http_requests_from_file(
@@ -319,7 +355,7 @@ def http_bench(a) -> list[dict]:
             )
             workload = f"file:{os.path.basename(a.prompts_file)}"
         else:
-            requests = http_requests_standard(model, a.num_seqs or 256)
+            requests = http_requests_standard(model, a.num_seqs or 256, a.json_schema_frac)
             workload = "standard"
         warm = [("/v1/completions", {"model": model, "prompt": [1, 2, 3], "max_tokens": 8})]
         asyncio.run(_http_run(url, warm, None, None))
@@ -417,6 +453,12 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=None, help="per-step token budget (prefill chunk)")
     ap.add_argument("--torch-profile", default=None, help="write a torch.profiler kernel table of the run here")
     ap.add_argument("--profile", action="store_true", help="print the per-step time breakdown")
+    ap.add_argument(
+        "--json-schema-frac",
+        type=float,
+        default=0.0,
+        help="this share of the standard workload's requests under a JSON schema (structured outputs); 0.25: every 4th",
+    )
     ap.add_argument("--top-k", type=int, default=0, help="offline: top_k for every request (standard: 0, off)")
     ap.add_argument("--top-p", type=float, default=1.0, help="offline: top_p for every request (standard: 1, off)")
     ap.add_argument(
@@ -509,6 +551,14 @@ def main() -> None:
     if a.top_k or a.top_p < 1:  # e.g. Qwen3's generation defaults (top_k 20, top_p 0.95): the filtered sampler
         for p in params:
             p.top_k, p.top_p = a.top_k, a.top_p
+    constrained = constrained_indices(a.num_seqs, a.json_schema_frac)
+    if constrained:
+        from nanovllmx.structured import GrammarSpec
+
+        spec = GrammarSpec.json_schema(BENCH_SCHEMA, "json_schema")
+        for i in constrained:
+            params[i].structured = spec
+        llm.generate(["Benchmark: "], SamplingParams(max_tokens=8, structured=spec), use_tqdm=False)  # compile
     llm.generate(["Benchmark: "], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
     warm = llm.stats() if a.profile else None  # the profile covers the timed run only (not JIT compiles)
     prof = None
@@ -550,6 +600,13 @@ def main() -> None:
         res["max_num_batched_tokens"] = a.max_num_batched_tokens
     if a.top_k or a.top_p < 1:
         res.update(top_k=a.top_k, top_p=a.top_p)
+    if constrained:
+        eos = set(llm.config.eos_token_ids)
+        # tokens sampled while the grammar was still open (before its EOS), of the constrained requests
+        open_tokens = sum(
+            next((k for k, t in enumerate(outs[i].token_ids) if t in eos), len(outs[i].token_ids)) for i in constrained
+        )
+        res.update(json_schema_requests=len(constrained), json_schema_open_tokens=open_tokens)
     stats = llm.stats()
     res.update({k: stats[k] for k in ("num_preempted_total", "num_slots") if k in stats})
     if bw:

@@ -152,8 +152,16 @@ class RequestMapping:
         tail = prompt_ids[-4:]
         # a prompt ending inside an open think block (a thinking-only template): the output starts in it
         opened = cfg.think_start_id in tail and cfg.think_end_id not in tail
-        p = ChatOutputParser(cfg, tools=bool(body.tools) and body.tool_choice != "none", start_in_reasoning=opened)
+        p = ChatOutputParser(
+            cfg,
+            tools=bool(body.tools) and body.tool_choice != "none",
+            start_in_reasoning=opened,
+            piece_of=self._piece_of,
+        )
         return p if p.active else None
+
+    def _piece_of(self, token_id: int) -> str:
+        return str(self.tokenizer.decode([token_id]))
 
     # ------------------------------------------------------------------------- the prompt
     async def prompt_ids(self, body: OpenAIRequest) -> list[int]:

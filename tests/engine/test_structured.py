@@ -39,15 +39,17 @@ def json_params(seed: int | None, temperature: float = 1.0, **kw) -> SamplingPar
     )
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["no-overlap", "overlap"])
-def llm(request, tiny_model_dir):
-    engine = LLM(str(tiny_model_dir), context_len=CONTEXT_LEN, max_bs=8, overlap_scheduling=request.param)
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir):
+    # overlap scheduling (the GPU default): the masks of most steps are deferred (they follow the step)
+    engine = LLM(str(tiny_model_dir), context_len=CONTEXT_LEN, max_bs=8, overlap_scheduling=True)
     yield engine
     engine.shutdown()
 
 
 def test_json_schema_outputs_validate(llm) -> None:
-    outs = llm.generate(PROMPTS, [json_params(seed=i) for i in range(len(PROMPTS))])
+    # unseeded (seeded rows draw their noise row by row: slow on CPU); seeds in the overlap test
+    outs = llm.generate(PROMPTS, json_params(seed=None))
     for o in outs:
         assert o.finish_reason == "stop", (o.finish_reason, o.text)  # the grammar leads to EOS
         jsonschema.validate(json.loads(o.text), SCHEMA)
@@ -58,14 +60,12 @@ def test_json_schema_outputs_validate(llm) -> None:
 
 
 def test_regex_choice_and_truncation(llm) -> None:
-    regex = SamplingParams(temperature=1.0, seed=1, max_tokens=40, structured=GrammarSpec("regex", r"[a-c]{2,5}-\d"))
+    regex = SamplingParams(temperature=1.0, max_tokens=40, structured=GrammarSpec("regex", r"[a-c]{2,5}-\d"))
     choice = SamplingParams(
-        temperature=1.0, seed=2, max_tokens=20, structured=GrammarSpec.choice(["yes", "no", "maybe so"], "c")
+        temperature=1.0, max_tokens=20, structured=GrammarSpec.choice(["yes", "no", "maybe so"], "c")
     )
     # an unbounded string cut by max_tokens: reported as "length", never as a complete answer
-    cut = SamplingParams(
-        temperature=1.0, seed=3, max_tokens=4, structured=GrammarSpec.json_schema({"type": "string"}, "s")
-    )
+    cut = SamplingParams(temperature=1.0, max_tokens=4, structured=GrammarSpec.json_schema({"type": "string"}, "s"))
     r, c, t = llm.generate(PROMPTS[:3], [regex, choice, cut])
     assert r.finish_reason == "stop" and re.fullmatch(r"[a-c]{2,5}-\d", r.text), r.text
     assert c.finish_reason == "stop" and c.text in ("yes", "no", "maybe so"), c.text
@@ -76,7 +76,7 @@ def test_regex_choice_and_truncation(llm) -> None:
 def test_constrained_rows_leave_others_unchanged(llm) -> None:
     plain = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     alone = [o.token_ids for o in llm.generate(PROMPTS[:3], plain)]
-    mixed = llm.generate(PROMPTS[:3] + PROMPTS[3:], [plain] * 3 + [json_params(seed=i) for i in range(3)])
+    mixed = llm.generate(PROMPTS[:3] + PROMPTS[3:], [plain] * 3 + [json_params(seed=None)] * 3)
     assert [o.token_ids for o in mixed[:3]] == alone
     for o in mixed[3:]:
         jsonschema.validate(json.loads(o.text), SCHEMA)
@@ -84,20 +84,21 @@ def test_constrained_rows_leave_others_unchanged(llm) -> None:
 
 def test_overlap_gives_the_same_tokens(tiny_model_dir, llm) -> None:
     # seeded sampling is keyed by (seed, output index): the same tokens with and without overlap,
-    # so deferred masks (overlap) match masks computed at schedule time
-    params = [json_params(seed=10 + i) for i in range(4)] + [SamplingParams(temperature=0.0, max_tokens=20)]
-    here = [o.token_ids for o in llm.generate(PROMPTS[:5], params)]
-    other = LLM(
-        str(tiny_model_dir), context_len=CONTEXT_LEN, max_bs=8, overlap_scheduling=not llm.config.overlap_scheduling
-    )
+    # so deferred masks (overlap) match masks computed at schedule time (no overlap)
+    params = [json_params(seed=10 + i) for i in range(3)] + [SamplingParams(temperature=0.0, max_tokens=20)]
+    here = [o.token_ids for o in llm.generate(PROMPTS[:4], params)]
+    other = LLM(str(tiny_model_dir), context_len=CONTEXT_LEN, max_bs=8, overlap_scheduling=False)
     try:
-        assert [o.token_ids for o in other.generate(PROMPTS[:5], params)] == here
+        outs = other.generate(PROMPTS[:4], params)
+        assert [o.token_ids for o in outs] == here
+        for o in outs[:3]:
+            jsonschema.validate(json.loads(o.text), SCHEMA)
     finally:
         other.shutdown()
 
 
 def test_ignore_eos_runs_to_max_tokens_with_stop_tokens_after_the_grammar(llm) -> None:
-    o = llm.generate(PROMPTS[:1], json_params(seed=5, ignore_eos=True))[0]
+    o = llm.generate(PROMPTS[:1], json_params(seed=None, ignore_eos=True))[0]
     assert o.finish_reason == "length" and len(o.token_ids) == 120
     eos = set(llm.config.eos_token_ids)
     k = next(i for i, t in enumerate(o.token_ids) if t in eos)  # the grammar's end

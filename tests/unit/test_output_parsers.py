@@ -119,12 +119,16 @@ def test_every_chunking_gives_the_same_message(case) -> None:
                 assert set(d) == {"index", "function"} and set(d["function"]) == {"arguments"}
 
 
-def test_reasoning_tokens_are_counted_on_ids() -> None:
-    p = ChatOutputParser(CFG, tools=False)
-    p.feed("<think>", [151667])
-    p.feed("a b", [64, 293])
-    p.feed("</think>\n\nok", [151668, 271, 562])
-    assert p.reasoning_tokens == 2
-    off = ChatOutputParser(CFG, tools=False)
-    off.feed("plain", [1, 2, 3])
+@pytest.mark.parametrize("pieces", [["<think>", "a", " b", "</think>", "\n\n", "ok"], list("<think>ab</think>ok")])
+def test_reasoning_tokens_inside_the_block(pieces) -> None:
+    # token i's text is pieces[i]: the tags, as one token each or written in pieces, are not counted
+    # (in pieces, the ones that end a tag are not, the partial ones before are: one per char here)
+    p = ChatOutputParser(CFG, tools=False, piece_of=lambda i: pieces[i])
+    for i, x in enumerate(pieces):
+        p.feed(x, [i])
+    p.finish()
+    inside = "".join(pieces).split("</think>")[0]
+    assert p.reasoning_tokens == (2 if len(pieces) == 6 else len("ab") + len("</think>") - 1), inside
+    off = ChatOutputParser(CFG, tools=False, piece_of=lambda i: "x")
+    off.feed("xxx", [1, 2, 3])
     assert off.reasoning_tokens == 0

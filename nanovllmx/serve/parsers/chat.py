@@ -4,6 +4,7 @@ code, so a stream's deltas add up to the whole response's message."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -43,37 +44,45 @@ class ParserConfig:
 class ChatOutputParser:
     """`reasoning`: split off the think block; `tools`: parse tool calls out of the content (the
     request has tools and tool_choice is not "none"); `start_in_reasoning`: the prompt left a think
-    block open (then the output starts inside it)."""
+    block open (then the output starts inside it); `piece_of`: the text of one token id (to count
+    reasoning tokens: those inside the block before and after them, so not the tags themselves,
+    whether the model wrote a tag as its one token or in pieces)."""
 
-    def __init__(self, cfg: ParserConfig, tools: bool, start_in_reasoning: bool = False):
+    def __init__(
+        self,
+        cfg: ParserConfig,
+        tools: bool,
+        start_in_reasoning: bool = False,
+        piece_of: Callable[[int], str] | None = None,
+    ):
         self.cfg = cfg
         self.reasoning = ReasoningParser(start_in_reasoning) if cfg.reasoning == "qwen3" else None
         self.tools = ToolCallParser() if tools and cfg.tools == "hermes" else None
         self.reasoning_tokens = 0
-        self._ids_in_think = start_in_reasoning
-        self._ids_seen = 0
+        self._counter = ReasoningParser(start_in_reasoning) if self.reasoning is not None else None
+        self._piece_of = piece_of
 
     @property
     def active(self) -> bool:
         return self.reasoning is not None or self.tools is not None
 
-    def _count(self, token_ids: list[int]) -> None:
-        """Reasoning tokens: those strictly inside the think block."""
-        if self.reasoning is None:
+    def _count(self, text: str, token_ids: list[int]) -> None:
+        """Reasoning tokens: inside the think block before and after them (token by token when the
+        text of one id is known, else by delta)."""
+        c = self._counter
+        if c is None:
             return
-        for t in token_ids:
-            if self._ids_seen == 0 and t == self.cfg.think_start_id:
-                self._ids_in_think = True
-            elif t == self.cfg.think_end_id:
-                self._ids_in_think = False
-            elif self._ids_in_think:
-                self.reasoning_tokens += 1
-            self._ids_seen += 1
+        pieces = [self._piece_of(t) for t in token_ids] if self._piece_of is not None else [text]
+        for piece, n in zip(pieces, [1] * len(pieces) if self._piece_of is not None else [len(token_ids)]):
+            before = c.in_reasoning
+            c.feed(piece)
+            if before and c.in_reasoning:
+                self.reasoning_tokens += n
 
     def feed(self, text: str, token_ids: list[int] | None = None) -> dict[str, Any]:
         """An OpenAI chat `delta` (without role) of the new text: reasoning_content / content /
         tool_calls, each only when there is some."""
-        self._count(token_ids or [])
+        self._count(text, token_ids or [])
         if self.reasoning is not None:
             r, c = self.reasoning.feed(text)
         else:
