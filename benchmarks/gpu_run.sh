@@ -9,6 +9,10 @@
 #   offline  the standard workload (bench.py) on the Qwen3-0.6B shape: offline with the copy bandwidth
 #            and the roofline (--bw --profile), and through the Ray engine (--executor ray); then the
 #            Qwen3-8B shape offline (--preset qwen3-8b checkpoint; OFFLINE_8B=0 skips it)
+#   structured  (issue 22) the standard workload offline unconstrained, then with a quarter of the requests
+#            under a JSON schema (bench.py --json-schema-frac 0.25), in-process and through the Ray engine;
+#            a BASE tree runs the unconstrained row only (the A/B of the unconstrained path). Needs xgrammar
+#            on the device: pip install --no-deps --target .device/extra xgrammar-0.2.9-cp312-...whl (here)
 #   http     the standard workload through the Serve app that bench.py starts (--http --start-server):
 #            through Serve's proxy (the default path), then Serve's direct ingress (--direct-ingress-port)
 #   multi    (2 GPUs: kind nvidia-h200-x2) greedy tokens on the TP=2 and PP=2 grids (gpu_check --grids),
@@ -121,6 +125,14 @@ offline() {
   run ray-0.6b 240 "${BENCH[@]}" --model $M --executor ray --profile
   [ "${OFFLINE_8B:-1}" = 0 ] || run offline-8b 300 "${BENCH[@]}" --model $M8 $(bw_args $M8) --profile
 }
+structured() {
+  run offline-0.6b 240 "${BENCH[@]}" --model $M --profile
+  if grep -q -- "--json-schema-frac" bench.py; then
+    run json25-0.6b 240 "${BENCH[@]}" --model $M --json-schema-frac 0.25 --profile
+    run ray-json25-0.6b 240 "${BENCH[@]}" --model $M --executor ray --json-schema-frac 0.25 --profile
+    ray_stop
+  fi
+}
 http() {
   run http-proxy 300 "${BENCH[@]}" --model $M --http --start-server
   serve_down
@@ -145,8 +157,8 @@ multi() {
 
 target=${1:-}
 case "$target" in
-  "" | check | offline | http | multi) ;;
-  *) echo "usage: bash benchmarks/gpu_run.sh [check|offline|http|multi]  (BASE=other/checkout: A/B)" >&2; exit 2 ;;
+  "" | check | offline | structured | http | multi) ;;
+  *) echo "usage: bash benchmarks/gpu_run.sh [check|offline|structured|http|multi]  (BASE=other/checkout: A/B)" >&2; exit 2 ;;
 esac
 if [ "$LABEL" = new ]; then
   models

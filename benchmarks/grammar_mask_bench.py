@@ -5,6 +5,9 @@ random weights do: the hardest case, it walks the whole grammar). Compile time (
 is reported separately.
 
   python -m benchmarks.grammar_mask_bench [--model DIR] [--batch 256] [--steps 64] [--threads 2]
+
+llguidance is not a dependency of nanovllmx: `pip install llguidance==1.9.1` to compare (else
+`--libs xgrammar`). Numbers and the choice: docs/benchmarks.md, "Structured outputs".
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ def _allowed(mask_row: np.ndarray, vocab: int) -> np.ndarray:
 def bench_xgrammar(tok, vocab: int, batch: int, steps: int, threads: int, rng: np.random.Generator) -> dict:
     import xgrammar as xgr
 
+    tz = time.perf_counter()
     info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=vocab)
     t0 = time.perf_counter()
     compiler = xgr.GrammarCompiler(info, max_threads=threads)
@@ -71,7 +75,7 @@ def bench_xgrammar(tok, vocab: int, batch: int, steps: int, threads: int, rng: n
         accept.append(d - c)
     return dict(
         lib="xgrammar",
-        tokenizer_info_ms=None,
+        tokenizer_info_ms=(t0 - tz) * 1e3,
         compiler_ms=(t1 - t0) * 1e3,
         compile_ms=(t2 - t1) * 1e3,
         compile_cached_ms=(t3 - t2) * 1e3,
