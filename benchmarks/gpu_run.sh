@@ -115,7 +115,7 @@ ray_stop() { [ "${NO_RAY_STOP:-0}" = 1 ] || ray stop --force > /dev/null 2>&1; }
 serve_down() { [ "${NO_RAY_STOP:-0}" = 1 ] || serve shutdown -y > /dev/null 2>&1; ray_stop; sleep 2; }
 
 check() {
-  run gpu-tests 420 python -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_backends.py tests/unit/test_sampling.py
+  run gpu-tests 420 python -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_backends.py tests/unit/test_sampling.py $(ls tests/gpu/test_structured_gpu.py 2>/dev/null)
   note gpu-tests "$(tail -1 "$LOGS/$LABEL-gpu-tests.txt")"
   run gpu-check 300 python $(kit gpu_check) --model $S --with-ray --no-hf
   grep -A12 "^backend" "$LOGS/$LABEL-gpu-check.txt" | sed "s/^/$LABEL  /" >> "$TABLE"
