@@ -299,6 +299,8 @@ class LLMServerImpl:
         """A checked request with its prompt's token ids: one engine request per choice, then a
         streamed (SSE) or a whole response."""
         params = self.mapping.sampling_params(body, len(prompt_ids))
+        if params.structured is not None:  # compiled off the event loop (a big schema takes a while)
+            await self.mapping.compile_grammar(params.structured)
         rid = f"{id_prefix}-{uuid.uuid4().hex}"
         streams = open_choices(self, prompt_ids, params, rid, body.n or 1)
         created = int(time.time())

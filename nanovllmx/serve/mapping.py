@@ -33,6 +33,7 @@ from nanovllmx.serve.protocol import (
     drop_none,
 )
 from nanovllmx.serve.structured_fields import check_tool_choice, grammar_of
+from nanovllmx.structured.spec import GrammarSpec, StructuredError
 
 OpenAIRequest = ChatCompletionRequest | CompletionRequest
 
@@ -143,6 +144,14 @@ class RequestMapping:
             if body.best_of not in (None, 1):
                 raise unsupported("best_of > 1 is not supported yet", "best_of")
         grammar_of(body)  # the fields' shapes now; whether the grammar compiles when submitted
+
+    async def compile_grammar(self, spec: GrammarSpec) -> None:
+        """Compile a request's grammar in the prompt-job pool (a stuck compile fails the health
+        check like a stuck render); 400 naming the field if the library refuses it."""
+        try:
+            await self.jobs.run(self.llm.compile_grammar, spec)
+        except StructuredError as e:
+            raise bad_request(str(e), e.param, "invalid_grammar") from e
 
     def output_parser(self, body: OpenAIRequest, prompt_ids: list[int]) -> ChatOutputParser | None:
         """A chat choice's parser (reasoning, tool calls), or None: completions, or both parsers off."""
