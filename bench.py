@@ -293,6 +293,58 @@ async def _multiturn_run(base: str, model: str, convs: list[list[str]], max_toke
     }
 
 
+def _with_serve_config(a) -> list[dict]:
+    """`serve run CONFIG` as users run it (same YAML: its proxy / ingress settings, its deployment
+    options), with only the app's model and batch arguments replaced by this run's; then the workload
+    through the config's HTTP port, then Ctrl-C (SIGINT) to stop it."""
+    import signal
+    import subprocess
+    import tempfile
+
+    import httpx
+    import yaml
+
+    with open(a.serve_config) as f:
+        cfg = yaml.safe_load(f)
+    app = cfg["applications"][0]
+    app["args"].update(
+        model=a.model,
+        max_bs=a.max_bs,
+        context_len=a.context_len,
+        tp_size=a.tp_size,
+        pp_size=a.pp_size,
+        gpu_memory_utilization=a.gpu_memory_utilization,
+    )
+    app["args"].pop("served_model_name", None)
+    if a.device:
+        app["args"]["device"] = a.device
+    port = (cfg.get("http_options") or {}).get("port", 8000)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(cfg, f)
+    log = open(os.path.join(tempfile.gettempdir(), "bench_serve_run.log"), "w")
+    proc = subprocess.Popen(["serve", "run", f.name], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 600
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise SystemExit(f"serve run {a.serve_config} did not come up (log: {log.name})")
+            time.sleep(2)
+        sub = argparse.Namespace(**{**vars(a), "serve_config": None, "start_server": False})
+        sub.url, sub.http_mode = f"http://127.0.0.1:{port}", f"http-config:{os.path.basename(a.serve_config)}"
+        return http_bench(sub)
+    finally:
+        proc.send_signal(signal.SIGINT)  # serve run shuts the app and its local Ray down on Ctrl-C
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def http_bench(a) -> list[dict]:
     """Through the Serve app: start it here (--start-server) or use one running at --url. One result
     per request rate."""
@@ -301,6 +353,8 @@ def http_bench(a) -> list[dict]:
     import httpx
 
     server, url = None, a.url
+    if a.serve_config:
+        return _with_serve_config(a)
     if a.direct_ingress_port is not None:
         if not a.start_server:
             raise SystemExit("--direct-ingress-port needs --start-server (Serve reads it when Ray starts)")
@@ -364,7 +418,8 @@ def http_bench(a) -> list[dict]:
             res = asyncio.run(_http_run(url, requests, a.concurrency, rate))
             res.update(
                 {
-                    "mode": "http" if a.direct_ingress_port is None else "http-direct",
+                    "mode": getattr(a, "http_mode", None)
+                    or ("http" if a.direct_ingress_port is None else "http-direct"),
                     "workload": workload,
                     "request_rate": rate if rate else "inf",
                     "concurrency": a.concurrency,
@@ -473,6 +528,12 @@ def main() -> None:
         default=None,
         help="with --start-server: Serve's direct ingress (the replica answers HTTP on this port, no proxy "
         "hop; docs/serving.md, 'Fast path'); the workload goes to this port",
+    )
+    ap.add_argument(
+        "--serve-config",
+        default=None,
+        help="with --http: `serve run` this YAML as users do (e.g. serve_configs/qwen3.yaml: its ingress and "
+        "deployment settings) with --model and the batch arguments put into its app, and measure through it",
     )
     ap.add_argument("--request-rate", type=float, default=None, help="with --http: Poisson arrivals per second")
     ap.add_argument("--concurrency", type=int, default=None, help="with --http: most requests in flight")

@@ -13,8 +13,9 @@
 #            under a JSON schema (bench.py --json-schema-frac 0.25), in-process and through the Ray engine;
 #            a BASE tree runs the unconstrained row only (the A/B of the unconstrained path). Needs xgrammar
 #            on the device: pip install --no-deps --target .device/extra xgrammar-0.2.9-cp312-...whl (here)
-#   http     the standard workload through the Serve app that bench.py starts (--http --start-server):
-#            through Serve's proxy (the default path), then Serve's direct ingress (--direct-ingress-port)
+#   http     the standard workload through the Serve app: `serve run serve_configs/qwen3.yaml` as users run
+#            it (--serve-config: HAProxy ingress), then the app that bench.py starts (--http --start-server)
+#            through Serve's Python proxy, then Serve's direct ingress (--direct-ingress-port)
 #   multi    (2 GPUs: kind nvidia-h200-x2) greedy tokens on the TP=2 and PP=2 grids (gpu_check --grids),
 #            then the Ray engine on grids 1x1, 2x1, 1x2 for the 8B and 0.6B shapes (GRIDS=2x1,1x2; with
 #            4 GPUs GRIDS=2x1,1x2,2x2). If it outgrows one call, one shape a call:
@@ -134,6 +135,11 @@ structured() {
   fi
 }
 http() {
+  # what users run: `serve run serve_configs/qwen3.yaml` (its ingress: HAProxy) with this checkpoint
+  if [ -f serve_configs/qwen3.yaml ] && grep -q -- "--serve-config" bench.py; then
+    run http-config 360 "${BENCH[@]}" --model $M --http --serve-config serve_configs/qwen3.yaml
+    serve_down
+  fi
   run http-proxy 300 "${BENCH[@]}" --model $M --http --start-server
   serve_down
   if grep -q -- "--direct-ingress-port" bench.py; then

@@ -38,6 +38,8 @@ def test_manifest_carries_the_qwen3_application():
     assert app["args"] == want["args"]
     assert app.get("route_prefix") == want.get("route_prefix") and app["name"] == want["name"]
     assert serve_config["http_options"]["port"] == config["http_options"]["port"]
+    # the same HTTP ingress (Serve's HAProxy in front of the replicas' own ports)
+    assert serve_config["controller_options"] == config["controller_options"]
     assert serve_config["http_options"]["host"] == "0.0.0.0"  # the pod's service must reach the proxy
 
 
