@@ -105,6 +105,10 @@ class GrammarCompiler:
             seq += [sep, block]
         return G.union(*options) if len(options) > 1 else options[0]
 
+    def is_cached(self, spec: GrammarSpec) -> bool:
+        with self._lock:
+            return spec.key in self._cache
+
     def matcher(self, spec: GrammarSpec) -> GrammarState:
         return GrammarState(self._xgr.GrammarMatcher(self.compile(spec)))
 
@@ -152,6 +156,12 @@ def get_compiler(tokenizer_path: str, vocab_size: int, stop_token_ids: list[int]
         if comp is None:
             comp = _compilers[key] = GrammarCompiler(tokenizer_path, vocab_size, stop_token_ids)
         return comp
+
+
+def compiler_exists(tokenizer_path: str, vocab_size: int, stop_token_ids: list[int]) -> bool:
+    """Whether get_compiler would return at once (the tokenizer's tables are built)."""
+    with _compilers_lock:
+        return (tokenizer_path, vocab_size, tuple(stop_token_ids)) in _compilers
 
 
 def fill_bitmasks(states: list[GrammarState], vocab_size: int, stop_token_ids: list[int]) -> np.ndarray:

@@ -145,3 +145,31 @@ def test_bitmask_unpacking_matches_xgrammar() -> None:
     want = logits.clone()
     xgr.apply_token_bitmask_inplace(want, torch.from_numpy(bm))
     assert torch.equal(apply_bitmask(logits, torch.from_numpy(bm)), want)
+
+
+def test_core_compiles_new_grammars_off_the_loop(llm) -> None:
+    # straight into the core (the Ray scheduler actor's path: no client compile before it): a grammar
+    # not in the cache compiles in a thread, then the request runs; one aborted meanwhile never runs
+    core = llm.core
+    outs: list = []
+    core.sink, sink = (lambda o: outs.extend(o)), core.sink
+    try:
+        for i, abort in ((0, True), (1, False)):
+            spec = GrammarSpec.json_schema(
+                {"type": "object", "properties": {f"k{i}": {"enum": [i]}}, "required": [f"k{i}"]}, "s"
+            )
+            core.add_request(
+                EngineRequest(f"new-{i}", PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=30, structured=spec))
+            )
+            if abort:
+                core.abort(f"new-{i}")
+        deadline = time.monotonic() + 20
+        while not any(o.request_id == "new-1" and o.finish_reason for o in outs) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        core.sink = sink
+    assert not [o for o in outs if o.request_id == "new-0"]
+    text = llm.tokenizer.decode(
+        [t for o in outs if o.request_id == "new-1" for t in o.new_token_ids], skip_special_tokens=True
+    )
+    assert json.loads(text) == {"k1": 1}
