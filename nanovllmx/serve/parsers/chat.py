@@ -4,7 +4,7 @@ code, so a stream's deltas add up to the whole response's message."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -67,17 +67,25 @@ class ChatOutputParser:
         return self.reasoning is not None or self.tools is not None
 
     def _count(self, text: str, token_ids: list[int]) -> None:
-        """Reasoning tokens: inside the think block before and after them (token by token when the
-        text of one id is known, else by delta)."""
+        """Reasoning tokens: inside the think block before and after them. A one-token delta's text is
+        its token's; a longer delta's tokens are decoded one by one (`piece_of`), and only until the
+        block has ended: past it nothing is counted, so an answer's tokens cost nothing here."""
         c = self._counter
-        if c is None:
+        if c is None or c.state == "content" or not token_ids:
             return
-        pieces = [self._piece_of(t) for t in token_ids] if self._piece_of is not None else [text]
-        for piece, n in zip(pieces, [1] * len(pieces) if self._piece_of is not None else [len(token_ids)]):
+        piece_of = self._piece_of
+        steps: Iterable[tuple[str, int]]
+        if len(token_ids) == 1 or piece_of is None:
+            steps = [(text, len(token_ids))]  # without piece_of: by delta
+        else:
+            steps = ((piece_of(t), 1) for t in token_ids)  # decoded lazily: stops with the block
+        for piece, n in steps:
             before = c.in_reasoning
             c.feed(piece)
             if before and c.in_reasoning:
                 self.reasoning_tokens += n
+            if c.state == "content":
+                return
 
     def feed(self, text: str, token_ids: list[int] | None = None) -> dict[str, Any]:
         """An OpenAI chat `delta` (without role) of the new text: reasoning_content / content /
