@@ -132,3 +132,29 @@ def test_reasoning_tokens_inside_the_block(pieces) -> None:
     off = ChatOutputParser(CFG, tools=False, piece_of=lambda i: "x")
     off.feed("xxx", [1, 2, 3])
     assert off.reasoning_tokens == 0
+
+
+class _Vocab:
+    def __init__(self, words: list[str]):
+        self.words = words
+
+    def get_vocab(self) -> dict[str, int]:
+        return {w: i for i, w in enumerate(self.words)}
+
+
+def test_parser_switches() -> None:
+    qwen = _Vocab(["a", "<think>", "</think>", "<tool_call>", "</tool_call>"])
+    auto = ParserConfig.for_tokenizer(qwen)
+    assert (auto.reasoning, auto.tools, auto.think_start_id, auto.think_end_id) == ("qwen3", "hermes", 1, 2)
+    plain = ParserConfig.for_tokenizer(_Vocab(["a", "b"]))  # not a Qwen3 tokenizer: auto is off
+    assert (plain.reasoning, plain.tools) == ("none", "none")
+    off = ParserConfig.for_tokenizer(qwen, reasoning="none", tools="none")
+    p = ChatOutputParser(off, tools=True)
+    assert not p.active  # the app sends text as it came
+    assert ChatOutputParser(off, tools=False).parse("<think>x</think>y", []) == {
+        "reasoning_content": None,
+        "content": "<think>x</think>y",
+        "tool_calls": None,
+    }
+    with pytest.raises(ValueError, match="reasoning_parser"):
+        ParserConfig.for_tokenizer(qwen, reasoning="deepseek")
