@@ -493,6 +493,12 @@ def main() -> None:
     ap.add_argument("--max-bs", type=int, default=EngineConfig.max_bs)
     ap.add_argument("--tp-size", type=int, default=1)
     ap.add_argument("--pp-size", type=int, default=1)
+    ap.add_argument(
+        "--pp-inflight-batches", type=int, default=None, help="pipeline lanes (default pp_size + 1; 1: off)"
+    )
+    ap.add_argument(
+        "--tp-allreduce", default="nccl", choices=("nccl", "one_shot"), help="TP all-reduce of small messages"
+    )
     ap.add_argument("--executor", default="auto")
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--attention-backend", default="auto")
@@ -606,6 +612,8 @@ def main() -> None:
         gpu_memory_utilization=a.gpu_memory_utilization,
         decode_tensor_cores=None if a.decode_tensor_cores is None else bool(a.decode_tensor_cores),
         overlap_scheduling=not a.no_overlap,
+        pp_inflight_batches=a.pp_inflight_batches,
+        tp_allreduce=a.tp_allreduce,
         **({} if a.max_num_batched_tokens is None else {"max_num_batched_tokens": a.max_num_batched_tokens}),
     )
     prompts, params = standard_workload(a.num_seqs)
@@ -654,6 +662,7 @@ def main() -> None:
         "max_bs": a.max_bs,
         "tp": a.tp_size,
         "pp": a.pp_size,
+        "tp_allreduce": a.tp_allreduce,
         "eager": a.enforce_eager,
         "overlap": not a.no_overlap,
     }
@@ -693,7 +702,18 @@ def main() -> None:
         res.update(
             {
                 k: stats[k]
-                for k in ("control_plane_ms_per_step", "worker_busy_ms_per_step", "control_plane_share", "step_wall_ms")
+                for k in (
+                    "control_plane_ms_per_step",
+                    "worker_busy_ms_per_step",
+                    "control_plane_share",
+                    "step_wall_ms",
+                    # each pipeline stage's device busy share and ms per step; the lanes in flight
+                    "stage_busy_share",
+                    "stage_busy_ms_per_step",
+                    "pipeline_lanes",
+                    "max_inflight_steps",
+                    "tp_one_shot_allreduce",
+                )
                 if stats.get(k) is not None
             }
         )

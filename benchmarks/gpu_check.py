@@ -1,7 +1,7 @@
 """GPU correctness check: FlashInfer + CUDA graphs against the torch reference backend (bf16),
 greedy tokens for a batch of mixed prompts including a shared prefix. Prints a short table.
 
-    python -m benchmarks.gpu_check --model /tmp/q4s [--with-ray] [--no-hf] [--grids 2x1,1x2]
+    python -m benchmarks.gpu_check --model /tmp/q4s [--with-ray] [--no-hf] [--grids 2x1,1x2,2x1-os,1x2-l1]
 
 Run by `benchmarks/gpu_run.sh check` (and `multi` for the grids); what the numbers mean on a
 random-weight checkpoint: docs/benchmarks.md, "Correctness on the GPU"."""
@@ -12,6 +12,25 @@ import argparse
 import sys
 
 
+def _grid(spec: str) -> tuple[str, dict]:
+    """A row of the Ray engine on a TPxPP grid: "2x1", "1x2"; "-os" adds the one-shot TP all-reduce
+    ("2x1-os"), "-lN" runs N pipeline lanes ("1x2-l1": one batch at a time), "-no" without overlap
+    scheduling ("1x2-no": pp_size + 1 lanes, no ids sent from the last stage to the first)."""
+    grid, *opts = spec.split("-")
+    tp, pp = (int(v) for v in grid.split("x"))
+    kw: dict = dict(attention_backend="flashinfer", executor="ray", tp_size=tp, pp_size=pp)
+    for o in opts:
+        if o == "os":
+            kw["tp_allreduce"] = "one_shot"
+        elif o == "no":
+            kw["overlap_scheduling"] = False
+        elif o.startswith("l"):
+            kw["pp_inflight_batches"] = int(o[1:])
+        else:
+            raise SystemExit(f"unknown grid option {o!r} in {spec!r}")
+    return f"ray-tp{tp}-pp{pp}" + "".join(f"-{o}" for o in opts), kw
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -19,7 +38,9 @@ def main() -> None:
     ap.add_argument("--with-ray", action="store_true", help="also the Ray engine (scheduler + worker actors)")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers' reference")
     ap.add_argument(
-        "--grids", default="", help="also the Ray engine on these TPxPP grids, e.g. 2x1,1x2 (needs the GPUs)"
+        "--grids",
+        default="",
+        help="also the Ray engine on these TPxPP grids, e.g. 2x1,1x2,2x1-os (one-shot all-reduce),1x2-l1 (one lane)",
     )
     a = ap.parse_args()
     from random import randint, seed
@@ -44,19 +65,7 @@ def main() -> None:
             ("fi-graphs-T1e-3-topk5", dict(attention_backend="flashinfer", temperature=1e-3, top_k=5)),
         ]
         + ([("ray-flashinfer-graphs", dict(attention_backend="flashinfer", executor="ray"))] if a.with_ray else [])
-        + [
-            (
-                f"ray-tp{g.split('x')[0]}-pp{g.split('x')[1]}",
-                dict(
-                    attention_backend="flashinfer",
-                    executor="ray",
-                    tp_size=int(g.split("x")[0]),
-                    pp_size=int(g.split("x")[1]),
-                ),
-            )
-            for g in a.grids.split(",")
-            if g
-        ]
+        + [_grid(g) for g in a.grids.split(",") if g]
     ):
         sampling = {k: kw.pop(k) for k in ("temperature", "top_k") if k in kw}
         p = SamplingParams(max_tokens=a.max_tokens, ignore_eos=True, **sampling) if sampling else sp
@@ -64,6 +73,12 @@ def main() -> None:
         outs = llm.generate(prompts[:13], p)  # cold (one of them carries the shared prefix)
         outs += llm.generate(prompts[13:], p)  # shared prefix: radix hits
         results[name] = outs
+        if kw.get("tp_size", 1) * kw.get("pp_size", 1) > 1:  # what the grid ran with
+            st = llm.stats()
+            print(
+                f"{name}: one-shot all-reduce {st.get('tp_one_shot_allreduce')}, lanes {st.get('pipeline_lanes')}, "
+                f"most steps in flight {st.get('max_inflight_steps')}, stage busy share {st.get('stage_busy_share')}"
+            )
         llm.shutdown()
         del llm
     # transformers' own implementation (bf16, one request at a time) as a third opinion

@@ -16,10 +16,16 @@
 #   http     the standard workload through the Serve app: `serve run serve_configs/qwen3.yaml` as users run
 #            it (--serve-config: HAProxy ingress), then the app that bench.py starts (--http --start-server)
 #            through Serve's Python proxy, then Serve's direct ingress (--direct-ingress-port)
-#   multi    (2 GPUs: kind nvidia-h200-x2) greedy tokens on the TP=2 and PP=2 grids (gpu_check --grids),
-#            then the Ray engine on grids 1x1, 2x1, 1x2 for the 8B and 0.6B shapes (GRIDS=2x1,1x2; with
-#            4 GPUs GRIDS=2x1,1x2,2x2). If it outgrows one call, one shape a call:
-#            MULTI_MODELS=/tmp/q8b, then MULTI_MODELS=/tmp/q06 (the token check runs in each)
+#   multi    (2 GPUs: kind nvidia-h200-x2) the two-GPU test (tests/gpu/test_tp_allreduce.py), the TP
+#            all-reduce per decode step NCCL vs one-shot (benchmarks/allreduce_bench.py, 8B and 0.6B
+#            shapes), greedy tokens on the grids (gpu_check --grids, CHECK_GRIDS=2x1,1x2,2x1-os,1x2-l1),
+#            then the Ray engine on grids 1x1 + GRIDS (default 2x1,1x2,2x1-os) for the 8B and 0.6B
+#            shapes, each with a line of stage busy shares, lanes and control plane. Grid specs: TxP,
+#            "-os" the one-shot TP all-reduce, "-lN" N pipeline lanes (1x2-l1: one batch at a time),
+#            "-no" no overlap scheduling (1x2-no: pp_size + 1 lanes, no ids from last to first stage).
+#            MULTI_TESTS=0 skips the tests and checks, MULTI_BENCH=0 the engine runs; MULTI_HTTP=1 adds `serve run serve_configs/tp2.yaml`
+#            through HTTP (bench.py --serve-config). If it outgrows one call, one shape a call:
+#            MULTI_MODELS=/tmp/q8b, then MULTI_TESTS=0 MULTI_MODELS=/tmp/q06
 # No target: only the checkpoints (the first call on a fresh machine, before FlashInfer is there).
 # BASE=/path/to/another/checkout runs the same target in that tree first, in the same call (A/B); the
 # table has a row per tree. Checkpoints (random weights, generated on the GPU) stay in /tmp while the
@@ -149,16 +155,57 @@ http() {
     note http-direct "not run: this tree's bench.py has no --direct-ingress-port"
   fi
 }
+# bench.py arguments of a grid spec: TxP, "-os" the one-shot TP all-reduce, "-lN" N pipeline lanes,
+# "-no" no overlap scheduling
+grid_args() {
+  local g=$1 base=${1%%-*} o
+  echo -n "--tp-size ${base%x*} --pp-size ${base#*x}"
+  for o in $(echo "${g#$base}" | tr '-' ' '); do
+    case $o in
+      os) echo -n " --tp-allreduce one_shot" ;;
+      no) echo -n " --no-overlap" ;;
+      l*) echo -n " --pp-inflight-batches ${o#l}" ;;
+    esac
+  done
+}
+# a table line from a bench run's JSON: each stage's busy share and ms per step, lanes, control plane
+profile_note() {
+  python - "$LOGS/$LABEL-$1.txt" <<'PY' >> "$TABLE"
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1], errors="replace") if l.startswith("{")]
+r = rows[-1] if rows else {}
+keys = ("stage_busy_share", "stage_busy_ms_per_step", "pipeline_lanes", "max_inflight_steps",
+        "tp_one_shot_allreduce", "control_plane_ms_per_step", "worker_busy_ms_per_step")
+print("        " + "  ".join(f"{k}={r.get(k)}" for k in keys if k in r))
+PY
+}
 multi() {
-  local g grids=${GRIDS:-2x1,1x2}
-  run gpu-check-grids 420 python $(kit gpu_check) --model $S --no-hf --grids $grids
-  grep -A12 "^backend" "$LOGS/$LABEL-gpu-check-grids.txt" | sed "s/^/$LABEL  /" >> "$TABLE"
+  local g grids=${GRIDS:-2x1,1x2,2x1-os} checks=${CHECK_GRIDS:-2x1,1x2,2x1-os,1x2-l1}
+  [ "${MULTI_TESTS:-1}" = 0 ] || {
+    run gpu-tests-2gpu 240 python -m pytest -q -p no:cacheprovider tests/gpu/test_tp_allreduce.py
+    note gpu-tests-2gpu "$(tail -1 "$LOGS/$LABEL-gpu-tests-2gpu.txt")"
+    # the TP all-reduce per decode step, NCCL vs one-shot: 8B shape (hidden 4096, 36 layers), 0.6B (1024, 28)
+    run allreduce-8b 180 python $(kit allreduce_bench) --hidden 4096 --layers 36
+    grep -B1 -A12 "^ *tokens" "$LOGS/$LABEL-allreduce-8b.txt" | sed "s/^/$LABEL  8b /" >> "$TABLE"
+    run allreduce-0.6b 180 python $(kit allreduce_bench) --hidden 1024 --layers 28
+    grep -A12 "^ *tokens" "$LOGS/$LABEL-allreduce-0.6b.txt" | sed "s/^/$LABEL  0.6b /" >> "$TABLE"
+    run gpu-check-grids 480 python $(kit gpu_check) --model $S --no-hf --grids $checks
+    grep -E "^(backend|torch|flashinfer|fi-|ray-)" "$LOGS/$LABEL-gpu-check-grids.txt" | sed "s/^/$LABEL  /" >> "$TABLE"
+  }
+  [ "${MULTI_BENCH:-1}" = 0 ] && return
   for m in ${MULTI_MODELS:-$M8 $M}; do
     for g in 1x1 ${grids//,/ }; do
-      run "ray-$(basename $m)-$g" 300 "${BENCH[@]}" --model $m --executor ray --tp-size ${g%x*} --pp-size ${g#*x} --profile
+      run "ray-$(basename $m)-$g" 300 "${BENCH[@]}" --model $m --executor ray $(grid_args $g) --profile
+      profile_note "ray-$(basename $m)-$g"
       ray_stop
     done
   done
+  # MULTI_HTTP=1: `serve run serve_configs/tp2.yaml` (TP=2 behind HTTP) on the first of MULTI_MODELS
+  if [ "${MULTI_HTTP:-0}" = 1 ] && [ -f serve_configs/tp2.yaml ] && grep -q -- "--serve-config" bench.py; then
+    local hm=${MULTI_MODELS:-$M8}
+    run "http-tp2-$(basename ${hm%% *})" 420 "${BENCH[@]}" --model ${hm%% *} --http --serve-config serve_configs/tp2.yaml --tp-size 2
+    serve_down
+  fi
 }
 
 target=${1:-}

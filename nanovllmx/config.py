@@ -37,8 +37,9 @@ class EngineConfig:
     # every token. Larger: fewer, larger chunks, which Serve's proxy forwards faster under load
     stream_interval: int = 1
     # schedule step N+1 while step N runs; default on GPU only (on CPU the forward is synchronous,
-    # so it only adds scheduler work competing for the same cores). Resolved once here; never with
-    # pp_size > 1 (the first stage would need the last stage's samples: not yet)
+    # so it only adds scheduler work competing for the same cores). Resolved once here. With
+    # pp_size > 1 it needs pipeline lanes (pp_inflight_batches != 1): the last stage sends each
+    # step's ids to the first stage (pipeline_overlap)
     overlap_scheduling: bool | None = None
     decode_tensor_cores: bool | None = None  # FlashInfer decode kernel; None: by batch size (measured, see the backend)
     tp_size: int = 1
@@ -69,6 +70,15 @@ class EngineConfig:
     ray_step_mode: str = "socket"  # how each step reaches the workers: "socket" (fast) | "ray" (a call per worker)
     pp_microbatches: int | None = None  # most pipeline micro-batches per step; None: pp_size
     pp_microbatch_min_tokens: int = 256  # split a step only if each micro-batch gets this many tokens
+    # inter-step pipelining (pp_size > 1): batches of disjoint requests in flight at once, so stage 0
+    # runs batch N+1 while stage 1 runs batch N. None: pp_size with overlap scheduling (the engine
+    # sends one batch more, whose placeholders the first stage takes from the last stage), else
+    # pp_size + 1 (the extra lane hides the scheduler's work between a result and the next batch); 1: off
+    pp_inflight_batches: int | None = None
+    # TP all-reduce: "nccl", or "one_shot": messages up to 4 MB (decode) through a one-shot all-reduce
+    # over NVLink peer memory (PyTorch symmetric memory, no multicast), NCCL above that and wherever it
+    # cannot be set up (distributed/one_shot_allreduce.py); CUDA only, ignored on CPU
+    tp_allreduce: str = "nccl"
     hf_config: Any = field(default=None, repr=False)
     eos_token_ids: list[int] = field(default_factory=list)
 
@@ -91,6 +101,11 @@ class EngineConfig:
         ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.tp_allreduce not in ("nccl", "one_shot"):
+            raise ValueError(f"tp_allreduce must be 'nccl' or 'one_shot', got {self.tp_allreduce!r}")
+        ib = self.pp_inflight_batches
+        if ib is not None and (not isinstance(ib, int) or isinstance(ib, bool) or ib < 1):
+            raise ValueError(f"pp_inflight_batches must be None or a positive integer, got {ib!r}")
         off = self.placement_bundle_offset
         if off is not None and (not isinstance(off, int) or isinstance(off, bool) or off < 0):
             raise ValueError(f"placement_bundle_offset must be None or an integer >= 0, got {off!r}")
@@ -121,7 +136,8 @@ class EngineConfig:
             self.enforce_eager = True
         if self.overlap_scheduling is None:
             self.overlap_scheduling = self.device == "cuda"
-        self.overlap_scheduling = bool(self.overlap_scheduling) and self.pp_size == 1
+        # a pipeline overlaps through its lanes (pipeline_overlap); one batch at a time it cannot
+        self.overlap_scheduling = bool(self.overlap_scheduling) and (self.pp_size == 1 or self.pp_inflight_batches != 1)
         self.executor = resolve_executor(self.executor, self.device, self.tp_size * self.pp_size)
         self.eos_token_ids = self._eos_ids()
 
@@ -141,6 +157,23 @@ class EngineConfig:
         """context_len as resolved by __post_init__ (never None on a constructed config)."""
         assert self.context_len is not None
         return self.context_len
+
+    @property
+    def pipeline_lanes(self) -> int:
+        """Disjoint batches in flight at once: pp_inflight_batches resolved (1 without a pipeline)."""
+        if self.pp_size == 1:
+            return 1
+        if self.pp_inflight_batches is not None:
+            return self.pp_inflight_batches
+        # with overlap the first stage gets the ids from the last stage, so pp_size lanes stay fed;
+        # without, one more lane hides the scheduler's work between a result and the next batch
+        return self.pp_size if self.overlap_scheduling else self.pp_size + 1
+
+    @property
+    def pipeline_overlap(self) -> bool:
+        """pp_size > 1 with overlap scheduling: one batch more in flight than the lanes, whose
+        placeholders the first stage takes from the last stage's ids (distributed/sample_channel.py)."""
+        return bool(self.overlap_scheduling) and self.pipeline_lanes > 1
 
     @property
     def vocab_size(self) -> int:

@@ -68,6 +68,7 @@ def split_batch(b: ScheduledBatch, m: int) -> list[ScheduledBatch]:
                 has_placeholders=bool(b.has_placeholders and (ids < 0).any()),
                 grammar_rows=grammar_rows,
                 bitmask=bitmask,
+                resolve_until=b.resolve_until,
             )
         )
     return out

@@ -7,9 +7,13 @@ is a no-op, so the same model code runs single-device, in tests, and sharded acr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from nanovllmx.distributed.one_shot_allreduce import OneShotAllReduce
 
 
 @dataclass
@@ -33,6 +37,8 @@ class ParallelInfo:
 
 
 _INFO = ParallelInfo()
+# the TP group's one-shot all-reduce for small messages (one_shot_allreduce.py), when enabled
+_ONE_SHOT: OneShotAllReduce | None = None
 
 
 def get_parallel_info() -> ParallelInfo:
@@ -68,15 +74,35 @@ def init_parallel(tp_size: int, pp_size: int, rank: int, backend: str, init_meth
     return info
 
 
+def init_one_shot_allreduce(device: torch.device, dtype: torch.dtype) -> bool:
+    """Enable the one-shot all-reduce for this rank's TP group (every rank of the group calls this);
+    False when the group stays on NCCL."""
+    global _ONE_SHOT
+    from nanovllmx.distributed.one_shot_allreduce import setup_one_shot
+
+    info = _INFO
+    if info.tp_size == 1 or info.tp_group is None:
+        return False
+    _ONE_SHOT = setup_one_shot(info.tp_group, device, dtype)
+    return _ONE_SHOT is not None
+
+
 def destroy_parallel() -> None:
+    global _ONE_SHOT
+    _ONE_SHOT = None
     if dist.is_initialized():
         dist.destroy_process_group()
     set_parallel_info(ParallelInfo())
 
 
 def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """The sum of x over the TP group: in place through NCCL (gloo on CPU), or into a new tensor
+    through the one-shot all-reduce for small messages when it is enabled. Use the return value."""
     info = _INFO
     if info.tp_size > 1:
+        one_shot = _ONE_SHOT
+        if one_shot is not None and one_shot.applies(x):
+            return one_shot(x)
         dist.all_reduce(x, group=info.tp_group)
     return x
 

@@ -231,6 +231,9 @@ class RayCoreClient:
     def stats(self) -> dict[str, Any]:
         assert self.scheduler is not None  # None only once closed
         stats: dict[str, Any] = ray.get(self.scheduler.stats.remote())
+        from nanovllmx.distributed.ray_executor import stage_metrics
+
+        stats.update(stage_metrics(self.workers, self.cfg.tp_size, self.cfg.pp_size))
         # where the grid runs: one entry per worker (rank = pp_rank * tp_size + tp_rank)
         stats["workers"] = [{k: i[k] for k in ("rank", "pp_rank", "tp_rank", "node_id")} for i in self.worker_info]
         return stats

@@ -81,9 +81,15 @@ class RayExecutor:
         )  # scheduler: its own work between two launches
         self._wall: collections.deque[float] = collections.deque(maxlen=window)  # scheduler: launch -> sampled ids back
         self._idle = True
+        self._outstanding = 0  # steps launched and not collected
+        self.max_inflight = 0  # the most steps in flight at once so far (pipelining at work: > 1)
         self._last_launch: float | None = None
         self._in_executor = 0.0  # seconds spent in launch/collect since the last launch
-        self.overlap = bool(cfg.overlap_scheduling)  # the engine core sends steps ahead
+        self.overlap = bool(cfg.overlap_scheduling)  # steps sent before the previous one's ids (placeholders)
+        self.lanes = cfg.pipeline_lanes  # pipeline: disjoint batches in flight
+        # the workers launch a step and read the next frame while it runs whenever the engine core
+        # sends steps ahead (overlap scheduling or a pipeline's lanes)
+        self.worker_overlap = self.overlap or self.lanes > 1
 
     # ---- setup ----
     def available_kv_slots(self) -> int:
@@ -94,7 +100,9 @@ class RayExecutor:
         ray.get([w.init_kv_cache.remote(num_slots) for w in self.workers])
         if self.mode == "socket":
             self.server = control.ControlServer(ray.util.get_node_ip_address())
-            ray.get([w.start_loop.remote(self.server.address, self.result_rank, self.overlap) for w in self.workers])
+            ray.get(
+                [w.start_loop.remote(self.server.address, self.result_rank, self.worker_overlap) for w in self.workers]
+            )
             self.server.accept(len(self.workers), timeout=120)
 
     def mark_idle(self) -> None:
@@ -132,12 +140,15 @@ class RayExecutor:
             self._fail(e)
             raise
         self._in_executor += time.perf_counter() - t0
+        self._outstanding += 1
+        self.max_inflight = max(self.max_inflight, self._outstanding)
         return _Launched(self, batch.step, refs, t0, sched)
 
     @property
     def defers_grammar(self) -> bool:
-        # over the sockets a GRAMMAR frame follows its step; a Ray call per worker cannot
-        return self.mode == "socket"
+        # over the sockets a GRAMMAR frame follows its step (1-stage grids: the engine keeps one step
+        # in flight before it); a Ray call per worker cannot, nor can pipeline lanes wait for it
+        return self.mode == "socket" and self.cfg.pp_size == 1
 
     def apply_grammar(self, handle: StepHandle, step: int, bitmask: np.ndarray) -> None:
         self._check()
@@ -167,6 +178,7 @@ class RayExecutor:
             self._fail(e)
             raise
         t1 = time.perf_counter()
+        self._outstanding -= 1
         self._in_executor += t1 - t0
         if h.sched_s is not None and gap_ns >= 0:  # h.timed
             self._gap.append(gap_ns * 1e-9)
@@ -188,6 +200,8 @@ class RayExecutor:
             step_mode=self.mode,
             overlap=self.overlap,  # steps are sent before the previous one's tokens are back
             pp_microbatches=self.microbatches,
+            pipeline_lanes=self.lanes,  # batches of disjoint requests in flight (pp > 1)
+            max_inflight_steps=self.max_inflight,
             num_timed_steps=len(self._gap),
             # the issue's measure: time between a worker finishing step N and starting step N+1 (with
             # overlap: between step N's ids being ready and step N+1 starting, 0 when it was launched
@@ -228,3 +242,19 @@ class RayExecutor:
                 self.server.close()
         if errors:
             logger.warning("worker errors seen during the run:\n%s", "\n".join(errors))
+
+
+def stage_metrics(workers: list[ActorHandle[WorkerActor]], tp_size: int, pp_size: int) -> dict[str, Any]:
+    """Each pipeline stage's device busy share and busy ms per step (its tp_rank 0), and whether the
+    TP all-reduces of small messages go one-shot, read from the workers (Ray calls: the client
+    asks, so the scheduler actor's step loop never waits on them); empty when they do not answer."""
+    try:
+        rows = ray.get([workers[s * tp_size].stage_stats.remote() for s in range(pp_size)], timeout=10)
+    except Exception as e:  # never fail stats() over it (a dead worker: health reports it)
+        logger.warning("stage stats unavailable: %s", e)
+        return {}
+    return dict(
+        stage_busy_share=[r["busy_share"] for r in rows],
+        stage_busy_ms_per_step=[r["busy_ms_per_step"] for r in rows],
+        tp_one_shot_allreduce=all(r["one_shot_allreduce"] for r in rows),
+    )

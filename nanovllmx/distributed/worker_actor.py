@@ -28,6 +28,7 @@ from nanovllmx.scheduler.messages import ScheduledBatch
 
 if TYPE_CHECKING:
     from nanovllmx.engine.executor import StepHandle
+    from nanovllmx.worker.model_runner import DeferredTokens
     from nanovllmx.worker.worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -105,6 +106,15 @@ class WorkerActor:
         self.worker = Worker(self.cfg, self.rank, init_method, 0)  # Ray's CUDA_VISIBLE_DEVICES: our GPU is 0
         return self.node_info()
 
+    def stage_stats(self) -> dict[str, Any]:
+        """This worker's device busy time per step and busy share (worker/busy_meter.py)."""
+        assert self.worker is not None
+        if self.cfg.device == "cuda":
+            import torch
+
+            torch.cuda.set_device(0)
+        return {"rank": self.rank, "one_shot_allreduce": self.worker.one_shot_allreduce, **self.worker.busy.summary()}
+
     def available_kv_slots(self) -> int:
         assert self.worker is not None
         return self.worker.available_kv_slots()
@@ -125,9 +135,10 @@ class WorkerActor:
         self._loop_thread.start()
 
     def _loop(self, conn: control.ControlClient, sends_result: bool, overlap: bool) -> None:
-        """Read steps from the socket and run them. With `overlap` (pp_size == 1 and the engine sends
-        steps ahead) a step is only launched here; its ids go back from a _ResultSender thread, so
-        this thread reads and launches step N+1 while the device still runs step N."""
+        """Read steps from the socket and run them. With `overlap` (the engine sends steps ahead:
+        overlap scheduling, or a pipeline's batches in flight) a step is only launched here; its ids
+        go back from a _ResultSender thread, so this thread reads and launches step N+1 while the
+        device still runs step N."""
         if self.cfg.device == "cuda":
             import torch
 
@@ -143,25 +154,28 @@ class WorkerActor:
                     raise RuntimeError(f"unexpected control frame {kind}")
                 batch = control.loads(payload)
                 start = time.perf_counter()
-                if not overlap:  # also every PP grid: micro-batch lists, only the last stage has ids
+                if not overlap:
                     out = self._execute(batch)
                     if sender is not None:
                         sender.put(batch[0].step if isinstance(batch, list) else batch.step, out, start)
                     continue
                 if sender is not None and not sender.reserve():
                     return  # the sender thread failed and has reported it
-                assert self.worker is not None
-                handle = self.worker.execute_async(batch)
-                if batch.mask_deferred:  # its grammar masks follow it (the device runs the forward meanwhile)
+                handle = self._launch(batch)
+                if not isinstance(batch, list) and batch.mask_deferred:
+                    # its grammar masks follow it (the device runs the forward meanwhile); only
+                    # 1-stage grids defer them (RayExecutor.defers_grammar), so this rank samples
                     kind, payload = conn.recv()
                     if kind != control.GRAMMAR:
                         raise RuntimeError(f"expected the grammar masks of step {batch.step}, got frame {kind}")
                     step, bitmask = control.unpack_grammar(payload)
                     if step != batch.step:
                         raise RuntimeError(f"expected the grammar masks of step {batch.step}, got step {step}'s")
-                    handle.apply_grammar(bitmask)
+                    assert handle is not None
+                    cast("DeferredTokens", handle).apply_grammar(bitmask)
                 if sender is not None:
-                    sender.put(batch.step, handle, start)
+                    assert handle is not None  # the result rank is on the last stage
+                    sender.put(batch[0].step if isinstance(batch, list) else batch.step, handle, start)
                 # other TP ranks drop their handle: nobody reads their ids, and the TP collectives
                 # keep them in step with the result rank
         except EOFError:
@@ -184,6 +198,16 @@ class WorkerActor:
                 conn.send(control.ERROR, f"rank {self.rank} on {self.node_ip}:\n{tb}".encode())
         except OSError:
             pass
+
+    def _launch(self, batch: ScheduledBatch | list[ScheduledBatch]) -> StepHandle | None:
+        """Launch a step, a batch or its pipeline micro-batches in order: the last stage's handle
+        (ids of the micro-batches concatenated), None on other stages."""
+        worker = self.worker
+        assert worker is not None
+        if not isinstance(batch, list):
+            return cast("StepHandle | None", worker.execute_async(batch))
+        handles = [worker.execute_async(b) for b in batch]
+        return None if handles[0] is None else _Concat(cast("list[StepHandle]", handles))
 
     # ---- the step over Ray calls (ray_step_mode="ray") ----
     def _execute(self, batch: ScheduledBatch | list[ScheduledBatch]) -> NDArray[np.int32] | None:
@@ -214,8 +238,18 @@ class WorkerActor:
         return self._loop_error
 
 
-# steps launched whose ids have not been read yet, at most: ModelRunner double-buffers the pinned host
-# copy of the sampled ids (_host_bufs), so step N+2's copy lands in step N's buffer
+class _Concat:
+    """The handle of a step run as pipeline micro-batches: their ids, concatenated in order."""
+
+    def __init__(self, handles: list[StepHandle]):
+        self.handles = handles
+
+    def result(self) -> np.ndarray:
+        return np.concatenate([h.result() for h in self.handles])
+
+
+# steps launched whose ids have not been read yet, at most: ModelRunner keeps two pinned host buffers
+# per micro-batch for the sampled ids (_host_bufs), so step N+2's copy lands in step N's buffers
 _HOST_BUFFERS = 2
 
 

@@ -10,6 +10,7 @@ import logging
 import queue
 import threading
 import traceback
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -54,6 +55,8 @@ class EngineCore:
             cfg.enable_prefix_caching,
             cfg.vocab_size,
             grammar_compiler=self._grammar_compiler,
+            lanes=cfg.pipeline_lanes,
+            lanes_overlap=cfg.pipeline_overlap,
         )
         # requests and aborts in arrival order (a constrained request whose grammar is not compiled
         # yet comes back as _Compiled once it is); None only wakes the loop (shutdown)
@@ -64,7 +67,12 @@ class EngineCore:
         self._thread = threading.Thread(target=self._loop, name="nanovllmx-engine", daemon=True)
         self.timer = PhaseTimer()  # schedule / launch / wait_and_update, per step
         self.overlap = bool(cfg.overlap_scheduling)
-        self._inflight: StepHandle | None = None  # the launched step whose tokens are not applied yet
+        # most steps launched and not yet applied: a pipeline's lanes (disjoint batches, pp > 1), one
+        # more with overlap; else two with overlap scheduling (step N+1 launched before step N's
+        # tokens), else one
+        lanes = cfg.pipeline_lanes
+        self.depth = lanes + int(self.overlap) if lanes > 1 else (2 if self.overlap else 1)
+        self._inflight: deque[StepHandle] = deque()  # launched steps whose tokens are not applied yet, oldest first
         self._thread.start()
 
     # ---- thread-safe client API (CoreClient) ----
@@ -150,38 +158,36 @@ class EngineCore:
                 return
 
     def step(self) -> list[EngineOutput]:
-        """Schedule and launch one step; return the outputs of the step before it (overlap: the
-        CPU schedules step N+1 while the GPU runs step N) or of this one (no overlap)."""
+        """Schedule and launch one step, then apply the oldest launched step's tokens once `depth`
+        steps are in flight (or nothing new could be scheduled). Overlap: the CPU schedules step
+        N+1 while the GPU runs step N; lanes (pp > 1): stage 0 runs step N+1 while stage 1 runs N."""
         tm = self.timer
         tm.start()
         s = self.scheduler
         outs: list[EngineOutput] = []
-        if self._inflight is not None and not self.executor.defers_grammar and s.grammar_waits_on_inflight():
-            # this executor cannot take masks after a step: apply the step in flight first
-            outs = s.update(self._inflight.result())
-            self._inflight = None
-        batch = s.schedule()
+        if self._inflight and not self.executor.defers_grammar and s.grammar_waits_on_inflight():
+            # this executor cannot take masks after a step (the Ray calls transport, pipeline grids):
+            # apply the steps in flight first, so the masks are known when the batch is built
+            while self._inflight:
+                outs += s.update(self._inflight.popleft().result())
+        batch = s.schedule() if len(self._inflight) < self.depth else None
         handle = None
         if batch is not None:
             tm.steps += 1
             tm.lap("schedule")
             handle = self.executor.execute_async(batch)
+            self._inflight.append(handle)
             tm.lap("launch")
-        if self._inflight is not None:
-            outs = s.update(self._inflight.result())
+        if self._inflight and (batch is None or len(self._inflight) >= self.depth):
+            outs += s.update(self._inflight.popleft().result())  # results come back in step order
             tm.lap("wait_and_update")
-        self._inflight = None
         if handle is not None and batch is not None and batch.mask_deferred:
-            # the constrained rows' previous tokens are applied now: their masks, while the device
-            # still runs this step's forward
+            # the constrained rows' previous tokens are applied now (one step in flight before this
+            # one: in-process or a 1-stage grid): their masks, while the device runs this step
+            while not s.deferred_masks_ready(batch.step) and len(self._inflight) > 1:
+                outs += s.update(self._inflight.popleft().result())
             self.executor.apply_grammar(handle, batch.step, s.fill_deferred_masks(batch.step))
             tm.lap("grammar_masks")
-        if handle is not None:
-            if self.overlap:
-                self._inflight = handle
-            else:
-                outs += s.update(handle.result())
-                tm.lap("wait_and_update")
         return outs + s.take_pending_outputs()
 
     def _loop(self) -> None:
@@ -193,7 +199,7 @@ class EngineCore:
                 outs = self.step()
             except Exception as e:  # never die silently: fail what is in flight, keep serving
                 logger.error("engine step failed; failing in-flight requests:\n%s", traceback.format_exc())
-                self._inflight = None
+                self._inflight.clear()
                 outs = self._fail_all(f"engine error: {type(e).__name__}: {e}")
             if outs:
                 self.sink(outs)

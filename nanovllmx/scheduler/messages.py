@@ -60,6 +60,10 @@ class ScheduledBatch:
     grammar_rows: np.ndarray | None = None
     bitmask: np.ndarray | None = None
     mask_deferred: bool = False
+    # pipeline overlap (pp > 1): before this batch, the first stage takes the sampled ids of every
+    # step up to this one from the last stage (distributed/sample_channel.py); its placeholders
+    # refer to those steps only
+    resolve_until: int = 0
 
     @property
     def num_reqs(self) -> int:

@@ -99,6 +99,7 @@ class Request:
         "first_scheduled_time",
         "pending",
         "grammar",
+        "last_sample_step",
     )
 
     def __init__(self, er: EngineRequest, eos_ids: list[int]):
@@ -120,6 +121,7 @@ class Request:
         # here yet; the worker feeds them to the next step from its own device buffer
         self.pending = 0
         self.grammar: GrammarState | None = None  # the matcher of a constrained request (Scheduler.add_request)
+        self.last_sample_step = 0  # the step that samples its newest token (pipeline overlap)
         ids = set(er.params.stop_token_ids)
         if not er.params.ignore_eos:
             ids.update(eos_ids)

@@ -54,7 +54,15 @@ class Scheduler:
         enable_prefix_caching: bool = True,
         vocab_size: int | None = None,
         grammar_compiler: Callable[[], GrammarCompiler] | None = None,
+        lanes: int = 1,
+        lanes_overlap: bool = False,
     ):
+        """lanes > 1: inter-step pipelining (pp_size > 1). `lanes` batches of disjoint sampling
+        requests are in flight: a request whose sampled token has not come back is not scheduled
+        again, and each batch takes at most 1/lanes of the running requests, so the next one has
+        work too. With `lanes_overlap` the engine sends one batch more: a request whose sample is
+        in a step at least `lanes` launches old is scheduled with a placeholder, which the first
+        stage takes from the last stage's ids of that step (ScheduledBatch.resolve_until)."""
         if num_slots < context_len:  # else a long request preempts itself forever
             raise ValueError(
                 f"the KV pool ({num_slots} token slots) must hold at least one full context "
@@ -64,6 +72,10 @@ class Scheduler:
         self.tree = RadixCache(self.allocator, enabled=enable_prefix_caching)
         self.num_slots, self.max_bs, self.context_len = num_slots, max_bs, context_len
         self.budget = max_num_batched_tokens
+        if not isinstance(lanes, int) or lanes < 1:
+            raise ValueError(f"lanes must be a positive integer, got {lanes!r}")
+        self.lanes = lanes
+        self.lanes_overlap = lanes_overlap and lanes > 1
         self.vocab_size = vocab_size
         self.eos_ids = list(eos_ids)
         self.waiting: deque[Request] = deque()
@@ -79,12 +91,13 @@ class Scheduler:
         self.generation_tokens_total = 0
         # per-step scratch: the requests of the batch in flight, in batch order
         self._inflight: deque[list[Request]] = deque()  # sampled requests of each batch not yet updated
+        self._inflight_steps: deque[int] = deque()  # their step ids
         self._pending: list[EngineOutput] = []  # outputs produced outside a step (aborts)
         # structured outputs: the compiler is made on the first constrained request (it loads the
         # tokenizer); grammar states of steps whose masks follow them (fill_deferred_masks)
         self._grammar_compiler_factory = grammar_compiler
         self._grammar: GrammarCompiler | None = None
-        self._deferred: dict[int, list[GrammarState]] = {}
+        self._deferred: dict[int, list[Request]] = {}  # constrained requests of a step, by step
 
     # ------------------------------------------------------------------ requests in / out
     def add_request(self, er: EngineRequest) -> None:
@@ -117,6 +130,16 @@ class Scheduler:
         """Forget steps whose results will never come (the engine failed a step)."""
         self._inflight.clear()
         self._deferred.clear()
+        self._inflight_steps.clear()
+
+    def _resolvable(self) -> int:
+        """Pipeline overlap: the newest step whose samples the first stage may wait for without
+        stalling the pipeline: `lanes` launches back (the last stage has finished it by the time
+        the first stage gets to this batch), or everything applied already."""
+        st = self._inflight_steps
+        if len(st) >= self.lanes:
+            return st[-self.lanes]
+        return st[0] - 1 if st else self.step_id - 1
 
     # ------------------------------------------------------------------ structured outputs
     def _compiler(self) -> GrammarCompiler:
@@ -132,9 +155,13 @@ class Scheduler:
         g = self._compiler()
         return fill_bitmasks(states, g.vocab_size, g.stop_token_ids)
 
+    def deferred_masks_ready(self, step: int) -> bool:
+        """Every constrained request of a `mask_deferred` step has its earlier tokens applied."""
+        return all(r.status == Status.FINISHED or r.pending <= 1 for r in self._deferred[step])
+
     def fill_deferred_masks(self, step: int) -> np.ndarray:
-        """The bitmask of a step built with `mask_deferred`: call once the step before it is applied."""
-        return self._fill(self._deferred.pop(step))
+        """The bitmask of a step built with `mask_deferred`, once `deferred_masks_ready(step)`."""
+        return self._fill([st for r in self._deferred.pop(step) if (st := r.grammar) is not None])
 
     def grammar_waits_on_inflight(self) -> bool:
         """A constrained running request has a token in flight: its next mask cannot be known yet."""
@@ -182,10 +209,19 @@ class Scheduler:
         self.step_id += 1
         budget = self.budget
         plan: list[tuple[Request, int]] = []
+        # with lanes, a batch takes its share of the running requests (the others go in the next
+        # batches in flight); a request's prompt chunks may follow each other in consecutive
+        # batches, since every stage runs the batches in step order and owns its layers' KV
+        cap = -(-len(self.running) // self.lanes)
+        resolve = self._resolvable() if self.lanes_overlap else 0
         # 1) running requests, oldest first
         for req in self.running:
-            if budget <= 0:
+            if budget <= 0 or len(plan) >= cap:
                 break
+            # lanes: a token still in flight is not the first stage's to feed, unless (overlap) its
+            # step is old enough for the first stage to receive it from the last stage
+            if req.pending and self.lanes > 1 and (not self.lanes_overlap or req.last_sample_step > resolve):
+                continue
             total = len(req.tokens) + req.pending
             # its last token is already being sampled: nothing more to compute
             if req.pending and (req.num_output + req.pending >= req.params.max_tokens or total >= self.context_len):
@@ -243,10 +279,14 @@ class Scheduler:
             budget -= n
         if not plan:
             return None
-        return self._build(plan, np.concatenate(parts) if len(parts) > 1 else slots, admitted)
+        return self._build(plan, np.concatenate(parts) if len(parts) > 1 else slots, admitted, resolve)
 
     def _build(
-        self, plan: list[tuple[Request, int]], slots: np.ndarray, admitted: list[tuple[Request, np.ndarray]]
+        self,
+        plan: list[tuple[Request, int]],
+        slots: np.ndarray,
+        admitted: list[tuple[Request, np.ndarray]],
+        resolve: int = 0,
     ) -> ScheduledBatch:
         B = len(plan)
         reqs = [r for r, _ in plan]
@@ -282,15 +322,16 @@ class Scheduler:
             g = [i for i, r in enumerate(sampled) if r.grammar is not None]
             if g:
                 grammar_rows = np.asarray(g, dtype=_I32)
-                states = [st for i in g if (st := sampled[i].grammar) is not None]
                 if any(sampled[i].pending for i in g):  # a previous token still in flight
-                    self._deferred[self.step_id] = states
+                    self._deferred[self.step_id] = [sampled[i] for i in g]
                     deferred = True
                 else:
-                    bitmask = self._fill(states)
+                    bitmask = self._fill([st for i in g if (st := sampled[i].grammar) is not None])
         for r in sampled:
             r.pending += 1
+            r.last_sample_step = self.step_id
         self._inflight.append(sampled)
+        self._inflight_steps.append(self.step_id)
         return ScheduledBatch(
             step=self.step_id,
             req_indices=req_idx,
@@ -307,6 +348,7 @@ class Scheduler:
             grammar_rows=grammar_rows,
             bitmask=bitmask,
             mask_deferred=deferred,
+            resolve_until=resolve,
         )
 
     @staticmethod
@@ -343,6 +385,7 @@ class Scheduler:
         outputs = self.take_pending_outputs()
         ctx = self.context_len
         finished: list[tuple[Request, FinishReason]] = []
+        self._inflight_steps.popleft()
         for req, tok in zip(self._inflight.popleft(), sampled.tolist()):
             if req.status == Status.FINISHED:  # aborted, or stopped by an earlier token, while in flight
                 continue

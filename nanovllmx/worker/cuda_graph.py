@@ -5,7 +5,12 @@ req_to_token row, so they cost a little compute and touch nothing real.
 A graph covers the whole device side of a decode step: resolving the inputs the previous (still
 running) step samples, this step's req_to_token entries, the KV slot lists, the forward, sampling
 (temperature, no filters) and the record of the sampled ids. The host sends one packed int32 array
-per step and plans the attention; a step's CPU cost no longer grows with the kernels it runs."""
+per step and plans the attention; a step's CPU cost no longer grows with the kernels it runs.
+
+A pipeline stage captures its own layers: from the ids (first stage) or from the received hidden
+states and residual, copied into static input buffers (later stages), to the sampled ids (last
+stage) or to the hidden states and residual it sends on (static outputs: the send's wait orders
+the next replay after it). The point-to-point transfers stay outside the graph."""
 
 from __future__ import annotations
 
@@ -51,8 +56,9 @@ class _Captured:
     wrapper: object  # the FlashInfer decode wrapper planned for this size
     inputs: torch.Tensor  # int32 [_FIELDS * bs]: the graph's static inputs, one H2D copy per step
     meta: AttentionMetadata
-    logits: torch.Tensor  # [bs, vocab]
-    tokens: torch.Tensor  # int32 [bs], sampled in the graph
+    # the last stage: logits [bs, vocab] and the ids sampled in the graph (int32 [bs]); an earlier
+    # stage: the hidden states and residual [bs, hidden] it sends to the next stage
+    outputs: tuple[torch.Tensor, torch.Tensor]
 
 
 class DecodeGraphs:
@@ -70,6 +76,14 @@ class DecodeGraphs:
         self.sizes = capture_sizes(cfg.max_bs)
         # every size's static inputs are views of one buffer: only one graph runs at a time
         self.inputs = torch.zeros(_FIELDS * cfg.max_bs, dtype=torch.int32, device=dev)
+        self.first, self.last = runner.model.is_first, runner.model.is_last
+        # a later pipeline stage's inputs: the previous stage's hidden states and residual
+        self.hidden_in: torch.Tensor | None = None
+        self.residual_in: torch.Tensor | None = None
+        if not self.first:
+            shape = (cfg.max_bs, cfg.hf_config.hidden_size)
+            self.hidden_in = torch.zeros(shape, dtype=cfg.torch_dtype, device=dev)
+            self.residual_in = torch.zeros(shape, dtype=cfg.torch_dtype, device=dev)
         self.captured: dict[int, _Captured] = {}
         pool = None
         for bs in reversed(self.sizes):
@@ -81,17 +95,17 @@ class DecodeGraphs:
             step = functools.partial(self._step, inputs, w, meta)
             if dev.type != "cuda":
                 g = _EagerReplay(step, be)
-                logits, tokens = g.outputs
+                outputs = g.outputs
             else:
                 torch.cuda.synchronize(dev)
                 with forward_context(be):
                     step()  # warm up (and compile) outside the graph
                     g = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(g, pool=pool):
-                        logits, tokens = step()
+                        outputs = step()
                 pool = g.pool() if pool is None else pool
                 torch.cuda.synchronize(dev)
-            self.captured[bs] = _Captured(g, w, inputs, meta, logits, tokens)
+            self.captured[bs] = _Captured(g, w, inputs, meta, outputs)
 
     def _pack_padding(self, gbs: int, bs: int) -> np.ndarray:
         """Host inputs for a padded batch of gbs rows whose first bs rows the caller fills."""
@@ -112,14 +126,22 @@ class DecodeGraphs:
         )
 
     def _step(self, inputs: torch.Tensor, wrapper, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        """The captured device work of one decode step."""
+        """The captured device work of one decode step (of this stage's layers)."""
         r, be, model = self.r, self.r.backend, self.r.model
         ids, pos, slots, req, inv_t = inputs.view(_FIELDS, -1)
         rows = req.long()
-        ids = torch.where(ids < 0, r.next_tokens[rows], ids)  # -1: the token the previous step samples
         r.req_to_token[rows, pos.long()] = slots
         be.gather_graph_indices(wrapper, meta)
-        logits = model.compute_logits(model(ids, pos))
+        if self.first:
+            ids = torch.where(ids < 0, r.next_tokens[rows], ids)  # -1: the token the previous step samples
+            out = model(ids, pos)
+        else:
+            assert self.hidden_in is not None and self.residual_in is not None
+            bs = ids.shape[0]
+            out = model(None, pos, self.hidden_in[:bs], self.residual_in[:bs])
+        if not self.last:
+            return out  # (hidden, residual) for the next stage
+        logits = model.compute_logits(out)
         tokens = r.sampler.sample_unfiltered(logits, inv_t.view(torch.float32))
         r.next_tokens[rows] = tokens
         return logits, tokens
@@ -128,20 +150,29 @@ class DecodeGraphs:
         """The logits of b.sample_rows from the step just replayed (a view of the graph's output:
         read it before the next replay)."""
         c = self.captured[next(s for s in self.sizes if s >= b.num_reqs)]
-        return c.logits[: b.num_reqs][torch.from_numpy(b.sample_rows.astype(np.int64)).to(self.r.device)]
+        logits = c.outputs[0]  # the last stage's
+        return logits[: b.num_reqs][torch.from_numpy(b.sample_rows.astype(np.int64)).to(self.r.device)]
 
     def can_run(self, bs: int) -> bool:
         return bs <= self.max_bs
 
-    def run(self, b: ScheduledBatch) -> torch.Tensor:
-        """One step of one token per request. Returns the ids sampled for b.sample_rows (int32, on
-        the device): from the graph when every row samples and none has filters or a seed, else
-        from the eager sampler over the graph's logits (the graph then samples greedily, cheap,
-        and its ids are overwritten)."""
+    def run(
+        self, b: ScheduledBatch, hidden: torch.Tensor | None = None, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """One step of one token per request; a later pipeline stage also takes the previous
+        stage's (hidden, residual). The last stage returns the ids sampled for b.sample_rows
+        (int32, on the device): from the graph when every row samples and none has filters or a
+        seed, else from the eager sampler over the graph's logits (the graph then samples greedily,
+        cheap, and its ids are overwritten). An earlier stage returns its (hidden, residual)."""
         r = self.r
         bs = b.num_reqs
         gbs = next(s for s in self.sizes if s >= bs)
         c = self.captured[gbs]
+        if not self.first:
+            assert self.hidden_in is not None and self.residual_in is not None
+            assert hidden is not None and residual is not None
+            self.hidden_in[:bs].copy_(hidden)
+            self.residual_in[:bs].copy_(residual)
         sa = b.sampling
         in_graph = len(b.sample_rows) == bs and not sa.needs_filter and not (sa.seeds >= 0).any()
         if len(b.table_rows):  # prefix slots of newly admitted requests (radix-cache hits)
@@ -160,7 +191,10 @@ class DecodeGraphs:
         c.meta.kv_lens_np, c.meta.req_indices_np = kv_lens, host[3]
         r.backend.plan_graph(c.wrapper, c.meta)
         c.graph.replay()
+        a, tokens = c.outputs
+        if not self.last:
+            return a[:bs], tokens[:bs]  # hidden, residual
         if in_graph:
-            return c.tokens[:bs]
+            return tokens[:bs]
         rows = torch.from_numpy(b.sample_rows.astype(np.int64)).to(r.device, non_blocking=True)
-        return r.sample(c.logits[rows], b)
+        return r.sample(a[rows], b)  # a: the logits

@@ -19,8 +19,9 @@ class SampledTokens:
     """Sampled ids of one step, copied to the host without blocking; `result()` waits for them.
     Lets the engine schedule the next step while this one runs on the GPU."""
 
-    def __init__(self, host: torch.Tensor, event: torch.cuda.Event | None):
+    def __init__(self, host: torch.Tensor, event: torch.cuda.Event | None, device_ids: torch.Tensor | None = None):
         self.host, self.event = host, event
+        self.device_ids = device_ids  # the same ids on the device (pipeline overlap sends them on)
 
     def result(self) -> np.ndarray:
         if self.event is not None:
@@ -76,13 +77,15 @@ class ModelRunner:
         # scheduler runs a step ahead (its -1 placeholders)
         self.next_tokens = torch.zeros(cfg.max_bs + 1, dtype=torch.int32, device=device)
         pin = device.type == "cuda"
-        self._host_bufs = [torch.empty(cfg.max_bs, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
+        # two per micro-batch of a step: the worker may launch step N+1 before step N's ids are read
+        # (worker_actor._HOST_BUFFERS), so step N+2's copy is the first to reuse step N's buffers
+        m = (cfg.pp_microbatches or cfg.pp_size) if cfg.pp_size > 1 else 1
+        self._host_bufs = [torch.empty(cfg.max_bs, dtype=torch.int32, pin_memory=pin) for _ in range(2 * m)]
         self._flip = 0
         self.timer = PhaseTimer()  # prepare / forward (launch) / sample+wait, per step
         self.graphs = None
-        # graphs capture whole-model decode steps (embedding to sampled ids): one pipeline stage
-        # holds only part of the model, so pipeline-parallel workers run eagerly
-        if not cfg.enforce_eager and device.type == "cuda" and cfg.pp_size == 1:
+        # decode steps of this stage's layers (a pipeline stage captures its own part of the model)
+        if not cfg.enforce_eager and device.type == "cuda":
             from nanovllmx.worker.cuda_graph import DecodeGraphs
 
             self.graphs = DecodeGraphs(self)
@@ -113,13 +116,13 @@ class ModelRunner:
     def to_host(self, tokens: torch.Tensor) -> SampledTokens:
         """Start the copy of a step's sampled ids to pinned host memory (double-buffered)."""
         host = self._host_bufs[self._flip][: len(tokens)]
-        self._flip ^= 1
+        self._flip = (self._flip + 1) % len(self._host_bufs)
         host.copy_(tokens, non_blocking=True)
         event = None
         if self.device.type == "cuda":
             event = torch.cuda.Event()
             event.record()
-        return SampledTokens(host, event)
+        return SampledTokens(host, event, tokens)
 
     def prepare(self, b: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         q_lens = b.q_lens
@@ -167,9 +170,12 @@ class ModelRunner:
         logits: torch.Tensor | None = None
         if self.graphs is not None and b.is_decode and self.graphs.can_run(b.num_reqs):
             # the graph takes the batch as it comes and samples (and records the samples) itself
-            tokens = self.graphs.run(b)
-            logits = self.graphs.sampled_logits(b) if b.grammar_rows is not None else None
+            res = self.graphs.run(b, hidden, residual)
             tm.lap("forward_launch")
+            if not self.model.is_last:
+                return res  # (hidden, residual) for the next stage
+            tokens = res
+            logits = self.graphs.sampled_logits(b) if b.grammar_rows is not None else None
         else:
             ids, positions, meta = self.prepare(b)
             tm.lap("prepare")

@@ -11,10 +11,17 @@ import torch.distributed as dist
 
 from nanovllmx.attention.metadata import KVPool
 from nanovllmx.config import EngineConfig
-from nanovllmx.distributed.parallel_state import destroy_parallel, get_parallel_info, init_parallel
+from nanovllmx.distributed.parallel_state import (
+    destroy_parallel,
+    get_parallel_info,
+    init_one_shot_allreduce,
+    init_parallel,
+)
+from nanovllmx.distributed.sample_channel import SampleChannel, new_channel_groups
 from nanovllmx.models.loader import load_weights
 from nanovllmx.models.qwen3 import Qwen3ForCausalLM
 from nanovllmx.scheduler.messages import ScheduledBatch
+from nanovllmx.worker.busy_meter import BusyMeter
 from nanovllmx.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -33,6 +40,19 @@ class Worker:
             backend = "nccl" if cfg.device == "cuda" else "gloo"
             init_parallel(cfg.tp_size, cfg.pp_size, rank, backend, init_method)
         self.info = get_parallel_info()
+        # pipeline overlap: the last stage's sampled ids go to the first stage
+        self.channel: SampleChannel | None = None
+        if cfg.pipeline_overlap:
+            groups = new_channel_groups(cfg.tp_size, cfg.pp_size)
+            if self.info.is_first_stage or self.info.is_last_stage:
+                self.channel = SampleChannel(self.info, groups[self.info.tp_rank], self.device)
+        # TP all-reduces of small messages over peer memory (opt-in; NCCL when it cannot be set up)
+        self.one_shot_allreduce = (
+            cfg.tp_allreduce == "one_shot"
+            and cfg.tp_size > 1
+            and self.device.type == "cuda"
+            and init_one_shot_allreduce(self.device, cfg.torch_dtype)
+        )
         torch.manual_seed(cfg.seed)
         prev = torch.get_default_dtype()
         torch.set_default_dtype(cfg.torch_dtype)
@@ -44,6 +64,7 @@ class Worker:
         load_weights(self.model, cfg.model, progress=(rank == 0 and cfg.device == "cuda"))
         self.model.eval()
         self.runner: ModelRunner | None = None
+        self.busy = BusyMeter(self.device)  # this stage's device time per step and busy share
 
     # ---- KV pool sizing: every worker proposes, the scheduler takes the minimum ----
     def _layer_shape(self) -> tuple[int, int, int]:
@@ -91,6 +112,9 @@ class Worker:
     def execute_async(self, batch: ScheduledBatch):
         """Launch a step; on the last stage returns a SampledTokens handle (result() waits)."""
         info = self.info
+        ch = self.channel
+        if ch is not None and info.is_first_stage:  # the placeholders' ids, from the last stage
+            ch.resolve(batch.resolve_until, self.runner.next_tokens)
         hidden = residual = None
         if not info.is_first_stage:
             h = self.cfg.hf_config.hidden_size
@@ -98,7 +122,13 @@ class Worker:
             residual = torch.empty_like(hidden)
             dist.recv(hidden, src=info.prev_rank)
             dist.recv(residual, src=info.prev_rank)
+        self.busy.begin()  # on CUDA after the recv on the stream: waiting for the previous stage is idle
         out = self.runner.execute(batch, hidden, residual)
+        self.busy.end()
+        if ch is not None and info.is_first_stage:
+            ch.expect(batch.step, batch.req_indices[batch.sample_rows])
+        if ch is not None and info.is_last_stage and len(batch.sample_rows):
+            ch.send(out.device_ids)
         if not info.is_last_stage:
             dist.send(out[0].contiguous(), dst=info.next_rank)
             dist.send(out[1].contiguous(), dst=info.next_rank)

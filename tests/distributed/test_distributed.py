@@ -128,7 +128,7 @@ def _check_stats(llm: LLM) -> dict:
     ids=["tp2", "pp2", "tp2xpp2", "tp2-raysteps-sync", "1x1-on-ray"],
 )
 def test_grid_matches_local(cluster, model_dir, reference, tp, pp, mode, overlap):
-    # pp > 1: every step, decode included, is split into pp micro-batches (and no overlap scheduling)
+    # pp > 1: every step, decode included, is split into pp micro-batches (and pipeline lanes)
     llm = LLM(
         model_dir,
         context_len=CTX,
@@ -147,7 +147,7 @@ def test_grid_matches_local(cluster, model_dir, reference, tp, pp, mode, overlap
             assert cached[1 + i] > 0, "expected radix-cache hits on the shared prefix"
         st = _check_stats(llm)
         assert st["pp_microbatches"] == pp
-        assert st["overlap"] == (overlap and pp == 1)
+        assert st["overlap"] == overlap  # a pipeline overlaps through its lanes
     finally:
         llm.shutdown()
 
@@ -159,6 +159,76 @@ def test_grid_preemption_matches_local(cluster, model_dir, reference):
         st = _check_stats(llm)
         assert st["num_preempted_total"] > 0
         assert st["num_slots"] == SMALL_KV
+    finally:
+        llm.shutdown()
+
+
+# ---- inter-step pipelining (pp > 1): several batches of disjoint requests in flight ----
+# one engine configuration for the whole mix: a 64-token budget chunks every long prompt, the small
+# pool preempts LONG's decodes, WARM makes MIXED's PREFIX requests radix hits
+PIPE_KW = dict(context_len=CTX, num_kv_slots=SMALL_KV, max_num_batched_tokens=64)
+SEEDED = [
+    SamplingParams(temperature=0.9, top_k=40 if i % 2 else 0, seed=100 + i, max_tokens=10, ignore_eos=True)
+    for i in range(len(MIXED))
+]
+ABORT_KEEP = [_prompt(30 + 7 * i, 40 + i) for i in range(4)]  # run next to a request aborted mid-way
+
+
+async def _with_abort(llm: LLM) -> list[list[int]]:
+    """ABORT_KEEP's greedy tokens, streamed while a long request is aborted after 3 deltas."""
+
+    async def one(p: list[int]) -> list[int]:
+        out: list[int] = []
+        async for d in llm.stream(p, GREEDY):
+            out = list(d.token_ids)
+        return out
+
+    keep = [asyncio.ensure_future(one(p)) for p in ABORT_KEEP]
+    await _first_deltas(llm, 3)
+    return list(await asyncio.gather(*keep))
+
+
+def _run_pipeline_mix(llm: LLM) -> dict:
+    mixed, cached = _run_mixed(llm)
+    seeded = [o.token_ids for o in llm.generate(MIXED, SEEDED)]
+    return dict(mixed=mixed, cached=cached, seeded=seeded, long=_run_long(llm), aborted=asyncio.run(_with_abort(llm)))
+
+
+@pytest.fixture(scope="module")
+def pipe_reference(model_dir) -> dict:
+    llm = LLM(model_dir, executor="local", **PIPE_KW)
+    try:
+        ref = _run_pipeline_mix(llm)
+        assert llm.stats()["num_preempted_total"] > 0, "the mix must preempt"
+    finally:
+        llm.shutdown()
+    return ref
+
+
+@pytest.mark.parametrize(
+    "tp,pp,overlap",
+    [(1, 2, False), (1, 2, True), (1, 4, True), (2, 2, True)],
+    ids=["pp2", "pp2-overlap", "pp4-overlap", "tp2xpp2-overlap"],
+)
+def test_pipeline_lanes_match_local(cluster, model_dir, pipe_reference, tp, pp, overlap):
+    """Pipeline lanes (the defaults: pp + 1 batches in flight; with overlap scheduling pp lanes plus
+    one batch whose placeholders the first stage takes from the last stage's ids): greedy and
+    seeded tokens equal the local tp=1 engine's, with chunked prefill, radix hits, preemption and
+    an abort in the mix."""
+    llm = LLM(model_dir, tp_size=tp, pp_size=pp, overlap_scheduling=overlap, **PIPE_KW)
+    try:
+        got = _run_pipeline_mix(llm)
+        for k in ("mixed", "seeded", "long", "aborted"):
+            assert got[k] == pipe_reference[k], k
+        assert all(got["cached"][1 + i] > 0 for i in PREFIXED)
+        st = _check_stats(llm)
+        lanes = pp if overlap else pp + 1
+        assert st["pipeline_lanes"] == lanes and st["overlap"] == overlap, st
+        assert 1 < st["max_inflight_steps"] <= lanes + overlap, st
+        assert st["num_preempted_total"] > 0
+        # every stage reports its busy share (CPU: stages on shared cores, so no bound on the value)
+        assert len(st["stage_busy_share"]) == pp and all(0 < b <= 1 for b in st["stage_busy_share"]), st
+        assert all(ms > 0 for ms in st["stage_busy_ms_per_step"]) and st["tp_one_shot_allreduce"] is False
     finally:
         llm.shutdown()
 

@@ -507,3 +507,21 @@ def test_abort_in_generate_from_another_thread(llm, monkeypatch):
     t.join()
     assert o.finish_reason == "abort" and 3 <= len(o.token_ids) < 450
     assert_no_leak(llm)
+
+
+def test_pipeline_config(tiny_model_dir):
+    """Pipeline lanes: pp_size + 1 by default, as set, 1 without a pipeline; bad values refused."""
+    from nanovllmx.config import EngineConfig
+
+    m = str(tiny_model_dir)
+    assert EngineConfig(m, pp_size=2).pipeline_lanes == 3  # CPU: no overlap scheduling by default
+    on = EngineConfig(m, pp_size=2, overlap_scheduling=True)
+    assert on.pipeline_lanes == 2 and on.pipeline_overlap
+    assert not EngineConfig(m, pp_size=2, pp_inflight_batches=1, overlap_scheduling=True).pipeline_overlap
+    assert EngineConfig(m, pp_size=2, pp_inflight_batches=2).pipeline_lanes == 2
+    assert EngineConfig(m, pp_inflight_batches=4).pipeline_lanes == 1
+    assert EngineConfig(m, tp_size=2, tp_allreduce="one_shot").tp_allreduce == "one_shot"
+    with pytest.raises(ValueError, match="pp_inflight_batches"):
+        EngineConfig(m, pp_size=2, pp_inflight_batches=0)
+    with pytest.raises(ValueError, match="tp_allreduce"):
+        EngineConfig(m, tp_allreduce="nvls")

@@ -43,6 +43,7 @@ class FakeWorker:
         self.kv: dict[int, tuple[int, ...]] = {}
         self.lm = lm
         self.next_tok = np.full(max_bs + 1, -1, dtype=np.int64)  # last token sampled per row
+        self.sampled_at = np.zeros(max_bs + 1, dtype=np.int64)  # the step that sampled it
 
     def execute(self, b) -> np.ndarray:
         assert b.input_ids.dtype == np.int32 and b.out_slots.dtype == np.int32
@@ -76,11 +77,21 @@ class FakeWorker:
             last.append(ctx)
         out = np.array([self.lm(last[i]) for i in b.sample_rows.tolist()], dtype=np.int32)
         self.next_tok[b.req_indices[b.sample_rows]] = out
+        self.sampled_at[b.req_indices[b.sample_rows]] = b.step
         return out
 
 
-def make(num_slots=512, max_bs=8, context_len=128, budget=64, prefix=True, lm=fake_lm):
-    s = Scheduler(num_slots, max_bs, context_len, budget, [EOS], enable_prefix_caching=prefix)
+def make(num_slots=512, max_bs=8, context_len=128, budget=64, prefix=True, lm=fake_lm, lanes=1, lanes_overlap=False):
+    s = Scheduler(
+        num_slots,
+        max_bs,
+        context_len,
+        budget,
+        [EOS],
+        enable_prefix_caching=prefix,
+        lanes=lanes,
+        lanes_overlap=lanes_overlap,
+    )
     return s, FakeWorker(max_bs, context_len, lm)
 
 
@@ -122,9 +133,11 @@ class Run:
 
     def __init__(self, s: Scheduler, w: FakeWorker, overlap: bool = False):
         """overlap: like the engine's overlap scheduling, step N+1 is scheduled and run before
-        step N's tokens are applied."""
+        step N's tokens are applied. A scheduler with lanes > 1 runs like the engine's pipeline:
+        up to `lanes` steps launched before the oldest one's tokens are applied."""
         self.s, self.w, self.overlap = s, w, overlap
         self.inflight = None
+        self.queue: list = []  # lanes: sampled ids of the launched steps, oldest first
         self.tokens: dict[str, list[int]] = {}
         self.finish: dict[str, str] = {}
         self.cached: dict[str, int] = {}
@@ -150,6 +163,8 @@ class Run:
         s = self.s
         if self.overlap:
             return self._step_overlap(between)
+        if s.lanes > 1:
+            return self._step_lanes(between)
         b = s.schedule()
         check_slots(s)
         if b is None:
@@ -181,6 +196,40 @@ class Run:
         else:
             self.collect(s.take_pending_outputs())
         self.inflight = sampled
+        check_slots(s)
+        return b
+
+    def _step_lanes(self, between):
+        """EngineCore.step with depth = lanes: launch, and apply the oldest step once `lanes` are
+        in flight or nothing new could be scheduled."""
+        s = self.s
+        depth = s.lanes + int(s.lanes_overlap)  # as EngineCore
+        inflight = {id(r) for batch in s._inflight for r in batch}  # requests whose sample is in flight
+        recent = {id(r) for batch in list(s._inflight)[len(s._inflight) - s.lanes + 1 :] for r in batch}
+        b = s.schedule() if len(self.queue) < depth else None
+        check_slots(s)
+        if b is not None:
+            assert b.num_tokens <= s.budget, "token budget exceeded"
+            by_row = {r.req_idx: r for r in s.running}
+            ids = {id(by_row[i]) for i in b.req_indices.tolist()}
+            if s.lanes_overlap:
+                # placeholders only for steps the first stage receives from the last stage before
+                # this batch, `lanes` launches back at least: never one of the last lanes - 1 steps
+                assert not recent & ids, "a request with a sample in a recent step was scheduled"
+                rows = np.repeat(b.req_indices, b.q_lens)[b.input_ids < 0]
+                assert (self.w.sampled_at[rows] <= b.resolve_until).all(), "placeholder of an unresolved step"
+            else:
+                assert not b.has_placeholders, "a pipeline's first stage cannot resolve placeholders"
+                # a request whose sample is in flight is in no later batch until it is back
+                assert not inflight & ids, "a request was scheduled twice"
+            self.batches.append(b)
+            self.queue.append(self.w.execute(b))
+            if between is not None:
+                between(b)
+        if self.queue and (b is None or len(self.queue) >= depth):
+            self.collect(s.update(self.queue.pop(0)))
+        else:
+            self.collect(s.take_pending_outputs())
         check_slots(s)
         return b
 
@@ -550,7 +599,38 @@ def test_eos_with_overlap_drops_the_step_in_flight():
     assert r.finish["a"] == "stop" and r.tokens["a"][-1] == EOS and len(r.tokens["a"]) == 3
 
 
-def _random_workload(seed: int, overlap: bool) -> None:
+@pytest.mark.parametrize("seed", range(6))
+def test_random_workload_pipeline_lanes(seed):
+    """Inter-step pipelining (pp > 1): 2-4 steps of disjoint sampling requests in flight, prompt
+    chunks of one request in consecutive steps; tokens identical, no slot leaks, aborts and
+    preemptions while steps are in flight."""
+    _random_workload(seed, overlap=False, lanes=2 + seed % 3)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_workload_pipeline_lanes_overlap(seed):
+    """Lanes with pipeline overlap: one batch more in flight, whose placeholders refer only to steps
+    at least `lanes` launches old (resolve_until)."""
+    _random_workload(seed, overlap=False, lanes=2 + seed % 3, lanes_overlap=True)
+
+
+@pytest.mark.parametrize("lanes_overlap", [False, True])
+def test_lanes_split_the_decode_batch(lanes_overlap):
+    s = Scheduler(512, 8, 128, 64, [EOS], lanes=2, lanes_overlap=lanes_overlap)
+    w = FakeWorker(8, 128)
+    r = Run(s, w)
+    for i in range(6):
+        r.add(er(f"r{i}", prompt(5, i), max_tokens=12))
+    r.until_idle()
+    decode = [b for b in r.batches if b.is_decode]
+    assert decode and all(b.num_reqs == 3 for b in decode[2:-2]), [b.num_reqs for b in decode]
+    # with overlap the decode batches go before the tokens they feed on are back here
+    assert all(b.has_placeholders for b in decode[2:-2]) == lanes_overlap
+    for i in range(6):
+        assert r.tokens[f"r{i}"] == reference(prompt(5, i), 12)
+
+
+def _random_workload(seed: int, overlap: bool, lanes: int = 1, lanes_overlap: bool = False) -> None:
     rng = random.Random(seed)
     ctx = 96
     s, w = make(
@@ -559,6 +639,8 @@ def _random_workload(seed: int, overlap: bool) -> None:
         budget=rng.choice([1, 7, 16, 64, 200]),
         max_bs=rng.choice([1, 3, 8]),
         prefix=rng.random() < 0.8,
+        lanes=lanes,
+        lanes_overlap=lanes_overlap,
     )
     r = Run(s, w, overlap=overlap)
     shared = prompt(30, 1000 + seed)
