@@ -1,7 +1,8 @@
-"""Structured outputs on the Ray engine (CPU, gloo, a 1x1 grid): with overlap the grammar masks of a
-step reach the worker after it (a GRAMMAR frame on the control socket), without the socket
-(ray_step_mode "ray") the engine applies the step in flight first; both give the local engine's
-tokens. And the masks travel with their rows when a batch is split into pipeline micro-batches."""
+"""Structured outputs on the Ray engine (CPU, gloo): on a 1x1 grid with overlap the grammar masks of
+a step reach the worker after it (a GRAMMAR frame on the control socket); without the socket
+(ray_step_mode "ray") and on a pipeline (pp 2, lanes) the engine applies the steps in flight
+first; all give the local engine's tokens. And the masks travel with their rows when a batch is
+split into pipeline micro-batches."""
 
 from __future__ import annotations
 
@@ -50,10 +51,18 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.mark.parametrize("mode", ["socket", "ray"])
-def test_ray_engine_matches_local(local_ray, tiny_model_dir, local_tokens, mode) -> None:
+@pytest.mark.parametrize("mode,pp", [("socket", 1), ("ray", 1), ("socket", 2)], ids=["socket", "ray-calls", "pp2"])
+def test_ray_engine_matches_local(local_ray, tiny_model_dir, local_tokens, mode, pp) -> None:
+    # pp2: pipeline lanes with overlap; the steps in flight are applied before a constrained request
+    # is scheduled, so its masks travel in the batch (split across micro-batches)
     llm = LLM(
-        str(tiny_model_dir), context_len=CTX, executor="ray", max_bs=8, overlap_scheduling=True, ray_step_mode=mode
+        str(tiny_model_dir),
+        context_len=CTX,
+        executor="ray",
+        max_bs=8,
+        overlap_scheduling=True,
+        ray_step_mode=mode,
+        pp_size=pp,
     )
     try:
         assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == local_tokens
