@@ -512,6 +512,13 @@ def main() -> None:
     ap.add_argument("--no-overlap", action="store_true", help="schedule each step only after the previous one")
     ap.add_argument("--decode-tensor-cores", type=int, default=None, choices=[0, 1])
     ap.add_argument("--max-num-batched-tokens", type=int, default=None, help="per-step token budget (prefill chunk)")
+    ap.add_argument("--fp8-gemm", default="auto", choices=["auto", "triton", "dequant"], help="FP8 checkpoints")
+    ap.add_argument(
+        "--decode-only",
+        action="store_true",
+        help="offline: the standard workload with every prompt cut to 16 tokens (its time is nearly all decode; "
+        "no roofline bound)",
+    )
     ap.add_argument("--torch-profile", default=None, help="write a torch.profiler kernel table of the run here")
     ap.add_argument("--profile", action="store_true", help="print the per-step time breakdown")
     ap.add_argument(
@@ -612,11 +619,14 @@ def main() -> None:
         gpu_memory_utilization=a.gpu_memory_utilization,
         decode_tensor_cores=None if a.decode_tensor_cores is None else bool(a.decode_tensor_cores),
         overlap_scheduling=not a.no_overlap,
+        fp8_gemm=a.fp8_gemm,
         pp_inflight_batches=a.pp_inflight_batches,
         tp_allreduce=a.tp_allreduce,
         **({} if a.max_num_batched_tokens is None else {"max_num_batched_tokens": a.max_num_batched_tokens}),
     )
     prompts, params = standard_workload(a.num_seqs)
+    if a.decode_only:
+        prompts = [p[:16] for p in prompts]
     if a.top_k or a.top_p < 1:  # e.g. Qwen3's generation defaults (top_k 20, top_p 0.95): the filtered sampler
         for p in params:
             p.top_k, p.top_p = a.top_k, a.top_p
@@ -668,6 +678,10 @@ def main() -> None:
     }
     if a.max_num_batched_tokens is not None:
         res["max_num_batched_tokens"] = a.max_num_batched_tokens
+    if a.decode_only:
+        res["decode_only"] = True
+    if a.fp8_gemm != "auto":
+        res["fp8_gemm"] = a.fp8_gemm
     if a.top_k or a.top_p < 1:
         res.update(top_k=a.top_k, top_p=a.top_p)
     if constrained:
@@ -679,7 +693,7 @@ def main() -> None:
         res.update(json_schema_requests=len(constrained), json_schema_open_tokens=open_tokens)
     stats = llm.stats()
     res.update({k: stats[k] for k in ("num_preempted_total", "num_slots") if k in stats})
-    if bw:
+    if bw and not a.decode_only:
         bound = roofline.bound(roofline.Shape.from_config(a.model), bw, num_seqs=a.num_seqs).tok_per_s
         res.update(
             {

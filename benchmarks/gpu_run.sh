@@ -26,6 +26,15 @@
 #            MULTI_TESTS=0 skips the tests and checks, MULTI_BENCH=0 the engine runs; MULTI_HTTP=1 adds `serve run serve_configs/tp2.yaml`
 #            through HTTP (bench.py --serve-config). If it outgrows one call, one shape a call:
 #            MULTI_MODELS=/tmp/q8b, then MULTI_TESTS=0 MULTI_MODELS=/tmp/q06
+#   moe      Qwen3-MoE / FP8 GPU tests (tests/gpu/test_moe_fp8.py), then the standard workload on a
+#            Qwen3-30B-A3B-shaped bf16 checkpoint (/tmp/qa3b, ~61 GB: it removes /tmp/q8b* first, the disk
+#            of one nvidia-h200 holds 64 GB; MOE_LAYERS=24 makes a half-depth one) against the roofline
+#            of its active parameters. Making the checkpoint takes a few minutes: if the call runs out,
+#            call again with MOE_TESTS=0 (no tests again; the checkpoint stays while the machine is warm)
+#   fp8      Qwen3-8B shape, bf16 (/tmp/q8b) and FP8 (/tmp/q8b-fp8, the same weights quantized: fp8_copy):
+#            decode throughput (--decode-only: prompts cut to 16 tokens) of bf16, FP8 through the Triton
+#            FP8 GEMMs, FP8 dequantized at load; then the standard workload on the FP8 checkpoint. Run it
+#            before `moe` on one machine (moe deletes /tmp/q8b* for its 61 GB)
 # No target: only the checkpoints (the first call on a fresh machine, before FlashInfer is there).
 # BASE=/path/to/another/checkout runs the same target in that tree first, in the same call (A/B); the
 # table has a row per tree. Checkpoints (random weights, generated on the GPU) stay in /tmp while the
@@ -62,7 +71,7 @@ LOGS=/tmp/gpu_run_logs
 mkdir -p "$OUT" "$LOGS"
 [ -d "$HERE/../.device/extra" ] && export PYTHONPATH=$(cd "$HERE/../.device/extra" && pwd)${PYTHONPATH:+:$PYTHONPATH}
 CKPT=${CKPT:-/tmp}
-M=$CKPT/q06 M8=$CKPT/q8b S=$CKPT/q4s
+M=$CKPT/q06 M8=$CKPT/q8b S=$CKPT/q4s MOE=$CKPT/qa3b M8F=$CKPT/q8b-fp8
 BENCH=(python bench.py ${BENCH_ARGS:-})  # BENCH_ARGS: more arguments for every bench.py run, e.g. "--num-seqs 64"
 TABLE=$OUT/table.txt J=$OUT/results.jsonl
 
@@ -155,6 +164,25 @@ http() {
     note http-direct "not run: this tree's bench.py has no --direct-ingress-port"
   fi
 }
+moe() {
+  if [ "${MOE_TESTS:-1}" = 1 ]; then
+    run gpu-tests-moe 300 python -m pytest -q -p no:cacheprovider tests/gpu/test_moe_fp8.py
+    note gpu-tests-moe "$(tail -1 "$LOGS/$LABEL-gpu-tests-moe.txt")"
+  fi
+  if [ ! -f $MOE/config.json ]; then  # written to $MOE.tmp and renamed: a call that runs out leaves no half
+    rm -rf $M8 $M8F $MOE.tmp
+    make_ckpt $MOE.tmp "preset='qwen3-30b-a3b'${MOE_LAYERS:+, num_hidden_layers=$MOE_LAYERS}" && mv $MOE.tmp $MOE
+  fi
+  run offline-30b-a3b 480 "${BENCH[@]}" --model $MOE --bw --profile
+}
+fp8() {
+  # the bf16 8B checkpoint's weights quantized (the same model in both rows)
+  [ -f $M8F/config.json ] || python -c "from nanovllmx.utils.make_model import fp8_copy; fp8_copy('$M8', '$M8F')"
+  run decode-8b-bf16 240 "${BENCH[@]}" --model $M8 --decode-only --profile
+  run decode-8b-fp8 240 "${BENCH[@]}" --model $M8F --decode-only --profile --fp8-gemm triton
+  run decode-8b-fp8-deq 240 "${BENCH[@]}" --model $M8F --decode-only --profile --fp8-gemm dequant
+  run offline-8b-fp8 300 "${BENCH[@]}" --model $M8F --bw --profile
+}
 # bench.py arguments of a grid spec: TxP, "-os" the one-shot TP all-reduce, "-lN" N pipeline lanes,
 # "-no" no overlap scheduling
 grid_args() {
@@ -210,11 +238,12 @@ multi() {
 
 target=${1:-}
 case "$target" in
-  "" | check | offline | structured | http | multi) ;;
-  *) echo "usage: bash benchmarks/gpu_run.sh [check|offline|structured|http|multi]  (BASE=other/checkout: A/B)" >&2; exit 2 ;;
+  "" | check | offline | structured | http | multi | fp8) ;;
+  moe) ;;
+  *) echo "usage: bash benchmarks/gpu_run.sh [check|offline|structured|http|multi|moe|fp8]  (BASE=other/checkout: A/B)" >&2; exit 2 ;;
 esac
 if [ "$LABEL" = new ]; then
-  models
+  [ "$target" = moe ] || models  # moe makes its own (and needs the disk)
   [ -n "$target" ] || { ls -d $M $S $M8; exit 0; }
   printf '%-6s%-22s%10s%8s%8s%8s%10s\n' tree row tok/s "BW TB/s" bound "%bound" "TTFT p50" > "$TABLE"
   if [ -n "${BASE:-}" ]; then

@@ -13,6 +13,14 @@ gathered) and the whole KV cache of the running requests once. Prefill: every pr
 be slower. `bench.py --bw` measures the copy bandwidth and reports its run against this bound.
 (Moved here from the project's shared roofline.py, with the same arithmetic: Qwen3-0.6B at
 4.24 TB/s gives 37,561 tok/s, Qwen3-8B 17,020.)
+
+Qwen3-MoE: the bound counts the *active* parameters (attention, the router, top_k of the experts
+of each sparse layer, the dense MLP of the others, the LM head): the weights a step would read if
+it read only the experts its tokens use, and the FLOPs a token costs. With a batch of 256 tokens
+and top-8 of 128 experts nearly every expert is used every step, so the real bytes are closer to
+all parameters: the active-parameter bound is optimistic, the one the issue asks to report.
+FP8 checkpoints (a quantization_config): the projections' weights count 1 byte per parameter
+(plus their block scales), the embedding and LM head their dtype's 2.
 """
 
 from __future__ import annotations
@@ -40,6 +48,12 @@ class Shape:
     head_dim: int = 128
     vocab: int = 151936
     tie_word_embeddings: bool = True
+    # Qwen3-MoE (experts 0: dense)
+    experts: int = 0
+    top_k: int = 0
+    moe_inter: int = 0
+    sparse_layers: int = 0  # layers with routed experts; the others have a dense MLP of `inter`
+    fp8: bool = False  # projections stored as FP8 with 128 x 128 block scales
 
     @classmethod
     def from_config(cls, model: str | os.PathLike[str]) -> Shape:
@@ -53,7 +67,19 @@ class Shape:
             from transformers import AutoConfig
 
             c = AutoConfig.from_pretrained(model).to_dict()
+        # transformers 5 writes num_local_experts, Qwen's own configs num_experts
+        n_exp = c.get("num_experts") or c.get("num_local_experts") or 0
+        experts = int(n_exp) if c.get("model_type") == "qwen3_moe" else 0
+        sparse = 0
+        if experts:
+            only, step = set(c.get("mlp_only_layers") or []), int(c.get("decoder_sparse_step") or 1)
+            sparse = sum(1 for i in range(c["num_hidden_layers"]) if i not in only and (i + 1) % step == 0)
         return cls(
+            experts=experts,
+            top_k=int(c.get("num_experts_per_tok") or 0) if experts else 0,
+            moe_inter=int(c.get("moe_intermediate_size") or 0) if experts else 0,
+            sparse_layers=sparse,
+            fp8=(c.get("quantization_config") or {}).get("quant_method") == "fp8",
             layers=c["num_hidden_layers"],
             hidden=c["hidden_size"],
             inter=c["intermediate_size"],
@@ -65,16 +91,42 @@ class Shape:
         )
 
     @property
-    def layer_params(self) -> int:
+    def attn_params(self) -> int:
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return self.hidden * (q + 2 * kv) + q * self.hidden + 3 * self.hidden * self.inter
+        return self.hidden * (q + 2 * kv) + q * self.hidden
+
+    @property
+    def layer_params(self) -> int:
+        """Parameters of a dense layer (all of them, every layer of a dense model)."""
+        return self.attn_params + 3 * self.hidden * self.inter
+
+    def _body(self, experts_per_layer: int) -> int:
+        dense = self.layers - self.sparse_layers
+        moe = self.attn_params + self.experts * self.hidden + experts_per_layer * 3 * self.hidden * self.moe_inter
+        return dense * self.layer_params + self.sparse_layers * moe
+
+    @property
+    def body_params(self) -> int:
+        """Parameters of the decoder layers (norms left out)."""
+        return self._body(self.experts)
+
+    @property
+    def active_body_params(self) -> int:
+        """Parameters of the decoder layers that one token uses (top_k experts per sparse layer)."""
+        return self._body(self.top_k)
 
     @property
     def params(self) -> int:
         """Parameters in the checkpoint (norms left out): the layers, the LM head, and the embedding
         when it is not tied to the head."""
         head = self.vocab * self.hidden
-        return self.layers * self.layer_params + head * (1 if self.tie_word_embeddings else 2)
+        return self.body_params + head * (1 if self.tie_word_embeddings else 2)
+
+    @property
+    def active_params(self) -> int:
+        """`params` with only the top_k experts of each sparse layer (as Qwen counts "activated")."""
+        head = self.vocab * self.hidden
+        return self.active_body_params + head * (1 if self.tie_word_embeddings else 2)
 
 
 def workload(n: int = 256, max_in: int = 1024, max_out: int = 1024) -> tuple[list[int], list[int]]:
@@ -125,12 +177,13 @@ def bound(
     rate `flops`. kv_bytes: bytes per KV element (1 for fp8)."""
     p, o = workload(num_seqs)
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    body = shape.layers * shape.layer_params
+    body = shape.active_body_params  # all of them for a dense model
     head = shape.vocab * shape.hidden
+    body_bytes = (1 + 4 / (128 * 128)) if shape.fp8 else dtype_bytes  # FP8 + a float32 scale per block
     kv_tok = shape.layers * 2 * kv * kv_bytes
     steps = max(o)
     # decode: weights once per step, KV of every live request once per step
-    w_bytes = steps * (body + head) * dtype_bytes
+    w_bytes = steps * (body * body_bytes + head * dtype_bytes)
     kv_read = sum(oi * pi + oi * (oi - 1) // 2 for pi, oi in zip(p, o)) * kv_tok
     kv_write = (sum(p) + sum(o)) * kv_tok
     # prefill: linear layers for every prompt token, causal attention, lm_head for the last token
@@ -176,7 +229,8 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     shape = Shape.from_config(a.model) if a.model else Shape()
     b = bound(shape, a.bw, a.flops, a.num_seqs, kv_bytes=a.kv_bytes)
-    print(f"shape: {shape} ({shape.params / 1e9:.2f}B parameters)")
+    active = f", {shape.active_params / 1e9:.2f}B active" if shape.experts else ""
+    print(f"shape: {shape} ({shape.params / 1e9:.2f}B parameters{active})")
     print(
         f"requests={a.num_seqs} prompt_tokens={b.prompt_tokens} output_tokens={b.output_tokens} "
         f"decode_steps>={b.decode_steps}"

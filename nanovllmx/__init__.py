@@ -1,6 +1,11 @@
 """nanovllmx: a lightweight, fast LLM serving system for Qwen3 models, built on Ray."""
 
-from nanovllmx.errors import EngineOverloadedError, EngineRequestError, EngineUnavailableError
+from nanovllmx.errors import (
+    EngineOverloadedError,
+    EngineRequestError,
+    EngineUnavailableError,
+    UnsupportedCheckpointError,
+)
 from nanovllmx.llm import LLM
 from nanovllmx.outputs import RequestOutput, StreamDelta
 from nanovllmx.sampling_params import SamplingParams
@@ -14,5 +19,6 @@ __all__ = [
     "EngineRequestError",
     "EngineOverloadedError",
     "EngineUnavailableError",
+    "UnsupportedCheckpointError",
     "__version__",
 ]

@@ -70,6 +70,9 @@ class EngineConfig:
     ray_step_mode: str = "socket"  # how each step reaches the workers: "socket" (fast) | "ray" (a call per worker)
     pp_microbatches: int | None = None  # most pipeline micro-batches per step; None: pp_size
     pp_microbatch_min_tokens: int = 256  # split a step only if each micro-batch gets this many tokens
+    # FP8 checkpoints: "auto" (Triton FP8 GEMMs on CUDA GPUs of compute capability >= 8.9, where
+    # the weights stay FP8; dequantized to dtype at load elsewhere), "triton", or "dequant"
+    fp8_gemm: str = "auto"
     # inter-step pipelining (pp_size > 1): batches of disjoint requests in flight at once, so stage 0
     # runs batch N+1 while stage 1 runs batch N. None: pp_size with overlap scheduling (the engine
     # sends one batch more, whose placeholders the first stage takes from the last stage), else
@@ -80,6 +83,7 @@ class EngineConfig:
     # cannot be set up (distributed/one_shot_allreduce.py); CUDA only, ignored on CPU
     tp_allreduce: str = "nccl"
     hf_config: Any = field(default=None, repr=False)
+    checkpoint: Any = field(default=None, init=False, repr=False)  # models.checkpoint.CheckpointInfo
     eos_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -120,16 +124,26 @@ class EngineConfig:
             raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {self.device!r}")
         from transformers import AutoConfig
 
-        self.hf_config = AutoConfig.from_pretrained(self.model)
+        from nanovllmx.errors import UnsupportedCheckpointError
+        from nanovllmx.models.checkpoint import inspect_checkpoint
+
+        try:
+            self.hf_config = AutoConfig.from_pretrained(self.model)
+        except (KeyError, ValueError) as e:  # unknown model_type, rope settings transformers rejects
+            raise UnsupportedCheckpointError(f"{self.model}: config.json not understood: {e}") from e
+        # refuses (UnsupportedCheckpointError) what the engine does not implement, before any weight is read
+        self.checkpoint = inspect_checkpoint(self.model, self.hf_config)
         if self.dtype == "auto":
             self.dtype = "float32" if self.device == "cpu" else "bfloat16"
         if self.dtype not in ("bfloat16", "float16", "float32"):
             raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
-        max_pos = self.hf_config.max_position_embeddings
+        max_pos = self.checkpoint.max_positions  # max_position_embeddings, or longer with YaRN
         if self.context_len is None:
             self.context_len = max_pos
         if not 1 < self.context_len <= max_pos:
             raise ValueError(f"context_len must be in [2, {max_pos}] for this model, got {self.context_len}")
+        if self.fp8_gemm not in ("auto", "triton", "dequant"):
+            raise ValueError(f"fp8_gemm must be 'auto', 'triton' or 'dequant', got {self.fp8_gemm!r}")
         if self.attention_backend == "auto":
             self.attention_backend = "flashinfer" if self.device == "cuda" else "torch"
         if self.device == "cpu":

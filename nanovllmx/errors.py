@@ -17,3 +17,9 @@ class EngineUnavailableError(RuntimeError):
 class EngineRequestError(RuntimeError):
     """The engine failed this request after accepting it (an error inside a step, a refusal the
     scheduler made, or the engine dying under it). HTTP: 500, or an error event in a stream."""
+
+
+class UnsupportedCheckpointError(ValueError):
+    """The checkpoint needs something the engine does not implement (an architecture, model_type,
+    rope type, quantization scheme or weight format): raised when the engine is created, naming
+    what was found and what is supported, never later (models/checkpoint.py)."""

@@ -1,7 +1,10 @@
 """Tensor-parallel linear layers. Each knows its TP rank and loads only its slice of a checkpoint
-tensor through `weight_loader(param, full_tensor, shard_id)`."""
+tensor through `weight_loader(param, full_tensor, shard_id)`; `shard_slice(shard_id)` says which
+slice goes where (the FP8 loader cuts block scales by it too)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +19,23 @@ def _divide(a: int, b: int) -> int:
     return a // b
 
 
+@dataclass(frozen=True)
+class ShardSlice:
+    """This rank's part of a checkpoint tensor: loaded.narrow(dim, src, size) goes to
+    param.narrow(dim, dst, size) (of param[expert] for stacked experts)."""
+
+    dim: int
+    dst: int
+    src: int
+    size: int
+    expert: int | None = None
+
+
+def copy_slice(param: torch.Tensor, loaded: torch.Tensor, sl: ShardSlice) -> None:
+    dst = param.data if sl.expert is None else param.data[sl.expert]
+    dst.narrow(sl.dim, sl.dst, sl.size).copy_(loaded.narrow(sl.dim, sl.src, sl.size))
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x W^T with W split along the output dim; each rank holds output_size / tp rows."""
 
@@ -26,16 +46,22 @@ class ColumnParallelLinear(nn.Module):
         self.output_size_per_rank = _divide(output_size, self.tp_size)
         self.weight = nn.Parameter(torch.empty(self.output_size_per_rank, input_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
+        self.fp8 = None  # layers.fp8.Fp8Linear once the FP8 fast path quantized the weight
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.empty(self.output_size_per_rank), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
 
+    def shard_slice(self, shard_id=None) -> ShardSlice:
+        n = self.output_size_per_rank
+        return ShardSlice(0, 0, self.tp_rank * n, n)
+
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-        n = param.shape[0]
-        param.data.copy_(loaded.narrow(0, self.tp_rank * n, n))
+        copy_slice(param, loaded, self.shard_slice(shard_id))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8 is not None:
+            return self.fp8(x, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -46,10 +72,10 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.output_sizes = output_sizes
         super().__init__(input_size, sum(output_sizes), bias)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int) -> None:
+    def shard_slice(self, shard_id=None) -> ShardSlice:
         size = self.output_sizes[shard_id] // self.tp_size
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
-        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self.tp_rank * size, size))
+        return ShardSlice(0, offset, self.tp_rank * size, size)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -69,7 +95,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp
         super().__init__(hidden_size, out, bias)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str) -> None:
+    def shard_slice(self, shard_id=None) -> ShardSlice:
         q = self.num_heads * self.head_dim
         kv = self.num_kv_heads * self.head_dim
         if shard_id == "q":
@@ -84,7 +110,7 @@ class QKVParallelLinear(ColumnParallelLinear):
                 else self.tp_rank * self.num_kv_heads
             )
             start = kv_head * self.head_dim
-        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, start, size))
+        return ShardSlice(0, offset, start, size)
 
 
 class RowParallelLinear(nn.Module):
@@ -97,19 +123,34 @@ class RowParallelLinear(nn.Module):
         self.input_size_per_rank = _divide(input_size, self.tp_size)
         self.weight = nn.Parameter(torch.empty(output_size, self.input_size_per_rank), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
+        self.fp8 = None  # layers.fp8.Fp8Linear once the FP8 fast path quantized the weight
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
             self.bias.weight_loader = lambda p, w, s=None: p.data.copy_(w)
 
+    def shard_slice(self, shard_id=None) -> ShardSlice:
+        n = self.input_size_per_rank
+        return ShardSlice(1, 0, self.tp_rank * n, n)
+
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-        n = param.shape[1]
-        param.data.copy_(loaded.narrow(1, self.tp_rank * n, n))
+        copy_slice(param, loaded, self.shard_slice(shard_id))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # bias added once, after the reduction
-        y = F.linear(x, self.weight)
+        y = self.fp8(x) if self.fp8 is not None else F.linear(x, self.weight)
         y = tp_all_reduce(y)
         if self.bias is not None:
             y = y + self.bias
         return y
+
+
+class ReplicatedLinear(nn.Module):
+    """y = x W^T with the whole W on every rank (small matrices such as an MoE router)."""
+
+    def __init__(self, input_size: int, output_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)

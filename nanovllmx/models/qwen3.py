@@ -14,10 +14,18 @@ from nanovllmx.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from nanovllmx.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from nanovllmx.layers.norm import RMSNorm
 from nanovllmx.layers.rotary import RotaryEmbedding
+from nanovllmx.models.checkpoint import max_positions, rope_parameters
+
+
+def make_rotary(cfg) -> RotaryEmbedding:
+    """The model's rotary table (positions up to the longest supported context), one for all layers."""
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    rope = rope_parameters(cfg)
+    return RotaryEmbedding(head_dim, max_positions(cfg), rope["rope_theta"], rope)
 
 
 class Qwen3Attention(nn.Module):
-    def __init__(self, cfg, layer_id: int):
+    def __init__(self, cfg, layer_id: int, rotary: RotaryEmbedding | None = None):
         super().__init__()
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.qkv_proj = QKVParallelLinear(
@@ -31,7 +39,8 @@ class Qwen3Attention(nn.Module):
         self.o_proj = RowParallelLinear(
             cfg.num_attention_heads * head_dim, cfg.hidden_size, bias=getattr(cfg, "attention_bias", False)
         )
-        self.rotary_emb = RotaryEmbedding(head_dim, cfg.max_position_embeddings, getattr(cfg, "rope_theta", 1e6))
+        # shared by the layers: at 128K positions (YaRN) a table is 64 MB
+        self.rotary_emb = rotary if rotary is not None else make_rotary(cfg)
         self.q_norm = RMSNorm(head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(head_dim, cfg.rms_norm_eps)
         self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim, head_dim**-0.5, layer_id)
@@ -42,10 +51,11 @@ class Qwen3Attention(nn.Module):
 
 
 class Qwen3MLP(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, intermediate_size: int | None = None):
         super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2)
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size)
+        inter = intermediate_size or cfg.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [inter] * 2)
+        self.down_proj = RowParallelLinear(inter, cfg.hidden_size)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -53,10 +63,10 @@ class Qwen3MLP(nn.Module):
 
 
 class Qwen3DecoderLayer(nn.Module):
-    def __init__(self, cfg, layer_id: int):
+    def __init__(self, cfg, layer_id: int, mlp: nn.Module, rotary: RotaryEmbedding | None = None):
         super().__init__()
-        self.self_attn = Qwen3Attention(cfg, layer_id)
-        self.mlp = Qwen3MLP(cfg)
+        self.self_attn = Qwen3Attention(cfg, layer_id, rotary)
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -100,12 +110,20 @@ class Qwen3ForCausalLM(nn.Module):
         if self.is_first:
             self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         # local layer ids index the KV pool, global ids name checkpoint tensors
+        rotary = make_rotary(cfg)
         self.layers = nn.ModuleDict(
-            {str(i): Qwen3DecoderLayer(cfg, i - self.start_layer) for i in range(self.start_layer, self.end_layer)}
+            {
+                str(i): Qwen3DecoderLayer(cfg, i - self.start_layer, self.make_mlp(cfg, i), rotary)
+                for i in range(self.start_layer, self.end_layer)
+            }
         )
         if self.is_last:
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
+
+    def make_mlp(self, cfg, layer_idx: int) -> nn.Module:
+        """The feed-forward block of global layer layer_idx (the MoE model overrides this)."""
+        return Qwen3MLP(cfg)
 
     @property
     def num_local_layers(self) -> int:

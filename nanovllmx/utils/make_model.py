@@ -11,6 +11,7 @@ import functools
 import importlib.resources
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -78,7 +79,59 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_position_embeddings=40960,
         initializer_range=0.02,
     ),
+    # Qwen3-MoE for the tests: tiny, sharp logits (as "tiny"), 8 experts top-2, one dense layer
+    # (mlp_only_layers) so both feed-forward kinds are exercised; moe_intermediate_size 64 splits over tp=2.
+    "tiny-moe": dict(
+        _COMMON,
+        architecture="Qwen3MoeForCausalLM",
+        hidden_size=128,
+        intermediate_size=256,
+        moe_intermediate_size=64,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[2],
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        tie_word_embeddings=True,
+        max_position_embeddings=4096,
+        initializer_range=0.3,
+    ),
+    # Real Qwen3-30B-A3B shape (30.5B parameters, 3.3B active: 128 experts, 8 per token).
+    "qwen3-30b-a3b": dict(
+        _COMMON,
+        architecture="Qwen3MoeForCausalLM",
+        hidden_size=2048,
+        intermediate_size=6144,
+        moe_intermediate_size=768,
+        num_experts=128,
+        num_experts_per_tok=8,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        num_hidden_layers=48,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        tie_word_embeddings=False,
+        max_position_embeddings=40960,
+        initializer_range=0.02,
+    ),
 }
+
+# Qwen3-*-FP8's quantization_config (DeepSeek-style block-wise e4m3)
+FP8_QUANTIZATION_CONFIG: dict[str, Any] = {
+    "quant_method": "fp8",
+    "fmt": "e4m3",
+    "activation_scheme": "dynamic",
+    "weight_block_size": [128, 128],
+}
+# the tensors Qwen3-*-FP8 stores in FP8: every attention / MLP / expert projection (not the
+# embeddings, the LM head, the norms or the MoE router)
+_FP8_TENSOR = re.compile(r"\.(q|k|v|o|gate|up|down)_proj\.weight$")
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -288,8 +341,8 @@ def _default_device() -> str:
 
 
 def build_config(preset: str = "tiny", dtype: str = "float32", **config_overrides: Any):
-    """Qwen3Config for `preset` with overrides applied."""
-    from transformers import Qwen3Config
+    """Qwen3Config (Qwen3MoeConfig for a MoE preset) for `preset` with overrides applied."""
+    from transformers import Qwen3Config, Qwen3MoeConfig
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
@@ -298,7 +351,12 @@ def build_config(preset: str = "tiny", dtype: str = "float32", **config_override
     kwargs = dict(PRESETS[preset])
     kwargs.update(config_overrides)
     kwargs["dtype"] = dtype
-    return Qwen3Config(**kwargs)
+    arch = kwargs.pop("architecture", "Qwen3ForCausalLM")
+    return (Qwen3MoeConfig if arch == "Qwen3MoeForCausalLM" else Qwen3Config)(**kwargs)
+
+
+def architecture(config) -> str:
+    return "Qwen3MoeForCausalLM" if config.model_type == "qwen3_moe" else "Qwen3ForCausalLM"
 
 
 @torch.no_grad()
@@ -311,10 +369,10 @@ def _random_model(config, seed: int, device: str, dtype: torch.dtype):
     (the draws do depend on the device's RNG, so cpu and cuda give different weights).
     Non-persistent buffers (rotary inv_freq) stay uninitialised: reload the saved files to run it.
     """
-    from transformers import Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM, Qwen3MoeForCausalLM
 
     with torch.device("meta"):
-        model = Qwen3ForCausalLM(config)
+        model = (Qwen3MoeForCausalLM if architecture(config) == "Qwen3MoeForCausalLM" else Qwen3ForCausalLM)(config)
     # Cast while still on meta so big models are allocated once, directly in the target dtype.
     # transformers types PreTrainedModel.to through a wrapper that loses its signature
     model = model.to(dtype).to_empty(device=device)  # type: ignore[arg-type]
@@ -343,9 +401,13 @@ def make_model(
     seed: int = 0,
     dtype: str = "float32",
     device: str | None = None,
+    fp8: bool = False,
     **config_overrides: Any,
 ) -> Path:
-    """Write a random-weight Qwen3 checkpoint (config, safetensors, tokenizer) to out_dir."""
+    """Write a random-weight Qwen3 checkpoint (config, safetensors, tokenizer) to out_dir. fp8:
+    store the projections as Qwen3-*-FP8 does (e4m3, 128 x 128 block scales `weight_scale_inv`,
+    a quantization_config); the other tensors stay in `dtype`. rope_scaling={"rope_type": "yarn",
+    "factor": f, "original_max_position_embeddings": n} makes a YaRN config."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = build_config(preset, dtype, **config_overrides)
@@ -362,10 +424,16 @@ def make_model(
     cfg = json.loads(cfg_path.read_text())
     rope = cfg.get("rope_parameters") or {}
     cfg.setdefault("rope_theta", rope.get("rope_theta", config_overrides.get("rope_theta")))
-    cfg.setdefault("rope_scaling", None)
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    cfg["rope_scaling"] = scaling if scaling.get("rope_type", "default") != "default" else None
     cfg["torch_dtype"] = dtype
     cfg["dtype"] = dtype
-    cfg["architectures"] = ["Qwen3ForCausalLM"]
+    cfg["architectures"] = [architecture(config)]
+    if "num_local_experts" in cfg:  # transformers 5's name; Qwen3-MoE's own configs say num_experts
+        cfg["num_experts"] = cfg["num_local_experts"]
+    if fp8:
+        _quantize_checkpoint_fp8(out, device or _default_device())
+        cfg["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG)
     _write_json(cfg_path, cfg)
 
     write_tokenizer(out)
@@ -374,6 +442,47 @@ def make_model(
     mask = _umask()
     for f in out.glob("*.safetensors*"):
         f.chmod(0o666 & ~mask)
+    return out
+
+
+def _quantize_checkpoint_fp8(out: Path, device: str) -> None:
+    """Rewrite the saved shards with the projections in FP8 (+ their weight_scale_inv), one shard
+    at a time, and the index's weight map with them."""
+    from safetensors.torch import load_file, save_file
+
+    from nanovllmx.layers.fp8 import quantize_block_fp8
+    from nanovllmx.models.checkpoint import Fp8Scheme
+
+    block = Fp8Scheme(*FP8_QUANTIZATION_CONFIG["weight_block_size"])
+    added: dict[str, str] = {}
+    for f in sorted(out.glob("*.safetensors")):
+        tensors = load_file(f)
+        for name in [n for n in tensors if _FP8_TENSOR.search(n)]:
+            w = tensors[name]
+            q, s = quantize_block_fp8(w.to(device), block)
+            tensors[name], tensors[name + "_scale_inv"] = q.cpu(), s.cpu()
+            added[name + "_scale_inv"] = f.name
+        save_file(tensors, f, metadata={"format": "pt"})
+        del tensors
+    index = out / "model.safetensors.index.json"
+    if index.exists():
+        idx = json.loads(index.read_text())
+        idx["weight_map"].update(added)
+        _write_json(index, idx)
+
+
+def fp8_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str], device: str | None = None) -> Path:
+    """An FP8 copy (Qwen3-*-FP8's format) of the bf16/fp32 checkpoint src at dst: the same weights,
+    quantized, for an FP8-vs-bf16 comparison. Written next to dst and renamed into place."""
+    src_p, out = Path(src), Path(dst)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src_p, tmp)
+    _quantize_checkpoint_fp8(tmp, device or _default_device())
+    cfg = json.loads((tmp / "config.json").read_text())
+    cfg["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG)
+    _write_json(tmp / "config.json", cfg)
+    os.rename(tmp, out)
     return out
 
 

@@ -18,8 +18,9 @@ from nanovllmx.distributed.parallel_state import (
     init_parallel,
 )
 from nanovllmx.distributed.sample_channel import SampleChannel, new_channel_groups
+from nanovllmx.layers.fp8 import quantize_model_fp8, use_fp8_gemm
 from nanovllmx.models.loader import load_weights
-from nanovllmx.models.qwen3 import Qwen3ForCausalLM
+from nanovllmx.models.registry import build_model
 from nanovllmx.scheduler.messages import ScheduledBatch
 from nanovllmx.worker.busy_meter import BusyMeter
 from nanovllmx.worker.model_runner import ModelRunner
@@ -58,10 +59,15 @@ class Worker:
         torch.set_default_dtype(cfg.torch_dtype)
         try:
             with torch.device(self.device):
-                self.model = Qwen3ForCausalLM(cfg.hf_config)
+                self.model = build_model(cfg.hf_config)
         finally:
             torch.set_default_dtype(prev)
-        load_weights(self.model, cfg.model, progress=(rank == 0 and cfg.device == "cuda"))
+        fp8 = cfg.checkpoint.fp8
+        fast_fp8 = fp8 is not None and use_fp8_gemm(cfg.fp8_gemm, self.device)
+        progress = rank == 0 and cfg.device == "cuda"
+        load_weights(self.model, cfg.model, progress=progress, fp8=fp8, keep_fp8_scales=fast_fp8)
+        if fast_fp8:
+            quantize_model_fp8(self.model, fp8)
         self.model.eval()
         self.runner: ModelRunner | None = None
         self.busy = BusyMeter(self.device)  # this stage's device time per step and busy share

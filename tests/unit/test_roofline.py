@@ -66,3 +66,44 @@ def test_bandwidth_scales_the_bound():
     # memory-bound: the bound is linear in the copy bandwidth (the H100's ~3.0 TB/s: 26.6k tok/s)
     assert bound(bw=3.0e12).tok_per_s == pytest.approx(26_576, rel=1e-3)
     assert bound(bw=3.0e12).tok_per_s == pytest.approx(bound(bw=4.24e12).tok_per_s * 3.0 / 4.24, rel=1e-9)
+
+
+def test_moe_bound_counts_active_parameters(tmp_path):
+    # Qwen3-30B-A3B's published sizes: 30.5B parameters, 3.3B activated
+    cfg = dict(
+        model_type="qwen3_moe",
+        hidden_size=2048,
+        intermediate_size=6144,
+        moe_intermediate_size=768,
+        num_experts=128,
+        num_experts_per_tok=8,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        num_hidden_layers=48,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        vocab_size=151936,
+        tie_word_embeddings=False,
+    )
+    shape = Shape.from_config(_checkpoint(tmp_path, "a3b", cfg))
+    assert shape.params / 1e9 == pytest.approx(30.5, abs=0.1)
+    assert shape.active_params / 1e9 == pytest.approx(3.3, abs=0.1)
+    # a dense layer among them (mlp_only_layers) uses `intermediate_size`
+    one_dense = Shape.from_config(_checkpoint(tmp_path, "a3b-dense0", {**cfg, "mlp_only_layers": [0]}))
+    assert one_dense.sparse_layers == 47
+    moe_layer_mlp = 128 * 2048 + 8 * 3 * 2048 * 768  # router + 8 experts
+    assert one_dense.active_params - shape.active_params == 3 * 2048 * 6144 - moe_layer_mlp
+    b, dense_equiv = bound(shape, bw=4.24e12), bound(Shape(**{**shape.__dict__, "top_k": 128}), bw=4.24e12)
+    assert b.weight_bytes < dense_equiv.weight_bytes / 5  # active: 8 of 128 experts
+
+
+def test_fp8_weights_count_one_byte(tmp_path):
+    q8 = Shape.from_config(_checkpoint(tmp_path, "q8b", QWEN3_8B))
+    f8 = Shape.from_config(
+        _checkpoint(tmp_path, "q8b-fp8", {**QWEN3_8B, "quantization_config": {"quant_method": "fp8"}})
+    )
+    assert f8.fp8 and not q8.fp8
+    head = 2 * QWEN3_8B["vocab_size"] * QWEN3_8B["hidden_size"]
+    per_step_bf16, per_step_fp8 = (bound(s).weight_bytes / bound(s).decode_steps for s in (q8, f8))
+    assert per_step_fp8 - head == pytest.approx((per_step_bf16 - head) / 2, rel=1e-3)
