@@ -27,11 +27,17 @@ SCHEMA = {
 PROMPTS = [random_prompt(10 + 7 * i, 40 + i) for i in range(4)]
 PARAMS = [
     SamplingParams(temperature=0.0, max_tokens=60, structured=GrammarSpec.json_schema(SCHEMA, "s")) for _ in range(3)
-] + [SamplingParams(temperature=0.0, max_tokens=16)]
+] + [SamplingParams(temperature=0.0, max_tokens=16, logprobs=2)]  # issue 23's logprobs beside the grammar rows
+
+
+def _result(outs) -> tuple[list, list[float]]:
+    """(tokens and the top ids of the request that asks for logprobs, its logprob values)."""
+    lps = [lp for o in outs for lp in o.logprobs or []]
+    return [o.token_ids for o in outs] + [[t for t, _ in lp.top] for lp in lps], [lp.logprob for lp in lps]
 
 
 @pytest.fixture(scope="module")
-def local_tokens(tiny_model_dir) -> list[list[int]]:
+def local_tokens(tiny_model_dir) -> tuple[list, list[float]]:
     llm = LLM(str(tiny_model_dir), context_len=CTX, executor="local", max_bs=8)
     try:
         outs = llm.generate(PROMPTS, PARAMS)
@@ -39,7 +45,8 @@ def local_tokens(tiny_model_dir) -> list[list[int]]:
         llm.shutdown()
     for o in outs[:3]:
         jsonschema.validate(json.loads(o.text), SCHEMA)
-    return [o.token_ids for o in outs]
+    assert outs[3].logprobs is not None and len(outs[3].logprobs) == 16
+    return _result(outs)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +72,9 @@ def test_ray_engine_matches_local(local_ray, tiny_model_dir, local_tokens, mode,
         pp_size=pp,
     )
     try:
-        assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == local_tokens
+        ids, values = _result(llm.generate(PROMPTS, PARAMS))
+        assert ids == local_tokens[0]
+        np.testing.assert_allclose(values, local_tokens[1], atol=1e-4)
     finally:
         llm.shutdown()
 

@@ -66,3 +66,37 @@ def test_engine_with_graphs_and_overlap(tiny_model_dir) -> None:
                 assert len(o.token_ids) == 30
     finally:
         llm.shutdown()
+
+
+def test_graphs_and_overlap_beside_logprobs_and_penalties(tmp_path) -> None:
+    # issue 23's logprobs / penalties rows in the batches of constrained rows (graph decode, masks
+    # deferred): those rows keep the tokens and logprobs they get alone
+    from nanovllmx import LLM, SamplingParams
+    from nanovllmx.structured import GrammarSpec
+    from nanovllmx.utils.make_model import make_model
+
+    # sharp logits: greedy tokens compare in bf16 whatever the batch (as tests/gpu/test_gpu_logprobs.py)
+    model = make_model(tmp_path, preset="tiny", dtype="bfloat16", device="cuda", head_dim=128, initializer_range=0.3)
+    schema = {"type": "object", "properties": {"a": {"enum": [1, 2, 3]}}, "required": ["a"]}
+    llm = LLM(str(model), device="cuda", context_len=512, max_bs=16, overlap_scheduling=True)
+    try:
+        prompts = [[1000 + i, 2000 + i, 3000 + i] for i in range(6)]
+        special = [
+            SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=2),
+            SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, frequency_penalty=1.0, logprobs=0),
+            SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True),
+        ]
+        alone = llm.generate(prompts[:3], special)
+        grammar = SamplingParams(temperature=1.0, max_tokens=40, structured=GrammarSpec.json_schema(schema, "s"))
+        mixed = llm.generate(prompts, special + [grammar] * 3)
+        for a, m in zip(alone, mixed[:3]):
+            assert m.token_ids == a.token_ids
+            if a.logprobs is not None:
+                assert m.logprobs is not None and len(m.logprobs) == len(m.token_ids)
+                for x, y in zip(m.logprobs, a.logprobs):
+                    assert abs(x.logprob - y.logprob) < 0.05 + 0.01 * abs(y.logprob)  # bf16, other batch shapes
+        for o in mixed[3:]:
+            assert o.finish_reason == "stop"
+            jsonschema.validate(json.loads(o.text), schema)
+    finally:
+        llm.shutdown()
