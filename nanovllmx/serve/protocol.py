@@ -6,7 +6,7 @@ HTTP API share one contract. Numbers, booleans and token ids are strict: `"0.5"`
 `true` is not a token id.
 
 Every declared field is honoured, or refused with a 400 naming it when it asks for what this
-server does not do (tests/serve/test_field_walk.py walks them; docs/serving.md lists the few
+server does not do (tests/serve/test_serve.py walks them; docs/serving.md lists the few
 accepted and ignored on purpose, such as `user`). Unknown fields are ignored, as in vLLM.
 """
 
