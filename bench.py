@@ -40,6 +40,38 @@ def standard_workload(num_seqs: int = 256, max_in: int = 1024, max_out: int = 10
     return prompts, params
 
 
+# --json-schema-frac: the schema a share of the standard workload's requests is held to (structured
+# outputs, issue 22). Nested arrays of objects keep the grammar busy for many tokens; with ignore_eos
+# a request whose JSON is complete goes on with the only tokens its grammar then allows (EOS) up to
+# its max_tokens, so the token count stays the standard workload's.
+BENCH_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "items": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "integer"},
+                    "name": {"type": "string"},
+                    "tags": {"type": "array", "items": {"type": "string"}},
+                    "score": {"type": "number"},
+                },
+                "required": ["id", "name", "tags", "score"],
+            },
+        }
+    },
+    "required": ["items"],
+}
+
+
+def constrained_indices(num_seqs: int, frac: float) -> list[int]:
+    """Which requests get BENCH_SCHEMA: about frac of them, spread evenly (every 4th for 0.25)."""
+    if frac <= 0:
+        return []
+    return sorted({min(num_seqs - 1, int(i / frac)) for i in range(round(num_seqs * frac))})
+
+
 def _pct(xs: list[float], q: float) -> float:
     if not xs:
         return float("nan")
@@ -51,10 +83,11 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def http_requests_standard(model: str, num_seqs: int) -> list[tuple[str, dict]]:
-    """The standard workload as streaming /v1/completions requests (token-id prompts)."""
+def http_requests_standard(model: str, num_seqs: int, json_schema_frac: float = 0.0) -> list[tuple[str, dict]]:
+    """The standard workload as streaming /v1/completions requests (token-id prompts); with
+    json_schema_frac, that share of them under BENCH_SCHEMA (vLLM's structured_outputs field)."""
     prompts, params = standard_workload(num_seqs)
-    return [
+    out = [
         (
             "/v1/completions",
             {
@@ -67,6 +100,9 @@ def http_requests_standard(model: str, num_seqs: int) -> list[tuple[str, dict]]:
         )
         for p, sp in zip(prompts, params)
     ]
+    for i in constrained_indices(num_seqs, json_schema_frac):
+        out[i][1]["structured_outputs"] = {"json": BENCH_SCHEMA}
+    return out
 
 
 def http_requests_from_file(
@@ -374,7 +410,7 @@ def http_bench(a) -> list[dict]:
             )
             workload = f"file:{os.path.basename(a.prompts_file)}"
         else:
-            requests = http_requests_standard(model, a.num_seqs or 256)
+            requests = http_requests_standard(model, a.num_seqs or 256, a.json_schema_frac)
             workload = "standard"
         warm = [("/v1/completions", {"model": model, "prompt": [1, 2, 3], "max_tokens": 8})]
         asyncio.run(_http_run(url, warm, None, None))
@@ -486,6 +522,12 @@ def main() -> None:
     )
     ap.add_argument("--torch-profile", default=None, help="write a torch.profiler kernel table of the run here")
     ap.add_argument("--profile", action="store_true", help="print the per-step time breakdown")
+    ap.add_argument(
+        "--json-schema-frac",
+        type=float,
+        default=0.0,
+        help="this share of the standard workload's requests under a JSON schema (structured outputs); 0.25: every 4th",
+    )
     ap.add_argument("--top-k", type=int, default=0, help="offline: top_k for every request (standard: 0, off)")
     ap.add_argument("--top-p", type=float, default=1.0, help="offline: top_p for every request (standard: 1, off)")
     ap.add_argument(
@@ -595,9 +637,18 @@ def main() -> None:
     if a.top_k or a.top_p < 1:  # e.g. Qwen3's generation defaults (top_k 20, top_p 0.95): the filtered sampler
         for p in params:
             p.top_k, p.top_p = a.top_k, a.top_p
-    if a.logprobs is not None:  # the cost of logprobs on every request (issue 23)
+    constrained = constrained_indices(a.num_seqs, a.json_schema_frac)
+    if constrained:
+        from nanovllmx.structured import GrammarSpec
+
+        spec = GrammarSpec.json_schema(BENCH_SCHEMA, "json_schema")
+        for i in constrained:
+            params[i].structured = spec
+        llm.generate(["Benchmark: "], SamplingParams(max_tokens=8, structured=spec), use_tqdm=False)  # compile
+    if a.logprobs is not None:  # the cost of logprobs on every request (issue 23); a grammar takes none
         for p in params:
-            p.logprobs = a.logprobs
+            if p.structured is None:
+                p.logprobs = a.logprobs
     llm.generate(["Benchmark: "], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
     warm = llm.stats() if a.profile else None  # the profile covers the timed run only (not JIT compiles)
     prof = None
@@ -645,8 +696,19 @@ def main() -> None:
     if a.top_k or a.top_p < 1:
         res.update(top_k=a.top_k, top_p=a.top_p)
     if a.logprobs is not None:
-        assert all(o.logprobs is not None and len(o.logprobs) == len(o.token_ids) for o in outs)
+        assert all(
+            o.logprobs is not None and len(o.logprobs) == len(o.token_ids)
+            for o, p in zip(outs, params)
+            if p.structured is None
+        )
         res["logprobs"] = a.logprobs
+    if constrained:
+        eos = set(llm.config.eos_token_ids)
+        # tokens sampled while the grammar was still open (before its EOS), of the constrained requests
+        open_tokens = sum(
+            next((k for k, t in enumerate(outs[i].token_ids) if t in eos), len(outs[i].token_ids)) for i in constrained
+        )
+        res.update(json_schema_requests=len(constrained), json_schema_open_tokens=open_tokens)
     stats = llm.stats()
     res.update({k: stats[k] for k in ("num_preempted_total", "num_slots") if k in stats})
     if bw and not a.decode_only:

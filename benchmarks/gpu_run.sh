@@ -11,6 +11,10 @@
 #            and the roofline (--bw --profile), with top-5 logprobs on every request (--logprobs 5, where
 #            bench.py has it; LOGPROBS=0 skips), and through the Ray engine (--executor ray); then the
 #            Qwen3-8B shape offline (--preset qwen3-8b checkpoint; OFFLINE_8B=0 skips it)
+#   structured  (issue 22) the standard workload offline unconstrained, then with a quarter of the requests
+#            under a JSON schema (bench.py --json-schema-frac 0.25), in-process and through the Ray engine;
+#            a BASE tree runs the unconstrained row only (the A/B of the unconstrained path). Needs xgrammar
+#            on the device: pip install --no-deps --target .device/extra xgrammar-0.2.9-cp312-...whl (here)
 #   http     the standard workload through the Serve app: `serve run serve_configs/qwen3.yaml` as users run
 #            it (--serve-config: HAProxy ingress), then the app that bench.py starts (--http --start-server)
 #            through Serve's Python proxy, then Serve's direct ingress (--direct-ingress-port)
@@ -130,7 +134,7 @@ serve_down() { [ "${NO_RAY_STOP:-0}" = 1 ] || serve shutdown -y > /dev/null 2>&1
 
 check() {
   run gpu-tests 420 python -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_backends.py tests/unit/test_sampling.py \
-    $(ls tests/gpu/test_gpu_logprobs.py 2> /dev/null)
+    $(ls tests/gpu/test_gpu_logprobs.py tests/gpu/test_structured_gpu.py 2> /dev/null)
   note gpu-tests "$(tail -1 "$LOGS/$LABEL-gpu-tests.txt")"
   run gpu-check 300 python $(kit gpu_check) --model $S --with-ray --no-hf
   grep -A12 "^backend" "$LOGS/$LABEL-gpu-check.txt" | sed "s/^/$LABEL  /" >> "$TABLE"
@@ -143,6 +147,14 @@ offline() {
   fi
   run ray-0.6b 240 "${BENCH[@]}" --model $M --executor ray --profile
   [ "${OFFLINE_8B:-1}" = 0 ] || run offline-8b 300 "${BENCH[@]}" --model $M8 $(bw_args $M8) --profile
+}
+structured() {
+  run offline-0.6b 240 "${BENCH[@]}" --model $M --profile
+  if grep -q -- "--json-schema-frac" bench.py; then
+    run json25-0.6b 240 "${BENCH[@]}" --model $M --json-schema-frac 0.25 --profile
+    run ray-json25-0.6b 240 "${BENCH[@]}" --model $M --executor ray --json-schema-frac 0.25 --profile
+    ray_stop
+  fi
 }
 http() {
   # what users run: `serve run serve_configs/qwen3.yaml` (its ingress: HAProxy) with this checkpoint
@@ -233,9 +245,9 @@ multi() {
 
 target=${1:-}
 case "$target" in
-  "" | check | offline | http | multi | fp8) ;;
+  "" | check | offline | structured | http | multi | fp8) ;;
   moe) ;;
-  *) echo "usage: bash benchmarks/gpu_run.sh [check|offline|http|multi|moe|fp8]  (BASE=other/checkout: A/B)" >&2; exit 2 ;;
+  *) echo "usage: bash benchmarks/gpu_run.sh [check|offline|structured|http|multi|moe|fp8]  (BASE=other/checkout: A/B)" >&2; exit 2 ;;
 esac
 if [ "$LABEL" = new ]; then
   [ "$target" = moe ] || models  # moe makes its own (and needs the disk)

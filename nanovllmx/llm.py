@@ -26,6 +26,8 @@ from nanovllmx.errors import EngineOverloadedError, EngineRequestError, EngineUn
 from nanovllmx.outputs import RequestOutput, StreamDelta
 from nanovllmx.sampling_params import RequestLimits, SamplingParams
 from nanovllmx.scheduler.request import EngineOutput, EngineRequest, check_prompt
+from nanovllmx.structured.grammar import get_compiler
+from nanovllmx.structured.spec import GrammarSpec
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +123,13 @@ class LLM:
         if not isinstance(params, SamplingParams):
             raise TypeError("sampling params must be a SamplingParams")
         params.validate(self.limits)
+        if params.structured is not None:  # compile now (cached): a bad grammar is the caller's error
+            self.compile_grammar(params.structured)
+
+    def compile_grammar(self, spec: GrammarSpec) -> None:
+        """Compile (or find in the cache) a grammar; StructuredError if the library refuses it."""
+        c = self.config
+        get_compiler(c.model, c.vocab_size, c.eos_token_ids).compile(spec)
 
     def _submit(
         self,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from nanovllmx.structured.spec import GrammarSpec
+
 MAX_LOGPROBS = 20  # most top logprobs per token (OpenAI's top_logprobs bound)
 MAX_LOGIT_BIAS = 300  # most logit_bias entries per request (OpenAI's bound)
 
@@ -19,6 +21,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     seed: int | None = None
+    # constrained decoding: every sampled token keeps the output a prefix of the grammar's language
+    # (nanovllmx/structured/); compiled, and refused if invalid, when the request is submitted
+    structured: GrammarSpec | None = None
     # penalties and biases (vLLM's semantics; nanovllmx/worker/logits_processing.py applies them)
     presence_penalty: float = 0.0  # [-2, 2], subtracted once from every token the output holds
     frequency_penalty: float = 0.0  # [-2, 2], subtracted per occurrence in the output
@@ -70,6 +75,8 @@ class SamplingParams:
                 bad(f"{name} must be a boolean, got {getattr(self, name)!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             bad(f"seed must be an integer or None, got {self.seed!r}")
+        if self.structured is not None and not isinstance(self.structured, GrammarSpec):
+            bad(f"structured must be a GrammarSpec or None, got {type(self.structured).__name__}")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             if not is_num(v) or not -2.0 <= v <= 2.0:
@@ -92,6 +99,12 @@ class SamplingParams:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_LOGPROBS):
                 bad(f"{name} must be an integer in [0, {MAX_LOGPROBS}] or None, got {v!r}")
+        if self.structured is not None:
+            # a constrained row is resampled from its raw logits under the grammar's mask after the
+            # batch's sampling (worker/model_runner.py), so these would silently not apply
+            for name in _UNCONSTRAINED_ONLY:
+                if getattr(self, name) not in (getattr(_NEUTRAL, name), {}):
+                    bad(f"{name} cannot be combined with structured outputs (a grammar) yet")
 
     @property
     def greedy(self) -> bool:
@@ -106,6 +119,19 @@ class SamplingParams:
     def adjusts_logits(self) -> bool:
         """Any logits processing before sampling (penalties, logit_bias, min_tokens)."""
         return self.needs_history or bool(self.logit_bias) or self.min_tokens > 0
+
+
+_NEUTRAL = SamplingParams()
+# the fields a request under a grammar must leave at their defaults
+_UNCONSTRAINED_ONLY = (
+    "logprobs",
+    "prompt_logprobs",
+    "min_tokens",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "logit_bias",
+)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,9 @@ import struct
 from typing import TYPE_CHECKING, cast
 
 if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import NDArray
+
     from nanovllmx.scheduler.messages import StepOutput
 import time
 
@@ -32,6 +35,7 @@ STOP = 2  # scheduler -> workers: leave the loop
 RESULT = 3  # worker -> scheduler: sampled ids and step timings
 ERROR = 4  # worker -> scheduler: a traceback; the engine is broken
 HELLO = 5  # worker -> scheduler: first frame, payload = rank as int64
+GRAMMAR = 6  # scheduler -> workers: the grammar bitmask of a step sent with mask_deferred
 
 # RESULT payload: step, gap_ns, busy_ns, n, then n int32 token ids
 _RES = struct.Struct("<qqqq")
@@ -72,6 +76,26 @@ def unpack_result(payload: bytes) -> tuple[int, StepOutput, int, int]:
     end = _RES.size + 4 * n
     tokens = np.frombuffer(payload, dtype=np.int32, count=n, offset=_RES.size).copy()
     return step, StepOutput(tokens, loads(payload[end:]) if len(payload) > end else None), gap_ns, busy_ns
+
+
+# GRAMMAR payload: step, rows, words, then rows x words int32 (a packed token bitmask)
+_MASK = struct.Struct("<qqq")
+
+
+def pack_grammar(step: int, bitmask: NDArray[np.int32]) -> bytes:
+    import numpy as np
+
+    m = np.ascontiguousarray(bitmask, dtype=np.int32)
+    return _MASK.pack(step, m.shape[0], m.shape[1]) + m.tobytes()
+
+
+def unpack_grammar(payload: bytes) -> tuple[int, NDArray[np.int32]]:
+    """-> (step, bitmask [rows, words])"""
+    import numpy as np
+
+    step, rows, words = _MASK.unpack_from(payload)
+    m = np.frombuffer(payload, dtype=np.int32, count=rows * words, offset=_MASK.size)
+    return step, m.reshape(rows, words)
 
 
 class _Reader:

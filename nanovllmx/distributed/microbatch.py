@@ -45,6 +45,14 @@ def split_batch(b: ScheduledBatch, m: int) -> list[ScheduledBatch]:
         tmask = np.isin(b.table_rows, rows) if len(b.table_rows) else np.zeros(0, dtype=bool)
         smask = (b.sample_rows >= lo) & (b.sample_rows < hi)
         ids = b.input_ids[t0:t1]
+        grammar_rows = bitmask = None
+        if b.grammar_rows is not None:  # PP grids run without overlap: masks travel with their batch
+            assert b.bitmask is not None and not b.mask_deferred
+            sidx = np.nonzero(smask)[0]  # this part's sampled rows, as indices into the whole batch's
+            gmask = np.isin(b.grammar_rows, sidx)
+            if gmask.any():
+                grammar_rows = np.searchsorted(sidx, b.grammar_rows[gmask]).astype(b.grammar_rows.dtype)
+                bitmask = b.bitmask[gmask]
         out.append(
             ScheduledBatch(
                 step=b.step,
@@ -59,6 +67,8 @@ def split_batch(b: ScheduledBatch, m: int) -> list[ScheduledBatch]:
                 sample_rows=(b.sample_rows[smask] - lo).astype(b.sample_rows.dtype),
                 sampling=b.sampling.take(smask),
                 has_placeholders=bool(b.has_placeholders and (ids < 0).any()),
+                grammar_rows=grammar_rows,
+                bitmask=bitmask,
                 resolve_until=b.resolve_until,
             )
         )

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import ray
 from ray.actor import ActorHandle
 
@@ -18,6 +19,7 @@ from nanovllmx.config import EngineConfig
 from nanovllmx.distributed import control
 from nanovllmx.distributed.microbatch import split_batch
 from nanovllmx.distributed.worker_actor import WorkerActor
+from nanovllmx.engine.executor import StepHandle
 from nanovllmx.scheduler.messages import ScheduledBatch, StepOutput
 
 logger = logging.getLogger(__name__)
@@ -141,6 +143,21 @@ class RayExecutor:
         self._outstanding += 1
         self.max_inflight = max(self.max_inflight, self._outstanding)
         return _Launched(self, batch.step, refs, t0, sched)
+
+    @property
+    def defers_grammar(self) -> bool:
+        # over the sockets a GRAMMAR frame follows its step (1-stage grids: the engine keeps one step
+        # in flight before it); a Ray call per worker cannot, nor can pipeline lanes wait for it
+        return self.mode == "socket" and self.cfg.pp_size == 1
+
+    def apply_grammar(self, handle: StepHandle, step: int, bitmask: np.ndarray) -> None:
+        self._check()
+        assert self.server is not None  # socket mode (defers_grammar)
+        try:
+            self.server.broadcast(control.GRAMMAR, control.pack_grammar(step, bitmask))
+        except Exception as e:
+            self._fail(e)
+            raise
 
     def _collect(self, h: _Launched) -> StepOutput:
         self._check()

@@ -27,6 +27,7 @@ from nanovllmx.scheduler.messages import ScheduledBatch, StepOutput
 
 if TYPE_CHECKING:
     from nanovllmx.engine.executor import StepHandle
+    from nanovllmx.worker.model_runner import DeferredTokens
     from nanovllmx.worker.worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -160,6 +161,17 @@ class WorkerActor:
                 if sender is not None and not sender.reserve():
                     return  # the sender thread failed and has reported it
                 handle = self._launch(batch)
+                if not isinstance(batch, list) and batch.mask_deferred:
+                    # its grammar masks follow it (the device runs the forward meanwhile); only
+                    # 1-stage grids defer them (RayExecutor.defers_grammar), so this rank samples
+                    kind, payload = conn.recv()
+                    if kind != control.GRAMMAR:
+                        raise RuntimeError(f"expected the grammar masks of step {batch.step}, got frame {kind}")
+                    step, bitmask = control.unpack_grammar(payload)
+                    if step != batch.step:
+                        raise RuntimeError(f"expected the grammar masks of step {batch.step}, got step {step}'s")
+                    assert handle is not None
+                    cast("DeferredTokens", handle).apply_grammar(bitmask)
                 if sender is not None:
                     assert handle is not None  # the result rank is on the last stage
                     sender.put(batch[0].step if isinstance(batch, list) else batch.step, handle, start)

@@ -11,7 +11,8 @@ import queue
 import threading
 import traceback
 from collections import deque
-from dataclasses import asdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from nanovllmx.config import EngineConfig
@@ -20,9 +21,24 @@ from nanovllmx.engine.protocol import OutputSink
 from nanovllmx.errors import EngineUnavailableError
 from nanovllmx.scheduler.request import AbortRequest, EngineMessage, EngineOutput, EngineRequest
 from nanovllmx.scheduler.scheduler import Scheduler
+from nanovllmx.structured.grammar import GrammarCompiler, get_compiler
+from nanovllmx.structured.spec import GrammarSpec
 from nanovllmx.utils.timing import PhaseTimer
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    """A constrained request back from the compile thread: its grammar is in the cache now."""
+
+    request: EngineRequest
+
+
+def _compiler_exists(cfg: EngineConfig) -> bool:
+    from nanovllmx.structured.grammar import compiler_exists
+
+    return compiler_exists(cfg.model, cfg.vocab_size, cfg.eos_token_ids)
 
 
 class EngineCore:
@@ -38,11 +54,15 @@ class EngineCore:
             cfg.eos_token_ids,
             cfg.enable_prefix_caching,
             cfg.vocab_size,
+            grammar_compiler=self._grammar_compiler,
             lanes=cfg.pipeline_lanes,
             lanes_overlap=cfg.pipeline_overlap,
         )
-        # requests and aborts in arrival order; None only wakes the loop (shutdown)
-        self._inbox: queue.Queue[EngineMessage | None] = queue.Queue()
+        # requests and aborts in arrival order (a constrained request whose grammar is not compiled
+        # yet comes back as _Compiled once it is); None only wakes the loop (shutdown)
+        self._inbox: queue.Queue[EngineMessage | _Compiled | None] = queue.Queue()
+        self._compiling: set[str] = set()  # ids of requests whose grammar compiles off the loop
+        self._compile_pool: ThreadPoolExecutor | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="nanovllmx-engine", daemon=True)
         self.timer = PhaseTimer()  # schedule / launch / wait_and_update, per step
@@ -76,7 +96,42 @@ class EngineCore:
         self._stop.set()
         self._inbox.put(None)
         self._thread.join(timeout=30)
+        if self._compile_pool is not None:
+            self._compile_pool.shutdown(wait=False, cancel_futures=True)
         self.executor.shutdown()
+
+    # ---- grammars: compiled off the step loop ----
+    def _grammar_compiler(self) -> GrammarCompiler:
+        c = self.cfg
+        return get_compiler(c.model, c.vocab_size, c.eos_token_ids)
+
+    def _admit(self, req: EngineRequest, compiled: bool = False) -> None:
+        """Into the scheduler; a refused request ends as an "error" output. A grammar not in the cache
+        is compiled first, in a thread (`compiled`: it was, or it failed and the scheduler says why)."""
+        spec = req.params.structured
+        if spec is not None and not compiled and not self._grammar_compiler_ready(spec):
+            # a new grammar (and the first one: the tokenizer's tables, ~1.6 s) compiles in a thread,
+            # not in the loop that streams every running request's tokens
+            if self._compile_pool is None:
+                self._compile_pool = ThreadPoolExecutor(1, thread_name_prefix="nanovllmx-grammar")
+            self._compiling.add(req.request_id)
+            self._compile_pool.submit(self._compile, req)
+            return
+        try:
+            self.scheduler.add_request(req)
+        except ValueError as e:
+            self.sink([EngineOutput.failed(req.request_id, str(e), len(req.prompt_token_ids))])
+
+    def _grammar_compiler_ready(self, spec: GrammarSpec) -> bool:
+        return _compiler_exists(self.cfg) and self._grammar_compiler().is_cached(spec)
+
+    def _compile(self, req: EngineRequest) -> None:
+        assert req.params.structured is not None
+        try:
+            self._grammar_compiler().compile(req.params.structured)
+        except Exception:  # noqa: BLE001 - the scheduler compiles it again and fails the request alone
+            pass
+        self._inbox.put(_Compiled(req))
 
     # ---- the loop ----
     def _drain(self, block: bool) -> None:
@@ -88,11 +143,14 @@ class EngineCore:
             return
         while True:
             if isinstance(item, EngineRequest):
-                try:
-                    self.scheduler.add_request(item)
-                except ValueError as e:
-                    self.sink([EngineOutput.failed(item.request_id, str(e), len(item.prompt_token_ids))])
+                self._admit(item)
+            elif isinstance(item, _Compiled):
+                if item.request.request_id in self._compiling:  # else aborted while compiling
+                    self._compiling.discard(item.request.request_id)
+                    self._admit(item.request, compiled=True)
             elif isinstance(item, AbortRequest):
+                if item.request_id in self._compiling:
+                    self._compiling.discard(item.request_id)  # the client has ended it already
                 self.scheduler.abort(item.request_id)
             try:
                 item = self._inbox.get_nowait()
@@ -106,17 +164,33 @@ class EngineCore:
         tm = self.timer
         tm.start()
         s = self.scheduler
+        outs: list[EngineOutput] = []
+        if self._inflight and not self.executor.defers_grammar and s.grammar_waits_on_inflight():
+            # this executor cannot take masks after a step (the Ray calls transport, pipeline grids):
+            # apply the steps in flight first, so the masks are known when the batch is built
+            while self._inflight:
+                r = self._inflight.popleft().result()
+                outs += s.update(r.tokens, r.logprobs)
         batch = s.schedule() if len(self._inflight) < self.depth else None
+        handle = None
         if batch is not None:
             tm.steps += 1
             tm.lap("schedule")
-            self._inflight.append(self.executor.execute_async(batch))
+            handle = self.executor.execute_async(batch)
+            self._inflight.append(handle)
             tm.lap("launch")
-        outs: list[EngineOutput] = []
         if self._inflight and (batch is None or len(self._inflight) >= self.depth):
             r = self._inflight.popleft().result()  # results come back in step order
-            outs = s.update(r.tokens, r.logprobs)
+            outs += s.update(r.tokens, r.logprobs)
             tm.lap("wait_and_update")
+        if handle is not None and batch is not None and batch.mask_deferred:
+            # the constrained rows' previous tokens are applied now (one step in flight before this
+            # one: in-process or a 1-stage grid): their masks, while the device runs this step
+            while not s.deferred_masks_ready(batch.step) and len(self._inflight) > 1:
+                r = self._inflight.popleft().result()
+                outs += s.update(r.tokens, r.logprobs)
+            self.executor.apply_grammar(handle, batch.step, s.fill_deferred_masks(batch.step))
+            tm.lap("grammar_masks")
         return outs + s.take_pending_outputs()
 
     def _loop(self) -> None:

@@ -3,10 +3,15 @@ the Ray one (nanovllmx/distributed/ray_executor.py) drives one actor per TP x PP
 
 from __future__ import annotations
 
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
+
+import numpy as np
 
 from nanovllmx.config import EngineConfig
 from nanovllmx.scheduler.messages import ScheduledBatch, StepOutput
+
+if TYPE_CHECKING:
+    from nanovllmx.worker.model_runner import DeferredTokens
 
 
 class StepHandle(Protocol):
@@ -24,6 +29,16 @@ class Executor(Protocol):
     def available_kv_slots(self) -> int: ...
     def init_kv_cache(self, num_slots: int) -> None: ...
     def execute_async(self, batch: ScheduledBatch) -> StepHandle: ...
+    def apply_grammar(self, handle: StepHandle, step: int, bitmask: np.ndarray) -> None:
+        """Send the grammar masks of a launched step built with `mask_deferred` (its constrained rows
+        sample once they arrive). Only called when `defers_grammar`."""
+        ...
+
+    @property
+    def defers_grammar(self) -> bool:
+        """Whether steps may be launched before their grammar masks are known (apply_grammar)."""
+        ...
+
     def mark_idle(self) -> None:
         """The engine is about to wait for requests: the next gap between steps is idleness."""
         ...
@@ -56,6 +71,13 @@ class LocalExecutor:
 
     def execute_async(self, batch: ScheduledBatch) -> StepHandle:
         return cast(StepHandle, self.worker.execute_async(batch))  # one stage, the last: never None
+
+    def apply_grammar(self, handle: StepHandle, step: int, bitmask: np.ndarray) -> None:
+        cast("DeferredTokens", handle).apply_grammar(bitmask)
+
+    @property
+    def defers_grammar(self) -> bool:
+        return True
 
     def mark_idle(self) -> None:
         pass  # the worker times its own steps; nothing to reset

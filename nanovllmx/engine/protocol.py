@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from nanovllmx.config import EngineConfig
     from nanovllmx.outputs import RequestOutput, StreamDelta
     from nanovllmx.sampling_params import SamplingParams
+    from nanovllmx.structured.spec import GrammarSpec
 
 Prompt = str | list[int]
 OutputSink = Callable[[list[EngineOutput]], None]
@@ -45,6 +46,12 @@ class EngineClient(Protocol):
     tokenizer: Any  # a transformers tokenizer: the Serve app renders chat templates with it
 
     def encode(self, prompt: Prompt) -> list[int]: ...
+
+    def compile_grammar(self, spec: GrammarSpec) -> None:
+        """Compile a request's grammar into the client's cache (so `submit` finds it there); raises
+        StructuredError (a ValueError naming the field) if the grammar library refuses it. Blocking:
+        the Serve app runs it off the event loop."""
+        ...
 
     def submit(
         self, prompt: Prompt, sampling_params: SamplingParams | None = None, request_id: str | None = None

@@ -126,6 +126,14 @@ class ScheduledBatch:
     # input_ids holds -1 where the token is the one the previous (in-flight) step samples for
     # that request; the worker takes it from its device-side buffer of last sampled tokens
     has_placeholders: bool = False
+    # constrained decoding (nanovllmx/structured/): which sampled rows (indices into sample_rows)
+    # have a grammar, and their allowed next tokens as a packed int32 bitmask [G, ceil(vocab/32)];
+    # None when no row has one. With overlap scheduling the mask of a row whose previous token is
+    # still in flight is not known when the batch is built: `mask_deferred`, and it follows the
+    # step (Executor.apply_grammar) once the scheduler has that token.
+    grammar_rows: np.ndarray | None = None
+    bitmask: np.ndarray | None = None
+    mask_deferred: bool = False
     # token ids the sampler's history table (penalties) needs: written at admission, the rest
     # arrives as the worker samples (rows, cols, ids as the table_* writes)
     hist_rows: np.ndarray | None = None

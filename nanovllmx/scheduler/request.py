@@ -11,6 +11,7 @@ from nanovllmx.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from nanovllmx.scheduler.radix_cache import TreeNode
+    from nanovllmx.structured.grammar import GrammarState
 
 # why a request ended: "stop" (EOS, a stop token or a stop string), "length" (max_tokens or the
 # context), "abort" (the client), "error" (the engine failed or refused it)
@@ -111,6 +112,7 @@ class Request:
         "stop_ids",
         "first_scheduled_time",
         "pending",
+        "grammar",
         "plp_done",
         "prompt_lps",
         "special",
@@ -135,6 +137,7 @@ class Request:
         # tokens sampled by steps still in flight (overlap scheduling): their ids are not known
         # here yet; the worker feeds them to the next step from its own device buffer
         self.pending = 0
+        self.grammar: GrammarState | None = None  # the matcher of a constrained request (Scheduler.add_request)
         # prompt logprobs: positions scheduled so far (position p scores prompt token p + 1), and
         # the results gathered until the first token's output carries them
         self.plp_done = 0

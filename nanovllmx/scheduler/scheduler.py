@@ -8,9 +8,12 @@ tree (evictable) and it is recomputed later, mostly from cache if it survived ev
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -34,7 +37,11 @@ from nanovllmx.scheduler.request import (
     check_prompt,
 )
 
+if TYPE_CHECKING:
+    from nanovllmx.structured.grammar import GrammarCompiler, GrammarState
+
 _I32 = np.int32
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,6 +68,7 @@ class Scheduler:
         eos_ids: list[int],
         enable_prefix_caching: bool = True,
         vocab_size: int | None = None,
+        grammar_compiler: Callable[[], GrammarCompiler] | None = None,
         lanes: int = 1,
         lanes_overlap: bool = False,
     ):
@@ -101,6 +109,11 @@ class Scheduler:
         self._inflight: deque[tuple[list[Request], list[tuple[Request, int]]]] = deque()
         self._inflight_steps: deque[int] = deque()  # their step ids
         self._pending: list[EngineOutput] = []  # outputs produced outside a step (aborts)
+        # structured outputs: the compiler is made on the first constrained request (it loads the
+        # tokenizer); grammar states of steps whose masks follow them (fill_deferred_masks)
+        self._grammar_compiler_factory = grammar_compiler
+        self._grammar: GrammarCompiler | None = None
+        self._deferred: dict[int, list[Request]] = {}  # constrained requests of a step, by step
         # requests that use logprobs or logits processing: while none does, a step skips every check
         # for them (the standard workload's fast path)
         self._num_special = 0
@@ -111,6 +124,8 @@ class Scheduler:
         if er.request_id in self.requests:
             raise ValueError(f"request id {er.request_id!r} is already in use")
         req = Request(er, self.eos_ids)
+        if er.params.structured is not None:  # StructuredError (a ValueError): the request fails alone
+            req.grammar = self._compiler().matcher(er.params.structured)
         self.requests[req.request_id] = req
         if req.special:
             self._num_special += 1
@@ -135,6 +150,7 @@ class Scheduler:
     def drop_inflight(self) -> None:
         """Forget steps whose results will never come (the engine failed a step)."""
         self._inflight.clear()
+        self._deferred.clear()
         self._inflight_steps.clear()
 
     def _resolvable(self) -> int:
@@ -145,6 +161,32 @@ class Scheduler:
         if len(st) >= self.lanes:
             return st[-self.lanes]
         return st[0] - 1 if st else self.step_id - 1
+
+    # ------------------------------------------------------------------ structured outputs
+    def _compiler(self) -> GrammarCompiler:
+        if self._grammar is None:
+            if self._grammar_compiler_factory is None:
+                raise ValueError("structured outputs are not available in this engine")
+            self._grammar = self._grammar_compiler_factory()
+        return self._grammar
+
+    def _fill(self, states: list[GrammarState]) -> np.ndarray:
+        from nanovllmx.structured.grammar import fill_bitmasks
+
+        g = self._compiler()
+        return fill_bitmasks(states, g.vocab_size, g.stop_token_ids)
+
+    def deferred_masks_ready(self, step: int) -> bool:
+        """Every constrained request of a `mask_deferred` step has its earlier tokens applied."""
+        return all(r.status == Status.FINISHED or r.pending <= 1 for r in self._deferred[step])
+
+    def fill_deferred_masks(self, step: int) -> np.ndarray:
+        """The bitmask of a step built with `mask_deferred`, once `deferred_masks_ready(step)`."""
+        return self._fill([st for r in self._deferred.pop(step) if (st := r.grammar) is not None])
+
+    def grammar_waits_on_inflight(self) -> bool:
+        """A constrained running request has a token in flight: its next mask cannot be known yet."""
+        return any(r.grammar is not None and r.pending for r in self.running)
 
     def take_pending_outputs(self) -> list[EngineOutput]:
         out, self._pending = self._pending, []
@@ -344,6 +386,16 @@ class Scheduler:
         sampled = [reqs[i] for i in sample_rows.tolist()]
         # before pending moves: seeded draws are keyed by output index
         sampling = self._sampling(sampled, bool(self._num_special))
+        grammar_rows, bitmask, deferred = None, None, False
+        if self._grammar is not None:
+            g = [i for i, r in enumerate(sampled) if r.grammar is not None]
+            if g:
+                grammar_rows = np.asarray(g, dtype=_I32)
+                if any(sampled[i].pending for i in g):  # a previous token still in flight
+                    self._deferred[self.step_id] = [sampled[i] for i in g]
+                    deferred = True
+                else:
+                    bitmask = self._fill([st for i in g if (st := sampled[i].grammar) is not None])
         for r in sampled:
             r.pending += 1
             r.last_sample_step = self.step_id
@@ -362,6 +414,9 @@ class Scheduler:
             sample_rows=sample_rows,
             sampling=sampling,
             has_placeholders=bool((input_ids < 0).any()),
+            grammar_rows=grammar_rows,
+            bitmask=bitmask,
+            mask_deferred=deferred,
             prompt_logprobs=plp,
             resolve_until=resolve,
         )
@@ -453,6 +508,8 @@ class Scheduler:
                 continue
             req.pending -= 1
             req.tokens.append(tok)
+            if req.grammar is not None and not req.grammar.accept(tok) and not req.grammar.terminated:
+                logger.warning("request %s: token %d is outside its grammar", req.request_id, tok)
             self.generation_tokens_total += 1
             reason: FinishReason | None = None
             if tok in req.stop_ids:

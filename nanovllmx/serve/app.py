@@ -121,6 +121,8 @@ class LLMServerImpl:
         chat_template_timeout_s: float = DEFAULT_CHAT_TEMPLATE_TIMEOUT_S,
         prompt_job_stuck_after_s: float = DEFAULT_PROMPT_JOB_STUCK_AFTER_S,
         api_key: str | None = None,
+        reasoning_parser: str = "auto",
+        tool_call_parser: str = "auto",
     ):
         from nanovllmx import LLM
 
@@ -140,6 +142,8 @@ class LLMServerImpl:
             generation_defaults(self.folder) if generation_config == "auto" else {},
             trust_request_chat_template=trust_request_chat_template,
             chat_template_timeout_s=chat_template_timeout_s,
+            reasoning_parser=reasoning_parser,
+            tool_call_parser=tool_call_parser,
         )
         # /v1/models names the model as served (or its hub id), never the operator's local folder
         kind = model_resolver.kind_of(model)
@@ -300,6 +304,9 @@ class LLMServerImpl:
         """A checked request with its prompts' token ids: one engine request per choice (n per
         prompt), then a streamed (SSE) or a whole response."""
         params = [self.mapping.sampling_params(body, len(p)) for p in prompts]
+        grammar = params[0].structured  # the same for every prompt: the request's fields ask for it
+        if grammar is not None:  # compiled off the event loop (a big schema takes a while)
+            await self.mapping.compile_grammar(grammar)
         rid = f"{id_prefix}-{uuid.uuid4().hex}"
         streams = open_choices(self, prompts, params, rid, body.n or 1)
         created = int(time.time())
@@ -308,10 +315,14 @@ class LLMServerImpl:
             await first_deltas(self, streams)  # failed before its first token: an HTTP error, not a 200
             head = ChunkHead(rid, chunk_object, created, name)
             return StreamingResponse(
-                sse_body(body, streams, head, prompts, texts), media_type="text/event-stream", headers=SSE_HEADERS
+                sse_body(body, streams, head, prompts, texts, self.mapping.output_parser),
+                media_type="text/event-stream",
+                headers=SSE_HEADERS,
             )
         results = await collect(streams, raw_request, self)
-        return JSONResponse(full_response(body, rid, created, name, prompts, results, texts))
+        return JSONResponse(
+            full_response(body, rid, created, name, prompts, results, texts, self.mapping.output_parser)
+        )
 
     # ------------------------------------------------------------------------- vLLM's tokenizer routes
     @app.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES)

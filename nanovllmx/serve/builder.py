@@ -25,6 +25,8 @@ APP_KEYS = (
     "log_level",
     "max_request_body_bytes",
     "trust_request_chat_template",
+    "reasoning_parser",
+    "tool_call_parser",
     "chat_template_timeout_s",
     "prompt_job_stuck_after_s",
     "api_key",
@@ -154,6 +156,12 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     trust = _coerce(args.pop("trust_request_chat_template", False), "bool")
     if not isinstance(trust, bool):
         raise ValueError(f"trust_request_chat_template must be true or false, got {trust!r}")
+    reasoning_parser = args.pop("reasoning_parser", "auto")
+    if reasoning_parser not in ("auto", "qwen3", "none"):
+        raise ValueError(f"reasoning_parser must be auto, qwen3 or none, got {reasoning_parser!r}")
+    tool_call_parser = args.pop("tool_call_parser", "auto")
+    if tool_call_parser not in ("auto", "hermes", "none"):
+        raise ValueError(f"tool_call_parser must be auto, hermes or none, got {tool_call_parser!r}")
     template_timeout = _positive_seconds(
         "chat_template_timeout_s", args.pop("chat_template_timeout_s", DEFAULT_CHAT_TEMPLATE_TIMEOUT_S)
     )
@@ -251,6 +259,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         chat_template_timeout_s=template_timeout,
         prompt_job_stuck_after_s=stuck_after,
         api_key=api_key,
+        reasoning_parser=reasoning_parser,
+        tool_call_parser=tool_call_parser,
     )
     if not routed:
         return app

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from typing import Any, cast
 
 from nanovllmx.engine.protocol import EngineClient
@@ -19,6 +20,7 @@ from nanovllmx.outputs import StreamDelta, TokenLogprob
 from nanovllmx.sampling_params import MAX_LOGPROBS, SamplingParams
 from nanovllmx.serve.errors import APIError, bad_request
 from nanovllmx.serve.logprobs import CompletionLogprobsBuilder, TokenTexts, chat_logprobs, prompt_logprobs_json
+from nanovllmx.serve.parsers import ChatOutputParser, ParserConfig
 from nanovllmx.serve.prompt_jobs import PromptJobs, RenderTimeout, call_with_deadline
 from nanovllmx.serve.protocol import (
     ChatCompletionChoice,
@@ -35,11 +37,16 @@ from nanovllmx.serve.protocol import (
     TokenizeChatRequest,
     TokenizeCompletionRequest,
     TokenizeResponse,
+    ToolCall,
     Usage,
     drop_none,
 )
+from nanovllmx.serve.structured_fields import check_tool_choice, grammar_of
+from nanovllmx.structured.spec import GrammarSpec, StructuredError
 
 OpenAIRequest = ChatCompletionRequest | CompletionRequest
+# a chat choice's output parser (RequestMapping.output_parser): None for completions or parsers off
+ParserFactory = Callable[[OpenAIRequest, list[int]], ChatOutputParser | None]
 
 MAX_CHOICES = 64  # most `n` per request: each choice is an engine request (they share the prompt's KV)
 _INT64_MAX = 2**63 - 1
@@ -85,14 +92,17 @@ def unsupported(message: str, param: str) -> APIError:
     return bad_request(message, param, "unsupported_parameter")
 
 
-def usage_of_choices(lasts: list[StreamDelta | None], n_prompt: int, n: int | None = None) -> Usage:
+def usage_of_choices(
+    lasts: list[StreamDelta | None], n_prompt: int, n: int | None = None, reasoning: int | None = None
+) -> Usage:
     """Usage of a response with one choice per last delta, `n` choices per prompt (default: one
     prompt): each prompt counts once (as OpenAI's), completion tokens add up; cached tokens are
-    those of each prompt's first choice."""
+    those of each prompt's first choice. `reasoning`: the choices' reasoning tokens (chat with the
+    reasoning parser), else None."""
     done = sum(d.num_output_tokens for d in lasts if d is not None)
     step = n or max(len(lasts), 1)
     cached = sum(d.num_cached_tokens for d in lasts[::step] if d is not None)
-    return Usage.of(n_prompt, done, cached)
+    return Usage.of(n_prompt, done, cached, reasoning)
 
 
 @dataclasses.dataclass
@@ -115,6 +125,8 @@ class RequestMapping:
         defaults: dict[str, Any],
         trust_request_chat_template: bool = False,
         chat_template_timeout_s: float = DEFAULT_CHAT_TEMPLATE_TIMEOUT_S,
+        reasoning_parser: str = "auto",
+        tool_call_parser: str = "auto",
     ):
         self.llm = llm
         # a client's own chat template (chat_template_kwargs.chat_template) is refused unless the
@@ -129,11 +141,14 @@ class RequestMapping:
         self.vocab_size: int = llm.config.hf_config.vocab_size
         self.defaults = defaults  # generation_defaults(), or {} for OpenAI's
         self.texts = TokenTexts(self.tokenizer)  # token texts and bytes of logprobs and /tokenize
+        # chat outputs: Qwen3's think block -> reasoning_content, Hermes tool calls -> tool_calls
+        self.parsers = ParserConfig.for_tokenizer(self.tokenizer, reasoning_parser, tool_call_parser)
 
     # ------------------------------------------------------------------------- checks
     @staticmethod
     def check(body: OpenAIRequest) -> None:
-        """400 for values this server does not take (the rest: `sampling_params`)."""
+        """400 for values this server does not take (the rest: `sampling_params`), and for constraints
+        (response_format, tool_choice, structured_outputs, guided_*) it cannot take."""
         if body.n is not None and not 1 <= body.n <= MAX_CHOICES:
             raise bad_request(f"n must be between 1 and {MAX_CHOICES}, got {body.n}", "n")
         if body.prompt_logprobs is not None and body.stream:
@@ -146,17 +161,40 @@ class RequestMapping:
                     )
                 if body.top_logprobs > 0 and not body.logprobs:
                     raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
-            if body.response_format and body.response_format.get("type", "text") != "text":
-                raise unsupported("response_format other than {'type': 'text'} is not supported yet", "response_format")
-            if isinstance(body.tool_choice, dict) or body.tool_choice not in (None, "auto", "none"):
-                raise unsupported(
-                    "tool_choice must be 'auto' or 'none' (forced tool calls are not supported yet)", "tool_choice"
-                )
+            check_tool_choice(body)
         else:
             if body.suffix:
                 raise unsupported("suffix is not supported", "suffix")
             if body.best_of not in (None, 1):
                 raise unsupported("best_of > 1 is not supported yet", "best_of")
+        grammar_of(body)  # the fields' shapes now; whether the grammar compiles when submitted
+
+    async def compile_grammar(self, spec: GrammarSpec) -> None:
+        """Compile a request's grammar in the prompt-job pool (a stuck compile fails the health
+        check like a stuck render); 400 naming the field if the library refuses it."""
+        try:
+            await self.jobs.run(self.llm.compile_grammar, spec)
+        except StructuredError as e:
+            raise bad_request(str(e), e.param, "invalid_grammar") from e
+
+    def output_parser(self, body: OpenAIRequest, prompt_ids: list[int]) -> ChatOutputParser | None:
+        """A chat choice's parser (reasoning, tool calls), or None: completions, or both parsers off."""
+        if not isinstance(body, ChatCompletionRequest):
+            return None
+        cfg = self.parsers
+        tail = prompt_ids[-4:]
+        # a prompt ending inside an open think block (a thinking-only template): the output starts in it
+        opened = cfg.think_start_id in tail and cfg.think_end_id not in tail
+        p = ChatOutputParser(
+            cfg,
+            tools=bool(body.tools) and body.tool_choice != "none",
+            start_in_reasoning=opened,
+            piece_of=self._piece_of,
+        )
+        return p if p.active else None
+
+    def _piece_of(self, token_id: int) -> str:
+        return str(self.tokenizer.decode([token_id]))
 
     # ------------------------------------------------------------------------- the prompt
     async def prompt_ids(self, body: OpenAIRequest) -> list[list[int]]:
@@ -321,9 +359,14 @@ class RequestMapping:
                 "context_length_exceeded",
             )
 
+        structured = grammar_of(body)
+        defaults = self.defaults
+        if structured is not None:  # a grammar takes no penalties (SamplingParams): not the checkpoint's either
+            defaults = {k: v for k, v in defaults.items() if k != "repetition_penalty"}
+
         def pick(name: str, default: Any) -> Any:
             v = getattr(body, name)
-            return v if v is not None else self.defaults.get(name, default)
+            return v if v is not None else defaults.get(name, default)
 
         top_k = pick("top_k", -1)
         if isinstance(top_k, int) and top_k >= self.vocab_size:
@@ -367,6 +410,7 @@ class RequestMapping:
                 prompt_logprobs=prompt_logprobs,
                 skip_special_tokens=body.skip_special_tokens is not False,
                 include_stop_str_in_output=bool(body.include_stop_str_in_output),
+                structured=structured,
             )
         except ValueError as e:
             msg = str(e)
@@ -374,6 +418,11 @@ class RequestMapping:
             if param == "max_tokens":
                 param, msg = max_param, msg.replace("max_tokens", max_param, 1)
             raise bad_request(msg, param) from e
+
+
+def finish_reason_of(reason: str | None, num_tool_calls: int) -> str | None:
+    """OpenAI's "tool_calls" for a choice that stopped after calling tools."""
+    return "tool_calls" if num_tool_calls and reason == "stop" else reason
 
 
 def full_response(
@@ -384,27 +433,48 @@ def full_response(
     prompts: list[list[int]],
     results: list[ChoiceResult],
     texts: TokenTexts,
+    parser_of: ParserFactory | None = None,
 ) -> dict[str, Any]:
-    """The non-streaming response's JSON: choice i answers prompt i // n (OpenAI's order)."""
+    """The non-streaming response's JSON: choice i answers prompt i // n (OpenAI's order); chat
+    messages through `parser_of`'s output parsers (reasoning, tool calls)."""
     ids = bool(body.return_token_ids)
     n = max(len(results) // max(len(prompts), 1), 1)
-    usage = usage_of_choices([r.last for r in results], sum(map(len, prompts)), n)
     resp: dict[str, Any]
     if isinstance(body, ChatCompletionRequest):
         prompt_ids = prompts[0]
         top = body.top_logprobs or 0
-        chat_choices = [
-            ChatCompletionChoice(
-                index=i,
-                message=ChatCompletionMessage(content=r.text),
-                finish_reason=r.last.finish_reason,
-                token_ids=r.token_ids if ids else None,
-                logprobs=ChatLogprobs.model_validate(chat_logprobs(texts, r.logprobs, top))
-                if r.logprobs is not None
-                else None,
+        chat_choices = []
+        reasoning: int | None = None
+        for i, r in enumerate(results):
+            parser = parser_of(body, prompt_ids) if parser_of is not None else None
+            finish: str | None = r.last.finish_reason
+            if parser is None:
+                message = ChatCompletionMessage(content=r.text)
+            else:
+                m = parser.parse(r.text, r.token_ids)
+                calls = [ToolCall.model_validate(c) for c in m["tool_calls"] or []]
+                # an empty output keeps content "" (as without the parsers); null: only calls or reasoning
+                empty = m["content"] is None and not calls and m["reasoning_content"] is None
+                message = ChatCompletionMessage(
+                    content="" if empty else m["content"],
+                    reasoning_content=m["reasoning_content"],
+                    tool_calls=calls or None,
+                )
+                finish = finish_reason_of(r.last.finish_reason, len(calls))
+                if parser.reasoning is not None:
+                    reasoning = (reasoning or 0) + parser.reasoning_tokens
+            chat_choices.append(
+                ChatCompletionChoice(
+                    index=i,
+                    message=message,
+                    finish_reason=finish,
+                    token_ids=r.token_ids if ids else None,
+                    logprobs=ChatLogprobs.model_validate(chat_logprobs(texts, r.logprobs, top))
+                    if r.logprobs is not None
+                    else None,
+                )
             )
-            for i, r in enumerate(results)
-        ]
+        usage = usage_of_choices([r.last for r in results], len(prompt_ids), n, reasoning)
         resp = ChatCompletionResponse(
             id=rid,
             created=created,
@@ -417,7 +487,11 @@ def full_response(
             else None,
         ).model_dump()
         drop_none(resp, ("prompt_token_ids", "prompt_logprobs"))
+        resp["usage"] = usage.dump()
+        for c in resp["choices"]:
+            drop_none(c["message"], ("reasoning_content", "tool_calls"))
     else:
+        usage = usage_of_choices([r.last for r in results], sum(map(len, prompts)), n)
         choices = []
         for i, r in enumerate(results):
             prompt_ids = prompts[i // n]
@@ -444,6 +518,7 @@ def full_response(
                 )
             )
         resp = CompletionResponse(id=rid, created=created, model=name, choices=choices, usage=usage).model_dump()
+        resp["usage"] = usage.dump()
     for c in resp["choices"]:
         drop_none(c, ("token_ids", "prompt_token_ids", "prompt_logprobs"))
     return resp

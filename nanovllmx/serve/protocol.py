@@ -6,7 +6,7 @@ HTTP API share one contract. Numbers, booleans and token ids are strict: `"0.5"`
 `true` is not a token id.
 
 Every declared field is honoured, or refused with a 400 naming it when it asks for what this
-server does not do (tests/serve/test_field_walk.py walks them; docs/serving.md lists the few
+server does not do (tests/serve/test_serve.py walks them; docs/serving.md lists the few
 accepted and ignored on purpose, such as `user`). Unknown fields are ignored, as in vLLM.
 """
 
@@ -77,6 +77,15 @@ class _SamplingFields(_Request):
     include_stop_str_in_output: StrictBool | None = False
     skip_special_tokens: StrictBool | None = True
     prompt_logprobs: StrictInt | None = Field(None, description="logprobs of each prompt token (0..20)")
+    # vLLM's structured outputs (one of json / regex / choice / grammar / json_object), and its
+    # older guided_* fields (serve/structured_fields.py)
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | StrictStr | None = None
+    guided_regex: StrictStr | None = None
+    guided_choice: list[StrictStr] | None = None
+    guided_grammar: StrictStr | None = None
+    guided_decoding_backend: StrictStr | None = None
+    guided_whitespace_pattern: StrictStr | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -115,25 +124,51 @@ class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0
 
 
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int = 0
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
+    # chat with the reasoning parser on: the tokens of the think block
+    completion_tokens_details: CompletionTokensDetails | None = None
 
     @classmethod
-    def of(cls, prompt: int, completion: int, cached: int) -> Usage:
+    def of(cls, prompt: int, completion: int, cached: int, reasoning: int | None = None) -> Usage:
         return cls(
             prompt_tokens=prompt,
             completion_tokens=completion,
             total_tokens=prompt + completion,
             prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+            completion_tokens_details=None
+            if reasoning is None
+            else CompletionTokensDetails(reasoning_tokens=reasoning),
         )
+
+    def dump(self) -> dict[str, Any]:
+        """The JSON of the usage, without completion_tokens_details when not counted."""
+        return drop_none(self.model_dump(), ("completion_tokens_details",))
+
+
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
 
 
 class ChatCompletionMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None  # with the reasoning parser (omitted when None)
+    tool_calls: list[ToolCall] | None = None  # omitted when None
 
 
 class TopLogprob(BaseModel):

@@ -23,8 +23,18 @@ from nanovllmx.outputs import StreamDelta, TokenLogprob
 from nanovllmx.sampling_params import SamplingParams
 from nanovllmx.serve.errors import APIError, bad_request, engine_failed, engine_refused, engine_unavailable
 from nanovllmx.serve.logprobs import CompletionLogprobsBuilder, TokenTexts, chat_logprobs
-from nanovllmx.serve.mapping import ChoiceResult, OpenAIRequest, echo_text, param_of, usage_of_choices
+from nanovllmx.serve.mapping import (
+    ChoiceResult,
+    OpenAIRequest,
+    ParserFactory,
+    echo_text,
+    finish_reason_of,
+    param_of,
+    usage_of_choices,
+)
+from nanovllmx.serve.parsers import ChatOutputParser
 from nanovllmx.serve.protocol import ChatCompletionRequest, CompletionRequest
+from nanovllmx.structured.spec import StructuredError
 
 logger = logging.getLogger("nanovllmx.serve")
 
@@ -148,6 +158,8 @@ def open_stream(server: StreamOwner, prompt_ids: list[int], params: SamplingPara
     t_arrival = time.perf_counter()
     try:
         deltas = server.llm.submit(prompt_ids, params, request_id=rid)
+    except StructuredError as e:  # the grammar does not compile: the field that asked for it
+        raise bad_request(str(e), e.param, "invalid_grammar") from e
     except (ValueError, TypeError) as e:
         raise bad_request(str(e), param_of(str(e)) or "prompt") from e
     except (EngineOverloadedError, EngineUnavailableError) as e:
@@ -300,8 +312,17 @@ class ChoiceChunks:
     prompt's ids and puts text in `delta`; completions put it in `text` and the prompt's ids in the
     first choice."""
 
-    def __init__(self, head: ChunkHead, body: OpenAIRequest, prompt_ids: list[int], index: int, texts: TokenTexts):
+    def __init__(
+        self,
+        head: ChunkHead,
+        body: OpenAIRequest,
+        prompt_ids: list[int],
+        index: int,
+        texts: TokenTexts,
+        parser: ChatOutputParser | None = None,
+    ):
         opts = body.stream_options
+        self.parser = parser  # chat: reasoning_content / content / tool_calls deltas
         self.head, self.prompt_ids, self.index, self.texts = head, prompt_ids, index, texts
         self.chat = isinstance(body, ChatCompletionRequest)
         self.include_usage = bool(opts and opts.include_usage)
@@ -341,8 +362,16 @@ class ChoiceChunks:
                 choice["prompt_token_ids"], self.sent_prompt = self.prompt_ids, True
         c = self.head.chunk([choice])
         if self.include_usage:
-            c["usage"] = usage_of_choices([self.last], len(self.prompt_ids)).model_dump() if self.continuous else None
+            c["usage"] = (
+                usage_of_choices([self.last], len(self.prompt_ids), reasoning=self.reasoning_tokens()).dump()
+                if self.continuous
+                else None
+            )
         return c
+
+    def reasoning_tokens(self) -> int | None:
+        p = self.parser
+        return p.reasoning_tokens if p is not None and p.reasoning is not None else None
 
     def first(self) -> dict[str, Any] | None:
         """The chunk before any delta: chat's role chunk (as vLLM: with the prompt's ids); none for completions."""
@@ -356,15 +385,26 @@ class ChoiceChunks:
     def of(self, d: StreamDelta) -> dict[str, Any] | None:
         """The chunk of a delta, or None when it has nothing to say (no text, ids or end)."""
         self.last = d
+        finish: str | None = d.finish_reason if d.finished else None
         text, echoed = d.text, False
         if self.echo:  # the first chunk of an echoed completion starts with the prompt
             text, echoed, self.echo = echo_text(self.texts, self.prompt_ids) + text, True, False
+        content: dict[str, Any]
+        if self.parser is not None:  # chat: the text split into reasoning_content / content / tool_calls
+            delta = self.parser.feed(text, d.token_ids)
+            if d.finished:
+                for k, v in self.parser.finish().items():
+                    delta[k] = delta.get(k, type(v)()) + v
+                finish = finish_reason_of(finish, self.parser.num_tool_calls)
+            content, has_text = {"delta": delta}, bool(delta)
+        else:
+            content = ({"delta": {"content": text} if text else {}}) if self.chat else {"text": text}
+            has_text = bool(text)
         wants_lp = self.wants_lp
-        if not (text or d.finished or ((self.token_ids or wants_lp) and d.token_ids)):
+        if not (has_text or d.finished or ((self.token_ids or wants_lp) and d.token_ids)):
             return None
-        content = ({"delta": {"content": text} if text else {}}) if self.chat else {"text": text}
         lp = self._logprobs(d, echoed) if wants_lp else None
-        return self._chunk(content, d.finish_reason if d.finished else None, d.token_ids, lp)
+        return self._chunk(content, finish, d.token_ids, lp)
 
 
 async def choice_events(stream: EngineStream, chunks: ChoiceChunks) -> AsyncIterator[str]:
@@ -385,6 +425,7 @@ async def merged_events(
     include_usage: bool,
     n_prompt: int,
     n: int | None = None,
+    chunks: list[ChoiceChunks] | None = None,
 ) -> AsyncIterator[str]:
     """The events of every choice as they come, then (stream_options.include_usage) one usage
     chunk for the whole response."""
@@ -417,8 +458,10 @@ async def merged_events(
             for t in tasks:
                 t.cancel()
     if include_usage:
-        usage = usage_of_choices([st.last for st in streams], n_prompt, n)
-        yield sse({**head.chunk([]), "usage": usage.model_dump()})
+        counts = [c.reasoning_tokens() for c in chunks or []]
+        reasoning = sum(k for k in counts if k is not None) if any(k is not None for k in counts) else None
+        usage = usage_of_choices([st.last for st in streams], n_prompt, n, reasoning)
+        yield sse({**head.chunk([]), "usage": usage.dump()})
 
 
 async def guarded_events(events: AsyncIterator[str], streams: list[EngineStream]) -> AsyncIterator[str]:
@@ -438,11 +481,23 @@ async def guarded_events(events: AsyncIterator[str], streams: list[EngineStream]
 
 
 def sse_body(
-    body: OpenAIRequest, streams: list[EngineStream], head: ChunkHead, prompts: list[list[int]], texts: TokenTexts
+    body: OpenAIRequest,
+    streams: list[EngineStream],
+    head: ChunkHead,
+    prompts: list[list[int]],
+    texts: TokenTexts,
+    parser_of: ParserFactory | None = None,
 ) -> AsyncIterator[str]:
-    """The whole SSE body of a streamed response with one choice per stream (n per prompt)."""
+    """The whole SSE body of a streamed response with one choice per stream (n per prompt); chat
+    deltas through `parser_of`'s output parsers (reasoning, tool calls)."""
     n = max(len(streams) // max(len(prompts), 1), 1)
-    events = [choice_events(st, ChoiceChunks(head, body, prompts[i // n], i, texts)) for i, st in enumerate(streams)]
+    chunks = [
+        ChoiceChunks(
+            head, body, prompts[i // n], i, texts, parser_of(body, prompts[i // n]) if parser_of is not None else None
+        )
+        for i in range(len(streams))
+    ]
+    events = [choice_events(st, c) for st, c in zip(streams, chunks)]
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     n_prompt = sum(map(len, prompts))
-    return guarded_events(merged_events(events, streams, head, include_usage, n_prompt, n), streams)
+    return guarded_events(merged_events(events, streams, head, include_usage, n_prompt, n, chunks), streams)

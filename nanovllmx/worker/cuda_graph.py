@@ -147,6 +147,13 @@ class DecodeGraphs:
         r.next_tokens[rows] = tokens
         return logits, tokens
 
+    def sampled_logits(self, b: ScheduledBatch) -> torch.Tensor:
+        """The logits of b.sample_rows from the step just replayed (a view of the graph's output:
+        read it before the next replay)."""
+        c = self.captured[next(s for s in self.sizes if s >= b.num_reqs)]
+        logits = c.outputs[0]  # the last stage's
+        return logits[: b.num_reqs][torch.from_numpy(b.sample_rows.astype(np.int64)).to(self.r.device)]
+
     def can_run(self, bs: int) -> bool:
         return bs <= self.max_bs
 

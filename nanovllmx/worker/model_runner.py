@@ -56,6 +56,37 @@ class SampledTokens:
         )
 
 
+class DeferredTokens:
+    """A launched step with rows under a grammar whose masks follow it (ScheduledBatch.mask_deferred):
+    the forward and the other rows' samples are on the device; `apply_grammar` samples the
+    constrained rows once their bitmask is known and starts the host copy; then `result()` waits."""
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        b: ScheduledBatch,
+        tokens: torch.Tensor,
+        logits: torch.Tensor,
+        sampled_lp: tuple[np.ndarray, DeviceLogprobs] | None = None,
+        prompt_lp: DeviceLogprobs | None = None,
+    ):
+        self.runner, self.batch, self.tokens, self.logits = runner, b, tokens, logits
+        # the other rows' logprobs (a constrained row asks for none: SamplingParams refuses them)
+        self.sampled_lp, self.prompt_lp = sampled_lp, prompt_lp
+        self._out: SampledTokens | None = None
+
+    @torch.inference_mode()
+    def apply_grammar(self, bitmask: np.ndarray) -> None:
+        r = self.runner
+        r.constrain(self.logits, self.batch, self.tokens, bitmask)
+        self._out = r.to_host(self.tokens, self.sampled_lp, self.prompt_lp)
+
+    def result(self) -> StepOutput:
+        if self._out is None:
+            raise RuntimeError(f"step {self.batch.step}: its grammar masks never came")
+        return self._out.result()
+
+
 def make_backend(name: str, kv: KVPool, model: Qwen3ForCausalLM, cfg: EngineConfig) -> AttentionBackend:
     layer0 = next(iter(model.layers.values())).self_attn
     args = (kv, layer0.num_heads, layer0.num_kv_heads, layer0.head_dim)
@@ -141,6 +172,27 @@ class ModelRunner:
         ]
         return cat_logprobs(parts) if parts else token_logprobs(hidden[:0], targets, k)
 
+    def constrain(self, logits: torch.Tensor, b: ScheduledBatch, tokens: torch.Tensor, bitmask: np.ndarray) -> None:
+        """Resample b's grammar rows from their logits (`logits`: those rows only) under their bitmask;
+        the new ids replace theirs in `tokens` (one per sampled row) and in next_tokens."""
+        assert b.grammar_rows is not None
+        g = b.grammar_rows
+        new = self.sampler.sample_constrained(logits, b.sampling.take(g), self._to_dev(bitmask)).to(torch.int32)
+        tokens[self._to_dev(g).long()] = new
+        self.next_tokens[self._to_dev(b.req_indices[b.sample_rows[g]]).long()] = new
+
+    def to_host(
+        self,
+        tokens: torch.Tensor,
+        sampled_lp: tuple[np.ndarray, DeviceLogprobs] | None = None,
+        prompt_lp: DeviceLogprobs | None = None,
+    ) -> SampledTokens:
+        """Start the copy of a step's sampled ids to pinned host memory (its ring of buffers)."""
+        host = self._host_bufs[self._flip][: len(tokens)]
+        self._flip = (self._flip + 1) % len(self._host_bufs)
+        host.copy_(tokens, non_blocking=True)
+        return SampledTokens(host, self._event(), tokens, sampled_lp, prompt_lp)
+
     def prepare(self, b: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         q_lens = b.q_lens
         cu = np.zeros(len(q_lens) + 1, dtype=np.int32)
@@ -184,6 +236,7 @@ class ModelRunner:
         tm = self.timer
         tm.steps += 1
         tm.start()
+        logits: torch.Tensor | None = None
         if b.hist_rows is not None and len(b.hist_rows) and self.model.is_last:
             # admitted requests' ids for the penalties' token table (also in a step that samples nothing)
             assert b.hist_cols is not None and b.hist_ids is not None  # set together
@@ -196,6 +249,7 @@ class ModelRunner:
             if not self.model.is_last:
                 return res  # (hidden, residual) for the next stage
             tokens, sampled_lp = res
+            logits = self.graphs.sampled_logits(b) if b.grammar_rows is not None else None
         else:
             ids, positions, meta = self.prepare(b)
             tm.lap("prepare")
@@ -215,12 +269,17 @@ class ModelRunner:
             tokens, sampled_lp = self.sample(logits, b)
         if sampled_lp is not None:
             sampled_lp = (sampled_lp[0], sampled_lp[1].to_host())
-        host = self._host_bufs[self._flip][: len(tokens)]
-        self._flip = (self._flip + 1) % len(self._host_bufs)
-        host.copy_(tokens, non_blocking=True)
-        event = self._event()
+        if b.grammar_rows is not None:  # structured outputs: only batches with a constrained row
+            assert logits is not None  # (no logprobs: SamplingParams refuses them with a grammar)
+            g_logits = logits[self._to_dev(b.grammar_rows).long()]
+            if b.mask_deferred:
+                tm.lap("sample_launch")
+                return DeferredTokens(self, b, tokens, g_logits, sampled_lp, prompt_lp)
+            assert b.bitmask is not None
+            self.constrain(g_logits, b, tokens, b.bitmask)
+        sampled = self.to_host(tokens, sampled_lp, prompt_lp)
         tm.lap("sample_launch")
-        return SampledTokens(host, event, tokens, sampled_lp, prompt_lp)
+        return sampled
 
     def _event(self) -> torch.cuda.Event | None:
         """A CUDA event after the work queued so far (None on CPU, where it is done already)."""

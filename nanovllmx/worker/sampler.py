@@ -48,6 +48,13 @@ class Sampler:
                 out[rows] = path(logits[rows], sa.take(mask))
         return out
 
+    def sample_constrained(self, logits: torch.Tensor, sa: SamplingArrays, bitmask: torch.Tensor) -> torch.Tensor:
+        """Rows under a grammar: their packed int32 bitmask [G, ceil(V/32)] (on the device) applied
+        to their logits, then the row's own sampling path."""
+        from nanovllmx.structured.bitmask import apply_bitmask
+
+        return self(apply_bitmask(logits.float(), bitmask), sa)
+
     def _plain(self, logits: torch.Tensor, sa: SamplingArrays) -> torch.Tensor:
         """Rows without filters: temperature (or greedy) over the whole vocabulary."""
         return self._fused(logits, sa) if self.fused else self._full(logits, sa)

@@ -478,7 +478,7 @@ def _fake_loop(fake: _FakeWorker):
     server = control.ControlServer("127.0.0.1", bind="127.0.0.1")
     actor.start_loop(server.address, result_rank=0, overlap=True)
     server.accept(1, timeout=30)
-    step = lambda s: server.broadcast(control.STEP, control.dumps(SimpleNamespace(step=s)))
+    step = lambda s: server.broadcast(control.STEP, control.dumps(SimpleNamespace(step=s, mask_deferred=False)))
     result = lambda: control.unpack_result(server.wait_result(0))
     return actor, server, step, result
 

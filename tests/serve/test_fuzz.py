@@ -143,6 +143,12 @@ _fields = {
     "presence_penalty": _mostly(st.just(0)),
     "logit_bias": _mostly(st.none() | st.just({})),
     "return_token_ids": _mostly(st.booleans()),
+    # structured outputs (issue 22): random regexes and schemas compile or give a 400, never a 5xx
+    "guided_regex": _mostly(_text),
+    "guided_choice": _mostly(st.lists(_text, max_size=3)),
+    "structured_outputs": _mostly(
+        st.fixed_dictionaries({}, optional={"regex": _text, "json": _json, "choice": st.lists(_text, max_size=2)})
+    ),
 }
 _chat = st.fixed_dictionaries(
     {"messages": _mostly(st.lists(_message, min_size=1, max_size=3))},
@@ -150,11 +156,21 @@ _chat = st.fixed_dictionaries(
         **_fields,
         "max_completion_tokens": _mostly(st.integers(1, 8)),
         "logprobs": _mostly(st.just(False)),
-        "tools": _mostly(st.none()),
-        "tool_choice": _mostly(st.sampled_from(["auto", "none"])),
+        "tools": _mostly(st.none() | st.just([{"type": "function", "function": {"name": "f"}}])),
+        "tool_choice": _mostly(
+            st.sampled_from(["auto", "none", "required"]) | st.just({"type": "function", "function": {"name": "f"}})
+        ),
         "chat_template_kwargs": _mostly(st.just({"enable_thinking": False})),
         "continue_final_message": _mostly(st.booleans()),
-        "response_format": _mostly(st.just({"type": "text"})),
+        "response_format": _mostly(
+            st.sampled_from([{"type": "text"}, {"type": "json_object"}])
+            | st.fixed_dictionaries(
+                {
+                    "type": st.just("json_schema"),
+                    "json_schema": st.fixed_dictionaries({"name": _text}, optional={"schema": _json}),
+                }
+            )
+        ),
     },
 )
 _prompt = _mostly(

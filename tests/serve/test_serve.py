@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import importlib
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -945,6 +946,8 @@ def test_api_server_args():
 
 # ============================================================================ every request field
 IM_END = 151645  # <|im_end|>: an EOS id of the demo model
+BOOL = {"type": "boolean"}
+PARALLEL_SEED = 1  # tool_choice "required", temperature 1: the demo model writes two calls with this seed
 
 
 def _walk_post(server, path: str, body: dict) -> dict:
@@ -985,6 +988,11 @@ def _field_checks(server, path: str, base: dict):
 
     def refused(field: str, value) -> None:
         _err(server.http.post(path, json={**base, field: value}), 400, field)
+
+    def constrained(**over) -> dict:
+        r = post(ignore_eos=False, max_tokens=12, **over)
+        assert_eq(r["choices"][0]["finish_reason"], "stop")
+        return r
 
     checks = {
         "model": lambda: _err(server.http.post(path, json={**base, "model": "nope"}), 404, "model"),
@@ -1043,6 +1051,22 @@ def _field_checks(server, path: str, base: dict):
             True,
         ),
         "max_tokens": lambda: assert_eq(len(ids(post(max_tokens=2))), 2),
+        # structured outputs (issue 22): the random model's output follows the grammar, EOS after it
+        "structured_outputs": lambda: (
+            assert_in(text(constrained(structured_outputs={"choice": ["yes", "no"]})), ("yes", "no")),
+            refused("structured_outputs", {"regex": "a", "choice": ["b"]}),
+        ),
+        "guided_json": lambda: (
+            assert_in(json.loads(text(constrained(guided_json=BOOL))), (True, False)),
+            refused("guided_json", "{not json"),
+        ),
+        "guided_regex": lambda: assert_eq(
+            re.fullmatch(r"[0-9]{2}x", text(constrained(guided_regex=r"[0-9]{2}x"))) is not None, True
+        ),
+        "guided_choice": lambda: assert_in(text(constrained(guided_choice=["alpha", "beta"])), ("alpha", "beta")),
+        "guided_grammar": lambda: assert_in(text(constrained(guided_grammar='root ::= "ab" | "cd"')), ("ab", "cd")),
+        "guided_decoding_backend": lambda: refused("guided_decoding_backend", "outlines"),
+        "guided_whitespace_pattern": lambda: refused("guided_whitespace_pattern", " "),
     }
     return checks, post, ids, greedy
 
@@ -1055,7 +1079,11 @@ def assert_ne(a, b) -> None:
     assert a != b, (a, b)
 
 
-IGNORED_ON_PURPOSE = {"user", "metadata", "parallel_tool_calls"}  # accepted and ignored; docs/serving.md lists them
+def assert_in(a, b) -> None:
+    assert a in b, (a, b)
+
+
+IGNORED_ON_PURPOSE = {"user", "metadata"}  # accepted and ignored; docs/serving.md lists them
 
 
 def test_every_request_field_is_honoured_or_refused(server):
@@ -1069,7 +1097,16 @@ def test_every_request_field_is_honoured_or_refused(server):
 
     chat_base = {**CHAT, "max_tokens": 4, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
     checks, post, ids, greedy = _field_checks(server, "/v1/chat/completions", chat_base)
-    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    tools = [
+        {"type": "function", "function": {"name": name, "parameters": {"type": "object", "properties": {}}}}
+        for name in ("f", "g")
+    ]
+
+    def tool_calls(**over) -> list[str]:
+        """The names of the calls of a constrained tool call (finish_reason "tool_calls")."""
+        c = post(tools=tools, ignore_eos=False, max_tokens=80, **over)["choices"][0]
+        assert_eq(c["finish_reason"], "tool_calls")
+        return [t["function"]["name"] for t in c["message"]["tool_calls"]]
 
     def prompt_len(**over) -> int:
         return post(**over)["usage"]["prompt_tokens"]
@@ -1086,10 +1123,36 @@ def test_every_request_field_is_honoured_or_refused(server):
         "tools": lambda: assert_ne(prompt_len(tools=tools), n0),
         "tool_choice": lambda: (
             assert_eq(prompt_len(tools=tools, tool_choice="none"), n0),
-            refused("tool_choice", "required"),
+            refused("tool_choice", "required"),  # without tools
+            assert_eq(tool_calls(tool_choice={"type": "function", "function": {"name": "g"}}), ["g"]),
         ),
-        "parallel_tool_calls": lambda: assert_eq(ids(post(parallel_tool_calls=False)), ids(greedy)),
-        "response_format": lambda: refused("response_format", {"type": "json_object"}),
+        # tool_choice "required": one call with parallel_tool_calls false, else up to four (a seed
+        # with which the random model writes more than one)
+        "parallel_tool_calls": lambda: (
+            assert_eq(len(tool_calls(tool_choice="required", seed=PARALLEL_SEED, temperature=1.0)) > 1, True),
+            assert_eq(
+                len(tool_calls(tool_choice="required", seed=PARALLEL_SEED, temperature=1.0, parallel_tool_calls=False)),
+                1,
+            ),
+        ),
+        "response_format": lambda: (
+            assert_in(
+                json.loads(
+                    post(
+                        ignore_eos=False,
+                        max_tokens=12,
+                        response_format={"type": "json_schema", "json_schema": {"name": "b", "schema": BOOL}},
+                    )["choices"][0]["message"]["content"]
+                ),
+                (True, False),
+            ),
+            assert_eq(post(response_format={"type": "text"})["choices"][0]["token_ids"], ids(greedy)),
+            _err(
+                server.http.post("/v1/chat/completions", json={**chat_base, "response_format": {"type": "yaml"}}),
+                400,
+                "response_format.type",
+            ),
+        ),
         "add_generation_prompt": lambda: assert_ne(prompt_len(add_generation_prompt=False), n0),
         "continue_final_message": lambda: assert_ne(
             prompt_len(

@@ -96,6 +96,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "it is refused (400). Rendered in Jinja's sandbox within --chat-template-timeout",
     )
     p.add_argument(
+        "--reasoning-parser",
+        default=None,
+        choices=["auto", "qwen3", "none"],
+        help="split Qwen3's <think> block into reasoning_content (default auto: qwen3 when the tokenizer has "
+        "the think tags); none leaves it in content",
+    )
+    p.add_argument(
+        "--tool-call-parser",
+        default=None,
+        choices=["auto", "hermes", "none"],
+        help="parse <tool_call> blocks into tool_calls (default auto: hermes when the tokenizer has the tags)",
+    )
+    p.add_argument(
         "--chat-template-timeout",
         dest="chat_template_timeout_s",
         type=float,
@@ -168,6 +181,8 @@ def app_args(ns: argparse.Namespace) -> dict:
         "max_waiting_requests",
         "max_request_body_bytes",
         "graceful_shutdown_timeout_s",
+        "reasoning_parser",
+        "tool_call_parser",
         "stream_interval",
         "api_key",
         "trust_request_chat_template",
