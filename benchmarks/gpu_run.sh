@@ -82,10 +82,18 @@ make_ckpt() {  # dir, then make_model's arguments
   python -c "from nanovllmx.utils.make_model import make_model; make_model('$1', dtype='bfloat16', $2)" \
     2>&1 | tail -1
 }
+# CKPTS: which checkpoints a call makes when missing (default all three); a call that needs only the
+# 0.6B shape (http, offline with OFFLINE_8B=0) on a fresh machine saves the 8B's minute with CKPTS=q06
 models() {
-  make_ckpt $M "preset='qwen3-0.6b'"
-  make_ckpt $S "preset='qwen3-0.6b', initializer_range=0.3, num_hidden_layers=4"
-  make_ckpt $M8 "preset='qwen3-8b'"
+  local c
+  for c in ${CKPTS:-q06 q4s q8b}; do
+    case $c in
+      q06) make_ckpt $M "preset='qwen3-0.6b'" ;;
+      q4s) make_ckpt $S "preset='qwen3-0.6b', initializer_range=0.3, num_hidden_layers=4" ;;
+      q8b) make_ckpt $M8 "preset='qwen3-8b'" ;;
+      *) echo "CKPTS: unknown checkpoint $c (q06, q4s, q8b)" >&2; exit 2 ;;
+    esac
+  done
 }
 
 # run NAME TIMEOUT CMD...: CMD's output to a log; a row for the table from its last JSON line
