@@ -4,6 +4,7 @@ constants, the `transformers` reference, seeded prompts, waiting for an api_serv
 from __future__ import annotations
 
 import random
+import socket
 from pathlib import Path
 
 import torch
@@ -44,6 +45,13 @@ class HFReference:
                 out = self.model(torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
             self._greedy[key] = toks
         return list(self._greedy[key])
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a server a test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def random_prompt(n: int, seed: int, vocab: int = 151643) -> list[int]:

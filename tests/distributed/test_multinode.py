@@ -16,7 +16,6 @@ whose two replicas each have a part on the other's engine node is made again.
 
 from __future__ import annotations
 
-import socket
 import time
 from types import SimpleNamespace
 
@@ -26,6 +25,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from nanovllmx.utils.demo import DEMO_MODEL_NAME  # noqa: E402
+from tests.helpers import free_port  # noqa: E402
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -41,13 +41,6 @@ ENGINE = dict(
     ray_actor_options={"num_cpus": 0.5},
     health_check_period_s=1.0,
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +60,7 @@ def cluster():
     c = Cluster(initialize_head=True, connect=True, head_node_args=dict(num_cpus=2, include_dashboard=False))
     nodes = {name: c.add_node(num_cpus=1, resources={f"node_{name}": 1, "slot": 1}) for name in ("a", "b")}
     c.wait_for_nodes()
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
     try:
         yield SimpleNamespace(cluster=c, nodes=nodes, url=f"http://127.0.0.1:{port}")

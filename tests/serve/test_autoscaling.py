@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import threading
 import time
 
@@ -21,6 +20,7 @@ import httpx
 import pytest
 
 from nanovllmx.utils.demo import DEMO_MODEL_NAME
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -33,12 +33,6 @@ ENV = {
 APP = "auto"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def serve_url():
     from ray import serve
@@ -49,7 +43,7 @@ def serve_url():
     os.environ.update(ENV)  # inherited by the Serve controller, proxy and replicas
     ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="serve")
     try:
-        port = _free_port()
+        port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         yield f"http://127.0.0.1:{port}"
     finally:

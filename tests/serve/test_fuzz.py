@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import httpx
 import pytest
@@ -23,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nanovllmx.utils.demo import DEMO_MODEL_NAME
+from tests.helpers import free_port
 
 schemathesis = pytest.importorskip("schemathesis")
 ray = pytest.importorskip("ray")
@@ -55,9 +55,7 @@ def url():
     if ray.is_initialized():
         ray.shutdown()
     ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="serve")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(

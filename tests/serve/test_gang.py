@@ -11,13 +11,13 @@ an unplaceable grid shows quickly; Serve's default is 30 s.
 from __future__ import annotations
 
 import os
-import socket
 import time
 
 import httpx
 import pytest
 
 from nanovllmx.utils.demo import DEMO_MODEL_NAME
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -26,12 +26,6 @@ ray = pytest.importorskip("ray")
 CTX = 256
 SLOW_STARTUP_S = 3
 ENV = {"RAY_SERVE_SLOW_STARTUP_WARNING_S": str(SLOW_STARTUP_S), "RAY_SERVE_SLOW_STARTUP_WARNING_PERIOD_S": "1"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ============================================================================ build_app's options (no Ray)
@@ -94,7 +88,7 @@ def ray_instance():
 def serve_url(ray_instance):
     from ray import serve
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     return f"http://127.0.0.1:{port}"
 

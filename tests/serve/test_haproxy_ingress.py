@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 import yaml
 
 from nanovllmx.utils.demo import DEMO_MODEL_NAME
-from tests.helpers import wait_api_server
+from tests.helpers import free_port, wait_api_server
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,17 +26,11 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_serve_run_with_haproxy_ingress(tmp_path: Path) -> None:
     qwen = yaml.safe_load((ROOT / "serve_configs" / "qwen3.yaml").read_text())
     env_vars = qwen["controller_options"]["runtime_env"]["env_vars"]
     assert env_vars["RAY_SERVE_ENABLE_HA_PROXY"] == "1"  # the users' default config takes this path
-    port, di_port, stats_port = _free_port(), _free_port(), _free_port()
+    port, di_port, stats_port = free_port(), free_port(), free_port()
     cfg = {
         # the same ingress settings, on free ports (HAProxy's stats and metrics ports too)
         "controller_options": {
@@ -47,7 +40,7 @@ def test_serve_run_with_haproxy_ingress(tmp_path: Path) -> None:
                     "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(di_port),
                     "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(di_port + 100),
                     "RAY_SERVE_HAPROXY_STATS_PORT": str(stats_port),
-                    "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+                    "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
                 }
             }
         },

@@ -10,7 +10,6 @@ and `guarded` (trusted client templates with a 2 s budget, an API key).
 from __future__ import annotations
 
 import concurrent.futures as cf
-import socket
 import threading
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ import openai
 import pytest
 
 from nanovllmx.utils.demo import DEMO_MODEL_NAME, demo_model_path
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -32,12 +32,6 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "ignor
 # 10^10 iterations: hours of rendering without a budget (Jinja's sandbox caps each range() at 100 000)
 NESTED_LOOPS = "{% for a in range(100000) %}{% for b in range(100000) %}{{ '' }}{% endfor %}{% endfor %}"
 TEMPLATE_PARAM = "chat_template_kwargs.chat_template"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _error(r: httpx.Response, status: int, param=..., code=...) -> dict:
@@ -62,7 +56,7 @@ def apps():
     if ray.is_initialized():
         ray.shutdown()
     ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="serve")
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = {"device": "cpu", "context_len": CTX, "max_bs": 4, "ray_actor_options": {"num_cpus": 1}}
     folder = str(demo_model_path())

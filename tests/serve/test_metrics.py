@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from nanovllmx.utils.demo import DEMO_MODEL_NAME
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -27,14 +28,6 @@ CONTEXT_LEN = 512
 LONG_SYSTEM = " ".join(f"Rule {i}: answer briefly and never mention llamas." for i in range(25))
 _SERIES = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$")
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def parse_prometheus(text: str) -> list[tuple[str, dict[str, str], float]]:
@@ -96,7 +89,7 @@ def env():
     if ray.is_initialized():  # another module left Ray up: ours needs its own metrics settings
         serve.shutdown()
         ray.shutdown()
-    mport = _free_port()
+    mport = free_port()
     ray.init(
         address="local",
         num_cpus=2,
@@ -106,7 +99,7 @@ def env():
         _system_config={"metrics_report_interval_ms": 500},
     )
     assert ray._private.worker.global_worker.node.metrics_export_port == mport
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(
         build_app(

@@ -24,7 +24,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -38,7 +37,7 @@ import pytest
 
 from nanovllmx import LLM, EngineOverloadedError, EngineRequestError, EngineUnavailableError, SamplingParams
 from nanovllmx.utils.demo import DEMO_MODEL_NAME
-from tests.helpers import random_prompt, wait_api_server
+from tests.helpers import free_port, random_prompt, wait_api_server
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -462,10 +461,6 @@ def test_ray_scheduler_actor_killed_mid_generation(ray_instance, tiny_model_dir)
 
 
 # ============================================================================ the Serve app
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -508,7 +503,7 @@ class Server:
 def serve_url(ray_instance):
     from ray import serve
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     return f"http://127.0.0.1:{port}"
 
@@ -1067,7 +1062,7 @@ def test_sigterm_drains_in_flight_requests_and_leaves_no_process(tmp_path):
     marker = f"nanovllmx-reliability-{uuid.uuid4().hex}"
     env = {**os.environ, "NANOVLLMX_TEST_MARKER": marker}
     env.pop("RAY_ADDRESS", None)
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path / "api_server.log"
     log = open(log_path, "wb")
     proc = subprocess.Popen(

@@ -5,7 +5,6 @@ with 2 demo replicas: every turn of a conversation lands where its prefix is cac
 from __future__ import annotations
 
 import random
-import socket
 import time
 
 import numpy as np
@@ -14,6 +13,7 @@ import pytest
 from nanovllmx.scheduler.allocator import SlotAllocator
 from nanovllmx.scheduler.radix_cache import BLOCK_SIZE, RadixCache, block_hashes
 from nanovllmx.serve.router import ReplicaView, decode_summary, encode_summary, matched_blocks, rank_replicas
+from tests.helpers import free_port
 
 B = BLOCK_SIZE
 
@@ -97,10 +97,6 @@ def test_no_prefix_falls_back_to_two_random_choices():
 
 
 # ------------------------------------------------------------------ end to end, 2 replicas
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.timeout(240)
@@ -115,7 +111,7 @@ def test_conversations_stay_on_their_replica():
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="serve")
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_app(
         {

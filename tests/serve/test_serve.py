@@ -11,7 +11,6 @@ import importlib
 import json
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ import pytest
 import yaml
 
 from nanovllmx.utils.demo import DEMO_MODEL_NAME, demo_model_path
-from tests.helpers import wait_api_server
+from tests.helpers import free_port, wait_api_server
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -31,12 +30,6 @@ ROOT = Path(__file__).resolve().parents[2]
 CONTEXT_LEN = 512
 ALIAS = "demo-alias"
 LONG_PROMPT = " ".join(f"Sentence number {i} of a long shared prefix about llamas." for i in range(30))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -76,7 +69,7 @@ def server():
     if started_ray:
         # address="local": a fresh instance, never a cluster that another process happens to run
         ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="serve")
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_app(
         {
@@ -846,7 +839,7 @@ def test_check_health_reports_a_dead_engine():
 def test_api_server_entrypoint(tmp_path):
     """`python -m nanovllmx.entrypoints.openai.api_server` serves until SIGTERM, then exits cleanly;
     with --direct-ingress-port the replica answers on its own port too (no proxy hop)."""
-    port, direct = _free_port(), _free_port()
+    port, direct = free_port(), free_port()
     log = open(tmp_path / "api_server.log", "wb")
     proc = subprocess.Popen(
         [

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 
 import httpx
 import jsonschema
@@ -19,6 +18,7 @@ import openai
 import pytest
 
 from nanovllmx.utils.demo import DEMO_MODEL_NAME
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -58,12 +58,6 @@ MESSAGES = [{"role": "user", "content": "Weather in Paris for 3 days?"}]
 THINK_RE = r"<think>\n[a-z]{2,8}( [a-z]{2,8}){0,3}\n</think>\n\n[A-Z][a-z]{1,8}\."
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def url():
     import ray
@@ -74,7 +68,7 @@ def url():
     started = not ray.is_initialized()
     if started:
         ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="serve")
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(
         build_app({"model": DEMO_MODEL_NAME, "context_len": 1024, "max_bs": 8, "device": "cpu"}),
