@@ -308,17 +308,8 @@ def _with_serve_config(a) -> list[dict]:
     with open(a.serve_config) as f:
         cfg = yaml.safe_load(f)
     app = cfg["applications"][0]
-    app["args"].update(
-        model=a.model,
-        max_bs=a.max_bs,
-        context_len=a.context_len,
-        tp_size=a.tp_size,
-        pp_size=a.pp_size,
-        gpu_memory_utilization=a.gpu_memory_utilization,
-    )
+    app["args"].update(_app_args(a))
     app["args"].pop("served_model_name", None)
-    if a.device:
-        app["args"]["device"] = a.device
     port = (cfg.get("http_options") or {}).get("port", 8000)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(cfg, f)
@@ -344,6 +335,22 @@ def _with_serve_config(a) -> list[dict]:
             proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log.close()
+
+
+def _app_args(a) -> dict:
+    """build_app's model and batch arguments from this run's flags (--start-server and --serve-config)."""
+    args = {
+        "model": a.model,
+        "max_bs": a.max_bs,
+        "context_len": a.context_len,
+        "tp_size": a.tp_size,
+        "pp_size": a.pp_size,
+        "gpu_memory_utilization": a.gpu_memory_utilization,
+    }
+    if a.device:
+        args["device"] = a.device
+    return args
 
 
 def http_bench(a) -> list[dict]:
@@ -371,22 +378,12 @@ def http_bench(a) -> list[dict]:
 
         from nanovllmx.serve import build_app
 
-        args = {
-            "model": a.model,
-            "max_bs": a.max_bs,
-            "context_len": a.context_len,
-            "tp_size": a.tp_size,
-            "pp_size": a.pp_size,
-            "enforce_eager": a.enforce_eager,
-            "gpu_memory_utilization": a.gpu_memory_utilization,
-        }
+        args = {**_app_args(a), "enforce_eager": a.enforce_eager}
         if a.num_replicas > 1:
             args["num_replicas"] = a.num_replicas
             args["prefix_routing"] = a.prefix_routing != "off"
         if a.num_cpus_per_replica is not None:
             args["ray_actor_options"] = {"num_cpus": a.num_cpus_per_replica}
-        if a.device:
-            args["device"] = a.device
         serve.start(http_options={"host": "127.0.0.1", "port": int(a.url.rsplit(":", 1)[1].split("/")[0])})
         server = serve.run(build_app(args), name="bench", route_prefix="/")
     try:
