@@ -147,12 +147,13 @@ class DecodeGraphs:
         r.next_tokens[rows] = tokens
         return logits, tokens
 
-    def sampled_logits(self, b: ScheduledBatch) -> torch.Tensor:
-        """The logits of b.sample_rows from the step just replayed (a view of the graph's output:
-        read it before the next replay)."""
+    def logits_of(self, b: ScheduledBatch, rows: np.ndarray) -> torch.Tensor:
+        """A copy of the logits of the given rows of b (indices into the batch) from the step just
+        replayed; taken before the next replay overwrites the graph's output. The index goes up
+        without blocking: a blocking copy would wait for the whole forward (a stream sync)."""
         c = self.captured[next(s for s in self.sizes if s >= b.num_reqs)]
         logits = c.outputs[0]  # the last stage's
-        return logits[: b.num_reqs][torch.from_numpy(b.sample_rows.astype(np.int64)).to(self.r.device)]
+        return logits[torch.from_numpy(rows.astype(np.int64)).to(self.r.device, non_blocking=True)]
 
     def can_run(self, bs: int) -> bool:
         return bs <= self.max_bs

@@ -236,7 +236,7 @@ class ModelRunner:
         tm = self.timer
         tm.steps += 1
         tm.start()
-        logits: torch.Tensor | None = None
+        g_logits: torch.Tensor | None = None  # the grammar rows' logits (structured outputs)
         if b.hist_rows is not None and len(b.hist_rows) and self.model.is_last:
             # admitted requests' ids for the penalties' token table (also in a step that samples nothing)
             assert b.hist_cols is not None and b.hist_ids is not None  # set together
@@ -249,7 +249,8 @@ class ModelRunner:
             if not self.model.is_last:
                 return res  # (hidden, residual) for the next stage
             tokens, sampled_lp = res
-            logits = self.graphs.sampled_logits(b) if b.grammar_rows is not None else None
+            if b.grammar_rows is not None:  # grammar_rows index sample_rows
+                g_logits = self.graphs.logits_of(b, b.sample_rows[b.grammar_rows])
         else:
             ids, positions, meta = self.prepare(b)
             tm.lap("prepare")
@@ -267,11 +268,13 @@ class ModelRunner:
             logits = self.model.compute_logits(out[last_tok])
             tm.lap("forward_launch")
             tokens, sampled_lp = self.sample(logits, b)
+            if b.grammar_rows is not None:
+                g_logits = logits[self._to_dev(b.grammar_rows).long()]
         if sampled_lp is not None:
             sampled_lp = (sampled_lp[0], sampled_lp[1].to_host())
         if b.grammar_rows is not None:  # structured outputs: only batches with a constrained row
-            assert logits is not None  # (no logprobs: SamplingParams refuses them with a grammar)
-            g_logits = logits[self._to_dev(b.grammar_rows).long()]
+            # (no logprobs: SamplingParams refuses them with a grammar)
+            assert g_logits is not None
             if b.mask_deferred:
                 tm.lap("sample_launch")
                 return DeferredTokens(self, b, tokens, g_logits, sampled_lp, prompt_lp)
