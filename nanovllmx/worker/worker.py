@@ -96,9 +96,12 @@ class Worker:
         budget = total * self.cfg.gpu_memory_utilization - used - act
         n = int(budget // per_slot)
         if n < self.cfg.max_len:
+            gib = 1 << 30
+            mine = torch.cuda.memory_reserved(self.device)  # the rest of `used` is other processes'
             raise RuntimeError(
                 f"not enough GPU memory for the KV cache: room for {max(n, 0)} tokens, a full context needs "
-                f"{self.cfg.max_len}; raise gpu_memory_utilization or lower context_len"
+                f"{self.cfg.max_len}; of {total / gib:.1f} GiB, this process holds {mine / gib:.1f} and other "
+                f"processes {(used - mine) / gib:.1f}; raise gpu_memory_utilization or lower context_len"
             )
         return n
 

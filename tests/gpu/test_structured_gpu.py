@@ -39,16 +39,21 @@ def test_fused_sampler_keeps_to_the_mask() -> None:
             assert all(t in set(a.tolist()) for t, a in zip(got, allowed)), temp
 
 
-def test_engine_with_graphs_and_overlap(tiny_model_dir) -> None:
+def test_engine_with_graphs_and_overlap(tmp_path) -> None:
     from nanovllmx import LLM, SamplingParams
     from nanovllmx.structured import GrammarSpec
+    from nanovllmx.utils.make_model import make_model
+
+    model = make_model(tmp_path, preset="tiny", dtype="bfloat16", device="cuda", head_dim=128)
 
     schema = {
         "type": "object",
         "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}, "b": {"enum": ["x", "y"]}},
         "required": ["a", "b"],
     }
-    llm = LLM(str(tiny_model_dir), device="cuda", context_len=512, max_bs=16, overlap_scheduling=True)
+    llm = LLM(
+        str(model), device="cuda", context_len=512, max_bs=16, overlap_scheduling=True, gpu_memory_utilization=0.3
+    )
     try:
         prompts = [[1000 + i, 2000 + i, 3000 + i] for i in range(12)]
         params = [
@@ -78,7 +83,9 @@ def test_graphs_and_overlap_beside_logprobs_and_penalties(tmp_path) -> None:
     # sharp logits: greedy tokens compare in bf16 whatever the batch (as tests/gpu/test_gpu_logprobs.py)
     model = make_model(tmp_path, preset="tiny", dtype="bfloat16", device="cuda", head_dim=128, initializer_range=0.3)
     schema = {"type": "object", "properties": {"a": {"enum": [1, 2, 3]}}, "required": ["a"]}
-    llm = LLM(str(model), device="cuda", context_len=512, max_bs=16, overlap_scheduling=True)
+    llm = LLM(
+        str(model), device="cuda", context_len=512, max_bs=16, overlap_scheduling=True, gpu_memory_utilization=0.3
+    )
     try:
         prompts = [[1000 + i, 2000 + i, 3000 + i] for i in range(6)]
         special = [
