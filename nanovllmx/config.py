@@ -70,8 +70,9 @@ class EngineConfig:
     ray_step_mode: str = "socket"  # how each step reaches the workers: "socket" (fast) | "ray" (a call per worker)
     pp_microbatches: int | None = None  # most pipeline micro-batches per step; None: pp_size
     pp_microbatch_min_tokens: int = 256  # split a step only if each micro-batch gets this many tokens
-    # FP8 checkpoints: "auto" (Triton FP8 GEMMs on CUDA GPUs of compute capability >= 8.9, where
-    # the weights stay FP8; dequantized to dtype at load elsewhere), "triton", or "dequant"
+    # FP8 checkpoints: "auto" / "dequant" (weights dequantized to dtype at load: on an H200 faster
+    # than the FP8 kernel, docs/benchmarks.md), or "triton" (weights stay FP8: half the weight memory,
+    # a weight-only FP8 Triton GEMM; CUDA GPUs of compute capability >= 8.9)
     fp8_gemm: str = "auto"
     # inter-step pipelining (pp_size > 1): batches of disjoint requests in flight at once, so stage 0
     # runs batch N+1 while stage 1 runs batch N. None: pp_size with overlap scheduling (the engine

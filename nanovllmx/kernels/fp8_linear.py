@@ -58,14 +58,25 @@ def _w8_linear_kernel(
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
+def default_tiles(M: int, N: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for an [M, K] x [N, K]^T product."""
+    block_m = 16 if M <= 16 else 32 if M <= 32 else 64
+    # decode (small M) has few row tiles: narrower column tiles keep every SM streaming weights
+    m_tiles = triton.cdiv(M, block_m)
+    block_n = next((b for b in (128, 64) if m_tiles * triton.cdiv(N, b) >= _MIN_PROGRAMS), 32)
+    return block_m, block_n, 4, 4
+
+
 def w8_linear(
     x: torch.Tensor,
     w8: torch.Tensor,
     scale_inv: torch.Tensor,
     qblock: tuple[int, int],
     bias: torch.Tensor | None = None,
+    tiles: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
-    """x [..., K] @ dequant(w8 [N, K])^T (+ bias) in x's dtype."""
+    """x [..., K] @ dequant(w8 [N, K])^T (+ bias) in x's dtype. `tiles`: (BLOCK_M, BLOCK_N,
+    num_warps, num_stages) in place of default_tiles' (benchmarks/fp8_gemm_bench.py sweeps them)."""
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
@@ -74,13 +85,10 @@ def w8_linear(
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
         return out.view(*x.shape[:-1], N)
-    block_m = 16 if M <= 16 else 32 if M <= 32 else 64
     block_k = 128 if qblock[1] % 128 == 0 else 64
     assert qblock[1] % block_k == 0, "a BLOCK_K step must stay inside one scale block"
-    # decode (small M) has few row tiles: narrower column tiles keep every SM streaming weights
-    m_tiles = triton.cdiv(M, block_m)
-    block_n = next((b for b in (128, 64) if m_tiles * triton.cdiv(N, b) >= _MIN_PROGRAMS), 32)
-    grid = (m_tiles, triton.cdiv(N, block_n))
+    block_m, block_n, warps, stages = tiles or default_tiles(M, N)
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
     _w8_linear_kernel[grid](
         x2,
         w8,
@@ -100,7 +108,7 @@ def w8_linear(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
-        num_warps=4,
-        num_stages=4,
+        num_warps=warps,
+        num_stages=stages,
     )
     return out.view(*x.shape[:-1], N)

@@ -27,13 +27,14 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
 def use_fp8_gemm(mode: str, device: torch.device) -> bool:
-    """Whether FP8 checkpoints keep FP8 weights (EngineConfig.fp8_gemm)."""
-    if mode == "dequant":
+    """Whether FP8 checkpoints keep FP8 weights (EngineConfig.fp8_gemm). "auto" dequantizes: on an
+    H200 the weight-only FP8 Triton GEMM runs the 8B shape's decode at 0.46x of bf16 cuBLAS
+    (docs/benchmarks.md, "Qwen3-MoE and FP8"), so it is opt-in ("triton") until an FP8 GEMM pays."""
+    if mode != "triton":
         return False
-    ok = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
-    if mode == "triton" and not ok:
+    if not (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)):
         raise ValueError("fp8_gemm='triton' needs a CUDA GPU of compute capability >= 8.9 (Ada, Hopper)")
-    return ok
+    return True
 
 
 def quantize_block_fp8(w: torch.Tensor, block: Fp8Scheme) -> tuple[torch.Tensor, torch.Tensor]:

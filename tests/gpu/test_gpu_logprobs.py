@@ -42,7 +42,8 @@ def test_decode_logprobs_match_prefill_logprobs(engines):
         for i, lp in enumerate(o.logprobs):
             ref = a.prompt_logprobs[len(p) + i]
             assert ref is not None and ref.token_id == lp.token_id
-            assert abs(ref.logprob - lp.logprob) < 0.05 + 0.01 * abs(lp.logprob)  # bf16: graph decode vs prefill
+            # bf16 logits of magnitude 16-32 are spaced 0.125: graph decode and prefill may round apart
+            assert abs(ref.logprob - lp.logprob) < 0.15 + 0.01 * abs(lp.logprob)
 
 
 def test_bias_min_tokens_and_penalties_on_graphs(engines, model_dir):
@@ -67,12 +68,13 @@ def test_bias_min_tokens_and_penalties_on_graphs(engines, model_dir):
     plp = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=2)
     whole = llm.generate(PROMPTS, plp)
     # eager, and prompts prefilled in chunks of 8 (steps that sample nothing but score prompt tokens)
-    eager = LLM(model_dir, enforce_eager=True, max_num_batched_tokens=8, **kw)
+    # gpu_memory_utilization is a share of the whole GPU, and the first engine holds 0.3 of it
+    eager = LLM(model_dir, enforce_eager=True, max_num_batched_tokens=8, **{**kw, "gpu_memory_utilization": 0.65})
     try:
         assert [o.token_ids for o in eager.generate(PROMPTS, params)] == with_graphs
         for a, b in zip(whole, eager.generate(PROMPTS, plp)):
             assert [t and t.token_id for t in a.prompt_logprobs] == [t and t.token_id for t in b.prompt_logprobs]
             for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
-                assert abs(x.logprob - y.logprob) < 0.05 + 0.01 * abs(x.logprob)
+                assert abs(x.logprob - y.logprob) < 0.15 + 0.01 * abs(x.logprob)
     finally:
         eager.shutdown()
