@@ -19,7 +19,7 @@ import os
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import suppress
 from typing import Any
 
@@ -27,6 +27,7 @@ import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 import nanovllmx
 from nanovllmx.engine.protocol import EngineClient
@@ -102,12 +103,19 @@ def _setup_logging(level: str) -> None:
     root.setLevel(str(level).upper())
 
 
+def start_stats_monitor(stats: Callable[[], dict[str, Any] | None], metrics: ServeMetrics | None) -> EngineStatsMonitor:
+    """The engine gauges and counters, and the periodic stats log line, of the replica that owns an engine."""
+    interval = float(os.environ.get("NANOVLLMX_STATS_LOG_INTERVAL", 5))
+    return EngineStatsMonitor(stats, metrics, log_interval=interval).start()
+
+
 class LLMServerImpl:
     """One replica = one engine. Constructed by Serve from `build_app`'s arguments. Two deployments
     of it (below): `LLMServer` serves the HTTP routes itself (one replica); `LLMBackend` is called by
     `LLMIngress` through a handle (several replicas: serve/ingress.py)."""
 
-    def __init__(
+    # Serve awaits an async __init__ (an engine's handles come through an awaited handle call)
+    async def __init__(  # type: ignore[misc]
         self,
         model: str,
         served_model_names: list[str],
@@ -123,7 +131,11 @@ class LLMServerImpl:
         api_key: str | None = None,
         reasoning_parser: str = "auto",
         tool_call_parser: str = "auto",
+        engine: DeploymentHandle[Any] | None = None,
     ):
+        """`engine`: an `LLMEngine` deployment (build_app's `frontends` > 1). This replica is then one
+        of several HTTP frontends of that engine: its LLM attaches to the engine's scheduler actor
+        (handles fetched once, here) and it exports no engine-level metrics (the engine does)."""
         from nanovllmx import LLM
 
         _setup_logging(log_level)
@@ -136,7 +148,8 @@ class LLMServerImpl:
         self.is_demo = model_resolver.is_demo(model)
         self.folder = model_resolver.resolve_model(model, revision)
         t0 = time.perf_counter()
-        self.llm: EngineClient = LLM(self.folder, **engine_kwargs)
+        attach_to = None if engine is None else await engine.attachment.remote()
+        self.llm: EngineClient = LLM(self.folder, attach_to=attach_to, **engine_kwargs)
         self.mapping = RequestMapping(
             self.llm,
             generation_defaults(self.folder) if generation_config == "auto" else {},
@@ -164,11 +177,8 @@ class LLMServerImpl:
             server = me()
             return server.llm.stats() if server is not None else None
 
-        self._stats_monitor = EngineStatsMonitor(
-            engine_stats,
-            self.metrics,
-            log_interval=float(os.environ.get("NANOVLLMX_STATS_LOG_INTERVAL", 5)),
-        ).start()
+        # a frontend's engine is shared: its LLMEngine replica exports the engine's stats, once
+        self._stats_monitor = None if engine is not None else start_stats_monitor(engine_stats, self.metrics)
         logger.info(
             "LLMServer ready: model=%s folder=%s served as %s, context %d, %s slots, loaded in %.1fs",
             model,
@@ -208,7 +218,7 @@ class LLMServerImpl:
         if getattr(self, "_closed", True):
             return
         self._closed = True
-        with suppress(Exception):
+        if self._stats_monitor is not None:
             self._stats_monitor.stop()
         with suppress(Exception):
             self.llm.shutdown(timeout=self.shutdown_timeout_s)
