@@ -350,6 +350,8 @@ def _app_args(a) -> dict:
     }
     if a.device:
         args["device"] = a.device
+    if a.frontends is not None:  # else the config's own (build_app's default: 1)
+        args["frontends"] = a.frontends
     return args
 
 
@@ -421,6 +423,7 @@ def http_bench(a) -> list[dict]:
                     "workload": workload,
                     "request_rate": rate if rate else "inf",
                     "concurrency": a.concurrency,
+                    "frontends": a.frontends or 1,
                 }
             )
             results.append(res)
@@ -586,6 +589,13 @@ def main() -> None:
         help="with --num-replicas > 1: the prefix-cache router (on, build_app's default) or Serve's power of two",
     )
     ap.add_argument("--num-cpus-per-replica", type=float, default=None)
+    ap.add_argument(
+        "--frontends",
+        type=int,
+        default=None,
+        help="with --start-server / --serve-config: HTTP frontend replicas in front of one engine (build_app's "
+        "`frontends`, vLLM's --api-server-count; needs the engine on Ray, the GPU default)",
+    )
     ap.add_argument("--device", default=None, help="with --start-server: the engine's device (cpu, cuda)")
     a = ap.parse_args()
 
