@@ -45,7 +45,7 @@ MAX_CLIENTS = 16
 _REAP_EVERY_S = 1.0
 
 
-@dataclass(eq=False)  # hashed by identity (a set of clients to wake)
+@dataclass
 class _Client:
     """One caller of the scheduler actor: its message order and its undelivered outputs."""
 
@@ -126,21 +126,23 @@ class SchedulerActor:
             self._drop(cid)
 
     def _sink(self, outs: list[EngineOutput]) -> None:
-        """The core's outputs, each to its request's client (a final output ends the routing)."""
+        """The core's outputs, each to its request's client (a final output ends the routing). In the
+        engine's step loop: ~0.1 us per output."""
+        owner, clients = self._owner, self._clients
         with self._lock:
-            woken: set[_Client] = set()
             for o in outs:
                 rid = o.request_id
-                cid = self._owner.get(rid) if o.finish_reason is None else self._owner.pop(rid, None)
-                c = self._clients.get(cid) if cid is not None else None
-                if c is None:  # its client is gone
-                    continue
-                if o.finish_reason is not None:
-                    c.unfinished.discard(rid)
-                c.outputs.append(o)
-                woken.add(c)
-            for c in woken:
-                c.cond.notify_all()
+                if o.finish_reason is None:
+                    c = clients.get(owner.get(rid, -1))
+                else:
+                    c = clients.get(owner.pop(rid, -1))
+                    if c is not None:
+                        c.unfinished.discard(rid)
+                if c is not None:  # else its client is gone
+                    c.outputs.append(o)
+            for c in clients.values():
+                if c.outputs:
+                    c.cond.notify_all()
             self._reap(time.monotonic())
 
     # ---- requests in ----
