@@ -36,6 +36,9 @@ def test_build_app_frontends_topology() -> None:
     engine = front.init_kwargs["engine"]._bound_deployment
     assert engine.name == "LLMEngine" and engine.num_replicas == 1
     assert engine._replica_config.placement_group_bundles == [{"CPU": 1.0}, {"CPU": 0.25}]  # the gang
+    from nanovllmx.entrypoints.openai import api_server  # vLLM's flag
+
+    assert api_server.app_args(api_server.parse_args(["--model", "m", "--api-server-count", "3"]))["frontends"] == 3
     for bad, match in [
         ({"frontends": 2, "executor": "local"}, "executor: ray"),
         ({"frontends": 2, "num_replicas": 2}, "several engine replicas"),
