@@ -8,7 +8,9 @@ outputs are delivered through the sink callback).
       poll thread   <--get_outputs--  outputs buffer    <--socket: ids---  (last stage, tp_rank 0)
 
 Requests and aborts are fire-and-forget Ray calls carrying a sequence number (the actor applies
-them in order even if Ray delivers them out of order); outputs come back by long polling.
+them in order even if Ray delivers them out of order); outputs come back by long polling. The actor
+serves several clients (the RayCoreClient that started it, and others attached to it with
+`attach_to`: Serve's HTTP frontends), each with its own sequence and outputs, routed by request id.
 See docs/distributed.md.
 """
 
