@@ -350,6 +350,8 @@ def _app_args(a) -> dict:
     }
     if a.device:
         args["device"] = a.device
+    if a.executor != "auto":  # else build_app's choice (ray on GPU)
+        args["executor"] = a.executor
     if a.frontends is not None:  # else the config's own (build_app's default: 1)
         args["frontends"] = a.frontends
     return args
