@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -11,6 +12,9 @@ if TYPE_CHECKING:
     import torch
 
 ExecutorKind = Literal["auto", "local", "ray"]
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -145,8 +149,19 @@ class EngineConfig:
             raise ValueError(f"context_len must be in [2, {max_pos}] for this model, got {self.context_len}")
         if self.fp8_gemm not in ("auto", "triton", "dequant"):
             raise ValueError(f"fp8_gemm must be 'auto', 'triton' or 'dequant', got {self.fp8_gemm!r}")
+        head_dim = getattr(self.hf_config, "head_dim", None)
+        flashinfer_ok = head_dim in FLASHINFER_HEAD_DIMS  # else its prefill fails deep inside, at the first request
         if self.attention_backend == "auto":
-            self.attention_backend = "flashinfer" if self.device == "cuda" else "torch"
+            self.attention_backend = "flashinfer" if self.device == "cuda" and flashinfer_ok else "torch"
+            if self.device == "cuda" and not flashinfer_ok:  # e.g. the demo model (head_dim 32) on a GPU
+                logger.warning("head_dim %s: not a FlashInfer size; torch attention, no CUDA graphs (slow)", head_dim)
+                self.enforce_eager = True
+        if self.attention_backend == "flashinfer" and not flashinfer_ok:
+            raise UnsupportedCheckpointError(
+                f"{self.model}: head_dim {head_dim}: the flashinfer attention backend runs head_dim "
+                f"{', '.join(map(str, FLASHINFER_HEAD_DIMS))} (every Qwen3 has 128); "
+                "attention_backend='torch' (or 'auto') runs any head_dim, slowly"
+            )
         if self.device == "cpu":
             self.enforce_eager = True
         if self.overlap_scheduling is None:
@@ -199,6 +214,9 @@ class EngineConfig:
         import torch
 
         return getattr(torch, self.dtype)
+
+
+FLASHINFER_HEAD_DIMS = (64, 128, 256)  # the head sizes FlashInfer's prefill and decode kernels take
 
 
 def resolve_executor(executor: str, device: str, world_size: int, serving: bool = False) -> ExecutorKind:

@@ -220,3 +220,12 @@ def test_fp8_copy_quantizes_the_same_weights(tiny_model_dir, tmp_path):
     deq = dequantize_block_fp8(dst[k], dst[k + "_scale_inv"], Fp8Scheme())
     assert ((deq - src[k]).norm() / src[k].norm()) < 0.04
     assert not (tmp_path / "fp8.tmp").exists()
+
+
+def test_head_dim_flashinfer_cannot_run(tiny_model_dir):
+    # the tiny preset's (and the demo's) head_dim is 32: FlashInfer would fail inside its prefill at
+    # the first request. Asked for by name: refused; "auto": torch attention, eager
+    with pytest.raises(UnsupportedCheckpointError, match="head_dim 32.*64, 128, 256"):
+        EngineConfig(str(tiny_model_dir), device="cuda", attention_backend="flashinfer")
+    cfg = EngineConfig(str(tiny_model_dir), device="cuda")
+    assert cfg.attention_backend == "torch" and cfg.enforce_eager
