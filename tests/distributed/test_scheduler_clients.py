@@ -156,3 +156,17 @@ def test_a_silent_client_is_dropped(actor: SchedulerActor, monkeypatch: pytest.M
         actor.get_outputs(silent, 0.0)
     assert live.error is None and str(live.id) in actor.stats()["clients"]
     live.stop()
+
+
+def test_abort_while_its_grammar_compiles_ends_the_route(actor: SchedulerActor) -> None:
+    """A constrained request aborted before its grammar is compiled (not in the scheduler yet) still
+    ends with an "abort" output, so the actor forgets whose it was."""
+    from nanovllmx.structured.spec import GrammarSpec
+
+    c = Client(actor)
+    spec = GrammarSpec("regex", "[a-z]{3,9}-only-here")  # a grammar no other test compiles: not cached
+    c.send(EngineRequest("g1", random_prompt(5, seed=50), SamplingParams(max_tokens=5, structured=spec)))
+    c.send(AbortRequest("g1"))
+    _wait(lambda: c.finished("g1"))
+    assert [o.finish_reason for o in c.outs["g1"]] == ["abort"] and actor._owner == {}
+    c.stop()
