@@ -103,6 +103,24 @@ def _setup_logging(level: str) -> None:
     root.setLevel(str(level).upper())
 
 
+ENGINE_WAIT_S = 900.0  # a frontend waits this long for a healthy LLMEngine (a replacement loads the model)
+
+
+async def attach_engine(engine: DeploymentHandle[Any]) -> Any:
+    """The LLMEngine's actor handles, once it is healthy. While the engine is replaced (its actors
+    died) the old replica refuses and Serve routes to the new one once it is up; waiting here
+    keeps the frontend's constructor from failing (and being retried by Serve) meanwhile."""
+    deadline = time.monotonic() + ENGINE_WAIT_S
+    while True:
+        try:
+            return await engine.attachment.remote()
+        except Exception as e:  # noqa: BLE001 - an engine that cannot serve (yet): wait for its replacement
+            if time.monotonic() > deadline:
+                raise
+            logger.info("waiting for a healthy engine to attach to: %s", e)
+            await asyncio.sleep(1.0)
+
+
 def start_stats_monitor(stats: Callable[[], dict[str, Any] | None], metrics: ServeMetrics | None) -> EngineStatsMonitor:
     """The engine gauges and counters, and the periodic stats log line, of the replica that owns an engine."""
     interval = float(os.environ.get("NANOVLLMX_STATS_LOG_INTERVAL", 5))
@@ -148,7 +166,7 @@ class LLMServerImpl:
         self.is_demo = model_resolver.is_demo(model)
         self.folder = model_resolver.resolve_model(model, revision)
         t0 = time.perf_counter()
-        attach_to = None if engine is None else await engine.attachment.remote()
+        attach_to = None if engine is None else await attach_engine(engine)
         self.llm: EngineClient = LLM(self.folder, attach_to=attach_to, **engine_kwargs)
         self.mapping = RequestMapping(
             self.llm,

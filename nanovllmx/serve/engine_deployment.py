@@ -53,8 +53,11 @@ class LLMEngineImpl:
         self._stats_monitor = start_stats_monitor(engine_stats, ServeMetrics.create(served_model_name))
         logger.info("LLMEngine ready: model=%s, loaded in %.1fs", model, time.perf_counter() - t0)
 
-    def attachment(self) -> Any:
-        """What a frontend's `LLM(attach_to=...)` needs (the engine's actor handles)."""
+    async def attachment(self) -> Any:
+        """What a frontend's `LLM(attach_to=...)` needs (the engine's actor handles); raises
+        EngineUnavailableError while this engine cannot serve (a frontend then waits for the
+        replacement rather than attaching to dead actors)."""
+        await asyncio.to_thread(self.llm.check_health)
         return self.llm.attachment()
 
     async def check_health(self) -> None:
