@@ -5,6 +5,8 @@ One deployment, `LLMServer`: each replica builds its own `LLM` (scheduler, worke
 the checkpoint's chat template; `mapping.py`), handed to the engine, and every delta the engine
 produces is written to the client as soon as it arrives (SSE for `stream: true`; `streaming.py`).
 A client that goes away aborts its request in the engine, which frees its KV slots within one step.
+With `frontends` > 1 (builder.py) the replicas are HTTP frontends of one shared engine instead: each
+attaches its `LLM` to the `LLMEngine` deployment's scheduler actor (serve/engine_deployment.py).
 
 The replica reaches the engine only through the `EngineClient` interface (engine/protocol.py).
 `build_app(args)` (builder.py) turns the `args` of a Serve config into the application; see
