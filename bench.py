@@ -357,6 +357,25 @@ def _app_args(a) -> dict:
     return args
 
 
+def _wait_frontends(url: str, model: str, n: int, timeout: float = 120.0) -> None:
+    """Until each of the n HTTP frontends has served a request (the engine's per-client counters in
+    /v1/engine/stats): HAProxy balances connections only over the frontends its health checks passed,
+    and a workload started before the last one is up keeps its connections on the others."""
+    import httpx
+
+    deadline = time.time() + timeout
+    while True:
+        # a new connection each time: HAProxy balances connections, not requests
+        httpx.post(url + "/v1/completions", json={"model": model, "prompt": [1, 2, 3], "max_tokens": 1}, timeout=60)
+        clients = httpx.get(url + "/v1/engine/stats", timeout=60).json().get("clients", {})
+        served = sum(1 for c in clients.values() if c["num_requests"] > 0)
+        if served >= n:
+            return
+        if time.time() > deadline:
+            raise SystemExit(f"only {served} of {n} frontends served a request after {timeout:.0f}s: {clients}")
+        time.sleep(0.5)
+
+
 def http_bench(a) -> list[dict]:
     """Through the Serve app: start it here (--start-server) or use one running at --url. One result
     per request rate."""
@@ -399,6 +418,8 @@ def http_bench(a) -> list[dict]:
                 if attempt == 59 or server is None:
                     raise
                 time.sleep(1)
+        if (a.frontends or 1) > 1:
+            _wait_frontends(url, model, a.frontends)
         if a.workload == "multiturn":
             convs = multiturn_conversations(a.conversations, a.turns)
             res = asyncio.run(_multiturn_run(url, model, convs, a.max_tokens))
