@@ -365,8 +365,11 @@ def _wait_frontends(url: str, model: str, n: int, timeout: float = 120.0) -> Non
 
     deadline = time.time() + timeout
     while True:
-        # a new connection each time: HAProxy balances connections, not requests
-        httpx.post(url + "/v1/completions", json={"model": model, "prompt": [1, 2, 3], "max_tokens": 1}, timeout=60)
+        # n requests in a row, each on a new connection: HAProxy balances connections (round robin
+        # among equally loaded frontends), so n in a row reach n frontends once all are UP
+        for _ in range(n):
+            body = {"model": model, "prompt": [1, 2, 3], "max_tokens": 1}
+            httpx.post(url + "/v1/completions", json=body, timeout=60)
         clients = httpx.get(url + "/v1/engine/stats", timeout=60).json().get("clients", {})
         served = sum(1 for c in clients.values() if c["num_requests"] > 0)
         if served >= n:
