@@ -350,7 +350,33 @@ def _app_args(a) -> dict:
     }
     if a.device:
         args["device"] = a.device
+    if a.executor != "auto":  # else build_app's choice (ray on GPU)
+        args["executor"] = a.executor
+    if a.frontends is not None:  # else the config's own (build_app's default: 1)
+        args["frontends"] = a.frontends
     return args
+
+
+def _wait_frontends(url: str, model: str, n: int, timeout: float = 120.0) -> None:
+    """Until each of the n HTTP frontends has served a request (the engine's per-client counters in
+    /v1/engine/stats): HAProxy balances connections only over the frontends its health checks passed,
+    and a workload started before the last one is up keeps its connections on the others."""
+    import httpx
+
+    deadline = time.time() + timeout
+    while True:
+        # n requests in a row, each on a new connection: HAProxy balances connections (round robin
+        # among equally loaded frontends), so n in a row reach n frontends once all are UP
+        for _ in range(n):
+            body = {"model": model, "prompt": [1, 2, 3], "max_tokens": 1}
+            httpx.post(url + "/v1/completions", json=body, timeout=60)
+        clients = httpx.get(url + "/v1/engine/stats", timeout=60).json().get("clients", {})
+        served = sum(1 for c in clients.values() if c["num_requests"] > 0)
+        if served >= n:
+            return
+        if time.time() > deadline:
+            raise SystemExit(f"only {served} of {n} frontends served a request after {timeout:.0f}s: {clients}")
+        time.sleep(0.5)
 
 
 def http_bench(a) -> list[dict]:
@@ -395,6 +421,8 @@ def http_bench(a) -> list[dict]:
                 if attempt == 59 or server is None:
                     raise
                 time.sleep(1)
+        if (a.frontends or 1) > 1:
+            _wait_frontends(url, model, a.frontends)
         if a.workload == "multiturn":
             convs = multiturn_conversations(a.conversations, a.turns)
             res = asyncio.run(_multiturn_run(url, model, convs, a.max_tokens))
@@ -421,6 +449,7 @@ def http_bench(a) -> list[dict]:
                     "workload": workload,
                     "request_rate": rate if rate else "inf",
                     "concurrency": a.concurrency,
+                    "frontends": a.frontends or 1,
                 }
             )
             results.append(res)
@@ -586,6 +615,13 @@ def main() -> None:
         help="with --num-replicas > 1: the prefix-cache router (on, build_app's default) or Serve's power of two",
     )
     ap.add_argument("--num-cpus-per-replica", type=float, default=None)
+    ap.add_argument(
+        "--frontends",
+        type=int,
+        default=None,
+        help="with --start-server / --serve-config: HTTP frontend replicas in front of one engine (build_app's "
+        "`frontends`, vLLM's --api-server-count; needs the engine on Ray, the GPU default)",
+    )
     ap.add_argument("--device", default=None, help="with --start-server: the engine's device (cpu, cuda)")
     a = ap.parse_args()
 

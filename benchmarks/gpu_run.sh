@@ -18,6 +18,8 @@
 #   http     the standard workload through the Serve app: `serve run serve_configs/qwen3.yaml` as users run
 #            it (--serve-config: HAProxy ingress), then the app that bench.py starts (--http --start-server)
 #            through Serve's Python proxy, then Serve's direct ingress (--direct-ingress-port)
+#   frontends  (issue 25) `serve run serve_configs/qwen3.yaml` with --frontends N for N in FRONTENDS (default
+#            "1 2"): HTTP frontend replicas in front of one engine (results.jsonl has ITL p99 per row)
 #   multi    (2 GPUs: kind nvidia-h200-x2) the two-GPU test (tests/gpu/test_tp_allreduce.py), the TP
 #            all-reduce per decode step NCCL vs one-shot (benchmarks/allreduce_bench.py, 8B and 0.6B
 #            shapes), greedy tokens on the grids (gpu_check --grids, CHECK_GRIDS=2x1,1x2,2x1-os,1x2-l1),
@@ -179,6 +181,19 @@ http() {
     note http-direct "not run: this tree's bench.py has no --direct-ingress-port"
   fi
 }
+frontends() {
+  # issue 25: `serve run serve_configs/qwen3.yaml` (HAProxy) with N HTTP frontends in front of one engine
+  # (bench.py --frontends: build_app's `frontends`); FRONTENDS="1 2" by default (1: today's one replica)
+  if ! grep -q -- "--frontends" bench.py; then
+    note frontends "not run: this tree's bench.py has no --frontends"
+    return
+  fi
+  local n
+  for n in ${FRONTENDS:-1 2}; do
+    run "http-config-fe$n" 360 "${BENCH[@]}" --model $M --http --serve-config serve_configs/qwen3.yaml --frontends $n
+    serve_down
+  done
+}
 moe() {
   if [ "${MOE_TESTS:-1}" = 1 ]; then
     run gpu-tests-moe 300 python -m pytest -q -p no:cacheprovider tests/gpu/test_moe_fp8.py
@@ -253,9 +268,9 @@ multi() {
 
 target=${1:-}
 case "$target" in
-  "" | check | offline | structured | http | multi | fp8) ;;
+  "" | check | offline | structured | http | frontends | multi | fp8) ;;
   moe) ;;
-  *) echo "usage: bash benchmarks/gpu_run.sh [check|offline|structured|http|multi|moe|fp8]  (BASE=other/checkout: A/B)" >&2; exit 2 ;;
+  *) echo "usage: bash benchmarks/gpu_run.sh [check|offline|structured|http|frontends|multi|moe|fp8]  (BASE=other/checkout: A/B)" >&2; exit 2 ;;
 esac
 if [ "$LABEL" = new ]; then
   [ "$target" = moe ] || models  # moe makes its own (and needs the disk)

@@ -14,7 +14,7 @@ import time
 import uuid
 import weakref
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from nanovllmx.config import EngineConfig
 from nanovllmx.engine.detokenizer import IncrementalDetokenizer
@@ -29,14 +29,22 @@ from nanovllmx.scheduler.request import EngineOutput, EngineRequest, check_promp
 from nanovllmx.structured.grammar import get_compiler
 from nanovllmx.structured.spec import GrammarSpec
 
+if TYPE_CHECKING:
+    from nanovllmx.distributed.ray_engine import EngineAttachment
+
 logger = logging.getLogger(__name__)
 
 _C = EngineConfig  # the defaults below are EngineConfig's: decided there only
 
 
 class LLM:
-    """The engine's client API (`EngineClient`, engine/protocol.py). Every argument is an
-    `EngineConfig` field (config.py documents them all); the common ones are named here."""
+    """The engine's client API (`EngineClient`, engine/protocol.py). Every argument but `attach_to`
+    is an `EngineConfig` field (config.py documents them all); the common ones are named here.
+
+    `attach_to`: another process's engine (`other_llm.attachment()`, executor "ray" only): this LLM
+    then starts no engine of its own; it is one more client of that engine's scheduler actor (its
+    own tokenizer, detokenization and streaming), and its shutdown leaves the engine running. The
+    config must describe the same model (it is used for tokenizing and limits only)."""
 
     def __init__(
         self,
@@ -50,6 +58,7 @@ class LLM:
         tp_size: int = _C.tp_size,
         pp_size: int = _C.pp_size,
         executor: str = _C.executor,
+        attach_to: EngineAttachment | None = None,
         **kwargs: Any,
     ):
         from transformers import AutoTokenizer
@@ -76,6 +85,8 @@ class LLM:
         self._ids = itertools.count()
         self._id_prefix = f"req-{uuid.uuid4().hex[:8]}"  # ids unique across LLM instances, one urandom call
         self.core: CoreClient
+        if attach_to is not None and self.config.executor != "ray":
+            raise ValueError("attach_to (an engine running on Ray) needs executor='ray'")
         if self.config.executor == "local":
             from nanovllmx.engine.core import EngineCore
             from nanovllmx.engine.executor import LocalExecutor
@@ -84,7 +95,7 @@ class LLM:
         else:
             from nanovllmx.distributed.ray_engine import RayCoreClient
 
-            self.core = RayCoreClient(self.config, self._outq.put)
+            self.core = RayCoreClient(self.config, self._outq.put, attach_to)
         self._closed = False
         # admission: the closed flag and the outstanding count are checked and a request submitted
         # under one lock, so shutdown() never misses a request that slipped in
@@ -290,6 +301,14 @@ class LLM:
         radix tree (scheduler/radix_cache.py `block_hashes`): what a Serve replica publishes for the
         request router (serve/router.py)."""
         return self.core.prefix_summary(limit)
+
+    def attachment(self) -> EngineAttachment:
+        """What `LLM(attach_to=...)` in another process needs to share this engine (executor "ray")."""
+        from nanovllmx.distributed.ray_engine import RayCoreClient
+
+        if not isinstance(self.core, RayCoreClient):
+            raise ValueError("only an engine running on Ray (executor='ray') can be shared with other processes")
+        return self.core.attachment()
 
     def check_health(self) -> None:
         """Return if the engine can serve; else raise EngineUnavailableError saying why."""

@@ -8,7 +8,9 @@ outputs are delivered through the sink callback).
       poll thread   <--get_outputs--  outputs buffer    <--socket: ids---  (last stage, tp_rank 0)
 
 Requests and aborts are fire-and-forget Ray calls carrying a sequence number (the actor applies
-them in order even if Ray delivers them out of order); outputs come back by long polling.
+them in order even if Ray delivers them out of order); outputs come back by long polling. The actor
+serves several clients (the RayCoreClient that started it, and others attached to it with
+`attach_to`: Serve's HTTP frontends), each with its own sequence and outputs, routed by request id.
 See docs/distributed.md.
 """
 
@@ -18,6 +20,7 @@ import itertools
 import logging
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -37,18 +40,42 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+CLIENT_TIMEOUT_S = 60.0  # a client that has not polled for this long is gone: its requests are aborted
+# clients polling at once (the actor's poll threads; one more polls, but waits for a thread): the
+# engine's owner and up to 15 frontends (build_app's `frontends` is bounded by it)
+MAX_CLIENTS = 16
+_REAP_EVERY_S = 1.0
+
+
+@dataclass
+class _Client:
+    """One caller of the scheduler actor: its message order and its undelivered outputs."""
+
+    cond: threading.Condition  # on the actor's lock: wakes this client's long poll
+    next_seq: int = 0
+    early: dict[int, EngineMessage] = field(default_factory=dict)  # arrived ahead of their turn
+    outputs: list[EngineOutput] = field(default_factory=list)
+    unfinished: set[str] = field(default_factory=set)
+    last_poll: float = field(default_factory=time.monotonic)
+    num_requests: int = 0  # submitted since registration (stats)
+
+
 class SchedulerActor:
-    """Owns the EngineCore. Methods in the default concurrency group run one at a time in
-    submission order; `get_outputs` has its own group so a long poll never blocks a submit."""
+    """Owns the EngineCore and serves one or more clients (`RayCoreClient`s: the one that started the
+    engine, and any attached to it, e.g. several HTTP frontends). Each client has its own message
+    order and gets only its own requests' outputs (routed by request id). Methods in the default
+    concurrency group run one at a time in submission order; `get_outputs` has its own group so a
+    long poll never blocks a submit."""
 
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
         self.core: EngineCore | None = None
-        self._cond = threading.Condition()
-        self._outputs: list[EngineOutput] = []
+        self._lock = threading.Lock()
+        self._clients: dict[int, _Client] = {}
+        self._owner: dict[str, int] = {}  # unfinished request id -> its client
+        self._client_ids = itertools.count()
         self._closed = False
-        self._next_seq = 0
-        self._early: dict[int, EngineMessage] = {}
+        self._last_reap = time.monotonic()
 
     def start(self, workers: list[Any]) -> int:
         from nanovllmx.distributed.ray_executor import RayExecutor
@@ -62,38 +89,131 @@ class SchedulerActor:
             raise EngineUnavailableError("the engine has not started")
         return self.core
 
+    # ---- clients ----
+    def register_client(self) -> int:
+        with self._lock:
+            if self._closed:
+                raise EngineUnavailableError("the engine has been shut down")
+            cid = next(self._client_ids)
+            self._clients[cid] = _Client(threading.Condition(self._lock))
+            return cid
+
+    def unregister_client(self, client: int) -> None:
+        """Forget a client; its unfinished requests are aborted."""
+        with self._lock:
+            self._drop(client)
+
+    def _drop(self, client: int) -> None:
+        """Under the lock: abort a client's unfinished requests and forget it (their final outputs,
+        with no client to go to, are discarded)."""
+        c = self._clients.pop(client, None)
+        if c is None:
+            return
+        for rid in c.unfinished:
+            self._core().abort(rid)
+        c.cond.notify_all()
+
+    def _reap(self, now: float) -> None:
+        """Under the lock, at most once a second: drop clients that stopped polling (a crashed caller),
+        so their requests stop running and their outputs stop piling up."""
+        if now - self._last_reap < _REAP_EVERY_S:
+            return
+        self._last_reap = now
+        for cid in [cid for cid, c in self._clients.items() if now - c.last_poll > CLIENT_TIMEOUT_S]:
+            logger.warning(
+                "client %d has not polled for %.0fs: dropping it and aborting its requests",
+                cid,
+                now - self._clients[cid].last_poll,
+            )
+            self._drop(cid)
+
     def _sink(self, outs: list[EngineOutput]) -> None:
-        with self._cond:
-            self._outputs.extend(outs)
-            self._cond.notify_all()
+        """The core's outputs, each to its request's client (a final output ends the routing). In the
+        engine's step loop: ~0.1 us per output."""
+        owner, clients = self._owner, self._clients
+        with self._lock:
+            for o in outs:
+                rid = o.request_id
+                if o.finish_reason is None:
+                    c = clients.get(owner.get(rid, -1))
+                else:
+                    c = clients.get(owner.pop(rid, -1))
+                    if c is not None:
+                        c.unfinished.discard(rid)
+                if c is not None:  # else its client is gone
+                    c.outputs.append(o)
+            for c in clients.values():
+                if c.outputs:
+                    c.cond.notify_all()
+            self._reap(time.monotonic())
 
     # ---- requests in ----
-    def submit(self, seq: int, msg: EngineMessage) -> None:
-        """Apply message `seq` once all earlier ones are applied."""
-        self._early[seq] = msg
+    def submit(self, client: int, seq: int, msg: EngineMessage) -> None:
+        """Apply the client's message `seq` once all its earlier ones are applied."""
         core = self._core()
-        while self._next_seq in self._early:
-            msg = self._early.pop(self._next_seq)
-            self._next_seq += 1
-            if isinstance(msg, EngineRequest):
-                core.add_request(msg)
-            else:
-                core.abort(msg.request_id)
+        with self._lock:
+            c = self._clients.get(client)
+            if c is None:  # dropped: its poll will say so; a request must not run for nobody
+                if isinstance(msg, EngineRequest):
+                    logger.warning("request %s from unknown client %d ignored", msg.request_id, client)
+                return
+            c.early[seq] = msg
+            while c.next_seq in c.early:
+                msg = c.early.pop(c.next_seq)
+                c.next_seq += 1
+                if isinstance(msg, EngineRequest):
+                    self._add(client, c, core, msg)
+                elif self._owner.get(msg.request_id) == client:  # never another client's request
+                    core.abort(msg.request_id)
+
+    def _add(self, client: int, c: _Client, core: EngineCore, req: EngineRequest) -> None:
+        rid = req.request_id
+        other = self._owner.get(rid)
+        if other is not None and other != client:  # a clash: refuse it, never mix the two up
+            c.outputs.append(EngineOutput.failed(rid, f"request id {rid!r} is in use by another client of this engine"))
+            c.cond.notify_all()
+            return
+        self._owner[rid] = client
+        c.unfinished.add(rid)
+        c.num_requests += 1
+        core.add_request(req)
 
     # ---- outputs out ----
     @ray.method(concurrency_group="poll")
-    def get_outputs(self, timeout: float) -> list[EngineOutput] | None:
-        """Outputs since the last call, waiting up to `timeout` s for some; None once shut down."""
-        with self._cond:
-            if not self._outputs and not self._closed:
-                self._cond.wait(timeout)
-            if self._closed and not self._outputs:
+    def get_outputs(self, client: int, timeout: float) -> list[EngineOutput] | None:
+        """The client's outputs since its last call, waiting up to `timeout` s for some; None once
+        shut down. Raises EngineUnavailableError for a client that is not registered (any more)."""
+        with self._lock:
+            c = self._clients.get(client)
+            if c is None:
+                raise EngineUnavailableError(self._gone(client))
+            c.last_poll = time.monotonic()
+            if not c.outputs and not self._closed:
+                c.cond.wait(timeout)
+            if self._clients.get(client) is not c:
+                raise EngineUnavailableError(self._gone(client))
+            c.last_poll = now = time.monotonic()
+            self._reap(now)
+            if self._closed and not c.outputs:
                 return None
-            outs, self._outputs = self._outputs, []
+            outs, c.outputs = c.outputs, []
             return outs
 
+    @staticmethod
+    def _gone(client: int) -> str:
+        return (
+            f"client {client} of the engine is not registered: unregistered, or dropped after "
+            f"{CLIENT_TIMEOUT_S:.0f}s without polling"
+        )
+
     def stats(self) -> dict[str, Any]:
-        return self._core().stats()
+        d = self._core().stats()
+        with self._lock:  # per client: requests submitted, and those not finished yet
+            d["clients"] = {
+                str(cid): {"num_requests": c.num_requests, "num_unfinished": len(c.unfinished)}
+                for cid, c in self._clients.items()
+            }
+        return d
 
     def prefix_summary(self, limit: int) -> list[int]:
         return self._core().prefix_summary(limit)
@@ -103,9 +223,10 @@ class SchedulerActor:
             if self.core is not None:
                 self.core.shutdown()
         finally:
-            with self._cond:
+            with self._lock:
                 self._closed = True
-                self._cond.notify_all()
+                for c in self._clients.values():
+                    c.cond.notify_all()
 
     def ping(self) -> bool:
         return True
@@ -133,29 +254,64 @@ def _wait_all(refs: list[ray.ObjectRef[Any]], what: str, timeout: float | None =
     return ray.get(refs)
 
 
+@dataclass(frozen=True)
+class EngineAttachment:
+    """What another process needs to use a running engine (`LLM(attach_to=...)`): the handles of its
+    scheduler and worker actors (picklable: it travels through Ray calls)."""
+
+    scheduler: Any  # ActorHandle[SchedulerActor]
+    workers: list[Any]  # ActorHandle[WorkerActor], rank order
+    worker_info: list[dict[str, Any]]
+
+
 class RayCoreClient:
-    """Caller-side stand-in for EngineCore when the engine runs on Ray (a `CoreClient`)."""
+    """Caller-side stand-in for EngineCore when the engine runs on Ray (a `CoreClient`). It starts
+    the engine (placement group, worker actors, scheduler actor) and stops it at shutdown, or, given
+    `attach_to`, joins an engine another process started: then it only registers as one more client
+    of the scheduler actor, and its shutdown only unregisters (the engine stays up)."""
 
     POLL_S = 0.5
 
-    def __init__(self, cfg: EngineConfig, sink: OutputSink):
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        from nanovllmx.distributed import placement
-        from nanovllmx.distributed.worker_actor import WorkerActor
-
+    def __init__(self, cfg: EngineConfig, sink: OutputSink, attach_to: EngineAttachment | None = None):
         self.cfg, self.sink = cfg, sink
+        self.owns_engine = attach_to is None
         self.pg: PlacementGroup | None = None
-        self.owns_pg = cfg.placement_bundle_offset is None  # else the group is the replica's (Serve's)
+        self.owns_pg = cfg.placement_bundle_offset is None and self.owns_engine  # else Serve's, or none
         self.workers: list[ActorHandle[WorkerActor]] = []
         self.scheduler: ActorHandle[SchedulerActor] | None = None
         self.worker_info: list[dict[str, Any]] = []
+        self.client_id = -1
         self._seq = itertools.count()
         self._inflight: set[str] = set()
         self._lock = threading.Lock()
         self._closed = False
         self._dead: str | None = None  # why the scheduler actor is gone (then nothing may be submitted)
         self._poll_thread: threading.Thread | None = None
+        if attach_to is None:
+            self._launch()
+        else:
+            self.scheduler, self.workers, self.worker_info = (
+                attach_to.scheduler,
+                attach_to.workers,
+                attach_to.worker_info,
+            )
+        try:
+            assert self.scheduler is not None
+            self.client_id = ray.get(self.scheduler.register_client.remote())
+        except BaseException:
+            self._teardown()
+            raise
+        self._poll_thread = threading.Thread(target=self._poll_loop, name="nanovllmx-ray-poll", daemon=True)
+        self._poll_thread.start()
+
+    def _launch(self) -> None:
+        """Start the engine: placement group, one worker actor per shard, the scheduler actor."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from nanovllmx.distributed import placement
+        from nanovllmx.distributed.worker_actor import WorkerActor
+
+        cfg = self.cfg
         placement.connect_ray(cfg)
         try:
             # offline: a group of our own, stage s in bundle s; in a Serve replica (placement_bundle_offset
@@ -184,7 +340,8 @@ class RayCoreClient:
             # the scheduler sits in bundle 0 (next to rank 0 offline, next to the replica under Serve),
             # using none of the bundle's resources
             # ray's typed overloads of remote() leave out concurrency_groups, which it takes
-            sched_cls = ray.remote(concurrency_groups={"poll": 2})(SchedulerActor)  # type: ignore[call-overload]
+            # a poll thread per client (a long poll holds its thread while it waits)
+            sched_cls = ray.remote(concurrency_groups={"poll": MAX_CLIENTS})(SchedulerActor)  # type: ignore[call-overload]
             self.scheduler = sched_cls.options(
                 num_cpus=0,
                 max_concurrency=1,
@@ -207,8 +364,12 @@ class RayCoreClient:
             cfg.pp_size,
             sorted({i["node_id"][:12] for i in self.worker_info}),
         )
-        self._poll_thread = threading.Thread(target=self._poll_loop, name="nanovllmx-ray-poll", daemon=True)
-        self._poll_thread.start()
+
+    def attachment(self) -> EngineAttachment:
+        """What `LLM(attach_to=...)` in another process needs to share this engine."""
+        if self.scheduler is None:
+            raise EngineUnavailableError("the engine has been shut down")
+        return EngineAttachment(self.scheduler, list(self.workers), list(self.worker_info))
 
     # ---- CoreClient ----
     def add_request(self, request: EngineRequest) -> None:
@@ -219,14 +380,14 @@ class RayCoreClient:
                 raise EngineUnavailableError(self._dead)
             assert self.scheduler is not None  # None only once closed
             self._inflight.add(request.request_id)
-            self.scheduler.submit.remote(next(self._seq), request)
+            self.scheduler.submit.remote(self.client_id, next(self._seq), request)
 
     def abort(self, request_id: str) -> None:
         if self._closed:
             return
         with self._lock:
             assert self.scheduler is not None  # None only once closed
-            self.scheduler.submit.remote(next(self._seq), AbortRequest(request_id))
+            self.scheduler.submit.remote(self.client_id, next(self._seq), AbortRequest(request_id))
 
     def stats(self) -> dict[str, Any]:
         assert self.scheduler is not None  # None only once closed
@@ -269,14 +430,16 @@ class RayCoreClient:
         while not self._closed:
             try:
                 assert self.scheduler is not None  # None only once closed
-                outs = ray.get(self.scheduler.get_outputs.remote(self.POLL_S))
+                outs = ray.get(self.scheduler.get_outputs.remote(self.client_id, self.POLL_S))
             except Exception as e:
                 if self._closed:
                     return
                 logger.error("the scheduler actor failed: %s", e)
                 self._fail_inflight(f"the Ray scheduler actor died: {type(e).__name__}: {e}")
                 return
-            if outs is None:
+            if outs is None:  # the engine shut down (under an attached client: its owner stopped it)
+                if not self._closed:
+                    self._fail_inflight("the engine has been shut down")
                 return
             if outs:
                 with self._lock:
@@ -297,6 +460,9 @@ class RayCoreClient:
         if self._closed:
             return
         self._closed = True
+        if not self.owns_engine:  # an attached client leaves; the engine is its owner's
+            self._leave()
+            return
         if self.scheduler is not None:
             try:
                 ray.get(self.scheduler.shutdown.remote(), timeout=60)
@@ -306,10 +472,24 @@ class RayCoreClient:
             self._poll_thread.join(timeout=self.POLL_S + 5)
         self._teardown()
 
+    def _leave(self) -> None:
+        """An attached client's shutdown: unregister (the engine aborts what is left of ours)."""
+        if self.scheduler is not None and not self._dead:
+            try:
+                ray.get(self.scheduler.unregister_client.remote(self.client_id), timeout=10)
+            except Exception as e:
+                logger.warning("unregistering from the scheduler actor: %s", e)
+        if self._poll_thread is not None:
+            self._poll_thread.join(timeout=self.POLL_S + 5)
+        self.scheduler, self.workers = None, []
+
     def _teardown(self) -> None:
         from ray.util.placement_group import remove_placement_group
 
         self._closed = True
+        if not self.owns_engine:
+            self.scheduler, self.workers = None, []
+            return
         for a in ([self.scheduler] if self.scheduler is not None else []) + self.workers:
             try:
                 ray.kill(a, no_restart=True)

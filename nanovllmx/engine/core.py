@@ -149,8 +149,9 @@ class EngineCore:
                     self._compiling.discard(item.request.request_id)
                     self._admit(item.request, compiled=True)
             elif isinstance(item, AbortRequest):
-                if item.request_id in self._compiling:
-                    self._compiling.discard(item.request_id)  # the client has ended it already
+                if item.request_id in self._compiling:  # not in the scheduler yet: its final output is ours
+                    self._compiling.discard(item.request_id)
+                    self.sink([EngineOutput(item.request_id, [], "abort")])
                 self.scheduler.abort(item.request_id)
             try:
                 item = self._inbox.get_nowait()

@@ -84,6 +84,11 @@ class EngineClient(Protocol):
         """Return if the engine can serve; else raise EngineUnavailableError saying why."""
         ...
 
+    def attachment(self) -> Any:
+        """What another process passes as `LLM(attach_to=...)` to be one more client of this engine
+        (an engine on Ray only: ValueError otherwise). Opaque to callers; picklable."""
+        ...
+
     def shutdown(self, timeout: float = 0.0) -> None: ...
 
 

@@ -5,6 +5,8 @@ One deployment, `LLMServer`: each replica builds its own `LLM` (scheduler, worke
 the checkpoint's chat template; `mapping.py`), handed to the engine, and every delta the engine
 produces is written to the client as soon as it arrives (SSE for `stream: true`; `streaming.py`).
 A client that goes away aborts its request in the engine, which frees its KV slots within one step.
+With `frontends` > 1 (builder.py) the replicas are HTTP frontends of one shared engine instead: each
+attaches its `LLM` to the `LLMEngine` deployment's scheduler actor (serve/engine_deployment.py).
 
 The replica reaches the engine only through the `EngineClient` interface (engine/protocol.py).
 `build_app(args)` (builder.py) turns the `args` of a Serve config into the application; see
@@ -19,7 +21,7 @@ import os
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import suppress
 from typing import Any
 
@@ -27,6 +29,7 @@ import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 import nanovllmx
 from nanovllmx.engine.protocol import EngineClient
@@ -102,12 +105,37 @@ def _setup_logging(level: str) -> None:
     root.setLevel(str(level).upper())
 
 
+ENGINE_WAIT_S = 900.0  # a frontend waits this long for a healthy LLMEngine (a replacement loads the model)
+
+
+async def attach_engine(engine: DeploymentHandle[Any]) -> Any:
+    """The LLMEngine's actor handles, once it is healthy. While the engine is replaced (its actors
+    died) the old replica refuses and Serve routes to the new one once it is up; waiting here
+    keeps the frontend's constructor from failing (and being retried by Serve) meanwhile."""
+    deadline = time.monotonic() + ENGINE_WAIT_S
+    while True:
+        try:
+            return await engine.attachment.remote()
+        except Exception as e:  # noqa: BLE001 - an engine that cannot serve (yet): wait for its replacement
+            if time.monotonic() > deadline:
+                raise
+            logger.info("waiting for a healthy engine to attach to: %s", e)
+            await asyncio.sleep(1.0)
+
+
+def start_stats_monitor(stats: Callable[[], dict[str, Any] | None], metrics: ServeMetrics | None) -> EngineStatsMonitor:
+    """The engine gauges and counters, and the periodic stats log line, of the replica that owns an engine."""
+    interval = float(os.environ.get("NANOVLLMX_STATS_LOG_INTERVAL", 5))
+    return EngineStatsMonitor(stats, metrics, log_interval=interval).start()
+
+
 class LLMServerImpl:
     """One replica = one engine. Constructed by Serve from `build_app`'s arguments. Two deployments
     of it (below): `LLMServer` serves the HTTP routes itself (one replica); `LLMBackend` is called by
     `LLMIngress` through a handle (several replicas: serve/ingress.py)."""
 
-    def __init__(
+    # Serve awaits an async __init__ (an engine's handles come through an awaited handle call)
+    async def __init__(  # type: ignore[misc]
         self,
         model: str,
         served_model_names: list[str],
@@ -123,7 +151,11 @@ class LLMServerImpl:
         api_key: str | None = None,
         reasoning_parser: str = "auto",
         tool_call_parser: str = "auto",
+        engine: DeploymentHandle[Any] | None = None,
     ):
+        """`engine`: an `LLMEngine` deployment (build_app's `frontends` > 1). This replica is then one
+        of several HTTP frontends of that engine: its LLM attaches to the engine's scheduler actor
+        (handles fetched once, here) and it exports no engine-level metrics (the engine does)."""
         from nanovllmx import LLM
 
         _setup_logging(log_level)
@@ -136,7 +168,8 @@ class LLMServerImpl:
         self.is_demo = model_resolver.is_demo(model)
         self.folder = model_resolver.resolve_model(model, revision)
         t0 = time.perf_counter()
-        self.llm: EngineClient = LLM(self.folder, **engine_kwargs)
+        attach_to = None if engine is None else await attach_engine(engine)
+        self.llm: EngineClient = LLM(self.folder, attach_to=attach_to, **engine_kwargs)
         self.mapping = RequestMapping(
             self.llm,
             generation_defaults(self.folder) if generation_config == "auto" else {},
@@ -164,11 +197,8 @@ class LLMServerImpl:
             server = me()
             return server.llm.stats() if server is not None else None
 
-        self._stats_monitor = EngineStatsMonitor(
-            engine_stats,
-            self.metrics,
-            log_interval=float(os.environ.get("NANOVLLMX_STATS_LOG_INTERVAL", 5)),
-        ).start()
+        # a frontend's engine is shared: its LLMEngine replica exports the engine's stats, once
+        self._stats_monitor = None if engine is not None else start_stats_monitor(engine_stats, self.metrics)
         logger.info(
             "LLMServer ready: model=%s folder=%s served as %s, context %d, %s slots, loaded in %.1fs",
             model,
@@ -208,7 +238,7 @@ class LLMServerImpl:
         if getattr(self, "_closed", True):
             return
         self._closed = True
-        with suppress(Exception):
+        if self._stats_monitor is not None:
             self._stats_monitor.stop()
         with suppress(Exception):
             self.llm.shutdown(timeout=self.shutdown_timeout_s)

@@ -32,6 +32,7 @@ APP_KEYS = (
     "api_key",
     "prefix_routing",
     "ingress_options",
+    "frontends",
 )
 API_KEY_ENV = "NANOVLLMX_API_KEY"  # the api_key when `args` gives none
 # Serve deployment defaults of build_app (see the comments where they are set)
@@ -172,6 +173,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     if prefix_routing not in ("auto", True, False):
         raise ValueError(f"prefix_routing must be auto, true or false, got {prefix_routing!r}")
     ingress_options = dict(_coerce(args.pop("ingress_options", None), "Any") or {})
+    frontends = _frontends(args.pop("frontends", 1))
     api_key = args.pop("api_key", None) or os.environ.get(API_KEY_ENV) or None
     if api_key is not None and not isinstance(api_key, str):
         raise ValueError("api_key must be a string")  # the value itself is never shown
@@ -200,6 +202,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         engine_kwargs.get("executor", EngineConfig.executor), device, tp * pp, serving=True
     )
     own_workers = executor == "ray"
+    if frontends > 1:
+        _check_frontends(executor, deploy_opts, prefix_routing)
     actor_opts = dict(deploy_opts.get("ray_actor_options") or {})
     actor_opts.setdefault("num_gpus", 1 if (device == "cuda" and not own_workers) else 0)
     actor_opts.setdefault("num_cpus", 1)
@@ -245,14 +249,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
             "request_routing_stats_timeout_s": 10.0,
         }
 
-    deployment: serve.Deployment = LLMBackend if routed else LLMServer
-    app: serve.Application = deployment.options(**deploy_opts).bind(
-        model,
-        served_names,
-        engine_kwargs,
-        generation_config,
-        revision,
-        log_level,
+    server_kwargs: dict[str, Any] = dict(
         max_request_body_bytes=max_body,
         shutdown_timeout_s=shutdown_timeout,
         trust_request_chat_template=trust,
@@ -262,6 +259,21 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         reasoning_parser=reasoning_parser,
         tool_call_parser=tool_call_parser,
     )
+    server_args = (model, served_names, engine_kwargs, generation_config, revision, log_level)
+    if frontends > 1:
+        from nanovllmx.serve.engine_deployment import LLMEngine
+
+        # the engine: one replica with the gang placement (deploy_opts), no HTTP
+        engine_app = LLMEngine.options(**deploy_opts).bind(
+            model, served_names[0], engine_kwargs, revision, log_level, shutdown_timeout
+        )
+        front_opts = _frontend_options(deploy_opts, frontends, ingress_options)
+        frontend: serve.Application = LLMServer.options(**front_opts).bind(
+            *server_args, **server_kwargs, engine=engine_app
+        )
+        return frontend
+    deployment: serve.Deployment = LLMBackend if routed else LLMServer
+    app: serve.Application = deployment.options(**deploy_opts).bind(*server_args, **server_kwargs)
     if not routed:
         return app
     from nanovllmx.serve.ingress import LLMIngress
@@ -283,6 +295,39 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         api_key=api_key,
     )
     return front
+
+
+def _frontends(value: Any) -> int:
+    from nanovllmx.distributed.ray_engine import MAX_CLIENTS
+
+    n = _coerce(value, "int")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n < MAX_CLIENTS:
+        raise ValueError(f"frontends must be an integer in [1, {MAX_CLIENTS - 1}], got {value!r}")
+    return n
+
+
+def _check_frontends(executor: str, deploy_opts: dict[str, Any], prefix_routing: Any) -> None:
+    """Several HTTP frontends share one engine on Ray; not combined with several engines (yet)."""
+    if executor != "ray":
+        raise ValueError(
+            "frontends > 1 needs the engine on Ray (its frontends attach to its scheduler actor): set "
+            "executor: ray (the default on GPU; on CPU it runs with gloo)"
+        )
+    if can_have_replicas(deploy_opts) or prefix_routing is True:
+        raise ValueError(
+            "frontends > 1 runs one engine with several HTTP frontends; it cannot be combined with "
+            "several engine replicas (num_replicas > 1, autoscaling_config, prefix_routing: true) yet"
+        )
+
+
+def _frontend_options(deploy_opts: dict[str, Any], frontends: int, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The frontends' Serve options: the engine's request, health and drain settings, no GPU and no
+    placement group (CPU-only replicas, 1 CPU each), `frontends` replicas; `ingress_options` override."""
+    engine_only = ("placement_group_bundles", "placement_group_strategy", "ray_actor_options", "num_replicas")
+    opts = {k: v for k, v in deploy_opts.items() if k not in engine_only}
+    opts.update(num_replicas=frontends, ray_actor_options={"num_cpus": 1})
+    opts.update(overrides)
+    return opts
 
 
 def can_have_replicas(deploy_opts: dict[str, Any]) -> bool:

@@ -369,6 +369,48 @@ def test_shutdown_then_second_llm(cluster, model_dir, reference):
         llm2.shutdown()
 
 
+def test_attached_client_shares_the_engine(cluster, model_dir, reference):
+    """A second LLM attached to a running engine (an HTTP frontend's, serve/app.py): both get the
+    local engine's tokens at once; its shutdown leaves the engine serving; when the owner shuts the
+    engine down, an attached client's requests in flight fail instead of hanging."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    owner = LLM(model_dir, context_len=CTX, executor="ray")
+    front = LLM(model_dir, context_len=CTX, executor="ray", attach_to=owner.attachment())
+    try:
+        assert front.core.workers == owner.core.workers and front.core.pg is None
+        with ThreadPoolExecutor(1) as pool:
+            theirs = pool.submit(front.generate, MIXED[3:], GREEDY)
+            mine = owner.generate(WARM + MIXED[:3], GREEDY)
+            got = [o.token_ids for o in mine + theirs.result(timeout=120)]
+        assert got == reference["mixed"]
+        front.check_health()
+        assert front.stats()["clients"].keys() == {str(owner.core.client_id), str(front.core.client_id)}
+        front.shutdown()  # leaves: the engine keeps serving its owner
+        assert str(front.core.client_id) not in owner.stats()["clients"]
+        owner.check_health()
+        assert owner.generate(WARM, GREEDY)[0].token_ids == reference["mixed"][0]
+
+        late = LLM(model_dir, context_len=CTX, executor="ray", attach_to=owner.attachment())
+        long = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+
+        async def run_then_stop_engine():
+            rs = late.submit(MIXED[2], long)
+            await rs.__anext__()
+            owner.shutdown()
+            async for _ in rs:
+                pass
+
+        with pytest.raises(EngineRequestError, match="shut down|died"):  # whichever the poll sees first
+            asyncio.run(run_then_stop_engine())
+        with pytest.raises(RuntimeError):
+            late.check_health()
+        late.shutdown()
+    finally:
+        front.shutdown()
+        owner.shutdown()
+
+
 def test_split_batch():
     import numpy as np
 

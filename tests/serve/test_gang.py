@@ -1,7 +1,9 @@
 """Gang placement through Serve (issue 20): a replica whose engine runs on Ray gets one placement
 group from Serve (`placement_group_bundles`: bundle 0 = the replica and the scheduler actor, then
 one bundle per pipeline stage) and the engine's actors run inside it; an offline LLM keeps creating
-(and removing) a group of its own; a grid that cannot fit shows as a Serve status message.
+(and removing) a group of its own; a grid that cannot fit shows as a Serve status message. Several
+HTTP frontends (`frontends: 2`, issue 25): one engine replica with the gang group, two CPU-only
+frontends attached to its scheduler actor.
 
 One Ray instance for the module (4 logical CPUs on the 2-core machine), with Serve's slow-startup
 warning lowered to 3 s (RAY_SERVE_SLOW_STARTUP_WARNING_S, read by the controller) so the status of
@@ -10,14 +12,16 @@ an unplaceable grid shows quickly; Serve's default is 30 s.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import json
 import os
 import time
 
 import httpx
 import pytest
 
-from nanovllmx.utils.demo import DEMO_MODEL_NAME
-from tests.helpers import free_port
+from nanovllmx.utils.demo import DEMO_MODEL_NAME, demo_model_path
+from tests.helpers import HFReference, free_port, random_prompt
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -25,6 +29,8 @@ ray = pytest.importorskip("ray")
 
 CTX = 256
 SLOW_STARTUP_S = 3
+FRONT_ARGS = {"model": DEMO_MODEL_NAME, "device": "cpu", "executor": "ray", "context_len": CTX, "max_bs": 8}
+MAX_TOKENS = 8
 ENV = {"RAY_SERVE_SLOW_STARTUP_WARNING_S": str(SLOW_STARTUP_S), "RAY_SERVE_SLOW_STARTUP_WARNING_PERIOD_S": "1"}
 
 
@@ -58,6 +64,33 @@ def test_build_app_declares_the_gang_bundles():
     assert rc.placement_group_bundles == [{"CPU": 1}, {"CPU": 2}] and ek["placement_bundle_offset"] == 1
     with pytest.raises(ValueError, match="max_replicas_per_node"):
         _options(device="cpu", tp_size=2, max_replicas_per_node=1)
+
+
+def test_build_app_frontends_topology() -> None:
+    """frontends > 1: LLMEngine (1 replica, the gang group) and N CPU-only LLMServer frontends."""
+    from nanovllmx.serve import build_app
+
+    app = build_app({**FRONT_ARGS, "frontends": "2", "health_check_period_s": 3})
+    front = app._bound_deployment
+    assert front.name == "LLMServer" and front.num_replicas == 2
+    rc = front._replica_config
+    assert rc.ray_actor_options["num_cpus"] == 1 and not rc.ray_actor_options.get("num_gpus")
+    assert rc.placement_group_bundles is None and front._deployment_config.health_check_period_s == 3
+    engine = front.init_kwargs["engine"]._bound_deployment
+    assert engine.name == "LLMEngine" and engine.num_replicas == 1
+    assert engine._replica_config.placement_group_bundles == [{"CPU": 1.0}, {"CPU": 0.25}]  # the gang
+    from nanovllmx.entrypoints.openai import api_server  # vLLM's flag
+
+    assert api_server.app_args(api_server.parse_args(["--model", "m", "--api-server-count", "3"]))["frontends"] == 3
+    for bad, match in [
+        ({"frontends": 2, "executor": "local"}, "executor: ray"),
+        ({"frontends": 2, "num_replicas": 2}, "several engine replicas"),
+        ({"frontends": 2, "autoscaling_config": {"min_replicas": 1, "max_replicas": 3}}, "several engine"),
+        ({"frontends": 0}, "frontends must be"),
+        ({"frontends": "two"}, "frontends must be"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            build_app({**FRONT_ARGS, **bad})
 
 
 # ============================================================================ on Ray
@@ -155,6 +188,62 @@ def test_replica_runs_its_grid_in_its_own_group(serve_url):
     t0 = time.monotonic()
     _wait_no_groups()
     print(f"group removed {time.monotonic() - t0:.1f}s after serve.delete returned")
+
+
+def _complete(url: str, prompt: list[int], stream: bool) -> list[int]:
+    body = {
+        "model": DEMO_MODEL_NAME,
+        "prompt": prompt,
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "ignore_eos": True,
+        "return_token_ids": True,
+        "stream": stream,
+    }
+    if not stream:
+        r = httpx.post(url + "/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        return list(r.json()["choices"][0]["token_ids"])
+    ids: list[int] = []
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                ids += json.loads(line[6:])["choices"][0].get("token_ids") or []
+    return ids
+
+
+def test_frontends_share_one_engine(serve_url: str) -> None:
+    """frontends: 2 on CPU (executor: ray, gloo): concurrent streamed and whole requests through both
+    frontends carry transformers' greedy tokens; both frontends served some (the engine's per-client
+    counters); only the engine's gang group exists; deleting the app leaves no group."""
+    from ray import serve
+
+    from nanovllmx.serve import build_app
+
+    _wait_no_groups()
+    serve.run(build_app({**FRONT_ARGS, "frontends": 2}), name="fe", route_prefix="/fe")
+    try:
+        _check_frontends(serve_url + "/fe")
+        assert len(_live_groups()) == 1  # the engine's; the frontends are plain CPU replicas
+    finally:
+        serve.delete("fe")
+    _wait_no_groups()
+
+
+def _check_frontends(url: str) -> None:
+    prompts = [random_prompt(6 + i, seed=100 + i) for i in range(12)]
+    with cf.ThreadPoolExecutor(12) as pool:
+        futs = [pool.submit(_complete, url, p, i % 2 == 0) for i, p in enumerate(prompts)]
+        ref = HFReference(demo_model_path())  # loads while the requests run
+        got = [f.result(timeout=180) for f in futs]
+    assert got == [ref.greedy(p, MAX_TOKENS) for p in prompts]
+    stats = httpx.get(url + "/v1/engine/stats", timeout=30).json()
+    per_client = sorted(c["num_requests"] for c in stats["clients"].values())
+    # the engine's owner (no requests of its own) and two frontends, which shared the 12 requests
+    assert len(per_client) == 3 and per_client[0] == 0 and per_client[1] > 0 and sum(per_client) == 12, stats
+    assert all(c["num_unfinished"] == 0 for c in stats["clients"].values())
+    assert httpx.get(url + "/health", timeout=30).status_code == 200
 
 
 def test_offline_llm_creates_and_removes_its_own_group(ray_instance, tiny_model_dir):

@@ -74,6 +74,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="'auto': sampling defaults from the checkpoint's generation_config.json",
     )
     p.add_argument("--num-replicas", type=int, default=1, help="engines behind the route (one per replica)")
+    p.add_argument(
+        "--api-server-count",
+        "--frontends",
+        dest="frontends",
+        type=int,
+        default=None,
+        help="HTTP frontend processes in front of one engine (build_app's frontends; the engine on Ray)",
+    )
     p.add_argument("--max-ongoing-requests", type=int, default=None, help="per replica")
     p.add_argument(
         "--max-waiting-requests",
@@ -188,6 +196,7 @@ def app_args(ns: argparse.Namespace) -> dict:
         "trust_request_chat_template",
         "chat_template_timeout_s",
         "prompt_job_stuck_after_s",
+        "frontends",
     ):
         v = getattr(ns, k)
         if v is not None:
