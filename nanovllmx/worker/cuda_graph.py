@@ -89,7 +89,7 @@ class DecodeGraphs:
         pool = None
         for bs in reversed(self.sizes):
             inputs = self.inputs[: _FIELDS * bs]
-            inputs.copy_(torch.from_numpy(self._pack_padding(bs, 0).reshape(-1)))
+            inputs.copy_(torch.from_numpy(self._pack_padding(bs, 0).reshape(-1)))  # at set-up, not per step
             w = be.make_graph_wrapper(bs)
             meta = self._meta(inputs, bs, np.full(bs, self.dummy_row, np.int32), np.ones(bs, np.int32))
             be.plan_graph(w, meta)
