@@ -35,24 +35,26 @@ _COMMON: dict[str, Any] = dict(
     use_sliding_window=False,
 )
 
+_TINY: dict[str, Any] = dict(
+    _COMMON,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    tie_word_embeddings=True,
+    max_position_embeddings=4096,
+    initializer_range=0.3,
+)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # The test model. With HF's default std 0.02 the logits are nearly flat (median top-1/top-2 gap
     # ~0.04, 1.5% of positions below 1e-3), so two correct implementations can break argmax ties
     # differently, and greedy output collapses into one repeated token. With std 0.3 the attention/MLP
     # outputs dominate the (tied) embedding in the residual stream and the logits have std ~3.4:
     # the median gap is ~0.55 and 30-token greedy continuations are almost all distinct tokens.
-    "tiny": dict(
-        _COMMON,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        tie_word_embeddings=True,
-        max_position_embeddings=4096,
-        initializer_range=0.3,
-    ),
+    "tiny": _TINY,
     # Real Qwen3-0.6B shape.
     "qwen3-0.6b": dict(
         _COMMON,
@@ -82,23 +84,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Qwen3-MoE for the tests: tiny, sharp logits (as "tiny"), 8 experts top-2, one dense layer
     # (mlp_only_layers) so both feed-forward kinds are exercised; moe_intermediate_size 64 splits over tp=2.
     "tiny-moe": dict(
-        _COMMON,
+        _TINY,
         architecture="Qwen3MoeForCausalLM",
-        hidden_size=128,
-        intermediate_size=256,
         moe_intermediate_size=64,
         num_experts=8,
         num_experts_per_tok=2,
         norm_topk_prob=True,
         decoder_sparse_step=1,
         mlp_only_layers=[2],
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        tie_word_embeddings=True,
-        max_position_embeddings=4096,
-        initializer_range=0.3,
     ),
     # Real Qwen3-30B-A3B shape (30.5B parameters, 3.3B active: 128 experts, 8 per token).
     "qwen3-30b-a3b": dict(
