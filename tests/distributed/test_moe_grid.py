@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-ray = pytest.importorskip("ray")
+pytest.importorskip("ray")
 
 from nanovllmx import LLM, SamplingParams  # noqa: E402
 from tests.helpers import random_prompt  # noqa: E402
@@ -34,15 +34,6 @@ def expected(moe_dir) -> list[list[int]]:
             hf.generate(torch.tensor([p]), max_new_tokens=n, min_new_tokens=n, do_sample=False)[0, len(p) :].tolist()
             for p in PROMPTS
         ]
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])

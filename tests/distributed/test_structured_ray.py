@@ -12,7 +12,7 @@ import jsonschema
 import numpy as np
 import pytest
 
-ray = pytest.importorskip("ray")
+pytest.importorskip("ray")
 
 from nanovllmx import LLM, SamplingParams  # noqa: E402
 from nanovllmx.structured import GrammarSpec  # noqa: E402
@@ -47,15 +47,6 @@ def local_tokens(tiny_model_dir) -> tuple[list, list[float]]:
         jsonschema.validate(json.loads(o.text), SCHEMA)
     assert outs[3].logprobs is not None and len(outs[3].logprobs) == 16
     return _result(outs)
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.mark.parametrize("mode,pp", [("socket", 1), ("ray", 1), ("socket", 2)], ids=["socket", "ray-calls", "pp2"])
