@@ -1061,7 +1061,7 @@ def _field_checks(server, path: str, base: dict):
         "guided_decoding_backend": lambda: refused("guided_decoding_backend", "outlines"),
         "guided_whitespace_pattern": lambda: refused("guided_whitespace_pattern", " "),
     }
-    return checks, post, ids, greedy
+    return checks, post, ids, greedy, refused
 
 
 def assert_eq(a, b) -> None:
@@ -1079,6 +1079,16 @@ def assert_in(a, b) -> None:
 IGNORED_ON_PURPOSE = {"user", "metadata"}  # accepted and ignored; docs/serving.md lists them
 
 
+def _run_field_checks(checks: dict, model) -> None:
+    """Every field of the request model has a check (none more, none fewer), and each passes."""
+    assert set(checks) == set(model.model_fields), set(model.model_fields) ^ set(checks)
+    for field, check in checks.items():
+        try:
+            check()
+        except AssertionError as e:
+            raise AssertionError(f"{field}: {e}") from e
+
+
 def test_every_request_field_is_honoured_or_refused(server):
     """Walks the fields of the request models: each has a check here that proves it changes the
     response, or that a value it cannot take is a 400 naming it; a field without one fails the test."""
@@ -1089,7 +1099,7 @@ def test_every_request_field_is_honoured_or_refused(server):
         assert f"`{field}`" in docs.split("Accepted and ignored")[1].split("\n\n")[0], field
 
     chat_base = {**CHAT, "max_tokens": 4, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
-    checks, post, ids, greedy = _field_checks(server, "/v1/chat/completions", chat_base)
+    checks, post, ids, greedy, refused = _field_checks(server, "/v1/chat/completions", chat_base)
     tools = [
         {"type": "function", "function": {"name": name, "parameters": {"type": "object", "properties": {}}}}
         for name in ("f", "g")
@@ -1158,37 +1168,17 @@ def test_every_request_field_is_honoured_or_refused(server):
         "chat_template_kwargs": lambda: assert_ne(prompt_len(chat_template_kwargs={"enable_thinking": False}), n0),
     }
 
-    def refused(field: str, value) -> None:
-        _err(server.http.post("/v1/chat/completions", json={**chat_base, field: value}), 400, field)
-
-    assert set(chat_checks) == set(ChatCompletionRequest.model_fields), set(ChatCompletionRequest.model_fields) ^ set(
-        chat_checks
-    )
-    for field, check in chat_checks.items():
-        try:
-            check()
-        except AssertionError as e:
-            raise AssertionError(f"{field}: {e}") from e
+    _run_field_checks(chat_checks, ChatCompletionRequest)
 
     cmpl_base = {**CMPL, "max_tokens": 4, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
-    checks, post, ids, greedy = _field_checks(server, "/v1/completions", cmpl_base)
-
-    def refused_c(field: str, value) -> None:
-        _err(server.http.post("/v1/completions", json={**cmpl_base, field: value}), 400, field)
+    checks, post, ids, greedy, refused = _field_checks(server, "/v1/completions", cmpl_base)
 
     cmpl_checks = {
         **checks,
         "prompt": lambda: assert_eq(len(post(prompt=["a", "b"])["choices"]), 2),
         "logprobs": lambda: assert_eq(len(post(logprobs=1)["choices"][0]["logprobs"]["tokens"]), 4),
         "echo": lambda: assert_eq(post(echo=True)["choices"][0]["text"].startswith(CMPL["prompt"]), True),
-        "suffix": lambda: refused_c("suffix", "end"),
-        "best_of": lambda: (assert_eq(ids(post(best_of=1)), ids(greedy)), refused_c("best_of", 2)),
+        "suffix": lambda: refused("suffix", "end"),
+        "best_of": lambda: (assert_eq(ids(post(best_of=1)), ids(greedy)), refused("best_of", 2)),
     }
-    assert set(cmpl_checks) == set(CompletionRequest.model_fields), set(CompletionRequest.model_fields) ^ set(
-        cmpl_checks
-    )
-    for field, check in cmpl_checks.items():
-        try:
-            check()
-        except AssertionError as e:
-            raise AssertionError(f"{field}: {e}") from e
+    _run_field_checks(cmpl_checks, CompletionRequest)
