@@ -273,8 +273,7 @@ class ModelRunner:
         if sampled_lp is not None:
             sampled_lp = (sampled_lp[0], sampled_lp[1].to_host())
         if b.grammar_rows is not None:  # structured outputs: only batches with a constrained row
-            # (no logprobs: SamplingParams refuses them with a grammar)
-            assert g_logits is not None
+            assert g_logits is not None  # taken above, by the graph or the eager path
             if b.mask_deferred:
                 tm.lap("sample_launch")
                 return DeferredTokens(self, b, tokens, g_logits, sampled_lp, prompt_lp)
