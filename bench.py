@@ -524,7 +524,7 @@ def main() -> None:
         "--pp-inflight-batches", type=int, default=None, help="pipeline lanes (default pp_size + 1; 1: off)"
     )
     ap.add_argument(
-        "--tp-allreduce", default="nccl", choices=("nccl", "one_shot"), help="TP all-reduce of small messages"
+        "--tp-allreduce", default="one_shot", choices=("nccl", "one_shot"), help="TP all-reduce of small messages"
     )
     ap.add_argument("--executor", default="auto")
     ap.add_argument("--enforce-eager", action="store_true")

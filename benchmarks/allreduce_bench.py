@@ -1,9 +1,12 @@
 """The TP all-reduce's cost per decode step on two GPUs: NCCL (eager and captured in a CUDA graph, as
 the engine's decode graphs run it) against the one-shot all-reduce over peer memory
 (nanovllmx/distributed/one_shot_allreduce.py), for the message sizes of a decode step and of a
-prefill chunk. One process per GPU, each seeing only its own GPU (as Ray's workers do).
+prefill chunk. One process per GPU; `--visible own`: each process sees only its own GPU (as Ray
+sets CUDA_VISIBLE_DEVICES for an actor), `--visible all`: both see both GPUs and each uses its rank's
+(what the engine's workers do on one node, since peer memory needs the peer GPU visible).
 
     python -m benchmarks.allreduce_bench [--hidden 4096 --layers 36] [--tokens 1,64,128,256,512,2048]
+        [--visible own|all]
 
 Per step: a Qwen3 layer does two all-reduces of [tokens, hidden] (after attention and after the MLP),
 so a step costs 2 * layers all-reduces; `ms/step` is that at each size. Run by
@@ -18,16 +21,21 @@ import tempfile
 
 
 def _worker(rank: int, world: int, init_file: str, a: argparse.Namespace, q) -> None:
-    os.environ["CUDA_VISIBLE_DEVICES"] = str(rank)  # before CUDA starts: one GPU per process
+    # before CUDA starts: one GPU per process, or both visible and this rank's in use
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(rank) if a.visible == "own" else ",".join(str(r) for r in range(world))
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format=f"rank {rank} %(name)s %(levelname)s: %(message)s")
     import torch
     import torch.distributed as dist
 
     from nanovllmx.distributed import parallel_state as ps
     from nanovllmx.utils.profiling import cuda_time, graph_time
 
-    torch.cuda.set_device(0)
-    dev = torch.device("cuda", 0)
+    local = 0 if a.visible == "own" else rank
+    torch.cuda.set_device(local)
+    dev = torch.device("cuda", local)
     ps.init_parallel(world, 1, rank, "nccl", f"file://{init_file}")
     info = ps.get_parallel_info()
     dist.all_reduce(torch.ones(1, device=dev), group=info.tp_group)  # NCCL up before any capture
@@ -55,6 +63,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=4096, help="Qwen3-8B: 4096; Qwen3-0.6B: 1024")
     ap.add_argument("--layers", type=int, default=36)
     ap.add_argument("--tokens", default="1,16,64,128,256,512,2048,16384")
+    ap.add_argument("--visible", choices=("own", "all"), default="all", help="GPUs each process sees")
     a = ap.parse_args()
     import torch.multiprocessing as mp
 
@@ -71,7 +80,8 @@ def main() -> None:
             raise SystemExit(f"a worker failed: exit codes {[p.exitcode for p in procs]}")
     res = q.get()
     n = 2 * a.layers
-    print(f"one-shot enabled: {res['one_shot_enabled']}   per step: {n} all-reduces (hidden {a.hidden})")
+    enabled = res["one_shot_enabled"]
+    print(f"visible: {a.visible}   one-shot enabled: {enabled}   per step: {n} all-reduces (hidden {a.hidden})")
     head = ("tokens", "KB", "nccl us", "nccl graph", "one-shot", "ms/step nccl", "one-shot")
     print(" ".join(f"{h:>{w}s}" for h, w in zip(head, (7, 8, 9, 10, 9, 12, 9))))
     for r in res["rows"]:
@@ -83,7 +93,7 @@ def main() -> None:
             f"{'-' if os_us is None else f'{os_us:9.1f}':>9s} {r['ms_per_step_nccl_graph']:12.3f} "
             f"{'-' if os_us is None else r['ms_per_step_one_shot']:>9}"
         )
-    print(json.dumps({"hidden": a.hidden, "layers": a.layers, **res}))
+    print(json.dumps({"hidden": a.hidden, "layers": a.layers, "visible": a.visible, **res}))
 
 
 if __name__ == "__main__":

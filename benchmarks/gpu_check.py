@@ -1,7 +1,7 @@
 """GPU correctness check: FlashInfer + CUDA graphs against the torch reference backend (bf16),
 greedy tokens for a batch of mixed prompts including a shared prefix. Prints a short table.
 
-    python -m benchmarks.gpu_check --model /tmp/q4s [--with-ray] [--no-hf] [--grids 2x1,1x2,2x1-os,1x2-l1]
+    python -m benchmarks.gpu_check --model /tmp/q4s [--with-ray] [--no-hf] [--grids 2x1,1x2,2x1-nccl,1x2-l1]
 
 Run by `benchmarks/gpu_run.sh check` (and `multi` for the grids); what the numbers mean on a
 random-weight checkpoint: docs/benchmarks.md, "Correctness on the GPU"."""
@@ -13,15 +13,16 @@ import sys
 
 
 def _grid(spec: str) -> tuple[str, dict]:
-    """A row of the Ray engine on a TPxPP grid: "2x1", "1x2"; "-os" adds the one-shot TP all-reduce
-    ("2x1-os"), "-lN" runs N pipeline lanes ("1x2-l1": one batch at a time), "-no" without overlap
-    scheduling ("1x2-no": pp_size + 1 lanes, no ids sent from the last stage to the first)."""
+    """A row of the Ray engine on a TPxPP grid: "2x1", "1x2"; "-os" the one-shot TP all-reduce (the
+    default), "-nccl" NCCL for all ("2x1-nccl"), "-lN" runs N pipeline lanes ("1x2-l1": one batch at
+    a time), "-no" without overlap scheduling ("1x2-no": pp_size + 1 lanes, no ids sent from the
+    last stage to the first)."""
     grid, *opts = spec.split("-")
     tp, pp = (int(v) for v in grid.split("x"))
     kw: dict = dict(attention_backend="flashinfer", executor="ray", tp_size=tp, pp_size=pp)
     for o in opts:
-        if o == "os":
-            kw["tp_allreduce"] = "one_shot"
+        if o in ("os", "nccl"):
+            kw["tp_allreduce"] = "one_shot" if o == "os" else "nccl"
         elif o == "no":
             kw["overlap_scheduling"] = False
         elif o.startswith("l"):
@@ -40,7 +41,7 @@ def main() -> None:
     ap.add_argument(
         "--grids",
         default="",
-        help="also the Ray engine on these TPxPP grids, e.g. 2x1,1x2,2x1-os (one-shot all-reduce),1x2-l1 (one lane)",
+        help="also the Ray engine on these TPxPP grids, e.g. 2x1,1x2,2x1-nccl (NCCL all-reduce),1x2-l1 (one lane)",
     )
     a = ap.parse_args()
     from random import randint, seed

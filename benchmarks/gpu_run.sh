@@ -22,10 +22,11 @@
 #            "1 2"): HTTP frontend replicas in front of one engine (results.jsonl has ITL p99 per row)
 #   multi    (2 GPUs: kind nvidia-h200-x2) the two-GPU test (tests/gpu/test_tp_allreduce.py), the TP
 #            all-reduce per decode step NCCL vs one-shot (benchmarks/allreduce_bench.py, 8B and 0.6B
-#            shapes), greedy tokens on the grids (gpu_check --grids, CHECK_GRIDS=2x1,1x2,2x1-os,1x2-l1),
-#            then the Ray engine on grids 1x1 + GRIDS (default 2x1,1x2,2x1-os) for the 8B and 0.6B
+#            shapes), greedy tokens on the grids (gpu_check --grids, CHECK_GRIDS=2x1,1x2,2x1-nccl,1x2-l1),
+#            then the Ray engine on grids 1x1 + GRIDS (default 2x1,2x1-nccl,1x2) for the 8B and 0.6B
 #            shapes, each with a line of stage busy shares, lanes and control plane. Grid specs: TxP,
-#            "-os" the one-shot TP all-reduce, "-lN" N pipeline lanes (1x2-l1: one batch at a time),
+#            "-os" the one-shot TP all-reduce (the default), "-nccl" NCCL for all of them, "-lN" N
+#            pipeline lanes (1x2-l1: one batch at a time),
 #            "-no" no overlap scheduling (1x2-no: pp_size + 1 lanes, no ids from last to first stage).
 #            MULTI_TESTS=0 skips the tests and checks, MULTI_BENCH=0 the engine runs; MULTI_HTTP=1 adds `serve run serve_configs/tp2.yaml`
 #            through HTTP (bench.py --serve-config). If it outgrows one call, one shape a call:
@@ -213,14 +214,15 @@ fp8() {
   run decode-8b-fp8-deq 240 "${BENCH[@]}" --model $M8F --decode-only --profile --fp8-gemm dequant
   run offline-8b-fp8 300 "${BENCH[@]}" --model $M8F --bw --profile
 }
-# bench.py arguments of a grid spec: TxP, "-os" the one-shot TP all-reduce, "-lN" N pipeline lanes,
-# "-no" no overlap scheduling
+# bench.py arguments of a grid spec: TxP, "-os" the one-shot TP all-reduce (the default), "-nccl" NCCL
+# for all TP all-reduces, "-lN" N pipeline lanes, "-no" no overlap scheduling
 grid_args() {
   local g=$1 base=${1%%-*} o
   echo -n "--tp-size ${base%x*} --pp-size ${base#*x}"
   for o in $(echo "${g#$base}" | tr '-' ' '); do
     case $o in
       os) echo -n " --tp-allreduce one_shot" ;;
+      nccl) echo -n " --tp-allreduce nccl" ;;
       no) echo -n " --no-overlap" ;;
       l*) echo -n " --pp-inflight-batches ${o#l}" ;;
     esac
@@ -238,7 +240,7 @@ print("        " + "  ".join(f"{k}={r.get(k)}" for k in keys if k in r))
 PY
 }
 multi() {
-  local g grids=${GRIDS:-2x1,1x2,2x1-os} checks=${CHECK_GRIDS:-2x1,1x2,2x1-os,1x2-l1}
+  local g grids=${GRIDS:-2x1,2x1-nccl,1x2} checks=${CHECK_GRIDS:-2x1,1x2,2x1-nccl,1x2-l1}
   [ "${MULTI_TESTS:-1}" = 0 ] || {
     run gpu-tests-2gpu 240 python -m pytest -q -p no:cacheprovider tests/gpu/test_tp_allreduce.py
     note gpu-tests-2gpu "$(tail -1 "$LOGS/$LABEL-gpu-tests-2gpu.txt")"

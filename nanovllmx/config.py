@@ -83,10 +83,11 @@ class EngineConfig:
     # sends one batch more, whose placeholders the first stage takes from the last stage), else
     # pp_size + 1 (the extra lane hides the scheduler's work between a result and the next batch); 1: off
     pp_inflight_batches: int | None = None
-    # TP all-reduce: "nccl", or "one_shot": messages up to 4 MB (decode) through a one-shot all-reduce
-    # over NVLink peer memory (PyTorch symmetric memory, no multicast), NCCL above that and wherever it
-    # cannot be set up (distributed/one_shot_allreduce.py); CUDA only, ignored on CPU
-    tp_allreduce: str = "nccl"
+    # TP all-reduce: "one_shot": messages up to 4 MB (decode) through a one-shot all-reduce over NVLink
+    # peer memory (PyTorch symmetric memory, no multicast), NCCL above that and wherever it cannot be
+    # set up (distributed/one_shot_allreduce.py; CUDA only, ignored on CPU); "nccl": NCCL for all.
+    # One-shot by default: 1.51x against NCCL's 1.47x for TP=2 on the 8B shape (docs/benchmarks.md)
+    tp_allreduce: str = "one_shot"
     hf_config: Any = field(default=None, repr=False)
     checkpoint: Any = field(default=None, init=False, repr=False)  # models.checkpoint.CheckpointInfo
     eos_token_ids: list[int] = field(default_factory=list)
@@ -219,8 +220,11 @@ class EngineConfig:
 FLASHINFER_HEAD_DIMS = (64, 128, 256)  # the head sizes FlashInfer's prefill and decode kernels take
 
 
-def resolve_executor(executor: str, device: str, world_size: int, serving: bool = False) -> ExecutorKind:
-    """The executor "auto" stands for, decided here only. A grid of several shards needs Ray. A
+def resolve_executor(
+    executor: str, device: str, world_size: int, serving: bool = False, shared: bool = False
+) -> ExecutorKind:
+    """The executor "auto" stands for, decided here only. A grid of several shards needs Ray, and so
+    does an engine `shared` by several HTTP frontends (they attach to its scheduler actor). A
     server on GPU runs the engine in Ray actors too, never in the replica's process: the replica's
     Python thread streams every token of every request, and sharing its GIL with the engine's step
     loop cost 2/3 of the throughput on an H100 (docs/benchmarks-history.md). Otherwise (offline, the CPU
@@ -231,4 +235,4 @@ def resolve_executor(executor: str, device: str, world_size: int, serving: bool 
         raise ValueError("the local executor runs one shard; tp_size * pp_size > 1 needs executor='ray'")
     if executor != "auto":
         return executor  # type: ignore[return-value]
-    return "ray" if world_size > 1 or (serving and device == "cuda") else "local"
+    return "ray" if world_size > 1 or shared or (serving and device == "cuda") else "local"

@@ -298,3 +298,18 @@ def bundle_node_ids(pg: PlacementGroup) -> list[str]:
     table = placement_group_table(pg)
     b2n = table.get("bundles_to_node_id", {})
     return [b2n.get(i) for i in range(len(table.get("bundles", {})))]
+
+
+def node_visible_gpus(infos: list[dict[str, Any]]) -> list[list[str]]:
+    """For each worker (its `node_info`: node_id, gpu_ids), the GPUs of this engine on its node, in
+    a fixed order: what the worker makes visible before CUDA starts. Ray shows an actor only its
+    own GPU, and peer memory (the one-shot all-reduce's symmetric buffers) cannot be mapped between
+    processes that each call their GPU device 0; other engines' GPUs stay invisible."""
+    by_node: dict[str, set[str]] = {}
+    for info in infos:
+        by_node.setdefault(info["node_id"], set()).update(info["gpu_ids"])
+
+    def order(gpu: str) -> tuple[int, str]:
+        return (int(gpu), "") if gpu.isdigit() else (1 << 30, gpu)  # ids, or UUIDs after them
+
+    return [sorted(by_node[info["node_id"]], key=order) for info in infos]

@@ -351,8 +351,13 @@ class RayCoreClient:
             init_method = None
             if world > 1:  # the rendezvous address comes from rank 0's own node
                 init_method = ray.get(self.workers[0].rendezvous_address.remote())
+            visible: list[list[str] | None] = [None] * world
+            if world > 1 and cfg.device == "cuda":  # each worker sees its node's grid GPUs (peer memory)
+                infos = ray.get([w.node_info.remote() for w in self.workers])
+                visible = list(placement.node_visible_gpus(infos))
             self.worker_info = _wait_all(
-                [w.init_worker.remote(init_method) for w in self.workers], "worker initialisation"
+                [w.init_worker.remote(init_method, v) for w, v in zip(self.workers, visible, strict=True)],
+                "worker initialisation",
             )
             ray.get(self.scheduler.start.remote(self.workers))
         except BaseException:

@@ -77,6 +77,7 @@ class WorkerActor:
                 if iface:
                     os.environ["GLOO_SOCKET_IFNAME"] = iface
         self.worker: Worker | None = None  # set by init_worker, the first call after the actor starts
+        self.local_device = 0  # this shard's CUDA device index (Ray shows only its GPU, as 0)
         self._loop_thread: threading.Thread | None = None
         self._loop_error: str | None = None
         self._last_end: float | None = None
@@ -99,10 +100,17 @@ class WorkerActor:
         """Called on rank 0 only: the torch.distributed init address (this node's IP, a free port)."""
         return f"tcp://{self.node_ip}:{_free_port()}"
 
-    def init_worker(self, init_method: str | None) -> dict[str, Any]:
+    def init_worker(self, init_method: str | None, visible_gpus: list[str] | None = None) -> dict[str, Any]:
+        """Load this shard. `visible_gpus`: the grid's GPUs on this node (placement.node_visible_gpus),
+        made visible before CUDA starts, so that the TP ranks can map each other's memory; without
+        it only Ray's own GPU is visible, as device 0."""
         from nanovllmx.worker.worker import Worker
 
-        self.worker = Worker(self.cfg, self.rank, init_method, 0)  # Ray's CUDA_VISIBLE_DEVICES: our GPU is 0
+        if visible_gpus:
+            own = [str(g) for g in ray.get_gpu_ids()]
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(visible_gpus)
+            self.local_device = visible_gpus.index(own[0])
+        self.worker = Worker(self.cfg, self.rank, init_method, self.local_device)
         return self.node_info()
 
     def stage_stats(self) -> dict[str, Any]:
@@ -111,7 +119,7 @@ class WorkerActor:
         if self.cfg.device == "cuda":
             import torch
 
-            torch.cuda.set_device(0)
+            torch.cuda.set_device(self.local_device)
         return {"rank": self.rank, "one_shot_allreduce": self.worker.one_shot_allreduce, **self.worker.busy.summary()}
 
     def available_kv_slots(self) -> int:
@@ -141,7 +149,7 @@ class WorkerActor:
         if self.cfg.device == "cuda":
             import torch
 
-            torch.cuda.set_device(0)  # the current device is per thread
+            torch.cuda.set_device(self.local_device)  # the current device is per thread
         lock = threading.Lock()  # this thread (ERROR) and the sender thread share the socket
         sender = _ResultSender(self, conn, lock, threaded=overlap) if sends_result else None
         try:

@@ -199,7 +199,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     tp = int(engine_kwargs.get("tp_size", EngineConfig.tp_size))
     pp = int(engine_kwargs.get("pp_size", EngineConfig.pp_size))
     executor = engine_kwargs["executor"] = resolve_executor(
-        engine_kwargs.get("executor", EngineConfig.executor), device, tp * pp, serving=True
+        engine_kwargs.get("executor", EngineConfig.executor), device, tp * pp, serving=True, shared=frontends > 1
     )
     own_workers = executor == "ray"
     if frontends > 1:
@@ -310,8 +310,8 @@ def _check_frontends(executor: str, deploy_opts: dict[str, Any], prefix_routing:
     """Several HTTP frontends share one engine on Ray; not combined with several engines (yet)."""
     if executor != "ray":
         raise ValueError(
-            "frontends > 1 needs the engine on Ray (its frontends attach to its scheduler actor): set "
-            "executor: ray (the default on GPU; on CPU it runs with gloo)"
+            "frontends > 1 needs the engine on Ray (its frontends attach to its scheduler actor): leave "
+            "executor at auto or set it to ray (on CPU it runs with gloo)"
         )
     if can_have_replicas(deploy_opts) or prefix_routing is True:
         raise ValueError(

@@ -583,3 +583,19 @@ def test_worker_loop_overlaps_launches():
         assert not actor._loop_thread.is_alive() and "step 1 failed on the device" in actor._loop_error
     finally:
         server.close()
+
+
+def test_node_visible_gpus_per_node():
+    """Each worker is shown its engine's GPUs on its own node (for peer memory between TP ranks) in
+    one order on every rank, and nothing of another node."""
+    from nanovllmx.distributed.placement import node_visible_gpus
+
+    infos = [
+        {"node_id": "a", "gpu_ids": ["3"]},
+        {"node_id": "a", "gpu_ids": ["10"]},
+        {"node_id": "b", "gpu_ids": ["0"]},
+        {"node_id": "a", "gpu_ids": ["2"]},
+    ]
+    got = node_visible_gpus(infos)
+    assert got == [["2", "3", "10"], ["2", "3", "10"], ["0"], ["2", "3", "10"]]  # numeric order, not "10" < "2"
+    assert [v.index(i["gpu_ids"][0]) for v, i in zip(got, infos, strict=True)] == [1, 2, 0, 0]

@@ -82,8 +82,11 @@ def test_build_app_frontends_topology() -> None:
     from nanovllmx.entrypoints.openai import api_server  # vLLM's flag
 
     assert api_server.app_args(api_server.parse_args(["--model", "m", "--api-server-count", "3"]))["frontends"] == 3
+    # executor auto (the CPU's default is in-process) takes Ray when frontends share the engine
+    auto = build_app({**FRONT_ARGS, "executor": "auto", "frontends": 2})._bound_deployment
+    assert auto.init_kwargs["engine"]._bound_deployment.init_args[2]["executor"] == "ray"
     for bad, match in [
-        ({"frontends": 2, "executor": "local"}, "executor: ray"),
+        ({"frontends": 2, "executor": "local"}, "set it to ray"),
         ({"frontends": 2, "num_replicas": 2}, "several engine replicas"),
         ({"frontends": 2, "autoscaling_config": {"min_replicas": 1, "max_replicas": 3}}, "several engine"),
         ({"frontends": 0}, "frontends must be"),
