@@ -327,6 +327,7 @@ def _with_serve_config(a) -> list[dict]:
                 raise SystemExit(f"serve run {a.serve_config} did not come up (log: {log.name})")
             time.sleep(2)
         sub = argparse.Namespace(**{**vars(a), "serve_config": None, "start_server": False})
+        sub.frontends = int(app["args"].get("frontends", 1))  # the config's own unless --frontends: wait for each
         sub.url, sub.http_mode = f"http://127.0.0.1:{port}", f"http-config:{os.path.basename(a.serve_config)}"
         return http_bench(sub)
     finally:
