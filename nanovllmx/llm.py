@@ -39,12 +39,17 @@ _C = EngineConfig  # the defaults below are EngineConfig's: decided there only
 
 class LLM:
     """The engine's client API (`EngineClient`, engine/protocol.py). Every argument but `attach_to`
-    is an `EngineConfig` field (config.py documents them all); the common ones are named here.
+    and `clients` is an `EngineConfig` field (config.py documents them all); the common ones are
+    named here.
 
     `attach_to`: another process's engine (`other_llm.attachment()`, executor "ray" only): this LLM
     then starts no engine of its own; it is one more client of that engine's scheduler actor (its
     own tokenizer, detokenization and streaming), and its shutdown leaves the engine running. The
-    config must describe the same model (it is used for tokenizing and limits only)."""
+    config must describe the same model (it is used for tokenizing and limits only).
+
+    `clients`: how many LLMs submit to this engine (Serve's frontends). Each then admits its share,
+    ceil((max_bs + max_waiting_requests) / clients) outstanding requests, so that together they
+    hold the engine's bound, not `clients` times it."""
 
     def __init__(
         self,
@@ -59,10 +64,13 @@ class LLM:
         pp_size: int = _C.pp_size,
         executor: str = _C.executor,
         attach_to: EngineAttachment | None = None,
+        clients: int = 1,
         **kwargs: Any,
     ):
         from transformers import AutoTokenizer
 
+        if isinstance(clients, bool) or not isinstance(clients, int) or clients < 1:
+            raise ValueError(f"clients must be an integer >= 1, got {clients!r}")
         self.config = EngineConfig(
             model=model,
             device=device,
@@ -100,7 +108,8 @@ class LLM:
         # admission: the closed flag and the outstanding count are checked and a request submitted
         # under one lock, so shutdown() never misses a request that slipped in
         self._admit = threading.Lock()
-        self.max_outstanding = self.config.max_bs + self.config.max_waiting_requests
+        self._clients = clients
+        self.max_outstanding = -(-(self.config.max_bs + self.config.max_waiting_requests) // clients)
         self._out_thread = threading.Thread(target=self._output_loop, name="nanovllmx-output", daemon=True)
         self._out_thread.start()
         # an LLM left open is shut down at interpreter exit, before Ray's own exit hook disconnects
@@ -181,8 +190,10 @@ class LLM:
             n = len(self.processor.states)
             if n >= self.max_outstanding:  # refused here, cheaply: nothing reaches the engine
                 raise EngineOverloadedError(
-                    f"the engine is overloaded: {n} requests outstanding (max_bs={self.config.max_bs} running + "
-                    f"max_waiting_requests={self.config.max_waiting_requests} waiting); retry later"
+                    f"the engine is overloaded: {n} requests outstanding here (max_bs={self.config.max_bs} "
+                    f"running + max_waiting_requests={self.config.max_waiting_requests} waiting"
+                    + (f", shared by {self._clients} clients" if self._clients > 1 else "")
+                    + "); retry later"
                 )
             self.processor.add(st)
             try:

@@ -152,10 +152,12 @@ class LLMServerImpl:
         reasoning_parser: str = "auto",
         tool_call_parser: str = "auto",
         engine: DeploymentHandle[Any] | None = None,
+        frontends: int = 1,
     ):
         """`engine`: an `LLMEngine` deployment (build_app's `frontends` > 1). This replica is then one
-        of several HTTP frontends of that engine: its LLM attaches to the engine's scheduler actor
-        (handles fetched once, here) and it exports no engine-level metrics (the engine does)."""
+        of `frontends` HTTP frontends of that engine: its LLM attaches to the engine's scheduler actor
+        (handles fetched once, here), admits its share of the engine's queue bound, and it exports no
+        engine-level metrics (the engine does)."""
         from nanovllmx import LLM
 
         _setup_logging(log_level)
@@ -169,7 +171,7 @@ class LLMServerImpl:
         self.folder = model_resolver.resolve_model(model, revision)
         t0 = time.perf_counter()
         attach_to = None if engine is None else await attach_engine(engine)
-        self.llm: EngineClient = LLM(self.folder, attach_to=attach_to, **engine_kwargs)
+        self.llm: EngineClient = LLM(self.folder, attach_to=attach_to, clients=frontends, **engine_kwargs)
         self.mapping = RequestMapping(
             self.llm,
             generation_defaults(self.folder) if generation_config == "auto" else {},

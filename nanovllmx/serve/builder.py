@@ -268,8 +268,10 @@ def build_app(args: dict[str, Any]) -> serve.Application:
             model, served_names[0], engine_kwargs, revision, log_level, shutdown_timeout
         )
         front_opts = _frontend_options(deploy_opts, frontends, ingress_options)
+        # each frontend admits its share of the engine's queue bound (LLM's `clients`)
+        shares = front_opts["num_replicas"] if isinstance(front_opts.get("num_replicas"), int) else frontends
         frontend: serve.Application = LLMServer.options(**front_opts).bind(
-            *server_args, **server_kwargs, engine=engine_app
+            *server_args, **server_kwargs, engine=engine_app, frontends=max(1, shares)
         )
         return frontend
     deployment: serve.Deployment = LLMBackend if routed else LLMServer

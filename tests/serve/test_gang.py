@@ -76,6 +76,7 @@ def test_build_app_frontends_topology() -> None:
     rc = front._replica_config
     assert rc.ray_actor_options["num_cpus"] == 1 and not rc.ray_actor_options.get("num_gpus")
     assert rc.placement_group_bundles is None and front._deployment_config.health_check_period_s == 3
+    assert front.init_kwargs["frontends"] == 2  # each admits half the engine's queue bound
     engine = front.init_kwargs["engine"]._bound_deployment
     assert engine.name == "LLMEngine" and engine.num_replicas == 1
     assert engine._replica_config.placement_group_bundles == [{"CPU": 1.0}, {"CPU": 0.25}]  # the gang

@@ -109,6 +109,31 @@ def test_max_waiting_requests_config(tiny_model_dir):
     assert issubclass(EngineOverloadedError, RuntimeError) and issubclass(EngineUnavailableError, RuntimeError)
 
 
+def test_client_share_of_the_queue_bound(tiny_model_dir):
+    """`clients=N` (Serve's N frontends of one engine): each admits ceil((max_bs + max_waiting) / N),
+    so together they hold the engine's bound; the refusal says it is a share."""
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="clients must be"):  # before any engine starts
+            LLM(str(tiny_model_dir), context_len=CTX, device="cpu", clients=bad)
+    eng = LLM(str(tiny_model_dir), context_len=CTX, max_bs=2, max_waiting_requests=1, device="cpu", clients=2)
+    try:
+        assert eng.max_outstanding == 2  # ceil(3 / 2)
+
+        async def main():
+            streams = [eng.stream(random_prompt(20, seed=i), greedy(200), request_id=f"s{i}") for i in range(2)]
+            tasks = [asyncio.ensure_future(collect(s)) for s in streams]
+            await asyncio.sleep(0.05)
+            with pytest.raises(EngineOverloadedError, match=r"2 requests outstanding here.*shared by 2 clients"):
+                await eng.stream(random_prompt(5, seed=9), greedy(2)).__anext__()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        eng.shutdown()
+
+
 def test_overload_refused_before_submission_and_waiting_abort(tiny_model_dir):
     """max_bs + max_waiting_requests requests outstanding: the next one raises EngineOverloadedError
     at once, without reaching the engine. A waiting request can be aborted; generate() of a batch
@@ -121,7 +146,7 @@ def test_overload_refused_before_submission_and_waiting_abort(tiny_model_dir):
             streams = [eng.stream(random_prompt(20, seed=i), greedy(200), request_id=f"r{i}") for i in range(3)]
             tasks = [asyncio.ensure_future(collect(s)) for s in streams]
             await asyncio.sleep(0.05)  # all three submitted
-            with pytest.raises(EngineOverloadedError, match=r"3 requests outstanding.*max_waiting_requests=1"):
+            with pytest.raises(EngineOverloadedError, match=r"3 requests outstanding here.*=1 waiting\)"):
                 await eng.stream(random_prompt(5, seed=9), greedy(2)).__anext__()
             st = eng.stats()
             assert st["num_outstanding_requests"] == 3 and st["num_running"] + st["num_waiting"] <= 3
