@@ -314,7 +314,14 @@ def _with_serve_config(a) -> list[dict]:
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(cfg, f)
     log = open(os.path.join(tempfile.gettempdir(), "bench_serve_run.log"), "w")
-    proc = subprocess.Popen(["serve", "run", f.name], stdout=log, stderr=subprocess.STDOUT)
+    # SIGINT restored: a background job (`python bench.py ... &`) inherits it ignored, and then the
+    # Ctrl-C below would not stop serve run (nor the HAProxy it started)
+    proc = subprocess.Popen(
+        ["serve", "run", f.name],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         deadline = time.time() + 600
         while True:

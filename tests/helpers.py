@@ -4,6 +4,7 @@ constants, the `transformers` reference, seeded prompts, waiting for an api_serv
 from __future__ import annotations
 
 import random
+import signal
 import socket
 from pathlib import Path
 
@@ -45,6 +46,13 @@ class HFReference:
                 out = self.model(torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
             self._greedy[key] = toks
         return list(self._greedy[key])
+
+
+def sigint_default() -> None:
+    """`preexec_fn` of a child that is stopped with SIGINT (as Ctrl-C stops `serve run`): a shell
+    starts a background job (`cmd &`) with SIGINT ignored and children inherit that, so without this
+    the child would never stop on it (and its HAProxy would outlive the SIGKILL that follows)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def free_port() -> int:

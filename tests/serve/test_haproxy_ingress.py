@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -19,7 +17,7 @@ import pytest
 import yaml
 
 from nanovllmx.utils.demo import DEMO_MODEL_NAME
-from tests.helpers import free_port, wait_api_server
+from tests.helpers import free_port, sigint_default, wait_api_server
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -63,7 +61,9 @@ def test_serve_run_with_haproxy_ingress(tmp_path: Path) -> None:
     # a Ray instance of its own (RAY_ADDRESS=local), stopped with the CLI's Ctrl-C
     env = {**os.environ, "RAY_ADDRESS": "local", "RAY_USAGE_STATS_ENABLED": "0"}
     with open(log, "w") as f:
-        proc = subprocess.Popen(["serve", "run", str(path)], stdout=f, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(
+            ["serve", "run", str(path)], stdout=f, stderr=subprocess.STDOUT, env=env, preexec_fn=sigint_default
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_api_server(url, proc, log, timeout=240)
@@ -97,13 +97,6 @@ def test_serve_run_with_haproxy_ingress(tmp_path: Path) -> None:
         bad = httpx.post(url + "/v1/completions", json={"model": DEMO_MODEL_NAME, "prompt": 5}, timeout=30)
         assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
         assert httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"] == DEMO_MODEL_NAME
-        # HAProxy forwards to the replica itself once its reload with the replica's port is done (until
-        # then to Serve's proxy, its fallback). Stop only then: Serve stopping HAProxy in the middle of
-        # a reload kills the old process and leaves the new one running (seen in CI, Ray 2.60)
-        deadline = time.monotonic() + 60
-        while not re.search(r"^http-demo,SERVE_REPLICA_[^,]*,(?:[^,]*,){15}UP", _stats(stats_port), re.M):
-            assert time.monotonic() < deadline, _stats(stats_port)[:600]
-            time.sleep(0.5)
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -113,8 +106,3 @@ def test_serve_run_with_haproxy_ingress(tmp_path: Path) -> None:
     # HAProxy is a process of its own: it must not outlive the Serve instance that started it
     with pytest.raises(httpx.TransportError):
         httpx.get(f"http://127.0.0.1:{stats_port}/stats", timeout=5)
-
-
-def _stats(port: int) -> str:
-    """HAProxy's stats page as CSV: one row per frontend, backend and server (status in column 18)."""
-    return httpx.get(f"http://127.0.0.1:{port}/stats;csv", timeout=10).text
