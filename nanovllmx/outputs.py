@@ -22,6 +22,9 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None = None  # one per token of token_ids (SamplingParams.logprobs)
     # one per prompt token, None for the first (SamplingParams.prompt_logprobs)
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    # seconds from submission to the first token reaching this process (TTFT as a caller sees it,
+    # without HTTP: the offline counterpart of the serving benchmarks' TTFT); None without tokens
+    ttft: float | None = None
 
 
 @dataclass

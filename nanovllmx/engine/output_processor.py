@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -36,6 +37,8 @@ class RequestState:
     queue: asyncio.Queue[StreamItem] | None = None
     loop: asyncio.AbstractEventLoop | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None  # perf_counter when the first token reached this process
 
 
 def _deliver(items: list[tuple[asyncio.Queue[StreamItem], StreamItem]]) -> None:
@@ -71,6 +74,8 @@ class OutputProcessor:
             st.num_cached_tokens = o.num_cached_tokens
             if o.queue_time is not None:
                 st.queue_time = o.queue_time
+            if st.first_token_at is None and o.new_token_ids:
+                st.first_token_at = time.perf_counter()
             st.token_ids.extend(o.new_token_ids)
             if o.logprobs is not None:
                 st.logprobs = (st.logprobs or []) + o.logprobs if st.queue is None else o.logprobs
@@ -135,4 +140,5 @@ class OutputProcessor:
             st.num_cached_tokens,
             st.logprobs,
             st.prompt_logprobs,
+            None if st.first_token_at is None else st.first_token_at - st.submitted,
         )

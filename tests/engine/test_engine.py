@@ -179,9 +179,14 @@ def test_single_requests_match_hf(llm, hf_ref, tokenizer):
 
 def test_mixed_length_batch_matches_hf(llm, hf_ref):
     prompts = [random_prompt(n, seed=200 + n) for n in (5, 300, 17, 64, 1, 129, 33, 250)]
+    t = time.perf_counter()
     outs = llm.generate(prompts, greedy(12))
+    wall = time.perf_counter() - t
     check_same(outs, prompts, hf_ref, 12)
     assert all(o.finish_reason == "length" and len(o.token_ids) == 12 for o in outs)
+    # TTFT (bench.py's offline TTFT): within the call, and before the 11 decode steps that follow
+    assert all(o.ttft is not None and 0 < o.ttft < wall for o in outs)
+    assert max(o.ttft for o in outs) < wall * 0.75, (max(o.ttft for o in outs), wall)
     assert_no_leak(llm)
 
 
