@@ -825,12 +825,14 @@ def main() -> None:
     stats = llm.stats()
     res.update({k: stats[k] for k in ("num_preempted_total", "num_slots") if k in stats})
     if bw and not a.decode_only:
-        bound = roofline.bound(roofline.Shape.from_config(a.model), bw, num_seqs=a.num_seqs).tok_per_s
+        b = roofline.bound(roofline.Shape.from_config(a.model), bw, num_seqs=a.num_seqs)
         res.update(
             {
                 "copy_bw_TBps": round(bw / 1e12, 3),
-                "bound_tok_per_s": round(bound),
-                "pct_of_bound": round(100 * total / dt / bound, 1),
+                "bound_tok_per_s": round(b.tok_per_s),
+                "pct_of_bound": round(100 * total / dt / b.tok_per_s, 1),
+                # prefill's compute and decode's bytes one after the other (roofline.Bound.serial_seconds)
+                "serial_bound_tok_per_s": round(b.serial_tok_per_s),
             }
         )
     if a.profile:

@@ -42,18 +42,22 @@ def test_standard_workload():
 
 
 @pytest.mark.parametrize(
-    "name, config, expected",
+    "name, config, expected, serial",
     [
-        ("q06", QWEN3_06B, 37_561),  # docs/benchmarks.md: 37.6k tok/s at 4.24 TB/s
-        ("q8b", QWEN3_8B, 17_020),  # ~17.0k
+        ("q06", QWEN3_06B, 37_561, 35_818),  # docs/benchmarks.md: 37.6k tok/s at 4.24 TB/s
+        ("q8b", QWEN3_8B, 17_020, 12_857),  # ~17.0k; prefill's 2.5 s of compute does not hide under decode
     ],
 )
-def test_bound_from_config(tmp_path, name, config, expected):
+def test_bound_from_config(tmp_path, name, config, expected, serial):
     shape = Shape.from_config(_checkpoint(tmp_path, name, config))
     b = bound(shape, bw=4.24e12)
     assert b.output_tokens == 133966
     assert b.tok_per_s == pytest.approx(expected, rel=0.01)
     assert b.t_mem > b.t_compute  # memory-bound at 790 TF/s
+    # prefill's compute and decode's bytes one after the other: longer by exactly prefill's compute
+    assert b.serial_tok_per_s == pytest.approx(serial, rel=0.01)
+    t_prefill = b.t_compute * b.prefill_flops / (b.prefill_flops + b.decode_flops)
+    assert b.serial_seconds - b.seconds == pytest.approx(t_prefill)
 
 
 def test_defaults_are_the_06b_shape(tmp_path):
