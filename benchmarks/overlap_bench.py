@@ -13,7 +13,7 @@ o GEMM, add+RMSNorm, gate_up GEMM, SiLU-mul, down GEMM), captured in CUDA graphs
   half: one chain of B/2 alone (what each half costs without the other).
 Prints ms per step and two against one. Contexts are uniform in --ctx-min..--ctx-max.
 
-    python -m benchmarks.overlap_bench [--sizes 64,128,256]
+    python -m benchmarks.overlap_bench [--sizes 64,128,256] [--shape 8b]
     TRITON_INTERPRET=1 python -m benchmarks.overlap_bench --cpu-check   # plumbing only: halves == whole
 """
 
@@ -27,7 +27,8 @@ import torch
 
 from nanovllmx.kernels.fused import qk_norm_rope_store, rmsnorm, silu_and_mul
 
-HID, H, HKV, D, INTER, EPS = 1024, 16, 8, 128, 3072, 1e-6
+HID, H, HKV, D, INTER, EPS = 1024, 16, 8, 128, 3072, 1e-6  # the Qwen3-0.6B shape (--shape 8b: Qwen3-8B's)
+SHAPES = {"0.6b": (1024, 16, 3072, 28), "8b": (4096, 32, 12288, 36)}  # hidden, heads, intermediate, layers
 
 
 @dataclass
@@ -183,11 +184,15 @@ def main() -> None:
     ap.add_argument("--sizes", default="64,128,256")
     ap.add_argument("--ctx-min", type=int, default=300)
     ap.add_argument("--ctx-max", type=int, default=1800)
-    ap.add_argument("--layers", type=int, default=28)
+    ap.add_argument("--shape", choices=SHAPES, default="0.6b")
+    ap.add_argument("--layers", type=int, default=None, help="default: the shape's")
     ap.add_argument("--cpu-check", action="store_true")
     a = ap.parse_args()
     if a.cpu_check:
         return cpu_check()
+    global HID, H, INTER  # the chains read the shape from these (a benchmark script: one shape per run)
+    HID, H, INTER, layers_default = SHAPES[a.shape]
+    a.layers = a.layers or layers_default
     from benchmarks.roofline import copy_bandwidth
     from nanovllmx.layers.rotary import RotaryEmbedding
     from nanovllmx.utils.profiling import graph_time
