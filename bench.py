@@ -428,7 +428,7 @@ def _app_args(a) -> dict:
     return args
 
 
-def _wait_frontends(url: str, model: str, n: int, timeout: float = 120.0) -> None:
+def _wait_frontends(url: str, model: str, n: int, timeout: float = 300.0) -> None:
     """Until each of the n HTTP frontends has served a request (the engine's per-client counters in
     /v1/engine/stats): HAProxy balances connections only over the frontends its health checks passed,
     and a workload started before the last one is up keeps its connections on the others."""
@@ -440,7 +440,9 @@ def _wait_frontends(url: str, model: str, n: int, timeout: float = 120.0) -> Non
         # among equally loaded frontends), so n in a row reach n frontends once all are UP
         for _ in range(n):
             body = {"model": model, "prompt": [1, 2, 3], "max_tokens": 1}
-            httpx.post(url + "/v1/completions", json=body, timeout=60)
+            # the whole wait's deadline, not a minute each: an engine without warm-up (an older
+            # tree) compiles its prefill kernels on the first request (~60 s on a fresh H200)
+            httpx.post(url + "/v1/completions", json=body, timeout=max(5.0, deadline - time.time()))
         clients = httpx.get(url + "/v1/engine/stats", timeout=60).json().get("clients", {})
         served = sum(1 for c in clients.values() if c["num_requests"] > 0)
         if served >= n:

@@ -10,7 +10,7 @@ from nanovllmx.attention.base import AttentionBackend, forward_context
 from nanovllmx.attention.metadata import AttentionMetadata, KVPool
 from nanovllmx.config import EngineConfig
 from nanovllmx.models.qwen3 import Qwen3ForCausalLM
-from nanovllmx.scheduler.messages import ScheduledBatch, StepLogprobs, StepOutput
+from nanovllmx.scheduler.messages import SamplingArrays, ScheduledBatch, StepLogprobs, StepOutput
 from nanovllmx.utils.timing import PhaseTimer
 from nanovllmx.worker.logits_processing import (
     DeviceLogprobs,
@@ -282,6 +282,54 @@ class ModelRunner:
         sampled = self.to_host(tokens, sampled_lp, prompt_lp)
         tm.lap("sample_launch")
         return sampled
+
+    @torch.inference_mode()
+    def warmup(self) -> None:
+        """Two prefill steps on scratch rows before the engine takes requests, one per sampler path
+        (temperature only; top-k/top-p/min-p), with token counts off and on a multiple of 16 (Triton
+        specializes on it). On a fresh machine the prefill path's kernels (Triton, FlashInfer's JIT
+        modules, the MoE kernel) compile on first use: the first request after `serve run` waited
+        ~60 s on an H200 (11th session) while the server already reported ready. The batches use
+        the dummy req_to_token row of the decode graphs, all zeros: every token reads and writes the
+        dummy slot 0, nothing real."""
+        row = self.cfg.max_bs
+        for q_lens, filtered in (([31, 2], False), ([16, 16], True)):
+            q = np.minimum(np.array(q_lens, np.int32), self.cfg.max_len - 1)
+            t, n = int(q.sum()), len(q)
+            zeros = np.zeros(t, np.int32)
+            b = ScheduledBatch(
+                step=-1,
+                req_indices=np.full(n, row, np.int32),
+                start_pos=np.zeros(n, np.int32),
+                q_lens=q,
+                input_ids=zeros,
+                out_slots=zeros,
+                table_rows=zeros[:0],
+                table_cols=zeros[:0],
+                table_slots=zeros[:0],
+                sample_rows=np.arange(n, dtype=np.int32),
+                sampling=SamplingArrays(
+                    temperature=np.full(n, 0.7, np.float32),
+                    top_p=np.full(n, 0.95 if filtered else 1.0, np.float32),
+                    top_k=np.full(n, 20 if filtered else 0, np.int32),
+                    min_p=np.full(n, 0.05 if filtered else 0.0, np.float32),
+                    seeds=np.full(n, -1, np.int64),
+                    output_lens=np.zeros(n, np.int32),
+                    needs_filter=filtered,
+                    all_greedy=False,
+                ),
+            )
+            hidden = residual = None
+            if not self.model.is_first:  # a later pipeline stage: any hidden states will do
+                h = self.cfg.hf_config.hidden_size
+                hidden = torch.zeros((t, h), dtype=self.cfg.torch_dtype, device=self.device)
+                residual = torch.zeros_like(hidden)
+            out = self.execute(b, hidden, residual)
+            if self.model.is_last:
+                out.result()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.timer = PhaseTimer()  # the engine's step statistics start with its first real step
 
     def _event(self) -> torch.cuda.Event | None:
         """A CUDA event after the work queued so far (None on CPU, where it is done already)."""

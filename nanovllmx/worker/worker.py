@@ -109,6 +109,7 @@ class Worker:
         n_layers, kvh, hd = self._layer_shape()
         self.kv = KVPool(n_layers, num_slots, kvh, hd, self.cfg.torch_dtype, self.device)
         self.runner = ModelRunner(self.cfg, self.model, self.kv, self.device)
+        self.runner.warmup()  # compile the prefill path now, not on the first request
         logger.info("rank %d: KV pool of %d token slots (%d layers, %d KV heads)", self.rank, num_slots, n_layers, kvh)
 
     # ---- one step ----

@@ -56,6 +56,25 @@ def worker(tiny_model_dir):
     w.shutdown()
 
 
+def test_warmup_touches_only_the_dummy_slot(tiny_model_dir):
+    """ModelRunner.warmup (run by init_kv_cache) compiled the prefill path on scratch rows: the K/V
+    it wrote all went to the reserved slot 0, the dummy req_to_token row still maps to it, and the
+    step statistics start at zero."""
+    from nanovllmx.worker.worker import Worker
+
+    w = Worker(EngineConfig(model=str(tiny_model_dir), context_len=CONTEXT_LEN, num_kv_slots=256, max_bs=4))
+    try:
+        w.init_kv_cache(256)
+        r = w.runner
+        assert r.timer.steps == 0
+        assert int(r.req_to_token[r.cfg.max_bs].abs().sum()) == 0
+        for k, v in zip(w.kv.k, w.kv.v):
+            assert k[0].abs().sum() > 0 and v[0].abs().sum() > 0  # the warm-up ran, into slot 0
+            assert int(k[1:].count_nonzero()) == 0 and int(v[1:].count_nonzero()) == 0
+    finally:
+        w.shutdown()
+
+
 @torch.inference_mode()
 def forward_all_logits(worker, batch) -> torch.Tensor:
     """Logits of every token of a ScheduledBatch, through the runner's own batch preparation
