@@ -386,7 +386,8 @@ def _with_serve_config(a) -> list[dict]:
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
-        deadline = time.time() + 600
+        t_launch = time.time()
+        deadline = t_launch + 600
         while True:
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).status_code == 200:
@@ -399,6 +400,7 @@ def _with_serve_config(a) -> list[dict]:
         sub = argparse.Namespace(**{**vars(a), "serve_config": None, "start_server": False})
         sub.frontends = int(app["args"].get("frontends", 1))  # the config's own unless --frontends: wait for each
         sub.url, sub.http_mode = f"http://127.0.0.1:{port}", f"http-config:{os.path.basename(a.serve_config)}"
+        sub.startup_s = round(time.time() - t_launch, 1)  # `serve run` to the first /v1/models answer
         return http_bench(sub)
     finally:
         proc.send_signal(signal.SIGINT)  # serve run shuts the app and its local Ray down on Ctrl-C
@@ -494,6 +496,11 @@ def http_bench(a) -> list[dict]:
                 if attempt == 59 or server is None:
                     raise
                 time.sleep(1)
+        # the first request's latency: on a fresh machine, anything the engine did not compile while
+        # starting (its kernels' JIT) is paid here
+        t = time.perf_counter()
+        httpx.post(url + "/v1/completions", json={"model": model, "prompt": [1, 2, 3], "max_tokens": 1}, timeout=600)
+        first_request_s = round(time.perf_counter() - t, 3)
         if (a.frontends or 1) > 1:
             _wait_frontends(url, model, a.frontends)
         if a.workload == "multiturn":
@@ -523,6 +530,8 @@ def http_bench(a) -> list[dict]:
                     "request_rate": rate if rate else "inf",
                     "concurrency": a.concurrency,
                     "frontends": a.frontends or 1,
+                    "first_request_s": first_request_s,
+                    "startup_s": getattr(a, "startup_s", None),
                 }
             )
             results.append(res)

@@ -19,7 +19,7 @@
 #            it (--serve-config: HAProxy ingress), then the app that bench.py starts (--http --start-server)
 #            through Serve's Python proxy, then Serve's direct ingress (--direct-ingress-port)
 #   frontends  (issue 25) `serve run serve_configs/qwen3.yaml` with --frontends N for N in FRONTENDS (default
-#            "1 2"): HTTP frontend replicas in front of one engine (results.jsonl has ITL p99 per row)
+#            "1 2 4"): HTTP frontend replicas in front of one engine (results.jsonl has ITL p99 per row)
 #   multi    (2 GPUs: kind nvidia-h200-x2) the two-GPU test (tests/gpu/test_tp_allreduce.py), the TP
 #            all-reduce per decode step NCCL vs one-shot (benchmarks/allreduce_bench.py, 8B and 0.6B
 #            shapes), greedy tokens on the grids (gpu_check --grids, CHECK_GRIDS=2x1,1x2,2x1-nccl,1x2-l1),
@@ -189,13 +189,13 @@ http() {
 }
 frontends() {
   # issue 25: `serve run serve_configs/qwen3.yaml` (HAProxy) with N HTTP frontends in front of one engine
-  # (bench.py --frontends: build_app's `frontends`); FRONTENDS="1 2" by default (1: today's one replica)
+  # (bench.py --frontends: build_app's `frontends`); FRONTENDS="1 2 4" by default (4: qwen3.yaml's own)
   if ! grep -q -- "--frontends" bench.py; then
     note frontends "not run: this tree's bench.py has no --frontends"
     return
   fi
   local n
-  for n in ${FRONTENDS:-1 2}; do
+  for n in ${FRONTENDS:-1 2 4}; do
     run "http-config-fe$n" 360 "${BENCH[@]}" --model $M --http --serve-config serve_configs/qwen3.yaml --frontends $n
     serve_down
   done
