@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import os
 from typing import Any
 
@@ -15,6 +16,8 @@ from nanovllmx.serve import model_resolver
 from nanovllmx.serve.app import LLMBackend, LLMServer
 from nanovllmx.serve.mapping import DEFAULT_CHAT_TEMPLATE_TIMEOUT_S, DEFAULT_PROMPT_JOB_STUCK_AFTER_S
 from nanovllmx.serve.middleware import DEFAULT_MAX_REQUEST_BODY_BYTES
+
+logger = logging.getLogger(__name__)
 
 # Keys of `args` that configure the app itself rather than the engine or the Serve deployment.
 APP_KEYS = (
@@ -268,6 +271,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
             model, served_names[0], engine_kwargs, revision, log_level, shutdown_timeout
         )
         front_opts = _frontend_options(deploy_opts, frontends, ingress_options)
+        _warn_if_short_of_cpus(deploy_opts, front_opts)
         # each frontend admits its share of the engine's queue bound (LLM's `clients`)
         shares = front_opts["num_replicas"] if isinstance(front_opts.get("num_replicas"), int) else frontends
         frontend: serve.Application = LLMServer.options(**front_opts).bind(
@@ -330,6 +334,40 @@ def _frontend_options(deploy_opts: dict[str, Any], frontends: int, overrides: di
     opts.update(num_replicas=frontends, ray_actor_options={"num_cpus": 1})
     opts.update(overrides)
     return opts
+
+
+def _warn_if_short_of_cpus(engine_opts: dict[str, Any], front_opts: dict[str, Any]) -> None:
+    """Serve waits, without an error, for CPUs a cluster may never get: with `frontends: 4` (the
+    GPU configs' default) on a small machine the frontends would stay pending. Say so when the app
+    is built; a cluster that autoscales may still add the CPUs, so this only warns."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return
+        have = float(ray.cluster_resources().get("CPU", 0))
+    except Exception:  # noqa: BLE001 - a hint only
+        return
+    bundles = engine_opts.get("placement_group_bundles")
+    engine = (
+        sum(float(b.get("CPU", 0)) for b in bundles)
+        if bundles
+        else float((engine_opts.get("ray_actor_options") or {}).get("num_cpus", 1))
+    )
+    per_front = float((front_opts.get("ray_actor_options") or {}).get("num_cpus", 1))
+    n = front_opts.get("num_replicas")
+    need = engine + per_front * (n if isinstance(n, int) else 1)
+    if have < need:
+        logger.warning(
+            "frontends: %s HTTP frontends of %g CPU each and the engine (%g CPU) need %g CPUs; this Ray "
+            "cluster has %g, so Serve keeps some pending until CPUs are added: use fewer frontends "
+            "(frontends: 1 on a small machine) or ingress_options.ray_actor_options.num_cpus below 1",
+            n,
+            per_front,
+            engine,
+            need,
+            have,
+        )
 
 
 def can_have_replicas(deploy_opts: dict[str, Any]) -> bool:

@@ -97,6 +97,25 @@ def test_build_app_frontends_topology() -> None:
             build_app({**FRONT_ARGS, **bad})
 
 
+def test_build_app_warns_when_frontends_cannot_be_placed(monkeypatch, caplog) -> None:
+    """frontends: 4 on a 2-CPU cluster would leave frontends pending without an error from Serve:
+    build_app says so (a warning: an autoscaling cluster may still add CPUs)."""
+    import ray
+
+    from nanovllmx.serve import build_app
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    with caplog.at_level("WARNING", logger="nanovllmx.serve.builder"):
+        build_app({**FRONT_ARGS, "frontends": 4})
+    (msg,) = [r.getMessage() for r in caplog.records if "frontends" in r.getMessage()]
+    assert "need 5.25 CPUs" in msg and "has 2" in msg  # 4 x 1 + the engine's gang (1 + 0.25)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="nanovllmx.serve.builder"):  # fractional frontends fit
+        build_app({**FRONT_ARGS, "frontends": 2, "ingress_options": {"ray_actor_options": {"num_cpus": 0.25}}})
+    assert not [r for r in caplog.records if "frontends" in r.getMessage()]
+
+
 # ============================================================================ on Ray
 @pytest.fixture(scope="module")
 def ray_instance():
