@@ -83,6 +83,15 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def _latency_ms(xs: list[float]) -> dict[str, float]:
+    """p50 / p90 / p99 and mean of latencies in seconds, in ms."""
+    return {**{f"p{q}": round(1e3 * _pct(xs, q), 2) for q in (50, 90, 99)}, "mean": round(1e3 * _mean(xs), 2)}
+
+
+# one token of a 3-token prompt: the requests that probe a server before a workload
+PROBE = {"prompt": [1, 2, 3], "max_tokens": 1}
+
+
 def http_requests_standard(model: str, num_seqs: int, json_schema_frac: float = 0.0) -> list[tuple[str, dict]]:
     """The standard workload as streaming /v1/completions requests (token-id prompts); with
     json_schema_frac, that share of them under BENCH_SCHEMA (vLLM's structured_outputs field)."""
@@ -175,11 +184,10 @@ def _http_run(
     dt = max(p["t_end"] for p in parts) - min(p["t_start"] for p in parts)
     ttft, itl, e2e, errors = merged["ttft"], merged["itl"], merged["e2e"], merged["errors"]
     out_tokens, in_tokens = sum(merged["out_tokens"]), sum(merged["in_tokens"])
-    ms = lambda xs: {**{f"p{q}": round(1e3 * _pct(xs, q), 2) for q in (50, 90, 99)}, "mean": round(1e3 * _mean(xs), 2)}
     return {
-        "ttft_ms": ms(ttft),
-        "itl_ms": ms(itl),
-        "e2e_s": {k: round(v / 1e3, 3) for k, v in ms(e2e).items()},
+        "ttft_ms": _latency_ms(ttft),
+        "itl_ms": _latency_ms(itl),
+        "e2e_s": {k: round(v / 1e3, 3) for k, v in _latency_ms(e2e).items()},
         "requests": len(requests),
         "completed": len(e2e),
         "seconds": round(dt, 3),
@@ -441,7 +449,7 @@ def _wait_frontends(url: str, model: str, n: int, timeout: float = 300.0) -> Non
         # n requests in a row, each on a new connection: HAProxy balances connections (round robin
         # among equally loaded frontends), so n in a row reach n frontends once all are UP
         for _ in range(n):
-            body = {"model": model, "prompt": [1, 2, 3], "max_tokens": 1}
+            body = {"model": model, **PROBE}
             # the whole wait's deadline, not a minute each: an engine without warm-up (an older
             # tree) compiles its prefill kernels on the first request (~60 s on a fresh H200)
             httpx.post(url + "/v1/completions", json=body, timeout=max(5.0, deadline - time.time()))
@@ -496,10 +504,10 @@ def http_bench(a) -> list[dict]:
                 if attempt == 59 or server is None:
                     raise
                 time.sleep(1)
-        # the first request's latency: on a fresh machine, anything the engine did not compile while
-        # starting (its kernels' JIT) is paid here
+        # the first request, also the workload's warm-up: on a fresh machine, anything the engine did
+        # not compile while starting (its kernels' JIT) is paid here
         t = time.perf_counter()
-        httpx.post(url + "/v1/completions", json={"model": model, "prompt": [1, 2, 3], "max_tokens": 1}, timeout=600)
+        httpx.post(url + "/v1/completions", json={"model": model, **PROBE}, timeout=600)
         first_request_s = round(time.perf_counter() - t, 3)
         if (a.frontends or 1) > 1:
             _wait_frontends(url, model, a.frontends)
@@ -517,8 +525,6 @@ def http_bench(a) -> list[dict]:
         else:
             requests = http_requests_standard(model, a.num_seqs or 256, a.json_schema_frac)
             workload = "standard"
-        warm = [("/v1/completions", {"model": model, "prompt": [1, 2, 3], "max_tokens": 8})]
-        _http_run(url, warm, None, None)
         results = []
         for rate in _parse_rates(a):
             res = _http_run(url, requests, a.concurrency, rate, a.client_procs)
@@ -803,7 +809,7 @@ def main() -> None:
         "tokens": total,
         "seconds": round(dt, 3),
         "tok_per_s": round(total / dt, 1),
-        "ttft_ms": {f"p{q}": round(1e3 * _pct(ttft, q), 2) for q in (50, 90, 99)},
+        "ttft_ms": _latency_ms(ttft),
         "max_bs": a.max_bs,
         "tp": a.tp_size,
         "pp": a.pp_size,

@@ -27,8 +27,9 @@ import torch
 
 from nanovllmx.kernels.fused import qk_norm_rope_store, rmsnorm, silu_and_mul
 
-HID, H, HKV, D, INTER, EPS = 1024, 16, 8, 128, 3072, 1e-6  # the Qwen3-0.6B shape (--shape 8b: Qwen3-8B's)
 SHAPES = {"0.6b": (1024, 16, 3072, 28), "8b": (4096, 32, 12288, 36)}  # hidden, heads, intermediate, layers
+HID, H, INTER, _ = SHAPES["0.6b"]  # main() sets the shape of --shape
+HKV, D, EPS = 8, 128, 1e-6
 
 
 @dataclass
