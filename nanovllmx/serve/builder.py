@@ -73,15 +73,22 @@ def _coerce(value: Any, annotation: str) -> Any:
         return value
 
 
-def _cluster_has_gpus() -> bool:
+def _cluster_resources() -> dict[str, float] | None:
+    """The connected Ray cluster's total resources; None when not connected (or Ray cannot say)."""
     try:
         import ray
 
         if ray.is_initialized():
-            gpus: float = ray.cluster_resources().get("GPU", 0)
-            return gpus > 0
-    except Exception:  # noqa: BLE001
+            return dict(ray.cluster_resources())
+    except Exception:  # noqa: BLE001 - build_app only reads them for defaults and hints
         pass
+    return None
+
+
+def _cluster_has_gpus() -> bool:
+    res = _cluster_resources()
+    if res is not None:
+        return res.get("GPU", 0) > 0
     import torch
 
     return torch.cuda.is_available()
@@ -340,14 +347,10 @@ def _warn_if_short_of_cpus(engine_opts: dict[str, Any], front_opts: dict[str, An
     """Serve waits, without an error, for CPUs a cluster may never get: with `frontends: 4` (the
     GPU configs' default) on a small machine the frontends would stay pending. Say so when the app
     is built; a cluster that autoscales may still add the CPUs, so this only warns."""
-    try:
-        import ray
-
-        if not ray.is_initialized():
-            return
-        have = float(ray.cluster_resources().get("CPU", 0))
-    except Exception:  # noqa: BLE001 - a hint only
+    res = _cluster_resources()
+    if res is None:
         return
+    have = float(res.get("CPU", 0))
     bundles = engine_opts.get("placement_group_bundles")
     engine = (
         sum(float(b.get("CPU", 0)) for b in bundles)
