@@ -69,8 +69,10 @@
 #      source .device/bootstrap.sh || exit 1; BASE=$PWD/.device/base bash benchmarks/gpu_run.sh check
 #   A reply with "warm": false means a fresh machine: start again at 1. `multi` needs kind nvidia-h200-x2,
 #   a machine of its own: calls 1 and 2 there with `multi` in place of `offline`.
-# What comes back in $OUT: table.txt, results.jsonl (bench.py's JSON lines, each with the tree and row)
-# and logs.tar.gz (every command's full log).
+# What comes back in $OUT: table.txt, results.jsonl (bench.py's JSON lines, each with the tree and row),
+# logs.tar.gz (every command's full log) and flashinfer-cache.tar.xz. FlashInfer rebuilds a carried
+# cache whose objects are older than the kernels part's headers or were built at another
+# FLASHINFER_WORKSPACE_BASE (~90 s of a call): after make_bundle.sh, carry the one a call returns.
 set -uo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)  # this runner's folder (the logic of every tree's run)
 TREE=$PWD                                         # the tree measured: bench.py, nanovllmx, tests

@@ -324,6 +324,7 @@ class RayCoreClient:
             tp, world = cfg.tp_size, cfg.tp_size * cfg.pp_size
             cpus = placement.num_cpus_per_worker(cfg)
             actor_cls = ray.remote(WorkerActor)
+            log_level = logging.getLogger("nanovllmx").getEffectiveLevel()  # workers log as their engine does
             for rank in range(world):
                 opts = placement.shard_options(cfg, rank // tp)
                 # ray's stubs type options(...).remote(...) as "handle | the class": it is the handle
@@ -335,7 +336,7 @@ class RayCoreClient:
                         scheduling_strategy=PlacementGroupSchedulingStrategy(
                             self.pg, placement_group_bundle_index=offset + rank // tp
                         ),
-                    ).remote(cfg, rank, cpus)
+                    ).remote(cfg, rank, cpus, log_level)
                 )
             # the scheduler sits in bundle 0 (next to rank 0 offline, next to the replica under Serve),
             # using none of the bundle's resources

@@ -24,6 +24,7 @@ from nanovllmx.config import EngineConfig
 from nanovllmx.distributed import control
 from nanovllmx.distributed.microbatch import merge_outputs
 from nanovllmx.scheduler.messages import ScheduledBatch, StepOutput
+from nanovllmx.utils.log import setup_logging
 
 if TYPE_CHECKING:
     from nanovllmx.engine.executor import StepHandle
@@ -65,7 +66,8 @@ def _free_port() -> int:
 class WorkerActor:
     """A Ray actor around nanovllmx.worker.Worker; rank = pp_rank * tp_size + tp_rank."""
 
-    def __init__(self, cfg: EngineConfig, rank: int, num_cpus: float):
+    def __init__(self, cfg: EngineConfig, rank: int, num_cpus: float, log_level: int = logging.WARNING):
+        setup_logging(log_level)  # the level of the process that started the engine (RayEngine passes it)
         self.cfg, self.rank = cfg, rank
         self.node_ip = ray.util.get_node_ip_address()
         if cfg.device == "cpu":

@@ -73,6 +73,7 @@ from nanovllmx.serve.protocol import (
     TokenizeResponse,
 )
 from nanovllmx.serve.streaming import SSE_HEADERS, ChunkHead, collect, first_deltas, open_choices, sse_body
+from nanovllmx.utils.log import setup_logging
 
 logger = logging.getLogger("nanovllmx.serve")
 
@@ -91,18 +92,6 @@ def openai_app() -> FastAPI:
 
 
 app = openai_app()
-
-
-def _setup_logging(level: str) -> None:
-    """The replica's `nanovllmx` loggers write to its stderr (Ray shows it with the replica's name)."""
-    root = logging.getLogger("nanovllmx")
-    if not any(getattr(h, "_nanovllmx", False) for h in root.handlers):
-        h = logging.StreamHandler()
-        h.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(name)s: %(message)s"))
-        h._nanovllmx = True  # type: ignore[attr-defined]  # marks our handler: set up once per process
-        root.addHandler(h)
-        root.propagate = False
-    root.setLevel(str(level).upper())
 
 
 ENGINE_WAIT_S = 900.0  # a frontend waits this long for a healthy LLMEngine (a replacement loads the model)
@@ -160,7 +149,7 @@ class LLMServerImpl:
         engine-level metrics (the engine does)."""
         from nanovllmx import LLM
 
-        _setup_logging(log_level)
+        setup_logging(log_level)
         BodyLimit.max_bytes = max_request_body_bytes
         ApiKeyAuth.set_key(api_key)  # never logged
         self.prompt_job_stuck_after_s = prompt_job_stuck_after_s

@@ -19,7 +19,8 @@ from ray import serve
 from nanovllmx.engine.protocol import EngineClient
 from nanovllmx.metrics import ServeMetrics
 from nanovllmx.serve import model_resolver
-from nanovllmx.serve.app import _setup_logging, start_stats_monitor
+from nanovllmx.serve.app import start_stats_monitor
+from nanovllmx.utils.log import setup_logging
 
 logger = logging.getLogger("nanovllmx.serve")
 
@@ -39,7 +40,7 @@ class LLMEngineImpl:
     ):
         from nanovllmx import LLM
 
-        _setup_logging(log_level)
+        setup_logging(log_level)
         t0 = time.perf_counter()
         self.llm: EngineClient = LLM(model_resolver.resolve_model(model, revision), **engine_kwargs)
         self.shutdown_timeout_s = float(shutdown_timeout_s)

@@ -25,7 +25,7 @@ import nanovllmx
 from nanovllmx.engine.encoder import PromptEncoder
 from nanovllmx.engine.protocol import EngineClient
 from nanovllmx.serve import model_resolver
-from nanovllmx.serve.app import _setup_logging, openai_app
+from nanovllmx.serve.app import openai_app
 from nanovllmx.serve.errors import ERROR_RESPONSES, reject_invalid_text
 from nanovllmx.serve.mapping import (
     DEFAULT_CHAT_TEMPLATE_TIMEOUT_S,
@@ -47,6 +47,7 @@ from nanovllmx.serve.protocol import (
     TokenizeCompletionRequest,
     TokenizeResponse,
 )
+from nanovllmx.utils.log import setup_logging
 
 logger = logging.getLogger("nanovllmx.serve")
 
@@ -85,7 +86,7 @@ class LLMIngress:
         prompt_job_stuck_after_s: float = DEFAULT_PROMPT_JOB_STUCK_AFTER_S,
         api_key: str | None = None,
     ):
-        _setup_logging(log_level)
+        setup_logging(log_level)
         BodyLimit.max_bytes = max_request_body_bytes
         ApiKeyAuth.set_key(api_key)  # never logged
         self.server = server

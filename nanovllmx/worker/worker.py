@@ -4,6 +4,7 @@ runner. Driven by plain method calls, so a Ray actor can wrap it unchanged."""
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 import torch.distributed as dist
@@ -54,6 +55,7 @@ class Worker:
             and init_one_shot_allreduce(self.device, cfg.torch_dtype)
         )
         torch.manual_seed(cfg.seed)
+        t0 = time.perf_counter()
         prev = torch.get_default_dtype()
         torch.set_default_dtype(cfg.torch_dtype)
         try:
@@ -68,6 +70,7 @@ class Worker:
         if fast_fp8:
             quantize_model_fp8(self.model, fp8)
         self.model.eval()
+        logger.info("rank %d: model built and weights loaded in %.1f s", rank, time.perf_counter() - t0)
         self.runner: ModelRunner | None = None
         self.busy = BusyMeter(self.device)  # this stage's device time per step and busy share
 
@@ -107,10 +110,26 @@ class Worker:
 
     def init_kv_cache(self, num_slots: int) -> None:
         n_layers, kvh, hd = self._layer_shape()
+        # start-up phases by name, logged: on a fresh machine the kernels' JIT compiles dominate
+        t0 = time.perf_counter()
         self.kv = KVPool(n_layers, num_slots, kvh, hd, self.cfg.torch_dtype, self.device)
-        self.runner = ModelRunner(self.cfg, self.model, self.kv, self.device)
+        t1 = time.perf_counter()
+        self.runner = ModelRunner(self.cfg, self.model, self.kv, self.device)  # captures the decode graphs
+        t2 = time.perf_counter()
         self.runner.warmup()  # compile the prefill path now, not on the first request
-        logger.info("rank %d: KV pool of %d token slots (%d layers, %d KV heads)", self.rank, num_slots, n_layers, kvh)
+        t3 = time.perf_counter()
+        logger.info(
+            "rank %d: KV pool of %d token slots (%d layers, %d KV heads) in %.1f s; model runner (decode graphs: "
+            "%s) in %.1f s; prefill warm-up in %.1f s",
+            self.rank,
+            num_slots,
+            n_layers,
+            kvh,
+            t1 - t0,
+            "off" if self.runner.graphs is None else len(self.runner.graphs.sizes),
+            t2 - t1,
+            t3 - t2,
+        )
 
     # ---- one step ----
     def execute(self, batch: ScheduledBatch) -> StepOutput | None:
