@@ -10,8 +10,14 @@ A Qwen3-0.6B decode step, 28 layers of distinct weights and KV caches, as the en
 o GEMM, add+RMSNorm, gate_up GEMM, SiLU-mul, down GEMM), captured in CUDA graphs, by batch size:
   one:  all B requests in one chain (what the engine does now);
   two:  B/2 + B/2 in two chains on two streams (own FlashInfer workspaces), forked and joined;
-  half: one chain of B/2 alone (what each half costs without the other).
-Prints ms per step and two against one. Contexts are uniform in --ctx-min..--ctx-max.
+  half: one chain of B/2 alone (what each half costs without the other);
+  fold: (--fold) the whole batch with the RMSNorms folded away, as "Next" in docs/benchmarks.md
+        proposes: the residual added in the o/down GEMMs' epilogue (addmm), no norm kernel. Timing
+        only: the 1/rms row scale that v and SiLU-mul would take is left out;
+  prefetch: (--prefetch) the whole batch, a side stream reading each layer's o, gate_up and down
+        weights into L2 (evict-last hint) while its attention streams the KV cache, so that the
+        GEMMs after attention find them there (the GEMMs' floor is their first loads' latency).
+Prints ms per step and two (and fold, prefetch) against one. Contexts are uniform in --ctx-min..--ctx-max.
 
     python -m benchmarks.overlap_bench [--sizes 64,128,256] [--shape 8b]
     TRITON_INTERPRET=1 python -m benchmarks.overlap_bench --cpu-check   # plumbing only: halves == whole
@@ -24,6 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import triton
+import triton.language as tl
 
 from nanovllmx.kernels.fused import qk_norm_rope_store, rmsnorm, silu_and_mul
 
@@ -85,6 +93,46 @@ class Chain:
             h, res = rmsnorm(self.attend(i, q, L).reshape(b, H * D) @ L.o.t(), L.w_post, EPS, res)
             x = silu_and_mul(h @ L.gate_up.t()) @ L.down.t()
         return x + res
+
+    def run_folded(self, layers: list[Layer], cos_sin: torch.Tensor) -> torch.Tensor:
+        res = self.res
+        b = res.shape[0]
+        for i, L in enumerate(layers):
+            q = qk_norm_rope_store(res @ L.qkv.t(), H, HKV, D, L.qw, L.kw, EPS, cos_sin, self.pos, L.k, L.v, self.slots)
+            res = torch.addmm(res, self.attend(i, q, L).reshape(b, H * D), L.o.t())
+            res = torch.addmm(res, silu_and_mul(res @ L.gate_up.t()), L.down.t())
+        return res
+
+    def run_prefetch(self, layers: list[Layer], cos_sin: torch.Tensor, side: torch.cuda.Stream) -> torch.Tensor:
+        x, res = self.x, self.res
+        b = x.shape[0]
+        cur = torch.cuda.current_stream()
+        scratch = torch.empty(1 << 12, dtype=torch.float32, device=x.device)
+        for i, L in enumerate(layers):
+            h, res = rmsnorm(x, L.w_in, EPS, res)
+            q = qk_norm_rope_store(h @ L.qkv.t(), H, HKV, D, L.qw, L.kw, EPS, cos_sin, self.pos, L.k, L.v, self.slots)
+            side.wait_stream(cur)
+            with torch.cuda.stream(side):
+                touch((L.o, L.gate_up, L.down), scratch)
+            a = self.attend(i, q, L)
+            cur.wait_stream(side)
+            h, res = rmsnorm(a.reshape(b, H * D) @ L.o.t(), L.w_post, EPS, res)
+            x = silu_and_mul(h @ L.gate_up.t()) @ L.down.t()
+        return x + res
+
+
+@triton.jit
+def _touch_kernel(w_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """Read BLOCK elements into L2 with the evict-last hint; one value per program keeps the load."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(w_ptr + offs, mask=offs < n, other=0.0, eviction_policy="evict_last")
+    tl.store(out_ptr + tl.program_id(0), tl.max(x.to(tl.float32), axis=0))
+
+
+def touch(ws: tuple[torch.Tensor, ...], scratch: torch.Tensor) -> None:
+    for w in ws:
+        n = w.numel()
+        _touch_kernel[(triton.cdiv(n, 8192),)](w, scratch, n, BLOCK=8192, num_warps=8)
 
 
 def torch_attend(indptr: np.ndarray, idx: torch.Tensor):
@@ -177,6 +225,7 @@ def cpu_check() -> None:
     y2 = torch.cat([a.run(layers, cos_sin), b.run(layers, cos_sin)])
     err = ((y - y2).norm() / y.norm()).item()
     assert err < 1e-5, err
+    assert whole.run_folded(layers, cos_sin).shape == y.shape  # the --fold chain runs (its numbers are not the model's)
     print(f"cpu check: two halves give the whole batch's output (rel. err {err:.1e})")
 
 
@@ -188,6 +237,8 @@ def main() -> None:
     ap.add_argument("--shape", choices=SHAPES, default="0.6b")
     ap.add_argument("--layers", type=int, default=None, help="default: the shape's")
     ap.add_argument("--cpu-check", action="store_true")
+    ap.add_argument("--fold", action="store_true", help="also time the step with the RMSNorms folded away")
+    ap.add_argument("--prefetch", action="store_true", help="also time the step with the weights prefetched into L2")
     a = ap.parse_args()
     if a.cpu_check:
         return cpu_check()
@@ -210,7 +261,9 @@ def main() -> None:
     print(f"copy bandwidth {bw / 1e12:.3f} TB/s; {a.layers} layers, weights {wbytes / 1e9:.2f} GB")
     print(
         f"{'B':>4s} {'ctx':>5s} {'bytes ms':>8s} {'one':>8s} {'two':>8s} {'half':>8s} {'two/one':>8s}"
-        "  (ms per decode step)"
+        + (f" {'fold':>8s} {'fold/one':>8s}" if a.fold else "")
+        + (f" {'prefetch':>8s} {'pf/one':>8s}" if a.prefetch else "")
+        + "  (ms per decode step)"
     )
     for B in sizes:
         lens = rng.integers(a.ctx_min, a.ctx_max + 1, B)
@@ -230,9 +283,16 @@ def main() -> None:
         t_two = graph_time(two, 20) * 1e3
         t_half = graph_time(lambda h1=h1: h1.run(layers, cos_sin), 20) * 1e3
         byts = wbytes + total * a.layers * HKV * D * 2 * 2
+        fold = ""
+        if a.fold:
+            t_fold = graph_time(lambda whole=whole: whole.run_folded(layers, cos_sin), 20) * 1e3
+            fold = f" {t_fold:8.3f} {t_fold / t_one:8.3f}"
+        if a.prefetch:
+            t_pf = graph_time(lambda whole=whole: whole.run_prefetch(layers, cos_sin, s2), 20) * 1e3
+            fold += f" {t_pf:8.3f} {t_pf / t_one:8.3f}"
         print(
             f"{B:4d} {int(lens.mean()):5d} {byts / bw * 1e3:8.3f} {t_one:8.3f} {t_two:8.3f} {t_half:8.3f} "
-            f"{t_two / t_one:8.3f}"
+            f"{t_two / t_one:8.3f}{fold}"
         )
 
 
