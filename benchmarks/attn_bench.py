@@ -8,10 +8,14 @@ reads at 1.4-3.3 TB/s against ~3.8 at 128+ on an H200. `--sweep` times the engin
 CUDA-graph wrapper per batch size) for the kernels the engine picks from: CUDA cores ('cuda'),
 tensor cores ('tc') and tensor cores without split-KV ('tc-nosplit', the engine's choice from 80
 requests); another FlashInfer backend can be named too (e.g. 'fa2'). (fa3 and cuDNN were measured and
-not adopted: docs/benchmarks-history.md.)
+not adopted: docs/benchmarks-history.md.) A variant name with '@lpt' runs the same requests longest
+first: without split-KV a request's work is one block per KV head, dispatched in request order,
+so the last blocks to start may be long ones that finish alone (the question of "Next" in
+docs/benchmarks.md, 12th session).
 
     python -m benchmarks.attn_bench [--bs 256] [--ctx-max 1500]
     python -m benchmarks.attn_bench --sweep 8,16,32,48,64,80,128 --ctx-min 600 --ctx-max 2000
+    python -m benchmarks.attn_bench --sweep 32,64,128,256 --variants cuda,cuda@lpt,tc-nosplit,tc-nosplit@lpt
 """
 
 from __future__ import annotations
@@ -43,9 +47,12 @@ def sweep(sizes: list[int], ctx_min: int, ctx_max: int, variants: list[str]) -> 
         total = int(lens.sum())
         idx = torch.from_numpy(rng.permutation(slots)[:total].astype(np.int32)).to(dev)
         indptr = torch.from_numpy(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32))
+        lpt_indptr = torch.from_numpy(np.concatenate([[0], np.cumsum(np.sort(lens)[::-1])]).astype(np.int32))
         q = torch.randn(bs, H, D, device=dev, dtype=dt)
         cells = []
-        for name in variants:
+        for variant in variants:
+            name, _, order = variant.partition("@")
+            ip = indptr if order != "lpt" else lpt_indptr  # the same requests longest first
             kw = {} if name in ("cuda", "tc", "tc-nosplit") else {"backend": name}
             plan_kw = {"disable_split_kv": True} if name.endswith("-nosplit") else {}
             try:
@@ -60,7 +67,7 @@ def sweep(sizes: list[int], ctx_min: int, ctx_max: int, variants: list[str]) -> 
                     **kw,
                 )
                 w.plan(
-                    indptr,
+                    ip,
                     idx,
                     torch.ones(bs, dtype=torch.int32),
                     H,
@@ -75,7 +82,7 @@ def sweep(sizes: list[int], ctx_min: int, ctx_max: int, variants: list[str]) -> 
                 cells.append(f"{total * HKV * D * 2 * 2 / s / 1e12:8.2f}")
             except Exception as e:  # a backend this build or GPU lacks
                 cells.append(f"{'n/a':>8s}")
-                print(f"  {name} at bs {bs}: {type(e).__name__}: {str(e)[:120]}")
+                print(f"  {variant} at bs {bs}: {type(e).__name__}: {str(e)[:120]}")
         print(f"{bs:4d} {int(lens.mean()):5d} " + " ".join(cells))
 
 
