@@ -80,15 +80,13 @@ class FlashInferBackend(AttentionBackend):
         would run, one after the other: 92 s of a 113 s engine start on a fresh H200 (12th session).
         The builds are subprocesses, so the threads overlap them. Cached modules load in milliseconds."""
         one = torch.tensor([0, 1], dtype=torch.int32)
-        kw = dict(q_data_type=self.dtype, kv_data_type=self.dtype)
-        shape = (self.num_heads, self.num_kv_heads, self.head_dim, 1)
 
         def plan(wrapper) -> None:
             torch.cuda.set_device(self.device)  # a new thread starts on device 0
             if wrapper is self.prefill:
-                wrapper.plan(one, one, self.kv_indices[:1], self.ones[:1], *shape, causal=True, **kw)
+                self._plan_prefill(one, one, self.kv_indices[:1])
             else:
-                wrapper.plan(one, self.kv_indices[:1], self.ones[:1], *shape, **kw)
+                self._plan_decode(wrapper, one, self.kv_indices[:1])
 
         with ThreadPoolExecutor(3) as pool:
             for f in [pool.submit(plan, w) for w in (self.prefill, *self.decodes.values())]:
@@ -145,37 +143,46 @@ class FlashInferBackend(AttentionBackend):
         total = int(indptr[-1])
         if meta.is_decode:
             decode = self.decodes[self.use_tensor_cores(B)]
-            decode.plan(
-                indptr,
-                self.kv_indices[:total],
-                self.ones[:B],
-                self.num_heads,
-                self.num_kv_heads,
-                self.head_dim,
-                1,
-                q_data_type=self.dtype,
-                kv_data_type=self.dtype,
-                **self._split_kw(B),
-            )
+            self._plan_decode(decode, indptr, self.kv_indices[:total])
             self.active = decode
         else:
             qo = np.zeros(B + 1, dtype=np.int32)
             np.cumsum(meta.q_lens_np, out=qo[1:])
-            self.prefill.plan(
-                torch.from_numpy(qo),
-                indptr,
-                self.kv_indices[:total],
-                self.ones[:B],
-                self.num_heads,
-                self.num_kv_heads,
-                self.head_dim,
-                1,
-                causal=True,
-                q_data_type=self.dtype,
-                kv_data_type=self.dtype,
-            )
+            self._plan_prefill(torch.from_numpy(qo), indptr, self.kv_indices[:total])
             self.active = self.prefill
         self._planned.record()
+
+    def _plan_decode(self, wrapper, indptr: torch.Tensor, indices: torch.Tensor) -> None:
+        """Plan a decode wrapper for len(indptr) - 1 requests of page-1 slot lists."""
+        B = len(indptr) - 1
+        wrapper.plan(
+            indptr,
+            indices,
+            self.ones[:B],
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            1,
+            q_data_type=self.dtype,
+            kv_data_type=self.dtype,
+            **self._split_kw(B),
+        )
+
+    def _plan_prefill(self, qo_indptr: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor) -> None:
+        """Plan the prefill wrapper (causal) for len(indptr) - 1 requests of page-1 slot lists."""
+        self.prefill.plan(
+            qo_indptr,
+            indptr,
+            indices,
+            self.ones[: len(indptr) - 1],
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            1,
+            causal=True,
+            q_data_type=self.dtype,
+            kv_data_type=self.dtype,
+        )
 
     # ---- CUDA graphs: one decode wrapper per captured batch size, sharing one indices buffer ----
     # The graph itself gathers its requests' KV slot lists (gather_graph_indices, captured), so a
@@ -206,21 +213,9 @@ class FlashInferBackend(AttentionBackend):
         it the active one. The slot lists are gathered inside the graph (gather_graph_indices)."""
         self._planned.synchronize()
         self.meta = meta
-        B = meta.num_reqs
         indptr = self._indptr(meta.kv_lens_np)
         # the indices argument is the wrapper's own buffer, so plan's copy into it is a no-op
-        wrapper.plan(
-            indptr,
-            self._graph_indices[: int(indptr[-1])],
-            self.ones[:B],
-            self.num_heads,
-            self.num_kv_heads,
-            self.head_dim,
-            1,
-            q_data_type=self.dtype,
-            kv_data_type=self.dtype,
-            **self._split_kw(B),
-        )
+        self._plan_decode(wrapper, indptr, self._graph_indices[: int(indptr[-1])])
         self._planned.record()
         self.active = wrapper
 
