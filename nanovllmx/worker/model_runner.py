@@ -287,9 +287,10 @@ class ModelRunner:
     def warmup(self) -> None:
         """Two prefill steps on scratch rows before the engine takes requests, one per sampler path
         (temperature only; top-k/top-p/min-p), with token counts off and on a multiple of 16 (Triton
-        specializes on it). On a fresh machine the prefill path's kernels (Triton, FlashInfer's JIT
-        modules, the MoE kernel) compile on first use: the first request after `serve run` waited
-        ~60 s on an H200 (11th session) while the server already reported ready. The batches use
+        specializes on it). On a fresh machine the prefill path's kernels (Triton, the MoE kernel)
+        compile on first use: the first request after `serve run` waited ~60 s on an H200 (11th
+        session) while the server already reported ready. (FlashInfer's JIT modules are built
+        earlier, when the attention backend is made: FlashInferBackend._build_modules.) The batches use
         the dummy req_to_token row of the decode graphs, all zeros: every token reads and writes the
         dummy slot 0, nothing real."""
         row = self.cfg.max_bs
