@@ -84,13 +84,26 @@ class Chain:
     def __init__(self, x: torch.Tensor, res: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, attend):
         self.x, self.res, self.pos, self.slots, self.attend = x, res, pos, slots, attend
 
-    def run(self, layers: list[Layer], cos_sin: torch.Tensor) -> torch.Tensor:
+    def run(
+        self, layers: list[Layer], cos_sin: torch.Tensor, prefetch: torch.cuda.Stream | None = None
+    ) -> torch.Tensor:
+        """The chain's decode step; with a `prefetch` stream, that stream reads each layer's o,
+        gate_up and down weights into L2 while the layer's attention runs (--prefetch)."""
         x, res = self.x, self.res
         b = x.shape[0]
+        cur = torch.cuda.current_stream() if prefetch is not None else None
+        scratch = torch.empty(1 << 12, dtype=torch.float32, device=x.device) if prefetch is not None else None
         for i, L in enumerate(layers):
             h, res = rmsnorm(x, L.w_in, EPS, res)
             q = qk_norm_rope_store(h @ L.qkv.t(), H, HKV, D, L.qw, L.kw, EPS, cos_sin, self.pos, L.k, L.v, self.slots)
-            h, res = rmsnorm(self.attend(i, q, L).reshape(b, H * D) @ L.o.t(), L.w_post, EPS, res)
+            if prefetch is not None:
+                prefetch.wait_stream(cur)
+                with torch.cuda.stream(prefetch):
+                    touch((L.o, L.gate_up, L.down), scratch)
+            a = self.attend(i, q, L)
+            if prefetch is not None:
+                cur.wait_stream(prefetch)
+            h, res = rmsnorm(a.reshape(b, H * D) @ L.o.t(), L.w_post, EPS, res)
             x = silu_and_mul(h @ L.gate_up.t()) @ L.down.t()
         return x + res
 
@@ -102,23 +115,6 @@ class Chain:
             res = torch.addmm(res, self.attend(i, q, L).reshape(b, H * D), L.o.t())
             res = torch.addmm(res, silu_and_mul(res @ L.gate_up.t()), L.down.t())
         return res
-
-    def run_prefetch(self, layers: list[Layer], cos_sin: torch.Tensor, side: torch.cuda.Stream) -> torch.Tensor:
-        x, res = self.x, self.res
-        b = x.shape[0]
-        cur = torch.cuda.current_stream()
-        scratch = torch.empty(1 << 12, dtype=torch.float32, device=x.device)
-        for i, L in enumerate(layers):
-            h, res = rmsnorm(x, L.w_in, EPS, res)
-            q = qk_norm_rope_store(h @ L.qkv.t(), H, HKV, D, L.qw, L.kw, EPS, cos_sin, self.pos, L.k, L.v, self.slots)
-            side.wait_stream(cur)
-            with torch.cuda.stream(side):
-                touch((L.o, L.gate_up, L.down), scratch)
-            a = self.attend(i, q, L)
-            cur.wait_stream(side)
-            h, res = rmsnorm(a.reshape(b, H * D) @ L.o.t(), L.w_post, EPS, res)
-            x = silu_and_mul(h @ L.gate_up.t()) @ L.down.t()
-        return x + res
 
 
 @triton.jit
@@ -288,7 +284,7 @@ def main() -> None:
             t_fold = graph_time(lambda whole=whole: whole.run_folded(layers, cos_sin), 20) * 1e3
             fold = f" {t_fold:8.3f} {t_fold / t_one:8.3f}"
         if a.prefetch:
-            t_pf = graph_time(lambda whole=whole: whole.run_prefetch(layers, cos_sin, s2), 20) * 1e3
+            t_pf = graph_time(lambda whole=whole: whole.run(layers, cos_sin, prefetch=s2), 20) * 1e3
             fold += f" {t_pf:8.3f} {t_pf / t_one:8.3f}"
         print(
             f"{B:4d} {int(lens.mean()):5d} {byts / bw * 1e3:8.3f} {t_one:8.3f} {t_two:8.3f} {t_half:8.3f} "
