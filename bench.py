@@ -450,8 +450,7 @@ def _wait_frontends(url: str, model: str, n: int, timeout: float = 300.0) -> Non
         # among equally loaded frontends), so n in a row reach n frontends once all are UP
         for _ in range(n):
             body = {"model": model, **PROBE}
-            # the whole wait's deadline, not a minute each: an engine without warm-up (an older
-            # tree) compiles its prefill kernels on the first request (~60 s on a fresh H200)
+            # bounded by the whole wait's deadline (the first request, timed above, already paid any compile)
             httpx.post(url + "/v1/completions", json=body, timeout=max(5.0, deadline - time.time()))
         clients = httpx.get(url + "/v1/engine/stats", timeout=60).json().get("clients", {})
         served = sum(1 for c in clients.values() if c["num_requests"] > 0)
