@@ -306,6 +306,11 @@ class Scheduler:
             budget -= n
         if not plan:
             return None
+        # rows longest context first: without split-KV, attention runs a block per request and KV
+        # head, started in row order, and a long block started last runs alone at the end (the
+        # slots are all fresh, so which row takes which does not matter). H200, 13th session:
+        # +0.7% on the standard workload (5 A/B pairs), attention +0.7-1.5% at 128-256 requests
+        plan.sort(key=lambda rn: rn[0].num_computed + rn[1], reverse=True)
         batch = self._build(plan, np.concatenate(parts) if len(parts) > 1 else slots, admitted, resolve)
         if history:
             assert all(r.req_idx is not None for r in history)

@@ -728,11 +728,13 @@ def test_plain_steps_skip_logits_processing_and_logprobs():
             batches.append(b)
     first = batches[0]
     la, lp = first.sampling.logits, first.sampling.logprobs
-    assert la is not None and lp is not None and lp.tolist() == [-1, -1, 3]
-    assert la.repetition.tolist() == pytest.approx([1, 1.2, 1]) and la.bias_ids.tolist() == [[-1], [7], [-1]]
-    assert la.banned.tolist() == [[-1], [EOS], [-1]] and la.seq_lens.tolist() == [5, 6, 7]
+    rows = np.argsort(first.q_lens)  # the rows of plain, pen, lp (prompts of 5, 6, 7): any row order
+    assert la is not None and lp is not None and lp[rows].tolist() == [-1, -1, 3]
+    assert la.repetition[rows].tolist() == pytest.approx([1, 1.2, 1])
+    assert la.bias_ids[rows].tolist() == [[-1], [7], [-1]]
+    assert la.banned[rows].tolist() == [[-1], [EOS], [-1]] and la.seq_lens[rows].tolist() == [5, 6, 7]
     # only the penalised request's ids go to the worker's token table, at admission
-    assert first.hist_rows.tolist() == [int(first.req_indices[1])] * 6
+    assert first.hist_rows.tolist() == [int(first.req_indices[rows[1]])] * 6
     assert first.hist_cols.tolist() == list(range(6)) and first.hist_ids.tolist() == prompt(6, 2)
     assert s._num_special == 0
     r.add(er("plain2", prompt(5, 4), max_tokens=3))
