@@ -10,8 +10,8 @@ tensor cores ('tc') and tensor cores without split-KV ('tc-nosplit', the engine'
 requests); another FlashInfer backend can be named too (e.g. 'fa2'). (fa3 and cuDNN were measured and
 not adopted: docs/benchmarks-history.md.) A variant name with '@lpt' runs the same requests longest
 first: without split-KV a request's work is one block per KV head, dispatched in request order,
-so the last blocks to start may be long ones that finish alone (the question of "Next" in
-docs/benchmarks.md, 12th session).
+so the last blocks to start may be long ones that finish alone (13th session: +0.7-1.5% for the
+tensor-core kernel at 128-256 requests, so the scheduler now orders a step's rows longest first).
 
     python -m benchmarks.attn_bench [--bs 256] [--ctx-max 1500]
     python -m benchmarks.attn_bench --sweep 8,16,32,48,64,80,128 --ctx-min 600 --ctx-max 2000
