@@ -267,6 +267,26 @@ def test_mixed_batch_matches_reference():
         assert r.tokens[f"r{i}"] == reference(prompt(n, i), 6)
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_rows_longest_context_first(overlap):
+    """A step's rows go out longest context first (the attention kernel starts a block per row in
+    row order: a long one started last would run alone at the end), in prefill and decode steps,
+    and the tokens do not depend on it."""
+    s, w = make(budget=4096, context_len=400, num_slots=4096)
+    r = Run(s, w, overlap=overlap)
+    lens = [5, 300, 17, 64, 1, 129]
+    for i, n in enumerate(lens):
+        r.add(er(f"r{i}", prompt(n, i), max_tokens=6 + i))  # they finish at different steps
+    r.until_idle()
+    assert len(r.batches) > 6
+    for b in r.batches:
+        ctx = (b.start_pos + b.q_lens).tolist()
+        assert ctx == sorted(ctx, reverse=True)
+    assert r.batches[0].q_lens.tolist() == sorted(lens, reverse=True)
+    for i, n in enumerate(lens):
+        assert r.tokens[f"r{i}"] == reference(prompt(n, i), 6 + i)
+
+
 def test_fcfs_order():
     s, w = make(budget=32, max_bs=2)
     r = Run(s, w)
