@@ -1,6 +1,6 @@
 """How close FlashInfer's decode kernel gets to the copy bandwidth on the standard workload's shape
-(Qwen3-0.6B: 16 query / 8 KV heads, head_dim 128, bf16), with our page size 1 over a scattered
-token-slot pool, next to page size 16 over contiguous pages (what a paged engine gets).
+(Qwen3-0.6B: 16 query / 8 KV heads, head_dim 128, bf16; `--heads 32`: the 8B's), with our page
+size 1 over a scattered token-slot pool, next to page size 16 over contiguous pages (what a paged engine gets).
 KV reads dominate the roofline, so this bounds what the whole engine can reach.
 
 The open question it answers (docs/benchmarks.md, "Next"): decode attention below 64 requests
@@ -28,14 +28,14 @@ import torch
 from nanovllmx.utils.profiling import cuda_time
 
 
-def sweep(sizes: list[int], ctx_min: int, ctx_max: int, variants: list[str]) -> None:
+def sweep(sizes: list[int], ctx_min: int, ctx_max: int, variants: list[str], heads: int = 16) -> None:
     """The engine's own setting (a CUDA-graph decode wrapper per batch size, page 1 over scattered
     slots) for each decode kernel variant: 'cuda' (CUDA cores), 'tc' (tensor cores, backend auto),
     'tc-nosplit' (tensor cores planned with disable_split_kv), or a FlashInfer backend name (tensor
     cores, that backend). Prints TB/s per batch size."""
     import flashinfer
 
-    H, HKV, D, dt, dev = 16, 8, 128, torch.bfloat16, torch.device("cuda")
+    H, HKV, D, dt, dev = heads, 8, 128, torch.bfloat16, torch.device("cuda")
     rng = np.random.default_rng(0)
     ws = torch.zeros(256 << 20, dtype=torch.uint8, device=dev)
     slots = 256 * ctx_max + 1024
@@ -93,12 +93,15 @@ def main() -> None:
     ap.add_argument("--ctx-max", type=int, default=1500)
     ap.add_argument("--sweep", default=None, help="batch sizes, e.g. 8,32,64,128,256: kernel variants by batch size")
     ap.add_argument("--variants", default="cuda,tc,tc-nosplit")
+    ap.add_argument(
+        "--heads", type=int, default=16, help="query heads over 8 KV heads: 16 (0.6B, groups of 2), 32 (8B, 4)"
+    )
     a = ap.parse_args()
     import flashinfer
 
     if a.sweep:
-        return sweep([int(x) for x in a.sweep.split(",")], a.ctx_min, a.ctx_max, a.variants.split(","))
-    H, HKV, D, dt, dev = 16, 8, 128, torch.bfloat16, torch.device("cuda")
+        return sweep([int(x) for x in a.sweep.split(",")], a.ctx_min, a.ctx_max, a.variants.split(","), a.heads)
+    H, HKV, D, dt, dev = a.heads, 8, 128, torch.bfloat16, torch.device("cuda")
     rng = np.random.default_rng(0)
     lens = rng.integers(a.ctx_min, a.ctx_max + 1, a.bs).astype(np.int32)
     total = int(lens.sum())

@@ -148,13 +148,13 @@ def torch_attend(indptr: np.ndarray, idx: torch.Tensor):
 
 def flashinfer_attend(indptr: np.ndarray, idx: torch.Tensor, layers: list[Layer], dev: torch.device):
     """A graph-mode FlashInfer decode wrapper with its own workspace, planned once for these rows
-    (the engine's rule: tensor cores without split-KV from 80 requests)."""
+    with the engine's choice of kernel (`decode_kernel`)."""
     import flashinfer
 
-    from nanovllmx.attention.flashinfer_backend import _TC_MIN_BATCH, FlashInferBackend
+    from nanovllmx.attention.flashinfer_backend import decode_kernel
 
     b = len(indptr) - 1
-    tc = b >= _TC_MIN_BATCH
+    tc, split = decode_kernel(b, H // HKV)
     w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
         torch.zeros(256 << 20, dtype=torch.uint8, device=dev),
         "NHD",
@@ -174,7 +174,7 @@ def flashinfer_attend(indptr: np.ndarray, idx: torch.Tensor, layers: list[Layer]
         1,
         q_data_type=layers[0].k.dtype,
         kv_data_type=layers[0].k.dtype,
-        **FlashInferBackend._split_kw(b),
+        **({} if split else {"disable_split_kv": True}),
     )
     pages = [(L.k.unsqueeze(1), L.v.unsqueeze(1)) for L in layers]
     return lambda i, q, L: w.run(q, pages[i])

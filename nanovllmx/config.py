@@ -45,7 +45,7 @@ class EngineConfig:
     # pp_size > 1 it needs pipeline lanes (pp_inflight_batches != 1): the last stage sends each
     # step's ids to the first stage (pipeline_overlap)
     overlap_scheduling: bool | None = None
-    decode_tensor_cores: bool | None = None  # FlashInfer decode kernel; None: by batch size (measured, see the backend)
+    decode_tensor_cores: bool | None = None  # FlashInfer decode kernel; None: by batch size and GQA group
     tp_size: int = 1
     pp_size: int = 1
     seed: int = 0

@@ -19,7 +19,23 @@ from nanovllmx.attention.metadata import AttentionMetadata, KVPool
 from nanovllmx.kernels.fused import store_kv
 
 _WORKSPACE_BYTES = 256 << 20
-_TC_MIN_BATCH = 80  # decode batches from this size use the tensor-core kernel (see use_tensor_cores)
+_TC_MIN_BATCH = 80  # GQA groups of 2: decode batches from this size use the tensor-core kernel
+_NOSPLIT_MIN_BATCH = {2: _TC_MIN_BATCH, 4: 32}  # ... and no split-KV (groups of 4 and more: the 4 row)
+
+
+def decode_kernel(batch_size: int, group: int) -> tuple[bool, bool]:
+    """(tensor cores, split-KV) for a decode batch of `batch_size` requests whose query heads
+    come `group` to a KV head. Measured at the standard workload's contexts (page size 1, graph
+    mode, `attn_bench.py --sweep [--heads 32]`, H200):
+    - groups of 2 (Qwen3-0.6B, 1.7B): CUDA cores with split-KV up to 79 requests (3.28 vs 3.17 TB/s
+      at 48, a tie at 64), tensor cores without split-KV from 80 (3.57 vs 3.29 at 80, 4.05 at 256);
+    - groups of 4 (Qwen3-4B, 8B; 14B and 32B have 5 and 8): the CUDA-core kernel reads at 2.0-2.4
+      TB/s from 16 requests to 128, tensor cores at 3.0-3.7, without split-KV from 32 (3.15 vs 3.04
+      at 32, 3.49 vs 3.35 at 64). The 8B's standard workload: +2.2% (13th session).
+    Larger groups fill the tensor-core tiles better still, so they take the 4 row."""
+    if group >= 4:
+        return True, batch_size < _NOSPLIT_MIN_BATCH[4]
+    return batch_size >= _TC_MIN_BATCH, batch_size < _NOSPLIT_MIN_BATCH[2]
 
 
 @triton.jit
@@ -94,24 +110,18 @@ class FlashInferBackend(AttentionBackend):
         torch.cuda.synchronize(self.device)
 
     def use_tensor_cores(self, batch_size: int) -> bool:
-        """Which decode kernel a batch of this size runs. Measured at the standard workload's shape
-        (GQA groups of 2, page size 1, graph mode; `attn_bench.py --sweep`): on an H100 the
-        CUDA-core kernel reads faster up to 64 requests (2.20 vs 1.93 TB/s at 32, 2.56 vs 2.36 at
-        64), the tensor-core one without split-KV from 128 (2.64 vs 2.53); on an H200, with the
-        long contexts a batch of under 128 has late in the run (600-2000 tokens), CUDA cores at 48
-        (3.28 vs 3.17), a tie at 64 (3.41 / 3.44), tensor cores from 80 (3.57 vs 3.29; 3.75 vs
-        3.21 at 96)."""
+        """Which decode kernel a batch of this size runs: `decode_kernel`'s choice for this model's
+        GQA group, unless the engine forces one (`decode_tensor_cores`)."""
         if self.decode_tensor_cores is not None:
             return self.decode_tensor_cores
-        return batch_size >= _TC_MIN_BATCH
+        return decode_kernel(batch_size, self.num_heads // self.num_kv_heads)[0]
 
-    @staticmethod
-    def _split_kw(batch_size: int) -> dict:
-        """Split-KV off for large decode batches: they fill the GPU without it, and the merge kernel
-        goes (attn_bench.py --sweep on an H100, tensor cores: 2.56 -> 2.64 TB/s at 128 requests,
-        2.71 -> 2.77 at 256). Small batches keep it: they need the splits for occupancy. A captured
-        wrapper's size is fixed, so every plan of it agrees with its capture."""
-        return {"disable_split_kv": True} if batch_size >= _TC_MIN_BATCH else {}
+    def _split_kw(self, batch_size: int) -> dict:
+        """Split-KV off where `decode_kernel` says so: large decode batches fill the GPU without it,
+        and the merge kernel goes; small ones need the splits for occupancy. A captured wrapper's
+        size is fixed, so every plan of it agrees with its capture."""
+        split = decode_kernel(batch_size, self.num_heads // self.num_kv_heads)[1]
+        return {} if split else {"disable_split_kv": True}
 
     def _gather(
         self, req_to_token: torch.Tensor, req_indices: torch.Tensor, indptr: torch.Tensor, out: torch.Tensor

@@ -11,10 +11,10 @@ import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-H, HKV, D, SLOTS, CTX, MAX_BS = 16, 8, 128, 8192, 2048, 8
+H, HKV, D, SLOTS, CTX, MAX_BS = 16, 8, 128, 8192, 2048, 48
 
 
-def _setup(prefix_lens, q_lens, seed=0):
+def _setup(prefix_lens, q_lens, seed=0, heads=H):
     from nanovllmx.attention.metadata import AttentionMetadata, KVPool
 
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -39,15 +39,15 @@ def _setup(prefix_lens, q_lens, seed=0):
         is_decode=bool((q_np == 1).all()),
     )
     T = int(q_np.sum())
-    q = torch.randn(T, H, D, generator=g).to("cuda", torch.bfloat16)
+    q = torch.randn(T, heads, D, generator=g).to("cuda", torch.bfloat16)
     k = torch.randn(T, HKV, D, generator=g).to("cuda", torch.bfloat16)
     v = torch.randn(T, HKV, D, generator=g).to("cuda", torch.bfloat16)
     return pool, meta, q, k, v
 
 
-def _run(backend_cls, prefix_lens, q_lens, graph=False, **kw):
-    pool, meta, q, k, v = _setup(prefix_lens, q_lens)
-    be = backend_cls(pool, H, HKV, D, **kw)
+def _run(backend_cls, prefix_lens, q_lens, graph=False, heads=H, **kw):
+    pool, meta, q, k, v = _setup(prefix_lens, q_lens, heads=heads)
+    be = backend_cls(pool, heads, HKV, D, **kw)
     if graph:
         w = be.make_graph_wrapper(len(q_lens))
         be.plan_graph(w, meta)
@@ -61,25 +61,26 @@ def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-@pytest.mark.parametrize("tc", [False, True])
+@pytest.mark.parametrize("heads", [16, 32])  # GQA groups of 2 (Qwen3-0.6B) and 4 (8B): other kernel choices
+@pytest.mark.parametrize("tc", [False, True, None])  # None: the engine's choice (decode_kernel)
 @pytest.mark.parametrize(
     "prefix_lens,q_lens",
     [
         ([0, 37, 100, 5], [50, 13, 1, 1]),  # prefill chunks with cached prefixes, mixed with decodes
-        ([1, 700, 63, 1500, 3, 99, 256, 12], [1] * 8),  # pure decode
+        ([1, 700, 63, 1500, 3, 99, 256, 12], [1] * 8),  # pure decode (split-KV)
+        ([(37 * r) % 300 + 1 for r in range(40)], [1] * 40),  # pure decode, 40 rows (no split-KV for groups of 4)
     ],
 )
-def test_flashinfer_matches_torch(prefix_lens, q_lens, tc):
+def test_flashinfer_matches_torch(prefix_lens, q_lens, tc, heads):
     from nanovllmx.attention.flashinfer_backend import FlashInferBackend
     from nanovllmx.attention.torch_backend import TorchBackend
 
-    ref = _run(TorchBackend, prefix_lens, q_lens)
-    out = _run(FlashInferBackend, prefix_lens, q_lens, max_bs=MAX_BS, context_len=CTX, decode_tensor_cores=tc)
+    ref = _run(TorchBackend, prefix_lens, q_lens, heads=heads)
+    kw = dict(max_bs=MAX_BS, context_len=CTX, decode_tensor_cores=tc, heads=heads)
+    out = _run(FlashInferBackend, prefix_lens, q_lens, **kw)
     assert _rel(out, ref) < 2e-2
     if all(n == 1 for n in q_lens):
-        out_g = _run(
-            FlashInferBackend, prefix_lens, q_lens, graph=True, max_bs=MAX_BS, context_len=CTX, decode_tensor_cores=tc
-        )
+        out_g = _run(FlashInferBackend, prefix_lens, q_lens, graph=True, **kw)
         assert _rel(out_g, ref) < 2e-2
 
 
