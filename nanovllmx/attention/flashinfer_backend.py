@@ -19,8 +19,8 @@ from nanovllmx.attention.metadata import AttentionMetadata, KVPool
 from nanovllmx.kernels.fused import store_kv
 
 _WORKSPACE_BYTES = 256 << 20
-_TC_MIN_BATCH = 80  # GQA groups of 2: decode batches from this size use the tensor-core kernel
-_NOSPLIT_MIN_BATCH = {2: _TC_MIN_BATCH, 4: 32}  # ... and no split-KV (groups of 4 and more: the 4 row)
+_TC_MIN_BATCH = 80  # GQA groups of 2: tensor cores, without split-KV, from this decode batch size
+_NOSPLIT_MIN_BATCH_GQA4 = 32  # groups of 4 and more (tensor cores always): no split-KV from this size
 
 
 def decode_kernel(batch_size: int, group: int) -> tuple[bool, bool]:
@@ -28,14 +28,16 @@ def decode_kernel(batch_size: int, group: int) -> tuple[bool, bool]:
     come `group` to a KV head. Measured at the standard workload's contexts (page size 1, graph
     mode, `attn_bench.py --sweep [--heads 32]`, H200):
     - groups of 2 (Qwen3-0.6B, 1.7B): CUDA cores with split-KV up to 79 requests (3.28 vs 3.17 TB/s
-      at 48, a tie at 64), tensor cores without split-KV from 80 (3.57 vs 3.29 at 80, 4.05 at 256);
+      at 48, a tie at 64), tensor cores without split-KV from 80 (3.57 vs 3.29 at 80, 4.05 at 256;
+      on an H100 the CUDA-core kernel led up to 64 and tensor cores from 128);
     - groups of 4 (Qwen3-4B, 8B; 14B and 32B have 5 and 8): the CUDA-core kernel reads at 2.0-2.4
       TB/s from 16 requests to 128, tensor cores at 3.0-3.7, without split-KV from 32 (3.15 vs 3.04
-      at 32, 3.49 vs 3.35 at 64). The 8B's standard workload: +2.2% (13th session).
-    Larger groups fill the tensor-core tiles better still, so they take the 4 row."""
+      at 32, 3.49 vs 3.35 at 64). The 8B's standard workload: +2.4% (13th session).
+    Larger groups fill the tensor-core tiles better still, so they take the rule of 4."""
     if group >= 4:
-        return True, batch_size < _NOSPLIT_MIN_BATCH[4]
-    return batch_size >= _TC_MIN_BATCH, batch_size < _NOSPLIT_MIN_BATCH[2]
+        return True, batch_size < _NOSPLIT_MIN_BATCH_GQA4
+    tc = batch_size >= _TC_MIN_BATCH
+    return tc, not tc
 
 
 @triton.jit
