@@ -122,6 +122,16 @@ class Shape:
         head = self.vocab * self.hidden
         return self.body_params + head * (1 if self.tie_word_embeddings else 2)
 
+    def step_weight_bytes(self, dtype_bytes: int = 2) -> float:
+        """Bytes one decode step reads of weights: the layers' active parameters once (FP8 with a
+        float32 scale per 128 x 128 block where `fp8`) and the LM head in `dtype_bytes`."""
+        body_bytes = (1 + 4 / (128 * 128)) if self.fp8 else dtype_bytes
+        return self.active_body_params * body_bytes + self.vocab * self.hidden * dtype_bytes
+
+    def kv_token_bytes(self, kv_bytes: int = 2) -> int:
+        """Bytes of one token's K and V in every layer's cache (`kv_bytes` per element, 1 for fp8)."""
+        return self.layers * 2 * self.kv_heads * self.head_dim * kv_bytes
+
     @property
     def active_params(self) -> int:
         """`params` with only the top_k experts of each sparse layer (as Qwen counts "activated")."""
@@ -189,14 +199,13 @@ def bound(
     """The standard workload's lower bound on `shape` at copy bandwidth `bw` (bytes/s) and matmul
     rate `flops`. kv_bytes: bytes per KV element (1 for fp8)."""
     p, o = workload(num_seqs)
-    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    q = shape.heads * shape.head_dim
     body = shape.active_body_params  # all of them for a dense model
     head = shape.vocab * shape.hidden
-    body_bytes = (1 + 4 / (128 * 128)) if shape.fp8 else dtype_bytes  # FP8 + a float32 scale per block
-    kv_tok = shape.layers * 2 * kv * kv_bytes
+    kv_tok = shape.kv_token_bytes(kv_bytes)
     steps = max(o)
     # decode: weights once per step, KV of every live request once per step
-    w_bytes = steps * (body * body_bytes + head * dtype_bytes)
+    w_bytes = steps * shape.step_weight_bytes(dtype_bytes)
     kv_read = sum(oi * pi + oi * (oi - 1) // 2 for pi, oi in zip(p, o)) * kv_tok
     kv_write = (sum(p) + sum(o)) * kv_tok
     # prefill: linear layers for every prompt token, causal attention, lm_head for the last token

@@ -42,8 +42,7 @@ def main(argv: list[str] | None = None) -> None:
 
     bw = roofline.copy_bandwidth()
     shape = roofline.Shape.from_config(a.model)
-    w_bytes = 2 * (shape.active_body_params + shape.vocab * shape.hidden)  # one decode step's weights (bf16)
-    kv_tok = shape.layers * 2 * shape.kv_heads * shape.head_dim * 2  # K and V of one token, every layer
+    w_bytes, kv_tok = shape.step_weight_bytes(), shape.kv_token_bytes()  # as the bound counts them
     steps: list[tuple[torch.cuda.Event, torch.cuda.Event, bool, int, int, int]] = []
     execute = ModelRunner.execute
 
